@@ -1,0 +1,354 @@
+"""Items -> tiles: a pixel grid per item, cut into windows, kept only where they touch the AOI.
+
+The grid of an item is the pixel grid of its finest RGB band (or, with a target GSD, a grid of
+that resolution over the same extent and origin). Windows of ``size_px`` are laid with a stride
+of ``size_px - overlap_px`` starting at the grid's top-left pixel::
+
+    n_cols = max(1, ceil((grid_width_px - size_px) / stride_px) + 1)
+
+so the last column starts before the right edge and may run past it: edge windows are kept and
+padded with nodata at read time, never dropped or shifted (shifting would make ids depend on the
+scene size). The AOI test is done in the item's CRS: the AOI is densified and reprojected there,
+then intersected with each candidate window's rectangle (touching counts).
+
+Tile ids are a hash of (item id, RGB asset keys and band indices, window, grid resolution, tile
+spec): the same request gives the same ids every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import shapely
+from affine import Affine
+from pyproj import CRS, Transformer
+from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
+
+from rsflow.request import TileSpec
+from rsflow.sources import SourceProfile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """One of the three RGB bands of an item, as read."""
+
+    asset: str
+    """Asset key in the item."""
+    href: str
+    """Asset href as stored in the catalog (unsigned)."""
+    band: int
+    """1-based band index inside the asset's file."""
+    scale: float
+    """Physical value = DN * scale + offset (from raster:bands, else the profile's default)."""
+    offset: float
+    """See ``scale``."""
+    nodata: float | None
+    """DN that marks missing data, or None."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up pixel grid in a projected (or geographic) CRS."""
+
+    crs: str
+    """CRS as ``EPSG:n`` where it has a code, else WKT2."""
+    transform: tuple[float, float, float, float, float, float]
+    """Affine (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f."""
+    width_px: int
+    """Columns."""
+    height_px: int
+    """Rows."""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of one item: everything a reader needs, as plain values (it travels in Arrow)."""
+
+    tile_id: str
+    """Deterministic id (see module docstring)."""
+    item_id: str
+    """STAC item id."""
+    collection: str
+    """STAC collection id."""
+    datetime: str
+    """Item acquisition time, RFC 3339 UTC."""
+    crs: str
+    """The item's native CRS (``EPSG:n`` or WKT2)."""
+    transform: list[float]
+    """The tile's own affine (a, b, c, d, e, f) in ``crs``: pixel (0, 0) is the tile's top-left."""
+    col_off: int
+    """Window column offset in the item grid, px."""
+    row_off: int
+    """Window row offset in the item grid, px."""
+    width: int
+    """Window width, px (= tile size)."""
+    height: int
+    """Window height, px (= tile size)."""
+    res: float
+    """Grid resolution in CRS units per pixel (metres for UTM)."""
+    footprint_wkb: bytes
+    """Window footprint in EPSG:4326 as WKB (densified, so it stays exact after reprojection)."""
+    hrefs: list[str]
+    """Unsigned hrefs of the red, green, blue sources."""
+    bands: list[int]
+    """1-based band index of each source."""
+    scale: list[float]
+    """Per-band scale."""
+    offset: list[float]
+    """Per-band offset."""
+    nodata: float
+    """Source nodata DN (NaN when the source declares none)."""
+    stretch_lo: float
+    """Physical value mapped to 0."""
+    stretch_hi: float
+    """Physical value mapped to 255."""
+    signing: str
+    """Signing scheme applied at read time ('' for none)."""
+
+    def to_row(self) -> dict[str, Any]:
+        """The tile as a Ray Data row (plus the status columns every later stage carries)."""
+        row = asdict(self)
+        row.update(status="ok", error=None, stage="plan", nodata_fraction=float("nan"))
+        return row
+
+
+def _crs_of(obj: dict[str, Any]) -> CRS | None:
+    for key in ("proj:code", "proj:epsg", "proj:wkt2", "proj:projjson"):
+        val = obj.get(key)
+        if val is None:
+            continue
+        if key == "proj:epsg":
+            return CRS.from_epsg(int(val))
+        return CRS.from_user_input(val)
+    return None
+
+
+def _crs_string(crs: CRS) -> str:
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code else crs.to_wkt()
+
+
+def band_sources(item: dict[str, Any], profile: SourceProfile) -> list[BandSource]:
+    """The item's red, green and blue sources per the profile; the item's ``raster:bands``
+    scale/offset/nodata win over the profile's defaults.
+
+    Raises:
+        KeyError: an RGB asset named by the profile is missing from the item.
+    """
+    out = []
+    for ref in profile.rgb:
+        assets = item.get("assets", {})
+        if ref.asset not in assets:
+            raise KeyError(f"item {item.get('id')!r} has no asset {ref.asset!r} (profile {profile.name})")
+        asset = assets[ref.asset]
+        rb = asset.get("raster:bands") or []
+        meta = rb[ref.band - 1] if len(rb) >= ref.band else {}
+        nodata = meta.get("nodata", profile.nodata)
+        out.append(
+            BandSource(
+                asset=ref.asset,
+                href=asset["href"],
+                band=ref.band,
+                scale=float(meta.get("scale", profile.scale)),
+                offset=float(meta.get("offset", profile.offset)),
+                nodata=None if nodata is None or (isinstance(nodata, str)) else float(nodata),
+            )
+        )
+    return out
+
+
+def asset_grid(item: dict[str, Any], asset_key: str, open_header: Any = None) -> Grid:
+    """The pixel grid of one asset from its ``proj:*`` fields (asset first, then item).
+
+    Falls back to reading the file header (``open_header(href)`` -> rasterio dataset) when the
+    catalog does not say.
+    """
+    asset = item["assets"][asset_key]
+    props = item.get("properties", {})
+    transform = asset.get("proj:transform") or props.get("proj:transform")
+    shp = asset.get("proj:shape") or props.get("proj:shape")
+    crs = _crs_of(asset) or _crs_of(props)
+    if transform is not None and shp is not None and crs is not None:
+        t = tuple(float(v) for v in transform[:6])
+        return Grid(crs=_crs_string(crs), transform=t, width_px=int(shp[1]), height_px=int(shp[0]))  # type: ignore[arg-type]
+    if open_header is None:
+        raise KeyError(f"asset {asset_key!r} of item {item.get('id')!r} has no proj:transform/proj:shape/proj:code")
+    with open_header(asset["href"]) as src:
+        a = src.transform
+        return Grid(
+            crs=_crs_string(CRS.from_user_input(src.crs.to_wkt())),
+            transform=(a.a, a.b, a.c, a.d, a.e, a.f),
+            width_px=src.width,
+            height_px=src.height,
+        )
+
+
+def item_grid(grids: list[Grid], gsd_m: float | None) -> Grid:
+    """The tile grid of an item: its finest band's grid, or that extent at ``gsd_m``.
+
+    Raises:
+        ValueError: rotated grids, or bands in different CRSs.
+    """
+    if len({g.crs for g in grids}) != 1:
+        raise ValueError(f"RGB bands are in different CRSs: {sorted({g.crs for g in grids})}")
+    for g in grids:
+        if g.transform[1] != 0 or g.transform[3] != 0 or g.transform[4] >= 0:
+            raise ValueError(f"grid {g.transform} is rotated or not north-up; not supported")
+    finest = min(grids, key=lambda g: abs(g.transform[0]))
+    if gsd_m is None:
+        return finest
+    a, _, c, _, e, f = finest.transform
+    width_crs = finest.width_px * abs(a)
+    height_crs = finest.height_px * abs(e)
+    return Grid(
+        crs=finest.crs,
+        transform=(gsd_m, 0.0, c, 0.0, -gsd_m, f),
+        width_px=max(1, math.ceil(width_crs / gsd_m - 1e-9)),
+        height_px=max(1, math.ceil(height_crs / gsd_m - 1e-9)),
+    )
+
+
+def window_offsets(length_px: int, size_px: int, stride_px: int) -> list[int]:
+    """Offsets of windows along one axis (see the module docstring for the edge rule).
+
+    >>> window_offsets(10, 4, 4)
+    [0, 4, 8]
+    >>> window_offsets(8, 4, 2)
+    [0, 2, 4]
+    >>> window_offsets(3, 4, 4)
+    [0]
+    """
+    n = max(1, math.ceil((length_px - size_px) / stride_px) + 1)
+    return [i * stride_px for i in range(n)]
+
+
+def aoi_in_crs(aoi: BaseGeometry, crs: str) -> BaseGeometry:
+    """Reproject an EPSG:4326 AOI into ``crs``, densified first so edges stay true."""
+    transformer = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    dense = shapely.segmentize(aoi, max_segment_length=0.001) if shapely.get_dimensions(aoi) > 0 else aoi
+
+    def fwd(coords: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([x, y])
+
+    out = shapely.transform(dense, fwd)
+    return out if out.is_valid else shapely.make_valid(out)
+
+
+def footprint_4326(bounds_crs: tuple[float, float, float, float], crs: str) -> BaseGeometry:
+    """A window rectangle in ``crs`` as a densified EPSG:4326 polygon (8 segments a side)."""
+    minx, miny, maxx, maxy = bounds_crs
+    rect = shapely.segmentize(box(minx, miny, maxx, maxy), max_segment_length=(maxx - minx) / 8)
+    transformer = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+    def fwd(coords: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(rect, fwd)
+
+
+def tile_id(item_id: str, sources: list[BandSource], col_off: int, row_off: int, res: float, spec: TileSpec) -> str:
+    """Deterministic tile id from the item, its RGB sources, the window and the tile spec."""
+    key = json.dumps(
+        {
+            "item": item_id,
+            "bands": [[s.asset, s.band] for s in sources],
+            "window": [col_off, row_off, spec.size_px, spec.size_px],
+            "res": round(res, 9),
+            "spec": [spec.size_px, spec.overlap_px, spec.gsd_m],
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return f"{item_id}:r{row_off}c{col_off}:{digest}"
+
+
+def plan_tiles(
+    item: dict[str, Any],
+    profile: SourceProfile,
+    spec: TileSpec,
+    aoi: BaseGeometry,
+    open_header: Any = None,
+) -> list[Tile]:
+    """All tiles of one item whose window touches the AOI.
+
+    Args:
+        item: a STAC item as a dict.
+        profile: how to make RGB from this item's collection.
+        spec: tile spec with ``size_px`` resolved.
+        aoi: area of interest in EPSG:4326.
+        open_header: ``href -> rasterio dataset`` used only when the item lacks ``proj:*`` fields.
+
+    Returns:
+        Tiles in row-major order of the item grid.
+    """
+    if spec.size_px is None:
+        raise ValueError("TileSpec.size_px must be resolved before planning")
+    size, stride = spec.size_px, spec.size_px - spec.overlap_px
+    sources = band_sources(item, profile)
+    grids = [asset_grid(item, s.asset, open_header) for s in sources]
+    grid = item_grid(grids, spec.gsd_m)
+    a, _, x0, _, e, y0 = grid.transform
+    res = abs(a)
+    aoi_native = aoi_in_crs(aoi, grid.crs)
+    shapely.prepare(aoi_native)  # many intersects tests against one geometry
+    minx, miny, maxx, maxy = aoi_native.bounds
+    # AOI bounds in grid pixels (columns grow east, rows grow south).
+    px_min, px_max = (minx - x0) / res, (maxx - x0) / res
+    py_min, py_max = (y0 - maxy) / res, (y0 - miny) / res
+    cols = [c for c in window_offsets(grid.width_px, size, stride) if c <= px_max and c + size >= px_min]
+    rows = [r for r in window_offsets(grid.height_px, size, stride) if r <= py_max and r + size >= py_min]
+    props = item.get("properties", {})
+    dt = props.get("datetime") or props.get("start_datetime") or ""
+    nodata = sources[0].nodata
+    tiles = []
+    for row_off in rows:
+        for col_off in cols:
+            bx0, by1 = x0 + col_off * res, y0 - row_off * res
+            rect = box(bx0, by1 - size * res, bx0 + size * res, by1)
+            if not aoi_native.intersects(rect):
+                continue
+            fp = footprint_4326(rect.bounds, grid.crs)
+            tiles.append(
+                Tile(
+                    tile_id=tile_id(item["id"], sources, col_off, row_off, res, spec),
+                    item_id=item["id"],
+                    collection=item.get("collection") or "",
+                    datetime=dt,
+                    crs=grid.crs,
+                    transform=list(Affine(res, 0.0, bx0, 0.0, -res, by1))[:6],
+                    col_off=col_off,
+                    row_off=row_off,
+                    width=size,
+                    height=size,
+                    res=res,
+                    footprint_wkb=shapely.to_wkb(fp),
+                    hrefs=[s.href for s in sources],
+                    bands=[s.band for s in sources],
+                    scale=[s.scale for s in sources],
+                    offset=[s.offset for s in sources],
+                    nodata=float("nan") if nodata is None else nodata,
+                    stretch_lo=float(profile.stretch[0]),
+                    stretch_hi=float(profile.stretch[1]),
+                    signing=profile.signing or "",
+                )
+            )
+    logger.debug("item %s: %d tiles of %d px touch the AOI", item.get("id"), len(tiles), size)
+    return tiles
+
+
+def item_footprint(item: dict[str, Any]) -> BaseGeometry:
+    """The item's geometry (EPSG:4326) or its bbox when it has none."""
+    if item.get("geometry"):
+        return shape(item["geometry"])
+    return box(*item["bbox"][:4]) if item.get("bbox") else shapely.Polygon()

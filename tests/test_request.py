@@ -1,0 +1,164 @@
+"""Every input spelling of a region request, offline (mirrors rsflow/request.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import shapely
+
+from rsflow.errors import RequestError
+from rsflow.models.spec import ModelSpec
+from rsflow.request import TileSpec, parse_bbox, parse_datetime, parse_intersects, parse_request
+
+
+def _req(tmp_path, **kw):
+    kw.setdefault("bbox", "-75.7,37.64,-75.66,37.67")
+    kw.setdefault("output", str(tmp_path / "out"))
+    kw.setdefault("model", ModelSpec(model="smoke"))
+    return parse_request(**kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2017", "2017-01-01T00:00:00Z/2017-12-31T23:59:59Z"),
+        ("2024-02", "2024-02-01T00:00:00Z/2024-02-29T23:59:59Z"),
+        ("2024-06-01", "2024-06-01T00:00:00Z/2024-06-01T23:59:59Z"),
+        ("2024-01-01/2024-03-31", "2024-01-01T00:00:00Z/2024-03-31T23:59:59Z"),
+        ("2024-01-01/..", "2024-01-01T00:00:00Z/.."),
+        ("../2024-03-31", "../2024-03-31T23:59:59Z"),
+        ("/2024-03-31", "../2024-03-31T23:59:59Z"),
+        ("2024-06-01T10:00:00", "2024-06-01T10:00:00Z/2024-06-01T10:00:00Z"),  # naive = UTC
+        ("2024-06-01T12:00:00+02:00/2024-06-02T00:00:00Z", "2024-06-01T10:00:00Z/2024-06-02T00:00:00Z"),
+    ],
+)
+def test_datetime_spellings(text, expected):
+    assert parse_datetime(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("../..", "open at both ends"),
+        ("2024-03-31/2024-01-01", "is after end"),
+        ("2024-13", "not a valid date"),
+        ("yesterday", "not a date"),
+        ("2024-01-01/2024-02-01/2024-03-01", "exactly one '/'"),
+    ],
+)
+def test_datetime_errors_name_the_flag(text, match):
+    with pytest.raises(RequestError, match=match) as err:
+        parse_datetime(text)
+    assert err.value.field == "--datetime"
+
+
+def test_bbox_forms():
+    assert parse_bbox("1,2,3,4").bounds == (1, 2, 3, 4)
+    assert parse_bbox("1 2 3 4").bounds == (1, 2, 3, 4)
+    assert parse_bbox((1, 2, 3, 4)).bounds == (1, 2, 3, 4)
+    # crossing the antimeridian: two boxes, not refused, not inverted
+    am = parse_bbox("170,-10,-170,10")
+    assert am.geom_type == "MultiPolygon"
+    assert am.area == pytest.approx(20 * 20)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("1,2,3", "four numbers"),
+        ("a,b,c,d", "four numbers"),
+        ("1,4,3,2", "miny 4.0 must be smaller"),
+        ("1,2,1,4", "empty"),
+        ("-200,0,10,10", "longitude"),
+        ("0,-95,10,10", "latitude"),
+        ("435730,4159990,455060,4179460", "look like metres"),
+        ("nan,0,1,1", "finite"),
+    ],
+)
+def test_bbox_errors(text, match):
+    with pytest.raises(RequestError, match=match) as err:
+        parse_bbox(text)
+    assert err.value.field == "--bbox"
+
+
+def test_intersects_spellings(tmp_path):
+    poly = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
+    feature = {"type": "Feature", "properties": {}, "geometry": poly}
+    fc = {"type": "FeatureCollection", "features": [feature]}
+    path = tmp_path / "aoi.geojson"
+    path.write_text(json.dumps(fc))
+    for value in (json.dumps(poly), json.dumps(feature), json.dumps(fc), str(path), poly, "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))",
+                  shapely.box(0, 0, 1, 1)):
+        assert parse_intersects(value).equals(shapely.box(0, 0, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))", "invalid geometry"),  # bow tie
+        ("POLYGON EMPTY", "empty"),
+        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 100], [0, 0]]]}', "outside lon/lat"),
+        ("{not json", "invalid GeoJSON"),
+        ("hello", "neither a GeoJSON file"),
+        ('{"type": "Feature", "geometry": null}', "no geometry"),
+    ],
+)
+def test_intersects_errors(value, match):
+    with pytest.raises(RequestError, match=match) as err:
+        parse_intersects(value)
+    assert err.value.field == "--intersects"
+
+
+def test_tile_spec_checks():
+    assert TileSpec().resolved(336).size_px == 336
+    with pytest.raises(RequestError, match="--overlap"):
+        TileSpec(size_px=64, overlap_px=64)
+    with pytest.raises(RequestError, match="--overlap"):
+        TileSpec(overlap_px=400).resolved(336)
+    with pytest.raises(RequestError, match="--tile-size"):
+        TileSpec(size_px=4)
+    with pytest.raises(RequestError, match="--gsd"):
+        TileSpec(gsd_m=-1)
+
+
+def test_parse_request_normal_form(tmp_path):
+    r = _req(tmp_path, collections="a, b,a", tasks="caption", datetime="2024-06")
+    assert r.collections == ("a", "b")
+    assert r.datetime == "2024-06-01T00:00:00Z/2024-06-30T23:59:59Z"
+    assert r.output == str((tmp_path / "out").resolve())
+    assert json.loads(json.dumps(r.to_json()))["tasks"] == ["caption"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"tasks": "caption,dance"}, "--tasks"),
+        ({"tasks": ""}, "--tasks"),
+        ({"max_cloud": 120.0}, "--max-cloud"),
+        ({"max_items": 0}, "--max-items"),
+        ({"max_nodata": 2.0}, "--max-nodata"),
+        ({"stac": "https://example.com/v1"}, "--collections"),
+        ({"stac": "/no/such/catalog.json"}, "--stac"),
+        ({"intersects": "POLYGON ((0 0, 1 0, 1 1, 0 0))"}, "--intersects"),
+        ({"bbox": None}, "--bbox"),
+        ({"model_actors": 0}, "--model-actors"),
+    ],
+)
+def test_parse_request_errors(tmp_path, kw, flag):
+    with pytest.raises(RequestError) as err:
+        _req(tmp_path, **kw)
+    assert err.value.field == flag
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(RequestError, match="--overwrite"):
+        _req(tmp_path, output=str(tmp_path / "full"))
+    assert _req(tmp_path, output=str(tmp_path / "full"), overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RequestError, match="is a file"):
+        _req(tmp_path, output=str(tmp_path / "file"))
+    with pytest.raises(RequestError, match="nosuchfs"):
+        _req(tmp_path, output="nosuchfs://bucket/x")

@@ -32,7 +32,7 @@ from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.request import TileSpec
-from rsflow.sources import SourceProfile
+from rsflow.sources import SourceProfile, band_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -138,29 +138,23 @@ def _crs_string(crs: CRS) -> str:
 
 
 def band_sources(item: dict[str, Any], profile: SourceProfile) -> list[BandSource]:
-    """The item's red, green and blue sources per the profile; the item's ``raster:bands``
-    scale/offset/nodata win over the profile's defaults.
+    """The item's red, green and blue sources per the profile (scale/offset/nodata from the
+    item's own metadata where it states them, else the profile's; see ``sources.band_scaling``).
 
     Raises:
-        KeyError: an RGB asset named by the profile is missing from the item.
+        RequestError: an RGB asset named by the profile is missing from the item.
     """
     out = []
     for ref in profile.rgb:
-        assets = item.get("assets", {})
-        if ref.asset not in assets:
-            raise KeyError(f"item {item.get('id')!r} has no asset {ref.asset!r} (profile {profile.name})")
-        asset = assets[ref.asset]
-        rb = asset.get("raster:bands") or []
-        meta = rb[ref.band - 1] if len(rb) >= ref.band else {}
-        nodata = meta.get("nodata", profile.nodata)
+        scaling = band_scaling(profile, item, ref)
         out.append(
             BandSource(
                 asset=ref.asset,
-                href=asset["href"],
+                href=item["assets"][ref.asset]["href"],
                 band=ref.band,
-                scale=float(meta.get("scale", profile.scale)),
-                offset=float(meta.get("offset", profile.offset)),
-                nodata=None if nodata is None or (isinstance(nodata, str)) else float(nodata),
+                scale=scaling.scale,
+                offset=scaling.offset,
+                nodata=scaling.nodata,
             )
         )
     return out

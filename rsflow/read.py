@@ -121,48 +121,56 @@ def read_chip(
     return chip, float(1.0 - valid.mean())
 
 
-class ChipReader:
-    """Ray Data batch UDF (run on a CPU actor pool): tile rows -> tile rows with ``image``.
+_SOURCE_COLUMNS = ("hrefs", "bands", "scale", "offset", "nodata", "stretch_lo", "stretch_hi", "signing")
 
-    GDAL options are set once in the worker process when the actor starts.
+
+def configure_gdal(options: dict[str, str]) -> None:
+    """Put GDAL config options into this worker's environment, once (GDAL reads them from the
+    process environment; an option the user already set wins)."""
+    for key, value in options.items():
+        os.environ.setdefault(key, value)
+
+
+def read_batch(
+    batch: dict[str, np.ndarray], *, max_nodata: float, gdal_options: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data batch UDF (CPU tasks): tile rows -> tile rows with ``image`` and read status.
+
+    Runs as tasks rather than actors so that read concurrency follows the free CPUs; Ray reuses
+    worker processes, so the GDAL options set here persist per worker.
     """
-
-    def __init__(self, *, max_nodata: float, gdal_options: dict[str, str] | None = None) -> None:
-        for key, value in (gdal_options or GDAL_REMOTE_OPTIONS).items():
-            os.environ.setdefault(key, value)
-        self.max_nodata = max_nodata
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["tile_id"])
-        size_h, size_w = int(batch["height"][0]), int(batch["width"][0])
-        images = np.zeros((n, size_h, size_w, 3), dtype=np.uint8)
-        status = np.array(batch["status"], dtype=object)
-        error = np.array(batch["error"], dtype=object)
-        stage = np.array(batch["stage"], dtype=object)
-        nodata_fraction = np.full(n, np.nan)
-        seconds = np.zeros(n)
-        for i in range(n):
-            if status[i] != "ok":
-                continue
-            tile = {k: v[i] for k, v in batch.items()}
-            start = time.perf_counter()
-            try:
-                chip, frac = read_chip(tile)
-            except Exception as exc:  # a bad tile is data, not a crash: record it, carry on
-                status[i], stage[i] = "failed", "read"
-                error[i] = f"{type(exc).__name__}: {exc}"
-                logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
+    configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)
+    n = len(batch["tile_id"])
+    size_h, size_w = int(batch["height"][0]), int(batch["width"][0])
+    images = np.zeros((n, size_h, size_w, 3), dtype=np.uint8)
+    status = np.array(batch["status"], dtype=object)
+    error = np.array(batch["error"], dtype=object)
+    stage = np.array(batch["stage"], dtype=object)
+    nodata_fraction = np.full(n, np.nan)
+    seconds = np.zeros(n)
+    for i in range(n):
+        if status[i] != "ok":
+            continue
+        tile = {k: v[i] for k, v in batch.items()}
+        start = time.perf_counter()
+        try:
+            chip, frac = read_chip(tile)
+        except Exception as exc:  # a bad tile is data, not a crash: record it, carry on
+            status[i], stage[i] = "failed", "read"
+            error[i] = f"{type(exc).__name__}: {exc}"
+            logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
+        else:
+            images[i] = chip
+            nodata_fraction[i] = frac
+            if frac > max_nodata:
+                status[i], stage[i] = "skipped", "read"
+                error[i] = f"nodata fraction {frac:.3f} exceeds --max-nodata {max_nodata}"
             else:
-                images[i] = chip
-                nodata_fraction[i] = frac
-                if frac > self.max_nodata:
-                    status[i], stage[i] = "skipped", "read"
-                    error[i] = f"nodata fraction {frac:.3f} exceeds --max-nodata {self.max_nodata}"
-                else:
-                    stage[i] = "read"
-            seconds[i] = time.perf_counter() - start
-        out = dict(batch)
-        out.update(
-            image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
-        )
-        return out
+                stage[i] = "read"
+        seconds[i] = time.perf_counter() - start
+    # The source description is spent once the chip exists; do not carry it into the model stage.
+    out = {k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS}
+    out.update(
+        image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
+    )
+    return out

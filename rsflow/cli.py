@@ -1,0 +1,205 @@
+"""The ``rsflow`` command. ``jobs/*.py`` are thin wrappers over :func:`main`.
+
+Exit codes: 0 the run finished and its output is committed; 2 bad input (one line on stderr
+naming the flag and the reason, no traceback); 1 anything unexpected (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import NoReturn
+
+from rsflow.errors import RequestError, RsflowError, SourceError
+
+logger = logging.getLogger("rsflow")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; a user wants one line naming the flag."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return value
+
+
+def region_arguments() -> argparse.ArgumentParser:
+    """The request flags, shared by ``rsflow region`` and ``jobs/caption_region.py``."""
+    from rsflow.request import DEFAULT_BBOX
+
+    p = _OneLineParser(add_help=False)
+    aoi = p.add_argument_group("area and time")
+    aoi.add_argument(
+        "--bbox",
+        help="AOI as minx,miny,maxx,maxy in EPSG:4326 degrees (default: a box on the sample Sentinel-2 scene "
+        f"when neither --bbox nor --intersects is given: {','.join(map(str, DEFAULT_BBOX))})",
+    )
+    aoi.add_argument("--intersects", help="AOI as a GeoJSON file, GeoJSON text or WKT (EPSG:4326)")
+    aoi.add_argument("--datetime", help="STAC datetime or interval, e.g. 2024-06-01/2024-06-30, 2024-06, 2024-01-01/..")
+    src = p.add_argument_group("source")
+    src.add_argument(
+        "--stac",
+        default="sample",
+        help="STAC API URL, local catalog.json / item collection / stac-geoparquet file, or 'sample' (default)",
+    )
+    src.add_argument("--collections", help="comma-separated collection ids (required for a STAC API)")
+    src.add_argument("--max-cloud", type=_number, help="largest eo:cloud_cover in percent")
+    src.add_argument("--max-items", type=_positive_int, default=100, help="upper bound on items searched (default 100)")
+    src.add_argument("--profile", help="source profile name from catalogs/profiles (default: chosen by URL and collection)")
+    tiles = p.add_argument_group("tiles")
+    tiles.add_argument("--tile-size", type=_positive_int, help="tile side in px (default: the model's input size)")
+    tiles.add_argument("--overlap", type=_positive_int, default=0, help="px shared by neighbouring tiles (default 0)")
+    tiles.add_argument("--gsd", type=_number, help="target ground sample distance in metres (default: native)")
+    tiles.add_argument(
+        "--max-nodata", type=_number, default=0.5, help="skip tiles with a larger nodata fraction (0-1, default 0.5)"
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="smoke", help="transformers LLaVA dir or hub id; 'smoke' = tiny built-in model")
+    model.add_argument("--adapter", help="peft LoRA adapter dir or hub id")
+    model.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="conversation template family")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    model.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    model.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    run = p.add_argument_group("run")
+    run.add_argument("--tasks", default="caption", help="comma-separated tasks (default: caption)")
+    run.add_argument("--output", help="output dataset dir or URI (default: out/region-<UTC time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--model-actors", type=_positive_int, help="model actors (default: one per GPU, else 1)")
+    run.add_argument("--read-workers", type=_positive_int, help="max read actors (default: CPUs)")
+    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="rsflow", description="Vision-language models over satellite imagery, on Ray.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    sub.add_parser(
+        "region",
+        parents=[region_arguments()],
+        help="run tasks over every tile of an area and write GeoParquet",
+        description="Search a STAC source, tile the scenes over the AOI, run the model on every tile, "
+        "write a GeoParquet dataset with a run manifest.",
+    )
+    sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
+    sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
+    return parser
+
+
+def _run_region(args: argparse.Namespace) -> int:
+    from rsflow.models.spec import ModelSpec
+    from rsflow.pipeline import run_region
+    from rsflow.request import DEFAULT_BBOX, parse_request
+
+    bbox = args.bbox
+    if bbox is None and args.intersects is None:
+        bbox = ",".join(map(str, DEFAULT_BBOX))
+    output = args.output or f"out/region-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    spec = ModelSpec(
+        model=args.model,
+        adapter=args.adapter,
+        prompt_format=args.prompt_format,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    request = parse_request(
+        bbox=bbox,
+        intersects=args.intersects,
+        datetime=args.datetime,
+        collections=args.collections,
+        max_cloud=args.max_cloud,
+        max_items=args.max_items,
+        stac=args.stac,
+        profile=args.profile,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        gsd=args.gsd,
+        max_nodata=args.max_nodata,
+        tasks=args.tasks,
+        output=output,
+        overwrite=args.overwrite,
+        model=spec,
+        model_actors=args.model_actors,
+        read_workers=args.read_workers,
+    )
+    result = run_region(request, address=args.address)
+    m = result.manifest
+    c = m["counts"]
+    if m["model"]["smoke"]:
+        print(
+            f"NOTE: model {m['model']['id']} is a smoke model: "
+            f"{m['model']['card'].get('note', 'its text is meaningless')}"
+        )
+    print(
+        f"wrote {c['rows_written']} rows for {c['tiles_planned']} tiles of {c['items_found']} items "
+        f"(ok {c['tiles_ok']}, skipped {c['tiles_skipped']}, failed {c['tiles_failed']}) to {result.output}"
+    )
+    return 0
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--bbox -75.7,37.6,...`` -> ``--bbox=-75.7,37.6,...``: argparse would take the leading minus
+    of a western or southern coordinate for a flag."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _NUMERIC_LIST_FLAGS and i + 1 < len(argv) and re.match(r"^-\.?\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+_NUMERIC_LIST_FLAGS = frozenset({"--bbox"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rsflow`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "region":
+            return _run_region(args)
+        if args.command == "sample-catalog":
+            from pathlib import Path
+
+            from rsflow.sample import ensure_sample_catalog
+
+            print(ensure_sample_catalog(Path(args.cache_dir) if args.cache_dir else None))
+            return 0
+    except RequestError as exc:
+        print(f"rsflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SourceError as exc:
+        print(f"rsflow {args.command}: source error: {exc}", file=sys.stderr)
+        return 1
+    except RsflowError:
+        logger.exception("rsflow %s failed", args.command)
+        return 1
+    parser.error(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

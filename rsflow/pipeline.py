@@ -1,0 +1,285 @@
+"""The one place that assembles Ray Data: search -> plan -> read -> infer -> write.
+
+Search runs on the driver (a handful of HTTP requests). Everything per tile runs on the
+cluster as a streaming Ray Data pipeline::
+
+    from_items(items) -> flat_map(plan)                     CPU tasks
+                      -> map_batches(read_batch)            CPU tasks (GDAL env set once per worker)
+                      -> map_batches(ModelRunner)           model actor pool, num_gpus=1 when GPUs
+                      -> map_batches(to_result_rows)        CPU tasks
+                      -> sort(hilbert key) -> GeoParquetDatasink
+
+Reading and inference are separate operators so that they overlap. A tile that fails in any
+stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import rasterio
+import shapely
+from shapely.geometry import mapping
+
+from rsflow import output as out
+from rsflow.errors import RequestError
+from rsflow.models.prompts import task_prompts
+from rsflow.models.spec import ModelSpec, model_card, model_id, model_input_size, resolve_model_dir
+from rsflow.plan import plan_tiles
+from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
+from rsflow.request import RegionRequest
+from rsflow.search import SearchQuery, search_items
+from rsflow.sources import SourceProfile, resolve_profile
+
+logger = logging.getLogger(__name__)
+
+_VERSIONED = (
+    "rsflow", "ray", "torch", "transformers", "peft", "tokenizers", "rasterio", "pystac", "pystac-client",
+    "geopandas", "pyarrow", "shapely", "pyproj", "numpy",
+)
+
+
+#: GDAL_CACHEMAX (256 MB) plus headroom for decoding, per read task.
+_READ_TASK_MEMORY_BYTES = 320 * 1024**2
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a region run did."""
+
+    output: str
+    """Where the dataset was committed."""
+    manifest: dict[str, Any]
+    """The run manifest as written."""
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's results (for the manifest)."""
+    versions = {"python": platform.python_version(), "gdal": rasterio.__gdal_version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _failed_plan_row(item: dict[str, Any], size: int, error: str) -> dict[str, Any]:
+    """A row standing for an item that could not be planned (so the failure is recorded)."""
+    geom = item.get("geometry")
+    footprint = shapely.geometry.shape(geom) if geom else shapely.box(*item.get("bbox", (0, 0, 0, 0))[:4])
+    return {
+        "tile_id": f"{item.get('id')}:plan-failed",
+        "item_id": str(item.get("id")),
+        "collection": item.get("collection") or "",
+        "datetime": item.get("properties", {}).get("datetime") or "",
+        "crs": "",
+        "transform": [0.0] * 6,
+        "col_off": 0,
+        "row_off": 0,
+        "width": size,
+        "height": size,
+        "res": 0.0,
+        "footprint_wkb": shapely.to_wkb(footprint),
+        "hrefs": ["", "", ""],
+        "bands": [0, 0, 0],
+        "scale": [1.0, 1.0, 1.0],
+        "offset": [0.0, 0.0, 0.0],
+        "nodata": float("nan"),
+        "stretch_lo": 0.0,
+        "stretch_hi": 1.0,
+        "signing": "",
+        "status": "failed",
+        "error": error,
+        "stage": "plan",
+        "nodata_fraction": float("nan"),
+    }
+
+
+def _plan_item(row: dict[str, Any], *, profiles: dict[str, SourceProfile], spec: Any, aoi_wkb: bytes) -> list[dict[str, Any]]:
+    """flat_map UDF: one item row -> its tile rows (or one failed row)."""
+    item = json.loads(row["item_json"])
+    try:
+        tiles = plan_tiles(item, profiles[item.get("collection") or ""], spec, shapely.from_wkb(aoi_wkb), rasterio.open)
+    except Exception as exc:  # one bad item must not stop the others
+        logger.warning("item %s: planning failed: %s", item.get("id"), exc)
+        return [_failed_plan_row(item, spec.size_px, f"{type(exc).__name__}: {exc}")]
+    return [t.to_row() for t in tiles]
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
+    """One profile per collection present, resolved before any tile work (a missing one is a
+    user error)."""
+    return {c: resolve_profile(request.stac, c, request.profile) for c in sorted({i.get("collection") or "" for i in items})}
+
+
+def run_region(request: RegionRequest, *, address: str | None = None) -> RunResult:
+    """Run one region job to a committed GeoParquet dataset.
+
+    Raises:
+        RequestError: a bad request found after parsing (unknown profile, model without size).
+        SourceError: the STAC source could not be searched.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from rsflow.models.runner import ModelRunner
+
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+    # Model first: its input size is the default tile size, and a bad model fails before search.
+    spec: ModelSpec = request.model
+    resolve_model_dir(spec)
+    tile_spec = request.tile.resolved(model_input_size(spec))
+    card = model_card(spec)
+    mid = model_id(spec)
+    if card.get("kind") == "smoke":
+        logger.warning("model %s is a SMOKE model: %s", mid, card.get("note", "its text is meaningless"))
+    prompts = [(task, p) for task in request.tasks for p in task_prompts(task, _prompt_format(spec, card))]
+
+    t_search = time.perf_counter()
+    found = search_items(
+        SearchQuery(
+            stac=request.stac,
+            collections=request.collections,
+            intersects=mapping(request.aoi),
+            datetime=request.datetime,
+            max_cloud=request.max_cloud,
+            max_items=request.max_items,
+        )
+    )
+    items = found.items
+    search_seconds = time.perf_counter() - t_search
+    logger.info("search: %d items in %.1f s", len(items), search_seconds)
+    profiles = _profiles_for(request, items)
+
+    staging = out.staging_path(request.output, run_id)
+    manifest: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "running",
+        "started": started.isoformat(),
+        "request": request.to_json(),
+        "tile_spec": {"size_px": tile_spec.size_px, "overlap_px": tile_spec.overlap_px, "gsd_m": tile_spec.gsd_m},
+        "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke"},
+        "prompts": [{"task": t, "prompt": p} for t, p in prompts],
+        "profiles": {c: p.name for c, p in profiles.items()},
+        "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
+        "versions": package_versions(),
+        "columns": out.RESULT_COLUMNS,
+    }
+    try:
+        t_pipe = time.perf_counter()
+        sink = out.GeoParquetDatasink(staging)
+        fs_files: list[str]
+        if items:
+            _ensure_ray(address)
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            actors = request.model_actors or max(1, gpus)
+            read_max = request.read_workers or max(1, cpus - (0 if gpus else 1))
+            if gpus == 0:
+                logger.warning("no GPU in the Ray cluster: the model runs on CPU")
+            ds = ray.data.from_items([{"item_json": json.dumps(i)} for i in items])
+            ds = ds.flat_map(
+                _plan_item,
+                fn_kwargs={"profiles": profiles, "spec": tile_spec, "aoi_wkb": shapely.to_wkb(request.aoi)},
+            )
+            ds = ds.map_batches(
+                read_batch,
+                fn_kwargs={"max_nodata": request.max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
+                batch_size=8,
+                num_cpus=1,
+                compute=TaskPoolStrategy(size=read_max),
+                # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
+                # fusing reads into the model actors: the two stages must stay separate to overlap.
+                memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * tile_spec.size_px**2 * 3,
+            )
+            ds = ds.map_batches(
+                ModelRunner,
+                compute=ActorPoolStrategy(size=actors),
+                fn_constructor_kwargs={"spec": spec, "tasks": list(request.tasks)},
+                batch_size=max(1, spec.batch_size),
+                num_gpus=1 if gpus else None,
+                num_cpus=1,
+            )
+            ds = ds.map_batches(out.to_result_rows, batch_format="pandas", fn_kwargs={"primary": prompts[0]})
+            ds = ds.sort("_hilbert")
+            ds.write_datasink(sink)
+            fs_files = sink.summary.files
+        if not items or not sink.summary.files:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(staging)
+            fs.makedirs(root, exist_ok=True)
+            fs_files = [out.write_empty(staging)]
+        pipeline_seconds = time.perf_counter() - t_pipe
+        s = sink.summary
+        tiles = s.tiles_by_status
+        plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}
+        failed_tiles = {f["tile_id"] for f in s.failures if f["status"] == "failed"} - plan_failed
+        read_failed = {f["tile_id"] for f in s.failures if f["status"] == "failed" and f["stage"] == "read"}
+        planned = sum(tiles.values()) - len(plan_failed)
+        manifest.update(
+            status="complete",
+            finished=datetime.now(UTC).isoformat(),
+            files=sorted(fs_files),
+            counts={
+                "items_found": len(items),
+                "items_failed": len(plan_failed),
+                "tiles_planned": planned,
+                "tiles_read": planned - len(read_failed),
+                "tiles_skipped": tiles.get("skipped", 0),
+                "tiles_failed": len(failed_tiles),
+                "tiles_ok": tiles.get("ok", 0),
+                "rows_written": s.rows,
+                "rows_by_status": s.rows_by_status,
+            },
+            failures=[f for f in s.failures if f["status"] == "failed"][:1000],
+            skipped=[f for f in s.failures if f["status"] == "skipped"][:1000],
+            lists_truncated_at=1000,
+            timings={
+                "search_seconds": round(search_seconds, 3),
+                "pipeline_seconds": round(pipeline_seconds, 3),
+                "read_seconds_sum": round(s.read_seconds, 3),
+                "infer_seconds_sum": round(s.infer_seconds, 3),
+            },
+        )
+        t_commit = time.perf_counter()
+        manifest["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+        out.write_manifest(staging, manifest)
+        out.commit(staging, request.output, overwrite=request.overwrite)
+        logger.info("committed %s in %.2f s", request.output, time.perf_counter() - t_commit)
+    except BaseException:
+        out.discard(staging)
+        raise
+    return RunResult(output=request.output, manifest=manifest)
+
+
+def _prompt_format(spec: ModelSpec, card: dict[str, Any]) -> str:
+    fmt = spec.prompt_format or card.get("prompt_format") or "llava"
+    if fmt not in ("llava", "rsllava", "geochat"):
+        raise RequestError("--prompt-format", f"unknown prompt format {fmt!r} (from the model's rsflow.json)")
+    return str(fmt)

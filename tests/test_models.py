@@ -1,0 +1,503 @@
+"""rsflow.models: spec checks, imaging, the tiny checkpoint, load_model and ModelRunner (no Ray).
+
+Everything loads through ``ModelSpec`` -> ``load_model`` / ``ModelRunner`` exactly as
+``--model DIR --adapter DIR`` would, on the tiny checkpoint of ``tests/model_fixtures.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from rsflow.errors import ModelError, RequestError
+from rsflow.models import (
+    ModelSpec,
+    background_from_processor,
+    expand2square,
+    model_card,
+    model_id,
+    model_input_size,
+    resolve_adapter,
+    resolve_model_dir,
+    resolve_prompt_format,
+)
+from rsflow.models.prompts import TASK_PROMPTS, build_prompt
+from rsflow.models.runner import LoadedModel, ModelRunner, _clean_answer, load_model
+from rsflow.models.tiny import build_tiny_llava, ensure_smoke_model
+
+
+RGB = (122, 116, 104)
+
+
+# --------------------------------------------------------------------------- imaging
+
+
+def test_expand2square_wide_image_is_centred_vertically() -> None:
+    img = np.full((2, 5, 3), 9, dtype=np.uint8)  # H=2, W=5: offset (5-2)//2 = 1 row at the top
+    out = expand2square(img, RGB)
+    assert out.shape == (5, 5, 3) and out.dtype == np.uint8
+    assert (out[0] == RGB).all()
+    assert (out[1:3] == 9).all()
+    assert (out[3:] == RGB).all()  # the odd extra row goes to the bottom
+
+
+def test_expand2square_tall_image_is_centred_horizontally() -> None:
+    img = np.arange(4 * 2 * 3, dtype=np.uint8).reshape(4, 2, 3)  # H=4, W=2: offset (4-2)//2 = 1 column
+    out = expand2square(img, (0, 0, 0))
+    assert out.shape == (4, 4, 3)
+    np.testing.assert_array_equal(out[:, 1:3], img)
+    assert (out[:, 0] == 0).all() and (out[:, 3] == 0).all()
+
+
+def test_expand2square_odd_offset_by_hand() -> None:
+    img = np.full((1, 4, 3), 200, dtype=np.uint8)  # offset (4-1)//2 = 1: rows 0, 2, 3 are background
+    out = expand2square(img, (1, 2, 3))
+    assert [bool((out[r] == 200).all()) for r in range(4)] == [False, True, False, False]
+    assert out[3, 0].tolist() == [1, 2, 3]
+
+
+def test_expand2square_square_is_unchanged_copy() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (3, 3, 3), dtype=np.uint8)
+    out = expand2square(img, RGB)
+    np.testing.assert_array_equal(out, img)
+    assert out is not img
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3), np.float32)]
+)
+def test_expand2square_rejects_non_rgb_uint8(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        expand2square(bad, RGB)
+
+
+def test_background_from_processor_openai_clip_mean() -> None:
+    class Proc:
+        image_mean = (0.48145466, 0.4578275, 0.40821073)
+
+    assert background_from_processor(Proc()) == (122, 116, 104)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"model": ""}, "--model"),
+        ({"model": "   "}, "--model"),
+        ({"model": "m", "adapter": ""}, "--adapter"),
+        ({"model": "m", "prompt_format": "vicuna"}, "--prompt-format"),
+        ({"model": "m", "image_size": 0}, "--image-size"),
+        ({"model": "m", "image_size": 33.5}, "--image-size"),
+        ({"model": "m", "dtype": "int8"}, "--dtype"),
+        ({"model": "m", "attn_implementation": "flash3"}, "--attn-implementation"),
+        ({"model": "m", "max_new_tokens": 0}, "--max-new-tokens"),
+        ({"model": "m", "max_new_tokens": True}, "--max-new-tokens"),
+        ({"model": "m", "max_new_tokens": 10**6}, "--max-new-tokens"),
+        ({"model": "m", "batch_size": 0}, "--batch-size"),
+        ({"model": "m", "batch_size": "8"}, "--batch-size"),
+    ],
+)
+def test_bad_spec_values_name_the_flag(kwargs: dict[str, Any], flag: str) -> None:
+    with pytest.raises(RequestError, match=f"^{flag}: ") as info:
+        ModelSpec(**kwargs)
+    assert info.value.field == flag
+
+
+def test_spec_defaults_and_frozen() -> None:
+    spec = ModelSpec(model="llava-hf/llava-1.5-7b-hf")
+    assert (spec.adapter, spec.prompt_format, spec.image_size) == (None, None, None)
+    assert (spec.dtype, spec.attn_implementation, spec.max_new_tokens, spec.batch_size) == (
+        "auto",
+        "auto",
+        64,
+        8,
+    )
+    with pytest.raises(AttributeError):
+        spec.batch_size = 2  # type: ignore[misc]
+
+
+def test_resolve_model_dir_local_and_hub(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_model_dir(ModelSpec(model=str(tiny_model_dir))) == str(tiny_model_dir.resolve())
+    assert resolve_model_dir(ModelSpec(model="llava-hf/llava-1.5-7b-hf")) == "llava-hf/llava-1.5-7b-hf"
+    with pytest.raises(RequestError, match=r"^--model: no such folder"):
+        resolve_model_dir(ModelSpec(model=str(tmp_path / "missing")))
+    with pytest.raises(RequestError, match=r"^--model: .* has no config.json"):
+        resolve_model_dir(ModelSpec(model=str(tmp_path)))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(RequestError, match=r"^--model: .* is a file"):
+        resolve_model_dir(ModelSpec(model=str(tmp_path / "weights.bin")))
+    # A relative path under an existing local folder is a mistyped path, not a hub id.
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RequestError, match=r"^--model: no such folder 'models/foo'"):
+        resolve_model_dir(ModelSpec(model="models/foo"))
+
+
+def test_resolve_adapter(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
+    assert resolve_adapter(ModelSpec(model=str(tiny_model_dir))) is None
+    spec = ModelSpec(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir))
+    assert resolve_adapter(spec) == str(tiny_adapter_dir.resolve())
+    with pytest.raises(RequestError, match=r"^--adapter: .* has no adapter_config.json"):
+        resolve_adapter(ModelSpec(model=str(tiny_model_dir), adapter=str(tmp_path)))
+    with pytest.raises(RequestError, match=r"^--adapter: no such folder"):
+        load_model(ModelSpec(model=str(tiny_model_dir), adapter=str(tmp_path / "nope")))
+
+
+def _json_only_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.suffix == ".json":
+            shutil.copy(path, dst / path.name)
+    return dst
+
+
+def test_model_input_size_reads_config_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = _json_only_copy(tiny_model_dir, tmp_path / "cfg")  # no weights at all
+    assert not list(folder.glob("*.safetensors"))
+    assert model_input_size(ModelSpec(model=str(folder))) == 64
+    assert model_input_size(ModelSpec(model=str(folder), image_size=336)) == 336
+
+    # processor crop size wins over the vision config ...
+    proc = json.loads((folder / "processor_config.json").read_text())
+    proc["image_processor"]["crop_size"] = {"height": 48, "width": 48}
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    assert model_input_size(ModelSpec(model=str(folder))) == 48
+    # ... a standalone preprocessor_config.json (llava-hf layout) is read first ...
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"crop_size": 336, "size": {"shortest_edge": 336}})
+    )
+    assert model_input_size(ModelSpec(model=str(folder))) == 336
+    # ... and with no processor files the vision config answers.
+    (folder / "processor_config.json").unlink()
+    (folder / "preprocessor_config.json").unlink()
+    assert model_input_size(ModelSpec(model=str(folder))) == 64
+
+
+def test_model_card_and_prompt_format(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = ModelSpec(model=str(tiny_model_dir))
+    card = model_card(spec)
+    assert card["kind"] == "smoke" and card["name"] == "smoke-tiny-llava" and card["prompt_format"] == "llava"
+    assert "meaningless" in card["note"]
+    assert resolve_prompt_format(spec) == "llava"
+    assert resolve_prompt_format(ModelSpec(model=str(tiny_model_dir), prompt_format="rsllava")) == "rsllava"
+
+    folder = _json_only_copy(tiny_model_dir, tmp_path / "geo")
+    card["prompt_format"] = "geochat"
+    (folder / "rsflow.json").write_text(json.dumps(card))
+    assert resolve_prompt_format(ModelSpec(model=str(folder))) == "geochat"
+    (folder / "rsflow.json").unlink()
+    assert model_card(ModelSpec(model=str(folder))) == {}
+    assert resolve_prompt_format(ModelSpec(model=str(folder))) == "llava"
+    (folder / "rsflow.json").write_text(json.dumps({"prompt_format": "alpaca"}))
+    with pytest.raises(ModelError, match="alpaca"):
+        resolve_prompt_format(ModelSpec(model=str(folder)))
+
+
+def test_model_id(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    base = model_id(ModelSpec(model=str(tiny_model_dir)))
+    assert base.startswith("smoke-tiny-llava@") and len(base.split("@")[1]) == 8
+    assert base == model_id(ModelSpec(model=str(tiny_model_dir), batch_size=1))  # stable
+    with_adapter = model_id(ModelSpec(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir)))
+    assert with_adapter.startswith(base + "+adapter=adapter@")
+    assert model_id(ModelSpec(model="llava-hf/llava-1.5-7b-hf", adapter="org/lora")) == (
+        "llava-hf/llava-1.5-7b-hf+adapter=org/lora"
+    )
+
+
+# --------------------------------------------------------------------------- tiny checkpoint
+
+
+def test_tiny_build_is_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
+    again = build_tiny_llava(tmp_path / "again", seed=0)
+    other = build_tiny_llava(tmp_path / "other", seed=1)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    assert (other / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+def test_tiny_checkpoint_layout(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert [tok.convert_ids_to_tokens(i) for i in (0, 1, 2)] == ["<unk>", "<s>", "</s>"]
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert config["image_token_index"] == tok.convert_tokens_to_ids("<image>")
+    assert config["text_config"]["pad_token_id"] == tok.pad_token_id == tok.convert_tokens_to_ids("<pad>")
+    assert config["text_config"]["vocab_size"] == len(tok)
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-2, "default")
+    assert config["projector_hidden_act"] == "gelu"
+    ids = tok("héllo, 東京 harbor")["input_ids"]
+    assert ids[0] == 1  # BOS prepended
+    assert tok.decode(ids, skip_special_tokens=True) == "héllo, 東京 harbor"  # byte fallback round-trips
+
+
+def test_ensure_smoke_model_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSFLOW_CACHE", str(tmp_path / "cache"))
+    first = ensure_smoke_model()
+    assert first == tmp_path / "cache" / "models" / "smoke-tiny-llava-v1"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert ensure_smoke_model() == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert resolve_model_dir(ModelSpec(model="smoke")) == str(first)
+    assert model_id(ModelSpec(model="smoke")).startswith("smoke-tiny-llava@")
+    assert ensure_smoke_model(tmp_path / "other") == tmp_path / "other" / "models" / "smoke-tiny-llava-v1"
+
+
+def test_ensure_smoke_model_concurrent_builders_agree(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        paths = list(pool.map(lambda _: ensure_smoke_model(tmp_path), range(3)))
+    assert len(set(paths)) == 1
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["smoke-tiny-llava-v1"]  # losers cleaned up
+    reference = build_tiny_llava(tmp_path / "reference")
+    assert (paths[0] / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_ensure_smoke_model_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "smoke-tiny-llava-v1"
+    target.mkdir(parents=True)
+    (target / "junk.txt").write_text("x")
+    with pytest.raises(ModelError, match="not a complete smoke checkpoint"):
+        ensure_smoke_model(tmp_path)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smoke-tiny-llava-v1"]
+
+
+# --------------------------------------------------------------------------- load_model
+
+
+def test_load_model_resolves_auto_settings(tiny_model_dir: Path) -> None:
+    loaded = load_model(ModelSpec(model=str(tiny_model_dir)), device="cpu")
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.device == torch.device("cpu")
+    assert loaded.dtype == torch.float32
+    assert loaded.attn_implementation == "sdpa"
+    assert (loaded.prompt_format, loaded.image_size) == ("llava", 64)
+    assert loaded.tokenizer.padding_side == "left"
+    assert not loaded.model.training
+    assert next(loaded.model.parameters()).dtype == torch.float32
+
+
+def test_load_model_rejects_what_cpu_cannot_do(tiny_model_dir: Path) -> None:
+    with pytest.raises(RequestError, match=r"^--attn-implementation: flash_attention_2 needs a CUDA"):
+        load_model(
+            ModelSpec(model=str(tiny_model_dir), attn_implementation="flash_attention_2"), device="cpu"
+        )
+    with pytest.raises(RequestError, match=r"^--image-size: 336 px does not match the vision tower's 64 px"):
+        load_model(ModelSpec(model=str(tiny_model_dir), image_size=336), device="cpu")
+
+
+def test_load_model_broken_weights_is_model_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = _json_only_copy(tiny_model_dir, tmp_path / "broken")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="cannot load --model"):
+        load_model(ModelSpec(model=str(folder)), device="cpu")
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    image = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    inputs = loaded.processor(
+        images=[image], text=[build_prompt("llava", "Describe the image in detail.")], return_tensors="pt"
+    )
+    with torch.inference_mode():
+        return loaded.model(**inputs).logits
+
+
+def test_adapter_is_merged_and_changes_logits(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    base = load_model(ModelSpec(model=str(tiny_model_dir)), device="cpu")
+    tuned = load_model(ModelSpec(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir)), device="cpu")
+    assert type(tuned.model) is LlavaForConditionalGeneration  # merged: no PEFT wrapper left
+    assert not any("lora" in name for name, _ in tuned.model.named_parameters())
+    diff = (_logits(base) - _logits(tuned)).abs().max().item()
+    assert diff > 1e-3
+    # The vision tower is not a target: its weights are untouched.
+    for (name, p), (_, q) in zip(
+        base.model.model.vision_tower.named_parameters(),
+        tuned.model.model.vision_tower.named_parameters(),
+        strict=True,
+    ):
+        assert torch.equal(p, q), name
+
+
+# --------------------------------------------------------------------------- ModelRunner
+
+
+def _images(n: int, seed: int = 0, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+
+
+def _batch(images: Any, status: list[str], error: list[str | None] | None = None) -> dict[str, Any]:
+    n = len(status)
+    batch: dict[str, Any] = {
+        "tile_id": np.array([f"tile-{i}" for i in range(n)], dtype=object),
+        "image": images,
+        "status": np.array(status, dtype=object),
+        "bounds_px": np.arange(n * 4, dtype=np.int64).reshape(n, 4),
+        "item_id": np.array([f"S2A_{i}" for i in range(n)]),
+    }
+    if error is not None:
+        batch["error"] = np.array(error, dtype=object)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def two_question_task() -> Any:
+    """A second task with two prompts so rows x prompts is more than rows."""
+    mp = pytest.MonkeyPatch()
+    questions = ("What is in the image?", "Is there water?")
+    mp.setitem(TASK_PROMPTS, "test_two", {"llava": questions, "geochat": questions, "rsllava": questions})
+    yield questions
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir: Path, two_question_task: Any) -> ModelRunner:
+    return ModelRunner(
+        ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=4), ["caption", "test_two"]
+    )
+
+
+def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
+    status = ["ok", "skipped", "ok", "failed"]
+    error = [None, "no data in window", None, "RasterioIOError: boom"]
+    batch = _batch(_images(4), status, error)
+    out = runner(batch)
+
+    n_prompts = 3  # caption (1) + test_two (2)
+    assert len(runner.queries) == n_prompts
+    assert set(out) == {
+        "tile_id",
+        "status",
+        "error",
+        "bounds_px",
+        "item_id",
+        "task",
+        "prompt",
+        "text",
+        "model_id",
+    }
+    assert all(len(v) == 4 * n_prompts for v in out.values())
+    assert out["tile_id"].tolist() == [f"tile-{i}" for i in range(4) for _ in range(n_prompts)]
+    np.testing.assert_array_equal(out["bounds_px"], np.repeat(batch["bounds_px"], n_prompts, axis=0))
+    assert out["bounds_px"].dtype == np.int64 and out["item_id"].dtype == batch["item_id"].dtype
+    assert out["task"].tolist() == ["caption", "test_two", "test_two"] * 4
+    assert (
+        out["prompt"].tolist()
+        == ["Describe the image in detail.", "What is in the image?", "Is there water?"] * 4
+    )
+    assert out["status"].tolist() == [s for s in status for _ in range(n_prompts)]
+    assert out["error"].tolist() == [e for e in error for _ in range(n_prompts)]
+    for col in ("task", "prompt", "text", "status", "error", "model_id"):
+        assert out[col].dtype == object, col
+    texts = out["text"].tolist()
+    for i, s in enumerate(out["status"]):
+        assert (texts[i] is None) == (s != "ok")
+        if s == "ok":
+            assert isinstance(texts[i], str) and texts[i] == texts[i].strip()
+    assert set(out["model_id"]) == {runner.loaded.model_id}
+    assert "image" not in out
+
+
+def test_runner_without_error_column(runner: ModelRunner) -> None:
+    out = runner(_batch(_images(1), ["skipped"]))
+    assert out["error"].tolist() == [None] * 3 and out["text"].tolist() == [None] * 3
+
+
+def test_runner_is_deterministic_across_loads(runner: ModelRunner, tiny_model_dir: Path) -> None:
+    batch = _batch(_images(3, seed=3), ["ok"] * 3)
+    other = ModelRunner(
+        ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=1), ["caption", "test_two"]
+    )
+    first, second = runner(batch)["text"].tolist(), other(batch)["text"].tolist()
+    assert first == second  # same greedy answers, whatever the batch size and padding
+    assert any(first)
+
+
+def test_runner_adapter_changes_text(
+    runner: ModelRunner, tiny_model_dir: Path, tiny_adapter_dir: Path
+) -> None:
+    spec = ModelSpec(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), max_new_tokens=8, batch_size=4)
+    tuned = ModelRunner(spec, ["caption", "test_two"])
+    batch = _batch(_images(2, seed=5), ["ok", "ok"])
+    assert runner(batch)["text"].tolist() != tuned(batch)["text"].tolist()
+    assert tuned(batch)["model_id"][0].startswith(runner.loaded.model_id + "+adapter=")
+
+
+def test_runner_bad_image_fails_alone(runner: ModelRunner) -> None:
+    good = _images(2, seed=9)
+    images = np.empty(3, dtype=object)  # variable shapes arrive as an object column
+    images[0], images[1], images[2] = good[0], np.zeros((64, 64), np.uint8), good[1]
+    out = runner(_batch(images, ["ok", "ok", "ok"]))
+    assert out["status"].tolist() == ["ok"] * 3 + ["failed"] * 3 + ["ok"] * 3
+    assert all(e.startswith("ValueError: image must be an HxWx3 uint8 array") for e in out["error"][3:6])
+    assert all(isinstance(t, str) for t in out["text"][[0, 1, 2, 6, 7, 8]])
+    assert out["text"][3:6].tolist() == [None] * 3
+
+
+def test_runner_generate_failure_retries_item_by_item(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = runner.loaded.model
+    real_generate = model.generate
+    calls: list[int] = []
+
+    def flaky_generate(*args: Any, **kwargs: Any) -> Any:
+        pixels = kwargs["pixel_values"]
+        calls.append(int(pixels.shape[0]))
+        if (pixels[:, 0].flatten(1).std(dim=1) < 1e-3).any():  # a flat image is "poison"
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_generate(*args, **kwargs)
+
+    images = _images(3, seed=11, shape=(64, 64))
+    expected = runner(_batch(images, ["ok"] * 3))["text"].tolist()
+    images[1] = 0
+    monkeypatch.setattr(model, "generate", flaky_generate)
+    out = runner(_batch(images, ["ok"] * 3))
+    # 9 prompts, batch_size 4: [4 (poisoned) -> 4 singles], [4 (poisoned) -> 4 singles], [1]
+    assert calls == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1, 1]
+    assert out["status"].tolist() == ["ok"] * 3 + ["failed"] * 3 + ["ok"] * 3
+    assert out["error"][3:6].tolist() == ["RuntimeError: CUDA error: device-side assert triggered"] * 3
+    texts = out["text"].tolist()
+    assert texts[:3] == expected[:3] and texts[6:] == expected[6:]  # the retry gives the same answers
+
+
+def test_runner_rejects_unknown_task_before_loading(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rsflow.models.runner as runner_module
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights loaded before the tasks were checked")
+
+    monkeypatch.setattr(runner_module, "load_model", no_load)
+    with pytest.raises(RequestError, match=r"^--tasks: unknown task 'segment'"):
+        ModelRunner(ModelSpec(model=str(tiny_model_dir)), ["caption", "segment"])
+    with pytest.raises(RequestError, match=r"^--tasks"):
+        ModelRunner(ModelSpec(model=str(tiny_model_dir)), [])
+
+
+def test_runner_missing_column_is_a_bug_not_a_row(runner: ModelRunner) -> None:
+    batch = _batch(_images(1), ["ok"])
+    del batch["status"]
+    with pytest.raises(ValueError, match="'status'"):
+        runner(batch)
+
+
+def test_clean_answer() -> None:
+    assert _clean_answer("  A harbor with ships.</s>  ") == "A harbor with ships."
+    assert _clean_answer(" Yes </s>") == "Yes"
+    assert _clean_answer("</s>") == ""

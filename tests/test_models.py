@@ -389,8 +389,13 @@ def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
         "prompt",
         "text",
         "model_id",
+        "stage",
+        "infer_seconds",
     }
     assert all(len(v) == 4 * n_prompts for v in out.values())
+    # rows the model ran are marked "infer"; passed-through rows keep no stage of their own here
+    assert out["stage"].tolist() == [("infer" if s == "ok" else None) for s in status for _ in range(n_prompts)]
+    assert all((t > 0) == (s == "ok") for t, s in zip(out["infer_seconds"], out["status"], strict=True))
     assert out["tile_id"].tolist() == [f"tile-{i}" for i in range(4) for _ in range(n_prompts)]
     np.testing.assert_array_equal(out["bounds_px"], np.repeat(batch["bounds_px"], n_prompts, axis=0))
     assert out["bounds_px"].dtype == np.int64 and out["item_id"].dtype == batch["item_id"].dtype

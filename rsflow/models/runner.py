@@ -139,6 +139,9 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     attn = _resolve_attn(spec, dev, dtype)
 
     logger.info("loading %s (%s, %s, %s) on %s", model_dir, dtype, attn, prompt_format, dev)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per loaded model in the job log, not a bar per actor
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn, device_map=str(dev)

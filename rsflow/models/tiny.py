@@ -271,7 +271,7 @@ def build_tiny_llava(
         pad_token_id=pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out, safe_serialization=True)
+    _quiet_save(model, out)
 
     # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", like llava-hf checkpoints.
     image_processor = CLIPImageProcessorPil(
@@ -301,6 +301,19 @@ def build_tiny_llava(
     (out / CARD_FILENAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     logger.info("built tiny LLaVA checkpoint in %s (seed %d, %d px)", out, seed, image_size)
     return out
+
+
+def _quiet_save(model: Any, out: Path) -> None:
+    """save_pretrained without transformers' progress bar (it would break one-line CLI output)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,82 @@
+"""Bad input fails before any work: exit code 2 and one line naming the flag, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rsflow.cli import _join_negative_values, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+BAD = [
+    (["--bbox", "1,2,3"], "--bbox"),
+    (["--bbox", "-75.7,37.7,-75.6,37.6"], "--bbox"),
+    (["--bbox", "435730,4159990,455060,4179460"], "--bbox"),
+    (["--intersects", "POLYGON ((0 0, 1 1, 1 0, 0 1, 0 0))"], "--intersects"),
+    (["--bbox", "0,0,1,1", "--intersects", "POINT (0 0)"], "--intersects"),
+    (["--datetime", "2024-03-31/2024-01-01"], "--datetime"),
+    (["--datetime", "soon"], "--datetime"),
+    (["--max-cloud", "150"], "--max-cloud"),
+    (["--max-cloud", "cloudy"], "--max-cloud"),
+    (["--max-items", "0"], "--max-items"),
+    (["--stac", "https://earth-search.aws.element84.com/v1"], "--collections"),
+    (["--stac", "/no/such/catalog.json"], "--stac"),
+    (["--tile-size", "4"], "--tile-size"),
+    (["--tile-size", "big"], "--tile-size"),
+    (["--tile-size", "64", "--overlap", "64"], "--overlap"),
+    (["--gsd", "-10"], "--gsd"),
+    (["--max-nodata", "1.5"], "--max-nodata"),
+    (["--tasks", "caption,paint"], "--tasks"),
+    (["--model", "/no/such/model/dir"], "--model"),
+    (["--adapter", "/no/such/adapter"], "--adapter"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--dtype", "int4"], "--dtype"),
+    (["--model-actors", "0"], "--model-actors"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(args, flag, tmp_path, capsys):
+    try:
+        code = main(["region", "--output", str(tmp_path / "out"), *args])
+    except SystemExit as exc:  # argparse's own checks (types, choices)
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["--bbox", "-75.7,37.7,-75.6,37.6"], "--bbox"), (["--tasks", "paint"], "--tasks"), (["--overlap", "x"], "--overlap")],
+)
+def test_the_job_script_itself_exits_2_without_a_traceback(args, flag, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "caption_region.py"), "--output", str(tmp_path / "o"), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and flag in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_negative_coordinates_after_bbox_are_values_not_flags():
+    assert _join_negative_values(["--bbox", "-75.7,37.6,-75.6,37.7", "--tasks", "caption"]) == [
+        "--bbox=-75.7,37.6,-75.6,37.7", "--tasks", "caption"]
+    assert _join_negative_values(["--bbox", "--tasks"]) == ["--bbox", "--tasks"]
+
+
+def test_help_lists_the_request_flags():
+    proc = subprocess.run([sys.executable, "-m", "rsflow.cli", "region", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--bbox", "--intersects", "--datetime", "--collections", "--max-cloud", "--max-items", "--stac",
+                 "--tile-size", "--overlap", "--gsd", "--tasks", "--output", "--model", "--adapter"):
+        assert flag in proc.stdout

@@ -1,0 +1,89 @@
+"""``ray job submit`` of jobs/caption_region.py to a real local cluster (``ray start --head``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+
+from tests.stac_fixtures import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The cluster resolves the job's `python` through its own PATH: put this environment's first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node started with `ray start --head --block` in its own process group; yields the
+    dashboard (job API) address."""
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rsjob-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
+         "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited early: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the Ray dashboard did not come up within 90 s")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever of the cluster ignored SIGTERM (the group outlives `ray start` itself)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def test_ray_job_submit_runs_the_region_job(ray_head, sample_catalog, tmp_path):
+    out = tmp_path / "submitted"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+        "--", "python", "jobs/caption_region.py", "--stac", str(sample_catalog),
+        "--bbox", "-75.70,37.650,-75.69,37.655", "--max-new-tokens", "4", "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    gdf = gpd.read_parquet(out)
+    assert len(gdf) == manifest["counts"]["rows_written"] > 0
+    assert (gdf["status"] == "ok").all()

@@ -45,7 +45,7 @@ from rsflow.plan import plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
 from rsflow.request import RegionRequest
 from rsflow.search import SearchQuery, search_items
-from rsflow.sources import SourceProfile, resolve_profile
+from rsflow.sources import SourceProfile, check_signing, resolve_profile
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,12 @@ def _ensure_ray(address: str | None) -> None:
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
     """One profile per collection present, resolved before any tile work (a missing one is a
     user error)."""
-    return {c: resolve_profile(request.stac, c, request.profile) for c in sorted({i.get("collection") or "" for i in items})}
+    profiles = {
+        c: resolve_profile(request.stac, c, request.profile) for c in sorted({i.get("collection") or "" for i in items})
+    }
+    for profile in profiles.values():
+        check_signing(profile)
+    return profiles
 
 
 def run_region(request: RegionRequest, *, address: str | None = None) -> RunResult:

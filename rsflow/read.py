@@ -28,6 +28,8 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
+from rsflow.sources import sign_href
+
 logger = logging.getLogger(__name__)
 
 #: GDAL settings for reading cloud-optimised GeoTIFFs over HTTP(S)/S3: do not list the remote
@@ -43,22 +45,6 @@ GDAL_REMOTE_OPTIONS: dict[str, str] = {
     "VSI_CACHE": "TRUE",
     "GDAL_CACHEMAX": "256",
 }
-
-
-def sign(href: str, scheme: str) -> str:
-    """A readable URL for ``href`` under a signing scheme ('' = none). Done at read time because
-    signatures expire; the signed URL is never stored."""
-    if not scheme:
-        return href
-    if scheme == "planetary-computer":
-        try:
-            import planetary_computer
-        except ImportError:
-            raise RuntimeError(
-                "reading Planetary Computer assets needs the signer: pip install 'rsflow[planetary-computer]'"
-            ) from None
-        return str(planetary_computer.sign(href))
-    raise ValueError(f"unknown signing scheme {scheme!r}")
 
 
 def _resampling(src_res: float, dst_res: float) -> Resampling:
@@ -92,7 +78,7 @@ def read_chip(
     for i, (href, band, scale, offset) in enumerate(
         zip(tile["hrefs"], tile["bands"], tile["scale"], tile["offset"], strict=True)
     ):
-        url = sign(str(href), str(tile.get("signing") or ""))
+        url = sign_href(str(href), str(tile.get("signing") or ""))
         kwargs: dict[str, Any] = {"opener": opener} if opener is not None else {}
         with rasterio.open(url, **kwargs) as src:
             nodata = declared if not math.isnan(declared) else src.nodata

@@ -11,13 +11,11 @@ interval open at both ends is refused, and so is one whose start is after its en
 
 from __future__ import annotations
 
-import calendar
 import json
 import logging
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
 from rsflow.models.spec import ModelSpec
+from rsflow.search import normalize_datetime
 
 logger = logging.getLogger(__name__)
 
@@ -246,63 +245,16 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
 # Datetime
 
 
-_DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
-
-
-def _parse_instant(text: str, *, end: bool) -> datetime:
-    """One side of an interval; partial dates expand to their start or end."""
-    m = _DATE_RE.match(text)
-    if m:
-        year, month, day = int(m.group(1)), m.group(2), m.group(3)
-        try:
-            if month is None:
-                return datetime(year, 12, 31, 23, 59, 59, tzinfo=UTC) if end else datetime(year, 1, 1, tzinfo=UTC)
-            mon = int(month)
-            if day is None:
-                last = calendar.monthrange(year, mon)[1]
-                return (
-                    datetime(year, mon, last, 23, 59, 59, tzinfo=UTC) if end else datetime(year, mon, 1, tzinfo=UTC)
-                )
-            d = datetime(year, mon, int(day), tzinfo=UTC)
-            return d + timedelta(hours=23, minutes=59, seconds=59) if end else d
-        except ValueError as exc:
-            raise RequestError("--datetime", f"{text!r} is not a valid date ({exc})") from None
-    try:
-        dt = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise RequestError(
-            "--datetime", f"{text!r} is not a date or RFC 3339 time (e.g. 2024-06-01 or 2024-06-01T10:00:00Z)"
-        ) from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-def _fmt(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_datetime(value: str | None) -> str | None:
     """A STAC datetime or interval -> ``start/end`` in RFC 3339 UTC (``..`` for an open side).
+
+    The rules are those of :func:`rsflow.search.normalize_datetime` (one implementation, used by
+    the search too).
 
     Raises:
         RequestError: naming ``--datetime``.
     """
-    if value is None or not str(value).strip():
-        return None
-    text = str(value).strip()
-    if "/" in text:
-        parts = text.split("/")
-        if len(parts) != 2:
-            raise RequestError("--datetime", f"an interval has exactly one '/', got {text!r}")
-        start_s, end_s = (p.strip() for p in parts)
-    else:
-        start_s, end_s = text, text
-    start = None if start_s in {"", ".."} else _parse_instant(start_s, end=False)
-    end = None if end_s in {"", ".."} else _parse_instant(end_s, end=True)
-    if start is None and end is None:
-        raise RequestError("--datetime", "an interval open at both ends matches everything; drop the flag instead")
-    if start is not None and end is not None and start > end:
-        raise RequestError("--datetime", f"start {_fmt(start)} is after end {_fmt(end)}")
-    return f"{_fmt(start) if start else '..'}/{_fmt(end) if end else '..'}"
+    return normalize_datetime(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +300,7 @@ def parse_request(
     *,
     bbox: str | tuple[float, ...] | None = None,
     intersects: str | dict[str, Any] | None = None,
-    datetime: str | None = None,
+    datetime: str | None = None,  # noqa: A002  (the flag's name)
     collections: str | list[str] | tuple[str, ...] | None = None,
     max_cloud: float | None = None,
     max_items: int = 100,

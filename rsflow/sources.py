@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "load_profiles",
     "profiles_dir",
     "resolve_profile",
+    "check_signing",
     "sign_href",
 ]
 
@@ -472,7 +474,21 @@ def _version_key(version: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------- signing
 
 
-def sign_href(href: str, profile: SourceProfile) -> str:
+def check_signing(profile: SourceProfile) -> None:
+    """Fail before any work when the profile's signing scheme cannot be used here.
+
+    Raises:
+        RequestError: ``--profile`` when signing needs the ``planetary-computer`` package and it is missing.
+    """
+    if profile.signing == "planetary-computer" and importlib.util.find_spec("planetary_computer") is None:
+        raise RequestError(
+            "--profile",
+            f"profile {profile.name!r} reads Planetary Computer data, whose hrefs must be signed with the "
+            f"planetary-computer package: {_PC_INSTALL}",
+        )
+
+
+def sign_href(href: str, profile: SourceProfile | str | None) -> str:
     """Return ``href`` ready to read: signed for Planetary Computer profiles, unchanged otherwise.
 
     Call this right before opening the file, never at search time, and do not store the result:
@@ -480,7 +496,8 @@ def sign_href(href: str, profile: SourceProfile) -> str:
 
     Args:
         href: the asset href from the item.
-        profile: the item's source profile.
+        profile: the item's source profile, or just its signing scheme (``"planetary-computer"``,
+            or ``None``/``""`` for none) as tiles carry it.
 
     Returns:
         The href to open.
@@ -489,14 +506,20 @@ def sign_href(href: str, profile: SourceProfile) -> str:
         RequestError: ``--profile`` when signing needs the ``planetary-computer`` package and it is missing.
         SourceError: the signing service could not be reached.
     """
-    if profile.signing is None:
+    if isinstance(profile, SourceProfile):
+        name, signing = profile.name, profile.signing
+    else:
+        name, signing = "", profile or None
+    if signing is None:
         return href
+    if signing not in _SIGNING_CHOICES:
+        raise ValueError(f"unknown signing scheme {signing!r}")
     try:
         pc = importlib.import_module("planetary_computer")
     except ImportError as err:
         raise RequestError(
             "--profile",
-            f"profile {profile.name!r} reads Planetary Computer data, whose hrefs must be signed with the "
+            f"profile {name!r} reads Planetary Computer data, whose hrefs must be signed with the "
             f"planetary-computer package: {_PC_INSTALL}",
         ) from err
     try:

@@ -176,8 +176,16 @@ def build_tiny_llava(
     seed: int = 0,
     prompt_format: str = "llava",
     card: dict[str, Any] | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+    text_overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    init_device: str = "cpu",
 ) -> Path:
     """Build and save a tiny random-weight LLaVA-1.5-shaped checkpoint.
+
+    The overrides make the same builder produce full-size architectures with random weights
+    (e.g. LLaVA-1.5-7B's published dimensions for GPU benchmarks, where the real weights cannot
+    be downloaded); ``init_device="cuda"`` initialises such a model on the GPU.
 
     Layout written to ``out_dir`` (created if missing): ``config.json``, ``generation_config.json``,
     ``model.safetensors``, ``tokenizer.json`` + ``tokenizer_config.json``,
@@ -190,6 +198,10 @@ def build_tiny_llava(
         seed: torch seed for the weights; the same seed gives byte-identical weights.
         prompt_format: recorded in ``rsflow.json`` (``"llava"``, ``"rsllava"`` or ``"geochat"``).
         card: extra keys merged over the default ``rsflow.json`` contents.
+        vision_overrides: CLIPVisionConfig fields replacing the tiny defaults.
+        text_overrides: LlamaConfig fields replacing the tiny defaults.
+        dtype: torch dtype name the weights are created and saved in.
+        init_device: where the weights are initialised (``cpu`` or ``cuda``).
 
     Returns:
         ``Path(out_dir)``.
@@ -222,7 +234,7 @@ def build_tiny_llava(
     pad_token_id = tokenizer.convert_tokens_to_ids(_PAD)
     num_image_tokens = (image_size // patch_size) ** 2  # "default" strategy drops CLS
 
-    vision_config = CLIPVisionConfig(
+    vision_kwargs: dict[str, Any] = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -233,7 +245,9 @@ def build_tiny_llava(
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
-    text_config = LlamaConfig(
+    vision_kwargs.update(vision_overrides or {})
+    vision_config = CLIPVisionConfig(**vision_kwargs)
+    text_kwargs: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -248,6 +262,11 @@ def build_tiny_llava(
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
+    text_kwargs.update(text_overrides or {})
+    if text_kwargs["vocab_size"] < len(tokenizer):
+        raise ValueError(f"text vocab_size {text_kwargs['vocab_size']} < tokenizer size {len(tokenizer)}")
+    text_config = LlamaConfig(**text_kwargs)
+    tokenizer.model_max_length = int(text_kwargs["max_position_embeddings"])
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -261,9 +280,16 @@ def build_tiny_llava(
     )
 
     # Seed a private generator state only for the duration of the build (no global side effect).
+    torch_dtype = getattr(torch, dtype)
     with _SEED_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)
+        try:
+            with torch.device(init_device):
+                model = LlavaForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
     model.eval()  # type: ignore[no-untyped-call]
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=tokenizer.bos_token_id,

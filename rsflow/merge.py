@@ -1,0 +1,216 @@
+"""Merge duplicate detections from overlapping tiles (``--merge``, ``--merge-iou``).
+
+Tiles overlap, so one object near a tile edge is usually detected on two or four tiles. Detections of the
+same item, task and label whose polygon IoU reaches the threshold are put in one cluster; clustering is
+transitive (union-find: A~B and B~C puts A, B, C together even if A and C do not overlap enough).
+
+IoU is the true polygon IoU of the rotated boxes (not of their axis-aligned bounds), computed in a metric
+CRS: the item's native CRS when the caller passes it, else the UTM zone (UPS beyond 84 degrees) of the
+group's mean centroid. Areas in degrees would weigh east-west against north-south by ``cos(lat)``. (IoU
+itself is invariant under affine maps, so for tile-sized boxes it barely depends on the CRS; areas, the
+choice of representative, and large boxes at high latitudes do.)
+
+Each cluster becomes ONE detection whose geometry is that of its LARGEST member (by metric area; ties, up
+to a relative 1e-9, go to the earliest in the input). Decision: the union of rotated rectangles is not a
+rotated rectangle and would grow with every false neighbour, and an average of rotated boxes is ill-defined
+for angles; the largest member is a real model output and usually the least clipped view (an object cut by
+a tile edge gets a smaller box).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+from shapely.geometry.base import BaseGeometry
+
+from rsflow.errors import RequestError
+from rsflow.georef import transform_geometry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One located object on one tile, already on the map."""
+
+    tile_id: str
+    """Tile it was found on."""
+    item_id: str
+    """STAC item of the tile (detections of different items are never merged)."""
+    label: str
+    """What was located: the detect category or the refer expression."""
+    polygon_4326: Polygon
+    """The (rotated) box in EPSG:4326 ``(lon, lat)``."""
+    score: float | None = None
+    """Confidence, if the model gives one (GeoChat does not)."""
+    task: str = "detect"
+    """``detect`` or ``refer`` (detections of different tasks are never merged)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.polygon_4326, Polygon) or self.polygon_4326.is_empty:
+            raise ValueError(f"detection on tile {self.tile_id!r} needs a non-empty Polygon")
+
+
+@dataclass(frozen=True)
+class MergedDetection:
+    """One object after merging: a cluster of detections of the same item, task and label."""
+
+    item_id: str
+    """STAC item."""
+    task: str
+    """``detect`` or ``refer``."""
+    label: str
+    """Category or expression."""
+    polygon_4326: Polygon
+    """Geometry of the largest member, EPSG:4326."""
+    tile_ids: list[str]
+    """Sorted, distinct ids of the tiles the members came from."""
+    n_merged: int
+    """Number of detections in the cluster (1 = not merged)."""
+    score: float | None = None
+    """Highest member score, None if no member has one."""
+    member_indices: list[int] = field(default_factory=list)
+    """Positions of the members in the input list, ascending."""
+
+
+def rotated_iou(p: BaseGeometry, q: BaseGeometry) -> float:
+    """Intersection over union of two polygons, by area, in their own (planar) coordinates.
+
+    Unlike an IoU of axis-aligned bounds this is exact for rotated boxes: two thin crossing strips whose
+    bounds coincide have a small IoU. Pass coordinates of a metric CRS for map polygons.
+
+    Returns:
+        A value in [0, 1]; 0 when either has no area.
+    """
+    if p.is_empty or q.is_empty or p.area <= 0 or q.area <= 0:
+        return 0.0
+    inter = p.intersection(q).area
+    union = p.area + q.area - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def local_metric_crs(lon: float, lat: float) -> str:
+    """The WGS 84 UTM zone of a point: ``EPSG:326zz`` (north) or ``EPSG:327zz`` (south).
+
+    Universal Polar Stereographic (EPSG:32661 / EPSG:32761) north of 84N and south of 80S, where UTM ends.
+    """
+    if lat > 84.0:
+        return "EPSG:32661"
+    if lat < -80.0:
+        return "EPSG:32761"
+    zone = math.floor((lon + 180.0) / 6.0) % 60 + 1
+    return f"EPSG:{32600 + zone if lat >= 0 else 32700 + zone}"
+
+
+def _check_threshold(iou_threshold: float | None) -> None:
+    if iou_threshold is None:
+        return
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
+        raise RequestError("--merge-iou", f"must be a number in (0, 1], got {iou_threshold!r}")
+    if not (0.0 < float(iou_threshold) <= 1.0):
+        raise RequestError("--merge-iou", f"must be in (0, 1] (or use --merge none), got {iou_threshold}")
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def _metric_crs_for(item_id: str, group: list[Detection], metric_crs: str | Mapping[str, str] | None) -> str:
+    if isinstance(metric_crs, str):
+        return metric_crs
+    if metric_crs is not None and item_id in metric_crs:
+        return metric_crs[item_id]
+    centroids = [d.polygon_4326.centroid for d in group]
+    return local_metric_crs(
+        float(np.mean([c.x for c in centroids])), float(np.mean([c.y for c in centroids]))
+    )
+
+
+def _merge(members: list[int], objects: Sequence[Detection], areas: dict[int, float]) -> MergedDetection:
+    largest = max(areas[i] for i in members)
+    # equal areas up to reprojection noise (relative 1e-9) count as a tie, which the earliest member wins
+    best = min(i for i in members if areas[i] >= largest * (1.0 - 1e-9))
+    first = objects[members[0]]
+    scores = [s for s in (objects[i].score for i in members) if s is not None]
+    return MergedDetection(
+        item_id=first.item_id,
+        task=first.task,
+        label=first.label,
+        polygon_4326=objects[best].polygon_4326,
+        tile_ids=sorted({objects[i].tile_id for i in members}),
+        n_merged=len(members),
+        score=max(scores) if scores else None,
+        member_indices=sorted(members),
+    )
+
+
+def merge_detections(
+    objects: Sequence[Detection],
+    iou_threshold: float | None,
+    *,
+    metric_crs: str | Mapping[str, str] | None = None,
+) -> list[MergedDetection]:
+    """Cluster duplicate detections across tiles and keep one per cluster.
+
+    Args:
+        objects: detections from any number of tiles and items.
+        iou_threshold: two detections of the same (item, task, label) are linked when their polygon IoU in
+            the metric CRS is >= this; in (0, 1]. None keeps every detection (``--merge none``).
+        metric_crs: CRS in which areas and IoU are computed: one CRS for all, or item id -> CRS (the items'
+            native CRSs). Items not given use the UTM zone of their detections' mean centroid.
+
+    Returns:
+        One ``MergedDetection`` per cluster, ordered by the first input position of each cluster.
+
+    Raises:
+        RequestError: ``iou_threshold`` outside (0, 1] (``--merge-iou``).
+        ValueError: a polygon does not project to the metric CRS.
+    """
+    _check_threshold(iou_threshold)
+    n = len(objects)
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, det in enumerate(objects):
+        groups.setdefault((det.item_id, det.task, det.label), []).append(i)
+
+    uf = _UnionFind(n)
+    areas: dict[int, float] = {}
+    for (item_id, _, _), idx in groups.items():
+        crs = _metric_crs_for(item_id, [objects[i] for i in idx], metric_crs)
+        polys = [transform_geometry(objects[i].polygon_4326, "EPSG:4326", crs) for i in idx]
+        for i, poly in zip(idx, polys, strict=True):
+            areas[i] = float(poly.area)
+        if iou_threshold is None or len(idx) < 2:
+            continue
+        tree = shapely.STRtree(polys)
+        left, right = tree.query(polys, predicate="intersects")
+        for a, b in zip(left.tolist(), right.tolist(), strict=True):
+            if a < b and rotated_iou(polys[a], polys[b]) >= iou_threshold:
+                uf.union(idx[a], idx[b])
+
+    clusters: dict[int, list[int]] = {}
+    for i in range(n):
+        clusters.setdefault(uf.find(i), []).append(i)
+    merged = [_merge(members, objects, areas) for members in clusters.values()]
+    merged.sort(key=lambda m: m.member_indices[0])
+    if iou_threshold is not None:
+        logger.info("merged %d detections into %d (IoU >= %s)", n, len(merged), iou_threshold)
+    return merged

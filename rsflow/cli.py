@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from rsflow.errors import RequestError, RsflowError, SourceError
+from rsflow.preview import add_preview_parser, run_preview
 
 logger = logging.getLogger("rsflow")
 
@@ -78,8 +79,24 @@ def region_arguments() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     model.add_argument("--max-new-tokens", type=_positive_int, default=64)
     model.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
+    tasks.add_argument(
+        "--tasks", help="comma-separated: caption, vqa, classify, detect, refer, region-caption (default: caption)"
+    )
+    tasks.add_argument("--question", action="append", default=[], help="a vqa question (repeatable)")
+    tasks.add_argument("--questions", metavar="FILE", help="vqa questions, one a line")
+    tasks.add_argument("--classes", help="classify: comma-separated classes, or a preset: ucmerced, aid")
+    tasks.add_argument("--detect", help="detect: comma-separated object categories, e.g. 'ship,storage tank'")
+    tasks.add_argument("--refer", action="append", default=[], help="refer: a referring expression (repeatable)")
+    tasks.add_argument("--regions", metavar="GEOJSON", help="region-caption: regions in EPSG:4326 (GeoJSON file)")
+    tasks.add_argument("--task-file", metavar="YAML", help="tasks and their inputs in one YAML file (see README)")
+    tasks.add_argument(
+        "--merge", choices=["iou", "none"], default="iou",
+        help="merge duplicate detections of overlapping tiles by rotated-polygon IoU (default), or keep all",
+    )
+    tasks.add_argument("--merge-iou", type=_number, default=0.5, help="IoU at which detections merge (default 0.5)")
     run = p.add_argument_group("run")
-    run.add_argument("--tasks", default="caption", help="comma-separated tasks (default: caption)")
+    run.add_argument("--no-preview", action="store_true", help="do not write _preview.html into the output")
     run.add_argument("--output", help="output dataset dir or URI (default: out/region-<UTC time>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--model-actors", type=_positive_int, help="model actors (default: one per GPU, else 1)")
@@ -99,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search a STAC source, tile the scenes over the AOI, run the model on every tile, "
         "write a GeoParquet dataset with a run manifest.",
     )
+    add_preview_parser(sub)
     sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
     sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
     return parser
@@ -134,7 +152,17 @@ def _run_region(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         gsd=args.gsd,
         max_nodata=args.max_nodata,
-        tasks=args.tasks,
+        tasks=args.tasks if args.tasks is not None else ("caption" if not args.task_file else ()),
+        question=args.question,
+        questions=args.questions,
+        classes=args.classes,
+        detect=args.detect,
+        refer=args.refer,
+        regions=args.regions,
+        task_file=args.task_file,
+        merge=args.merge,
+        merge_iou=args.merge_iou,
+        preview=not args.no_preview,
         output=output,
         overwrite=args.overwrite,
         model=spec,
@@ -182,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "region":
             return _run_region(args)
+        if args.command == "preview":
+            return run_preview(args)
         if args.command == "sample-catalog":
             from pathlib import Path
 

@@ -32,6 +32,8 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute
+import pyarrow.parquet as pq
 import shapely
 from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
@@ -39,15 +41,30 @@ from ray.data.datasource.datasink import WriteResult
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
-#: Columns of the result dataset, in order (geometry last), with their meaning.
+PREVIEW_NAME = "_preview.html"
+RAW_OBJECTS_DIR = "_objects_raw"
+
+#: Columns of the result dataset, in order, with their meaning.
 RESULT_COLUMNS: dict[str, str] = {
     "tile_id": "deterministic tile id (item, bands, window, tile spec)",
+    "kind": "tile (one row per tile, task and prompt) or object (one row per detected object)",
     "item_id": "STAC item id",
     "collection": "STAC collection id",
     "datetime": "acquisition time (UTC)",
-    "task": "task name, e.g. caption",
+    "task": "caption | vqa | classify | detect | refer | region-caption",
     "prompt": "the user text given to the model (without the conversation template)",
-    "text": "the model's generated text (null when not run)",
+    "prompt_key": "the input the prompt came from: question, class preset/list, category, expression, region id",
+    "region_id": "region-caption: the region asked about",
+    "text": "the model's raw generated text (null when not run)",
+    "answer": "vqa: the normalised answer (yes/no, a number as text, else the stripped lower-cased text)",
+    "answer_number": "vqa: the answer as a number when it is one",
+    "label": "classify: the matched class; object rows: the category or expression located",
+    "object_count": "detect/refer tile rows: number of boxes in the answer",
+    "parse_error": "why the text did not parse (the row keeps the text)",
+    "box_px": "object rows: [x1, y1, x2, y2, angle_deg] in the chip's pixel space, as the model gave it",
+    "pixel_polygon": "object rows: the rotated rectangle in pixel space (WKT)",
+    "source_tile_ids": "object rows: the tiles whose detections were merged into this object",
+    "n_merged": "object rows: how many detections were merged into this object",
     "model_id": "model and adapter that produced the text",
     "status": "ok | skipped | failed",
     "stage": "last stage the row went through, or the stage that failed/skipped it",
@@ -60,8 +77,25 @@ RESULT_COLUMNS: dict[str, str] = {
     "res": "tile grid resolution in native CRS units per pixel",
     "transform": "tile affine (a, b, c, d, e, f) in native_crs; pixel (0, 0) is the tile's top-left",
     "nodata_fraction": "fraction of the tile's pixels missing in any band (0-1)",
-    "geometry": "tile footprint, EPSG:4326",
+    "geometry": "EPSG:4326: the tile footprint (tile rows) or the object's rotated box (object rows)",
 }
+
+_S, _I, _F = pa.string(), pa.int64(), pa.float64()
+#: Arrow schema of result rows between the stages (``_`` columns are working columns, not written).
+RESULT_SCHEMA = pa.schema(
+    [
+        ("tile_id", _S), ("kind", _S), ("item_id", _S), ("collection", _S),
+        ("datetime", pa.timestamp("us", tz="UTC")), ("task", _S), ("prompt", _S), ("prompt_key", _S),
+        ("region_id", _S), ("text", _S), ("answer", _S), ("answer_number", _F), ("label", _S),
+        ("object_count", _I), ("parse_error", _S), ("box_px", pa.list_(_F)), ("pixel_polygon", _S),
+        ("source_tile_ids", pa.list_(_S)), ("n_merged", _I), ("model_id", _S), ("status", _S), ("stage", _S),
+        ("error", _S), ("native_crs", _S), ("window_col_off", _I), ("window_row_off", _I), ("window_width", _I),
+        ("window_height", _I), ("res", _F), ("transform", pa.list_(_F)), ("nodata_fraction", _F),
+        ("geometry", pa.binary()),
+        ("_hilbert", _I), ("_primary", pa.bool_()), ("_read_seconds", _F), ("_infer_seconds", _F),
+    ]
+)
+WRITTEN_SCHEMA = pa.schema([f for f in RESULT_SCHEMA if not f.name.startswith("_")])
 
 
 def hilbert_key(x: np.ndarray, y: np.ndarray, order: int = 16) -> np.ndarray:
@@ -87,65 +121,29 @@ def hilbert_key(x: np.ndarray, y: np.ndarray, order: int = 16) -> np.ndarray:
     return d
 
 
-def to_result_rows(batch: pd.DataFrame, *, primary: tuple[str, str]) -> pd.DataFrame:
-    """Model-stage rows -> result rows: rename, drop working columns, add the sort key.
+def write_geoparquet(table: pa.Table, path: str, filesystem: Any = None) -> None:
+    """Write result rows (``WRITTEN_SCHEMA``: WKB ``geometry`` in EPSG:4326) as one GeoParquet 1.1 file.
 
-    ``primary`` is the first (task, prompt) of the run: exactly one row per tile has it, which is
-    how the sink counts tiles without collecting ids.
+    geopandas builds the GeoParquet metadata (PROJJSON CRS, geometry types, bbox covering column);
+    the Arrow types of the other columns are kept exactly, so every file of a dataset has the same
+    schema even where a column is all null in one file.
     """
-    fp = shapely.from_wkb(batch["footprint_wkb"].to_numpy())
-    cen = shapely.centroid(fp)
-    out = pd.DataFrame(
-        {
-            "tile_id": batch["tile_id"].astype(str),
-            "item_id": batch["item_id"].astype(str),
-            "collection": batch["collection"].astype(str),
-            "datetime": pd.to_datetime(batch["datetime"], utc=True, errors="coerce", format="ISO8601"),
-            "task": batch["task"].astype(str),
-            "prompt": batch["prompt"].astype(str),
-            "text": batch["text"].where(batch["text"].notna(), None),
-            "model_id": batch["model_id"].astype(str),
-            "status": batch["status"].astype(str),
-            "stage": batch["stage"].astype(str),
-            "error": batch["error"].where(batch["error"].notna(), None),
-            "native_crs": batch["crs"].astype(str),
-            "window_col_off": batch["col_off"].astype("int64"),
-            "window_row_off": batch["row_off"].astype("int64"),
-            "window_width": batch["width"].astype("int64"),
-            "window_height": batch["height"].astype("int64"),
-            "res": batch["res"].astype("float64"),
-            "transform": [list(map(float, t)) for t in batch["transform"]],
-            "nodata_fraction": batch["nodata_fraction"].astype("float64"),
-            "geometry": batch["footprint_wkb"],
-            "_hilbert": hilbert_key(shapely.get_x(cen), shapely.get_y(cen)),
-            "_primary": (batch["task"] == primary[0]) & (batch["prompt"] == primary[1]),
-            "_read_seconds": batch.get("read_seconds", pd.Series(0.0, index=batch.index)).astype("float64"),
-            "_infer_seconds": batch.get("infer_seconds", pd.Series(0.0, index=batch.index)).astype("float64"),
-        }
+    table = table.select(WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
+    df = table.drop(["geometry"]).to_pandas(types_mapper=pd.ArrowDtype)
+    geom = gpd.GeoSeries.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False), crs="EPSG:4326")
+    gdf = gpd.GeoDataFrame(df, geometry=geom.values, crs="EPSG:4326")
+    arrow = _geoarrow_table(gdf)
+    # geopandas' own pandas metadata would name ArrowDtype list types that pandas cannot read back.
+    meta = {k: v for k, v in (arrow.schema.metadata or {}).items() if k != b"pandas"}
+    pq.write_table(
+        arrow.replace_schema_metadata(meta), path, compression="zstd", row_group_size=50_000, filesystem=filesystem
     )
-    return out
 
 
-def write_geoparquet(df: pd.DataFrame, path: str, filesystem: Any = None) -> None:
-    """Write result rows (WKB ``geometry`` column in EPSG:4326) as one GeoParquet 1.1 file."""
-    df = df.copy()
-    for col in ("text", "error"):  # all-null batches must still be typed as strings
-        if col in df:
-            df[col] = df[col].astype("string")
-    geom = df["geometry"]
-    if len(geom) and not isinstance(geom.iloc[0], shapely.Geometry):
-        geom = gpd.GeoSeries.from_wkb(geom.to_numpy(), crs="EPSG:4326")
-    gdf = gpd.GeoDataFrame(df.drop(columns=["geometry"]), geometry=gpd.GeoSeries(geom, crs="EPSG:4326").values)
-    gdf = gdf.set_crs("EPSG:4326", allow_override=True)
-    gdf.to_parquet(
-        path,
-        index=False,
-        compression="zstd",
-        schema_version="1.1.0",
-        write_covering_bbox=True,
-        row_group_size=50_000,
-        filesystem=filesystem,
-    )
+def _geoarrow_table(gdf: gpd.GeoDataFrame) -> pa.Table:
+    from geopandas.io.arrow import _geopandas_to_arrow  # the table geopandas' to_parquet writes
+
+    return _geopandas_to_arrow(gdf, index=False, schema_version="1.1.0", write_covering_bbox=True)
 
 
 @dataclass
@@ -153,6 +151,7 @@ class SinkSummary:
     """What the write tasks saw, merged on the driver."""
 
     rows: int = 0
+    objects: int = 0
     files: list[str] = field(default_factory=list)
     tiles_by_status: dict[str, int] = field(default_factory=dict)
     rows_by_status: dict[str, int] = field(default_factory=dict)
@@ -162,6 +161,7 @@ class SinkSummary:
 
     def merge(self, other: dict[str, Any]) -> None:
         self.rows += other["rows"]
+        self.objects += other["objects"]
         self.files.extend(other["files"])
         for key in ("tiles_by_status", "rows_by_status"):
             mine = getattr(self, key)
@@ -175,8 +175,10 @@ class SinkSummary:
 class GeoParquetDatasink(Datasink[dict[str, Any]]):
     """Ray Data sink: each block of sorted result rows -> one GeoParquet 1.1 file in ``directory``."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, split_objects: bool = False) -> None:
         self.directory = directory.rstrip("/")
+        self.split_objects = split_objects
+        """Write object rows into ``_objects_raw/`` for the merge pass instead of the dataset."""
         self.summary = SinkSummary()
 
     def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
@@ -184,6 +186,7 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
         fs.makedirs(root, exist_ok=True)
         stats: dict[str, Any] = {
             "rows": 0,
+            "objects": 0,
             "files": [],
             "tiles_by_status": {},
             "rows_by_status": {},
@@ -192,32 +195,97 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
             "infer_seconds": 0.0,
         }
         for block in blocks:
-            df = block.to_pandas() if isinstance(block, pa.Table) else pd.DataFrame(block)
-            if df.empty:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+            if table.num_rows == 0:
                 continue
-            tiles = df[df["_primary"]]
+            cols = table.select(["tile_id", "kind", "task", "prompt", "status", "stage", "error", "_primary",
+                                 "_read_seconds", "_infer_seconds"]).to_pandas()
+            tiles = cols[cols["_primary"]]
             for status, count in tiles["status"].value_counts().items():
                 stats["tiles_by_status"][status] = stats["tiles_by_status"].get(status, 0) + int(count)
-            for status, count in df["status"].value_counts().items():
+            rows = cols[cols["kind"] == "tile"]
+            for status, count in rows["status"].value_counts().items():
                 stats["rows_by_status"][status] = stats["rows_by_status"].get(status, 0) + int(count)
-            bad = df[df["status"] != "ok"]
+            bad = rows[rows["status"] != "ok"]
             stats["failures"].extend(
                 {"tile_id": r.tile_id, "task": r.task, "prompt": r.prompt, "status": r.status, "stage": r.stage,
                  "error": r.error}
                 for r in bad.itertuples()
             )
             stats["read_seconds"] += float(tiles["_read_seconds"].sum())
-            stats["infer_seconds"] += float(df["_infer_seconds"].sum())
-            name = f"part-{int(df['_hilbert'].iloc[0]):010x}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-            out = df.drop(columns=[c for c in df.columns if c.startswith("_")])
-            write_geoparquet(out, posixpath.join(root, name), filesystem=fs)
-            stats["rows"] += len(out)
-            stats["files"].append(name)
+            stats["infer_seconds"] += float(cols["_infer_seconds"].sum())
+            first_key = int(table.column("_hilbert")[0].as_py())
+            name = f"part-{first_key:010x}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+            is_object = pa.compute.equal(table.column("kind"), "object")
+            n_objects = int(pa.compute.sum(is_object).as_py() or 0)
+            stats["objects"] += n_objects
+            if self.split_objects and n_objects:
+                raw = posixpath.join(root, RAW_OBJECTS_DIR)
+                fs.makedirs(raw, exist_ok=True)
+                write_geoparquet(table.filter(is_object), posixpath.join(raw, name), filesystem=fs)
+                table = table.filter(pa.compute.invert(is_object))
+            if table.num_rows:
+                write_geoparquet(table, posixpath.join(root, name), filesystem=fs)
+                stats["rows"] += table.num_rows
+                stats["files"].append(name)
         return stats
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
         for ret in write_result.write_returns:
             self.summary.merge(ret)
+
+
+def merge_object_files(
+    directory: str, iou_threshold: float | None, metric_crs: dict[str, str] | None = None
+) -> tuple[list[str], int]:
+    """The merge pass: ``_objects_raw/`` -> merged object rows written into ``directory``.
+
+    Detections of the same item, task and label whose rotated polygons overlap at ``iou_threshold``
+    or more (IoU in the item's native CRS) become one object: the row of the largest member, with
+    ``source_tile_ids`` listing every tile that saw it and ``n_merged`` their count. Runs on the
+    driver over the object rows only (tile rows never pass through it).
+
+    Returns:
+        ``(file names written, number of objects)``.
+    """
+    from rsflow.merge import Detection, merge_detections
+
+    fs, root = fsspec.core.url_to_fs(directory)
+    raw = posixpath.join(root, RAW_OBJECTS_DIR)
+    if not fs.exists(raw):
+        return [], 0
+    paths = sorted(p for p in fs.find(raw) if p.endswith(".parquet"))
+    table = pa.concat_tables(
+        [pq.read_table(p, filesystem=fs, columns=WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA) for p in paths]
+    )
+    polys = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    rows = table.select(["tile_id", "item_id", "label", "task"]).to_pylist()
+    detections = [
+        Detection(tile_id=r["tile_id"], item_id=r["item_id"], label=r["label"] or "", polygon_4326=poly, task=r["task"])
+        for r, poly in zip(rows, polys, strict=True)
+    ]
+    merged = merge_detections(detections, iou_threshold, metric_crs=metric_crs)
+    keep, tile_ids, counts = [], [], []
+    for m in merged:
+        rep = next(i for i in m.member_indices if polys[i].equals(m.polygon_4326))
+        keep.append(rep)
+        tile_ids.append(m.tile_ids)
+        counts.append(m.n_merged)
+    out = table.take(pa.array(keep, type=pa.int64()))
+    out = out.set_column(out.schema.get_field_index("source_tile_ids"), "source_tile_ids",
+                         pa.array(tile_ids, type=pa.list_(pa.string())))
+    out = out.set_column(out.schema.get_field_index("n_merged"), "n_merged", pa.array(counts, type=pa.int64()))
+    cen = shapely.centroid(shapely.from_wkb(out.column("geometry").to_numpy(zero_copy_only=False)))
+    order = np.argsort(hilbert_key(shapely.get_x(cen), shapely.get_y(cen)), kind="stable")
+    out = out.take(pa.array(order, type=pa.int64()))
+    names = []
+    for i, start in enumerate(range(0, out.num_rows, 50_000)):
+        name = f"objects-{i:05d}.parquet"
+        write_geoparquet(out.slice(start, 50_000), posixpath.join(root, name), filesystem=fs)
+        names.append(name)
+    fs.rm(raw, recursive=True)
+    logger.info("merged %d detections into %d objects (IoU >= %s)", table.num_rows, out.num_rows, iou_threshold)
+    return names, out.num_rows
 
 
 def staging_path(output: str, run_id: str) -> str:
@@ -228,13 +296,10 @@ def staging_path(output: str, run_id: str) -> str:
 
 def write_empty(directory: str) -> str:
     """An empty but valid GeoParquet file with the result schema (for runs that found nothing)."""
-    cols = {c: pd.Series(dtype="string") for c in RESULT_COLUMNS if c != "geometry"}
-    df = pd.DataFrame(cols)
     fs, root = fsspec.core.url_to_fs(directory)
-    gdf = gpd.GeoDataFrame(df, geometry=gpd.GeoSeries([], crs="EPSG:4326"))
+    fs.makedirs(root, exist_ok=True)
     name = "part-empty.parquet"
-    gdf.to_parquet(posixpath.join(root, name), index=False, compression="zstd", schema_version="1.1.0",
-                   write_covering_bbox=True, filesystem=fs)
+    write_geoparquet(WRITTEN_SCHEMA.empty_table(), posixpath.join(root, name), filesystem=fs)
     return name
 
 

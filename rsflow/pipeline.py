@@ -32,7 +32,7 @@ from shapely.geometry import mapping
 
 from rsflow import output as out
 from rsflow.errors import RequestError
-from rsflow.models.prompts import task_prompts
+from rsflow.models.prompts import build_task_prompts
 from rsflow.models.spec import (
     ModelSpec,
     model_card,
@@ -40,7 +40,10 @@ from rsflow.models.spec import (
     model_input_size,
     resolve_adapter,
     resolve_model_dir,
+    resolve_prompt_format,
 )
+from rsflow.georef import region_to_box
+from rsflow.interpret import interpret_batch
 from rsflow.plan import plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
 from rsflow.request import RegionRequest
@@ -112,15 +115,44 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str) -> dict[str, A
     }
 
 
-def _plan_item(row: dict[str, Any], *, profiles: dict[str, SourceProfile], spec: Any, aoi_wkb: bytes) -> list[dict[str, Any]]:
-    """flat_map UDF: one item row -> its tile rows (or one failed row)."""
+def _plan_item(
+    row: dict[str, Any],
+    *,
+    profiles: dict[str, SourceProfile],
+    spec: Any,
+    aoi_wkb: bytes,
+    regions: list[tuple[str, bytes]],
+    regions_only: bool,
+) -> list[dict[str, Any]]:
+    """flat_map UDF: one item row -> its tile rows (or one failed row).
+
+    With region-caption regions, each tile gets ``region_boxes``: the 0-100 grid box of every
+    region that touches it; when region-caption is the only task, tiles without a region are not
+    planned (there would be nothing to ask of them).
+    """
     item = json.loads(row["item_json"])
     try:
         tiles = plan_tiles(item, profiles[item.get("collection") or ""], spec, shapely.from_wkb(aoi_wkb), rasterio.open)
+        geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
+        out = []
+        for t in tiles:
+            r = t.to_row()
+            footprint = shapely.from_wkb(t.footprint_wkb)
+            boxes = []
+            for rid, geom in geoms:
+                if geom.intersects(footprint):
+                    box = region_to_box(geom, t.transform, t.crs, t.width, t.height)
+                    if box is not None:
+                        boxes.append({"region_id": rid, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3]})
+            r["region_boxes"] = boxes
+            if boxes or not regions_only:
+                out.append(r)
     except Exception as exc:  # one bad item must not stop the others
         logger.warning("item %s: planning failed: %s", item.get("id"), exc)
-        return [_failed_plan_row(item, spec.size_px, f"{type(exc).__name__}: {exc}")]
-    return [t.to_row() for t in tiles]
+        failed = _failed_plan_row(item, spec.size_px, f"{type(exc).__name__}: {exc}")
+        failed["region_boxes"] = []
+        return [failed]
+    return out
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -171,7 +203,19 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     mid = model_id(spec)
     if card.get("kind") == "smoke":
         logger.warning("model %s is a SMOKE model: %s", mid, card.get("note", "its text is meaningless"))
-    prompts = [(task, p) for task in request.tasks for p in task_prompts(task, _prompt_format(spec, card))]
+    prompt_format = resolve_prompt_format(spec)
+    inputs = request.inputs
+    prompts = build_task_prompts(  # also refuses a task the model family cannot do
+        request.tasks,
+        prompt_format,
+        questions=inputs.questions,
+        classes=inputs.classes,
+        classes_key=inputs.classes_key,
+        categories=inputs.categories,
+        expressions=inputs.expressions,
+        regions=[r.region_id for r in inputs.regions],
+    )
+    regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]
 
     t_search = time.perf_counter()
     found = search_items(
@@ -197,7 +241,8 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
         "request": request.to_json(),
         "tile_spec": {"size_px": tile_spec.size_px, "overlap_px": tile_spec.overlap_px, "gsd_m": tile_spec.gsd_m},
         "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke"},
-        "prompts": [{"task": t, "prompt": p} for t, p in prompts],
+        "prompt_format": prompt_format,
+        "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key} for p in prompts],
         "profiles": {c: p.name for c, p in profiles.items()},
         "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
         "versions": package_versions(),
@@ -205,7 +250,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     }
     try:
         t_pipe = time.perf_counter()
-        sink = out.GeoParquetDatasink(staging)
+        sink = out.GeoParquetDatasink(staging, split_objects=request.merge_iou is not None)
         fs_files: list[str]
         if items:
             _ensure_ray(address)
@@ -218,7 +263,13 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
             ds = ray.data.from_items([{"item_json": json.dumps(i)} for i in items])
             ds = ds.flat_map(
                 _plan_item,
-                fn_kwargs={"profiles": profiles, "spec": tile_spec, "aoi_wkb": shapely.to_wkb(request.aoi)},
+                fn_kwargs={
+                    "profiles": profiles,
+                    "spec": tile_spec,
+                    "aoi_wkb": shapely.to_wkb(request.aoi),
+                    "regions": regions,
+                    "regions_only": set(request.tasks) == {"region-caption"},
+                },
             )
             ds = ds.map_batches(
                 read_batch,
@@ -233,22 +284,31 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
             ds = ds.map_batches(
                 ModelRunner,
                 compute=ActorPoolStrategy(size=actors),
-                fn_constructor_kwargs={"spec": spec, "tasks": list(request.tasks)},
+                fn_constructor_kwargs={"spec": spec, "prompts": prompts},
                 batch_size=max(1, spec.batch_size),
                 num_gpus=1 if gpus else None,
                 num_cpus=1,
             )
-            ds = ds.map_batches(out.to_result_rows, batch_format="pandas", fn_kwargs={"primary": prompts[0]})
+            ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes})
             ds = ds.sort("_hilbert")
             ds.write_datasink(sink)
             fs_files = sink.summary.files
-        if not items or not sink.summary.files:
+        object_files, n_objects = [], 0
+        if request.merge_iou is not None:
+            object_files, n_objects = out.merge_object_files(staging, request.merge_iou)
+        else:
+            n_objects = sink.summary.objects
+        fs_files = [*fs_files, *object_files] if items else []
+        if not fs_files:
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(staging)
             fs.makedirs(root, exist_ok=True)
             fs_files = [out.write_empty(staging)]
         pipeline_seconds = time.perf_counter() - t_pipe
+        preview = None
+        if request.preview:
+            preview = _write_preview(staging)
         s = sink.summary
         tiles = s.tiles_by_status
         plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}
@@ -267,12 +327,21 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
                 "tiles_skipped": tiles.get("skipped", 0),
                 "tiles_failed": len(failed_tiles),
                 "tiles_ok": tiles.get("ok", 0),
-                "rows_written": s.rows,
+                "rows_written": s.rows + (n_objects if request.merge_iou is not None else 0),
+                "objects_detected": s.objects,
+                "objects_written": n_objects,
                 "rows_by_status": s.rows_by_status,
             },
             failures=[f for f in s.failures if f["status"] == "failed"][:1000],
             skipped=[f for f in s.failures if f["status"] == "skipped"][:1000],
             lists_truncated_at=1000,
+            preview=preview,
+            throughput={
+                "tiles_per_second": round(tiles.get("ok", 0) / pipeline_seconds, 3) if pipeline_seconds else None,
+                "prompts_per_second": round(s.rows_by_status.get("ok", 0) / pipeline_seconds, 3)
+                if pipeline_seconds
+                else None,
+            },
             timings={
                 "search_seconds": round(search_seconds, 3),
                 "pipeline_seconds": round(pipeline_seconds, 3),
@@ -291,8 +360,21 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     return RunResult(output=request.output, manifest=manifest)
 
 
-def _prompt_format(spec: ModelSpec, card: dict[str, Any]) -> str:
-    fmt = spec.prompt_format or card.get("prompt_format") or "llava"
-    if fmt not in ("llava", "rsllava", "geochat"):
-        raise RequestError("--prompt-format", f"unknown prompt format {fmt!r} (from the model's rsflow.json)")
-    return str(fmt)
+def _write_preview(directory: str) -> str | None:
+    """The HTML map preview inside the output (``_preview.html``); a dataset too large for one page
+    is not previewed (the run still succeeds)."""
+    import fsspec
+
+    from rsflow.errors import RequestError
+    from rsflow.preview import write_preview
+
+    fs, root = fsspec.core.url_to_fs(directory)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        logger.info("no preview for a remote output; run `rsflow preview` on a local copy")
+        return None
+    try:
+        write_preview(root, f"{root}/{out.PREVIEW_NAME}")
+    except RequestError as exc:
+        logger.warning("preview not written: %s", exc)
+        return None
+    return out.PREVIEW_NAME

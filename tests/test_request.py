@@ -162,3 +162,71 @@ def test_output_checks(tmp_path):
         _req(tmp_path, output=str(tmp_path / "file"))
     with pytest.raises(RequestError, match="nosuchfs"):
         _req(tmp_path, output="nosuchfs://bucket/x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Task inputs
+
+
+def test_task_inputs_from_flags_and_files(tmp_path):
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("# harbour questions\nIs there a harbour in the image?\n\nHow many ships are there?\n")
+    regions = tmp_path / "regions.geojson"
+    regions.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "pier", "properties": {},
+         "geometry": {"type": "Point", "coordinates": [-75.68, 37.655]}}]}))
+    r = _req(tmp_path, tasks="caption,vqa,classify,detect,refer,region-caption",
+             question=["Is there water?"], questions=str(qfile), classes="ucmerced",
+             detect="ship, storage tank", refer=["the white building"], regions=str(regions))
+    assert r.inputs.questions == ("Is there water?", "Is there a harbour in the image?", "How many ships are there?")
+    assert r.inputs.classes_key == "ucmerced" and len(r.inputs.classes) == 21
+    assert r.inputs.categories == ("ship", "storage tank")
+    assert r.inputs.expressions == ("the white building",)
+    assert [x.region_id for x in r.inputs.regions] == ["pier"]
+    assert r.merge_iou == 0.5 and r.preview is True
+    assert _req(tmp_path, merge="none").merge_iou is None
+
+
+def test_task_file(tmp_path):
+    (tmp_path / "r.geojson").write_text(json.dumps(
+        {"type": "Feature", "properties": {"name": "lot"}, "geometry": {"type": "Point", "coordinates": [-75.68, 37.655]}}))
+    tf = tmp_path / "tasks.yaml"
+    tf.write_text("questions:\n  - Is there water?\nclasses: [forest, river]\ndetect: [ship]\nregions: r.geojson\n")
+    r = _req(tmp_path, tasks=(), task_file=str(tf))
+    assert r.tasks == ("vqa", "classify", "detect", "region-caption")
+    assert r.inputs.classes == ("forest", "river") and r.inputs.regions[0].region_id == "lot"
+    tf.write_text("tasks: caption\nquestion: typo\n")
+    with pytest.raises(RequestError, match="unknown key 'question'") as err:
+        _req(tmp_path, tasks=(), task_file=str(tf))
+    assert err.value.field == "--task-file"
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"tasks": "vqa"}, "--question"),
+        ({"tasks": "classify"}, "--classes"),
+        ({"tasks": "detect", "detect": " , "}, "--detect"),
+        ({"tasks": "detect"}, "--detect"),
+        ({"tasks": "refer"}, "--refer"),
+        ({"tasks": "region-caption"}, "--regions"),
+        ({"tasks": "classify", "classes": "ucmerce"}, "--classes"),
+        ({"tasks": "vqa", "question": ["x" * 5000]}, "--question"),
+        ({"tasks": "vqa", "questions": "/no/such/file.txt"}, "--questions"),
+        ({"merge_iou": 0.0}, "--merge-iou"),
+        ({"merge": "union"}, "--merge"),
+    ],
+)
+def test_task_input_errors_name_the_flag(tmp_path, kw, flag):
+    with pytest.raises(RequestError) as err:
+        _req(tmp_path, **kw)
+    assert err.value.field == flag
+
+
+def test_region_outside_the_aoi_is_refused(tmp_path):
+    regions = tmp_path / "far.geojson"
+    regions.write_text(json.dumps({"type": "Feature", "id": "far", "properties": {},
+                                   "geometry": {"type": "Point", "coordinates": [10.0, 50.0]}}))
+    with pytest.raises(RequestError, match="'far' lies outside the AOI") as err:
+        _req(tmp_path, tasks="region-caption", regions=str(regions))
+    assert err.value.field == "--regions"

@@ -1,7 +1,7 @@
 """Load a LLaVA-family checkpoint once and answer prompts about image chips in batches.
 
 ``ModelRunner`` is the Ray Data actor class of the infer stage (``pipeline.py`` wires it up with
-``map_batches(ModelRunner, fn_constructor_kwargs={"spec": ..., "tasks": [...]}, ...)``), but it
+``map_batches(ModelRunner, fn_constructor_kwargs={"spec": ..., "prompts": [...]}, ...)``), but it
 is plain Python: tests call it directly on a dict of numpy arrays.
 
 Batch contract of ``ModelRunner.__call__``:
@@ -9,32 +9,59 @@ Batch contract of ``ModelRunner.__call__``:
 Input columns (all of length B):
     ``tile_id`` (str), ``image`` (uint8 ``[B, H, W, 3]``, or an object array of ``H x W x 3`` uint8
     arrays when sizes differ), ``status`` (``"ok"``, ``"skipped"`` or ``"failed"``), ``error``
-    (str or None; optional), plus any other columns.
-Output columns (B x P rows, P = number of (task, prompt) pairs; row order: input row, then task,
-then prompt):
+    (str or None; optional), ``region_boxes`` (optional: per row a list of
+    ``[region_id, x1, y1, x2, y2]``, or of mappings with those five keys, the box in integers on
+    the tile's 0-100 grid; an empty list or None means no region; a geochat-family model only),
+    plus any other columns.
+Output columns (one row per (input row, prompt); row order: input row, then the constructor's
+prompts in order, then that row's regions in order; a row with no prompt at all, which only a
+region-caption-only job can have, still gives one row, with ``task``, ``prompt``, ``prompt_key``,
+``region_id`` and ``text`` None and its status passed through):
     every input column except ``image``, repeated per prompt (``status`` and ``error`` updated),
-    ``task`` (str), ``prompt`` (the user question, not the full template), ``text`` (the answer, or
-    None), ``status`` (``"ok"`` or the input's non-ok status, or ``"failed"`` when this stage
-    failed), ``error`` (None, the input's error, or ``"ExceptionType: message"``), ``model_id`` (str).
-Strings are numpy object arrays. A failure on one row never raises and never drops a row.
+    ``task`` (str), ``prompt`` (the user text, not the full template; None for a region whose box
+    is malformed), ``prompt_key`` (``TaskPrompt.key``: the question, class list, category,
+    expression or region id; ``""`` for caption), ``region_id`` (str for region-caption rows, else
+    None), ``text`` (the answer, or None), ``status`` (``"ok"`` or the input's non-ok status, or
+    ``"failed"`` when this stage failed), ``error`` (None, the input's error, or
+    ``"ExceptionType: message"``), ``model_id`` (str), ``stage`` (``"infer"`` for rows this stage
+    worked on, else the input's ``stage`` or None) and ``infer_seconds`` (float: this row's share of
+    the wall time spent encoding its tile and generating its answer; 0.0 for rows passed through).
+Strings are numpy object arrays. A failure on one row never raises and never drops a row (a
+missing column, or region boxes sent to a model that cannot caption regions, is a wiring bug and
+raises).
+
+How a batch is answered: each ok tile is padded to a square and encoded ONCE (vision tower +
+projector, ``get_image_features``); every prompt asked of that tile reuses the features, spliced
+into the prompt's input embeddings at its ``<image>`` token positions. Prompts are then sorted by
+token length, so each ``generate`` call of ``spec.batch_size`` prompts pads little, and their
+answers are put back in output order.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import numbers
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
 
 from rsflow.errors import ModelError, RequestError
 from rsflow.models.imaging import background_from_processor, expand2square
-from rsflow.models.prompts import build_prompt, task_prompts
+from rsflow.models.prompts import (
+    IMAGE_TOKEN,
+    TaskPrompt,
+    build_prompt,
+    check_tasks,
+    region_prompt,
+    task_prompts,
+)
 from rsflow.models.spec import (
     ModelSpec,
     model_id,
@@ -141,7 +168,8 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     logger.info("loading %s (%s, %s, %s) on %s", model_dir, dtype, attn, prompt_format, dev)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one line per loaded model in the job log, not a bar per actor
+    # One line per loaded model in the job log, not a bar per actor.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn, device_map=str(dev)
@@ -198,13 +226,64 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     )
 
 
+REGION_BOXES_COLUMN: Final[str] = "region_boxes"
+"""Optional input column: per row a list of ``[region_id, x1, y1, x2, y2]`` (0-100 grid integers),
+or of mappings with those five keys (the form an Arrow list-of-struct column arrives in)."""
+
+_REGION_KEYS: Final[tuple[str, ...]] = ("region_id", "x1", "y1", "x2", "y2")
+
+REGION_TASK: Final[str] = "region-caption"
+"""Task name of the per-row region prompts (``prompts.region_prompt``)."""
+
+_PROMPT_CACHE_SIZE = 4096  # token-id lists kept per actor (static prompts plus recent region boxes)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One output row: a prompt asked of one input row."""
+
+    row: int
+    """Index of the input row."""
+
+    task: str | None
+    """``TaskPrompt.task``; None for the placeholder row of an input row that has no prompt at all."""
+
+    prompt: str | None
+    """User text (``TaskPrompt.prompt``); None when a region box could not be turned into a prompt."""
+
+    key: str | None
+    """``TaskPrompt.key``; None for a placeholder row."""
+
+    region_id: str | None
+    """Region id for region-caption rows, else None."""
+
+    problem: str | None = None
+    """``"ExceptionType: message"`` when the prompt could not be built (a malformed region box)."""
+
+
 @dataclass(frozen=True)
 class _Work:
-    """One prompt to generate: output row index, square image, full template prompt."""
+    """One prompt to generate: output row index, prompt token ids, the tile's image features."""
 
     out_index: int
-    image: np.ndarray
-    prompt: str
+    """Index of the output row (``_Slot``) it answers."""
+
+    ids: list[int]
+    """Token ids of the full template prompt, ``<image>`` expanded to one id per image feature."""
+
+    features: torch.Tensor
+    """The tile's projected image features, ``[n_image_tokens, text_hidden]``, on the model device."""
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A tile after the vision tower: its features and the placeholder text the processor would use."""
+
+    features: torch.Tensor
+    """``[n_image_tokens, text_hidden]`` in the model dtype, on the model device."""
+
+    image_text: str
+    """``<image>`` repeated once per image token (what ``LlavaProcessor`` puts in place of ``<image>``)."""
 
 
 def _column(values: Any) -> np.ndarray:
@@ -228,28 +307,129 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _grid_int(value: Any) -> int:
+    """An integer box coordinate; integral floats (``10.0``) are accepted, anything else is refused."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"box coordinate must be an integer on the 0-100 grid, got {value!r}")
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"box coordinate must be an integer on the 0-100 grid, got {value!r}")
+    return int(number)
+
+
+def _region_slots(row: int, value: Any) -> list[_Slot]:
+    """The region-caption slots of one row from its ``region_boxes`` value (None, NaN or empty: none).
+
+    A malformed entry gives a slot whose ``problem`` says why, so the region still gets its output row.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        problem = f"TypeError: region_boxes must be a list of [region_id, x1, y1, x2, y2], got {value!r}"
+        return [_Slot(row, REGION_TASK, None, "", None, problem)]
+    slots: list[_Slot] = []
+    for entry in value:
+        parts: list[Any] = []
+        region_id: str | None = None
+        if isinstance(entry, Mapping):
+            if all(key in entry for key in _REGION_KEYS):
+                parts = [entry[key] for key in _REGION_KEYS]
+            region_id = str(entry["region_id"]) if "region_id" in entry else None
+        elif isinstance(entry, Sequence | np.ndarray) and not isinstance(entry, str | bytes):
+            parts = list(entry)
+            region_id = str(parts[0]) if parts else None
+        try:
+            if len(parts) != 5:
+                raise ValueError(
+                    "a region must be [region_id, x1, y1, x2, y2] or a mapping with those keys, "
+                    f"got {entry!r}"
+                )
+            box = (_grid_int(parts[1]), _grid_int(parts[2]), _grid_int(parts[3]), _grid_int(parts[4]))
+            text = region_prompt(box)
+        except (ValueError, TypeError) as exc:
+            slots.append(_Slot(row, REGION_TASK, None, region_id or "", region_id, _error_text(exc)))
+            continue
+        rid = str(parts[0])
+        slots.append(_Slot(row, REGION_TASK, text, rid, rid))
+    return slots
+
+
+def _static_prompts(
+    prompts: Sequence[TaskPrompt] | Sequence[str], prompt_format: str
+) -> tuple[TaskPrompt, ...]:
+    """The constructor's prompts as TaskPrompts, checked against ``prompt_format``.
+
+    An empty list is allowed only for a model of the geochat family: a region-caption-only job,
+    whose prompts all come per row from ``region_boxes``.
+
+    Raises:
+        RequestError: no prompt (and no region-caption ability), an unknown task, or a task the
+            model family cannot do (``--tasks``).
+        TypeError: a list mixing task names and TaskPrompts, or holding anything else.
+    """
+    items = list(prompts)
+    if not items:
+        try:  # no prompt for every tile: a region-caption-only job, where prompts come per row
+            check_tasks([REGION_TASK], prompt_format)
+        except RequestError:
+            raise RequestError("--tasks", "give at least one task") from None
+        return ()
+    if all(isinstance(p, str) for p in items):
+        names = [str(p) for p in items]
+        return tuple(
+            TaskPrompt(task, question, key="")
+            for task in check_tasks(names, prompt_format)
+            for question in task_prompts(task, prompt_format)
+        )
+    if not all(isinstance(p, TaskPrompt) for p in items):
+        kinds = sorted({type(p).__name__ for p in items})
+        raise TypeError(f"prompts must be all task names (str) or all TaskPrompt, got {', '.join(kinds)}")
+    typed = [p for p in items if isinstance(p, TaskPrompt)]
+    check_tasks([p.task for p in typed], prompt_format)
+    for p in typed:
+        if not isinstance(p.prompt, str) or not p.prompt.strip():
+            raise RequestError("--tasks", f"a {p.task!r} prompt has no text (key {p.key!r})")
+    return tuple(typed)
+
+
+def _pooled_features(output: Any) -> list[torch.Tensor]:
+    """Per-image ``[n_tokens, hidden]`` features from ``get_image_features``'s return value.
+
+    transformers 5.24 returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is a list of
+    per-image tensors; a bare ``[n_images, n_tokens, hidden]`` tensor (what 4.x returned) is accepted too.
+    """
+    pooled = getattr(output, "pooler_output", output)
+    if isinstance(pooled, torch.Tensor):
+        return list(pooled.unbind(0)) if pooled.ndim == 3 else [pooled]
+    return [torch.as_tensor(t) for t in pooled]
+
+
 class ModelRunner:
     """Ray Data actor: loads the model once in ``__init__``, answers one batch per ``__call__``.
 
     Args:
         spec: which model to load and how to decode.
-        tasks: task names (keys of ``prompts.TASK_PROMPTS``); each contributes its prompts for the
-            checkpoint's prompt format.
+        prompts: the prompts asked of EVERY ok tile, as ``TaskPrompt`` values (from
+            ``prompts.build_task_prompts``), in output order. For backward compatibility a list of
+            task names is also accepted: each name contributes ``TaskPrompt(task, question, key="")``
+            for every question of ``task_prompts(task, prompt_format)``. Region-caption prompts come
+            per row from the ``region_boxes`` column instead (see the module docstring); an empty
+            list (a region-caption-only job) is accepted for a geochat-family model.
 
     Raises:
-        RequestError: no tasks, an unknown task, or a bad spec (see ``load_model``).
+        RequestError: no prompts (for a non-geochat model), an unknown task, a task the
+            checkpoint's prompt format cannot run (all checked before the weights load), or a bad
+            spec (see ``load_model``).
+        TypeError: ``prompts`` mixes task names and TaskPrompts.
         ModelError: the model cannot be loaded.
     """
 
-    def __init__(self, spec: ModelSpec, tasks: list[str]) -> None:
-        if not tasks:
-            raise RequestError("--tasks", "give at least one task")
+    def __init__(self, spec: ModelSpec, prompts: Sequence[TaskPrompt] | Sequence[str]) -> None:
         self.spec = spec
-        # Check the tasks against the prompt table before paying for the weights.
+        # Check the prompts against the model family before paying for the weights.
         prompt_format = resolve_prompt_format(spec)
-        self.queries: list[tuple[str, str]] = [
-            (task, question) for task in tasks for question in task_prompts(task, prompt_format)
-        ]
+        self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, prompt_format)
+        self._prompt_format = prompt_format
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
         size = self.loaded.image_size
@@ -257,73 +437,258 @@ class ModelRunner:
             "size": {"shortest_edge": size},
             "crop_size": {"height": size, "width": size},
         }
-        logger.info("model %s ready: %d prompt(s) per tile", self.loaded.model_id, len(self.queries))
+        config = self.loaded.model.config
+        self._image_token_id = int(config.image_token_id)
+        self._feature_layer = config.vision_feature_layer
+        self._feature_strategy = config.vision_feature_select_strategy
+        self._ids_cache: dict[tuple[str, str], list[int]] = {}
+        logger.info("model %s ready: %d prompt(s) per tile", self.loaded.model_id, len(self.prompts))
+
+    # ------------------------------------------------------------------------------------ batch
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Answer every (task, prompt) for every row of ``batch``; see the module docstring for columns."""
+        """Answer every prompt for every row of ``batch``; see the module docstring for columns.
+
+        Raises:
+            ValueError: a required column is missing (a wiring bug, not a row failure).
+            RequestError: a row has region boxes but the model family cannot caption regions.
+        """
         for name in ("tile_id", "image", "status"):
             if name not in batch:
                 raise ValueError(f"ModelRunner batch lacks the {name!r} column (has {sorted(batch)})")
         n_rows = len(batch["tile_id"])
-        n_queries = len(self.queries)
-        n_out = n_rows * n_queries
         in_status = _column(batch["status"])
         in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
+        regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
         images = batch["image"]
+
+        # 1. Output slots: per row the static prompts, then its regions.
+        slots: list[_Slot] = []
+        row_slots: list[range] = []
+        for row in range(n_rows):
+            first = len(slots)
+            slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id) for p in self.prompts]
+            row_regions = _region_slots(row, regions[row]) if regions is not None else []
+            if row_regions:
+                check_tasks([REGION_TASK], self._prompt_format)  # raises for llava/rsllava models
+            slots += row_regions
+            if len(slots) == first:  # nothing to ask (region-only job, no region here): keep the row
+                slots.append(_Slot(row, None, None, None, None))
+            row_slots.append(range(first, len(slots)))
+        n_out = len(slots)
 
         texts: list[str | None] = [None] * n_out
         statuses: list[str] = [""] * n_out
         errors: list[str | None] = [None] * n_out
+        seconds = np.zeros(n_out, dtype=np.float64)
         ran = np.zeros(n_out, dtype=bool)  # rows this stage worked on (their stage becomes "infer")
-        work: list[_Work] = []
+
+        def fail(k: int, message: str) -> None:
+            statuses[k], errors[k] = "failed", message
+
+        # 2. Pad each ok tile to a square; rows that are not ok pass through.
+        squares: dict[int, np.ndarray] = {}
         for row in range(n_rows):
-            first = row * n_queries
             status = str(in_status[row])
             if status != "ok":
-                for k in range(first, first + n_queries):
+                for k in row_slots[row]:
                     statuses[k], errors[k] = status, in_error[row]
                 continue
-            try:
-                square = expand2square(np.asarray(images[row]), self._background)
-            except Exception as exc:
-                for k in range(first, first + n_queries):
-                    statuses[k], errors[k] = "failed", _error_text(exc)
-                ran[first : first + n_queries] = True
+            span = row_slots[row]
+            for k in span:
+                statuses[k] = "ok"
+            if slots[span.start].task is None:  # the placeholder row: nothing to answer
                 continue
-            ran[first : first + n_queries] = True
-            for q, (_, question) in enumerate(self.queries):
-                statuses[first + q] = "ok"
-                work.append(_Work(first + q, square, build_prompt(self.loaded.prompt_format, question)))
+            ran[span.start : span.stop] = True
+            t0 = time.perf_counter()
+            try:
+                squares[row] = expand2square(np.asarray(images[row]), self._background)
+            except Exception as exc:  # noqa: BLE001 - failures are data
+                for k in span:
+                    fail(k, _error_text(exc))
+            seconds[span.start : span.stop] += (time.perf_counter() - t0) / len(span)
 
-        started = time.perf_counter()
+        # 3. Encode each tile once; a tile that cannot be encoded fails all of its prompts.
+        encoded: dict[int, _Encoded] = {}
+        for row, result, spent in self._encode_with_fallback(squares):
+            span = row_slots[row]
+            seconds[span.start : span.stop] += spent / len(span)
+            if isinstance(result, BaseException):
+                for k in span:
+                    fail(k, _error_text(result))
+            else:
+                encoded[row] = result
+
+        # 4. Token ids per prompt, sharing the tile's features.
+        work: list[_Work] = []
+        for row, enc in encoded.items():
+            for k in row_slots[row]:
+                slot = slots[k]
+                if slot.prompt is None:
+                    fail(k, slot.problem or "ValueError: no prompt")
+                    continue
+                try:
+                    ids = self._prompt_ids(slot.prompt, enc)
+                except Exception as exc:  # noqa: BLE001 - failures are data
+                    fail(k, _error_text(exc))
+                    continue
+                work.append(_Work(k, ids, enc.features))
+        # Malformed regions of tiles that failed earlier keep that earlier failure.
+
+        # 5. Generate in sub-batches of similar length; answers go back to their own rows.
+        work.sort(key=lambda item: len(item.ids))  # stable: ties keep output order
         step = self.spec.batch_size
         for start in range(0, len(work), step):
-            for item, answer, failure in self._generate_with_fallback(work[start : start + step]):
+            chunk = work[start : start + step]
+            t0 = time.perf_counter()
+            results = self._generate_with_fallback(chunk)
+            share = (time.perf_counter() - t0) / len(chunk)
+            for item, answer, failure in results:
+                seconds[item.out_index] += share
                 if failure is None:
                     texts[item.out_index] = answer
                 else:
-                    statuses[item.out_index], errors[item.out_index] = "failed", _error_text(failure)
+                    fail(item.out_index, _error_text(failure))
 
-        row_index = np.repeat(np.arange(n_rows), n_queries)
+        # 6. Columns.
+        row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
         out: dict[str, np.ndarray] = {}
         for name, values in batch.items():
             if name == "image":
                 continue
             out[name] = _column(values)[row_index]
-        out["task"] = _objects([task for _ in range(n_rows) for task, _ in self.queries])
-        out["prompt"] = _objects([question for _ in range(n_rows) for _, question in self.queries])
+        out["task"] = _objects([slot.task for slot in slots])
+        out["prompt"] = _objects([slot.prompt for slot in slots])
+        out["prompt_key"] = _objects([slot.key for slot in slots])
+        out["region_id"] = _objects([slot.region_id for slot in slots])
+        # Position of the prompt within its tile: exactly one row per tile has 0, which is how later
+        # stages count tiles without collecting their ids.
+        first = np.r_[0, np.flatnonzero(np.diff(row_index)) + 1] if n_out else np.zeros(0, dtype=np.int64)
+        starts = np.repeat(first, np.diff(np.r_[first, n_out]))
+        out["prompt_index"] = np.arange(n_out, dtype=np.int64) - starts
         out["text"] = _objects(texts)
         out["status"] = _objects(statuses)
         out["error"] = _objects(errors)
         out["model_id"] = _objects([self.loaded.model_id] * n_out)
         in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
         out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
-        # Wall time of this batch's generation, shared equally by the prompts it answered.
-        seconds = (time.perf_counter() - started) / max(1, len(work))
         out["infer_seconds"] = np.where(ran, seconds, 0.0)
         n_failed = sum(1 for s in statuses if s == "failed")
-        logger.debug("answered %d prompt(s) for %d row(s); %d failed", len(work), n_rows, n_failed)
+        logger.debug(
+            "answered %d prompt(s) on %d encoded tile(s) of %d row(s); %d failed",
+            len(work),
+            len(encoded),
+            n_rows,
+            n_failed,
+        )
         return out
+
+    # ------------------------------------------------------------------------------------ images
+
+    def _encode_with_fallback(
+        self, squares: dict[int, np.ndarray]
+    ) -> list[tuple[int, _Encoded | BaseException, float]]:
+        """Encode tiles ``spec.batch_size`` at a time; a chunk that raises is retried tile by tile.
+
+        Returns:
+            ``(row, encoded tile or the exception, wall seconds attributed to it)`` per input tile.
+        """
+        rows = list(squares)
+        results: list[tuple[int, _Encoded | BaseException, float]] = []
+        step = self.spec.batch_size
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            t0 = time.perf_counter()
+            try:
+                encoded = self._encode([squares[row] for row in chunk])
+            except Exception as exc:  # noqa: BLE001 - failures are data
+                if len(chunk) == 1:
+                    logger.warning("image encoding failed: %s", _error_text(exc))
+                    results.append((chunk[0], exc, time.perf_counter() - t0))
+                    self._release_memory()
+                    continue
+                logger.warning(
+                    "encoding %d tiles failed (%s); retrying one by one", len(chunk), _error_text(exc)
+                )
+                self._release_memory()
+                for row in chunk:
+                    t1 = time.perf_counter()
+                    try:
+                        results.append((row, self._encode([squares[row]])[0], time.perf_counter() - t1))
+                    except Exception as one_exc:  # noqa: BLE001 - failures are data
+                        logger.warning("image encoding failed for one tile: %s", _error_text(one_exc))
+                        results.append((row, one_exc, time.perf_counter() - t1))
+                        self._release_memory()
+                continue
+            spent = (time.perf_counter() - t0) / len(chunk)
+            results += [(row, enc, spent) for row, enc in zip(chunk, encoded, strict=True)]
+        return results
+
+    def _encode(self, squares: list[np.ndarray]) -> list[_Encoded]:
+        """Run the image processor, the vision tower and the projector once over ``squares``."""
+        loaded = self.loaded
+        processed = loaded.processor.image_processor(
+            images=squares, return_tensors="pt", input_data_format="channels_last", **self._image_kwargs
+        )
+        pixel_values = processed["pixel_values"].to(loaded.device, loaded.dtype)
+        with torch.inference_mode():
+            output = loaded.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=self._feature_layer,
+                vision_feature_select_strategy=self._feature_strategy,
+            )
+        features = _pooled_features(output)
+        if len(features) != len(squares):
+            raise RuntimeError(
+                f"the vision tower gave {len(features)} feature sets for {len(squares)} images"
+            )
+        return [
+            _Encoded(feats, self._image_text(processed, i, int(feats.shape[0])))
+            for i, feats in enumerate(features)
+        ]
+
+    def _image_text(self, processed: Any, index: int, n_features: int) -> str:
+        """The text that stands for one image: what the processor puts in place of ``<image>``."""
+        processor = self.loaded.processor
+        token = str(getattr(processor, "image_token", IMAGE_TOKEN))
+        replace = getattr(processor, "replace_image_token", None)
+        if replace is None:  # processors before the 5.x hook: one token per feature, as the model needs
+            return token * n_features
+        return str(replace(processed, index))
+
+    # ------------------------------------------------------------------------------------ text
+
+    def _prompt_ids(self, question: str, encoded: _Encoded) -> list[int]:
+        """Token ids of the full prompt for ``question``, exactly as ``LlavaProcessor`` makes them.
+
+        The processor replaces ``<image>`` with one ``<image>`` per image token and tokenizes the
+        whole string with the tokenizer's defaults (BOS added); this does the same, cached per
+        (question, image text).
+
+        Raises:
+            ValueError: the question holds ``<image>`` itself, or the tile has a different number of
+                image features than the prompt has image tokens.
+        """
+        cache_key = (question, encoded.image_text)
+        ids = self._ids_cache.get(cache_key)
+        if ids is None:
+            text = build_prompt(self.loaded.prompt_format, question)
+            if text.count(IMAGE_TOKEN) != 1:
+                raise ValueError(f"a prompt must not contain {IMAGE_TOKEN!r} itself: {question!r}")
+            ids = list(self.loaded.tokenizer(text.replace(IMAGE_TOKEN, encoded.image_text))["input_ids"])
+            if len(self._ids_cache) >= _PROMPT_CACHE_SIZE:
+                self._ids_cache.clear()
+            self._ids_cache[cache_key] = ids
+        n_placeholders = sum(1 for i in ids if i == self._image_token_id)
+        if n_placeholders != int(encoded.features.shape[0]):
+            raise ValueError(
+                f"image features and image tokens do not match: {encoded.features.shape[0]} features, "
+                f"{n_placeholders} tokens (processor patch_size / vision_feature_select_strategy disagree "
+                "with the model config)"
+            )
+        return ids
+
+    # ------------------------------------------------------------------------------------ generate
 
     def _generate_with_fallback(
         self, items: list[_Work]
@@ -332,9 +697,10 @@ class ModelRunner:
         try:
             answers = self._generate(items)
             return [(item, answer, None) for item, answer in zip(items, answers, strict=True)]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - failures are data
             if len(items) == 1:
                 logger.warning("generation failed: %s", _error_text(exc))
+                self._release_memory()
                 return [(items[0], None, exc)]
             logger.warning(
                 "batched generation of %d prompts failed (%s); retrying one by one",
@@ -346,7 +712,7 @@ class ModelRunner:
         for item in items:
             try:
                 results.append((item, self._generate([item])[0], None))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - failures are data
                 logger.warning("generation failed for one prompt: %s", _error_text(exc))
                 results.append((item, None, exc))
                 self._release_memory()
@@ -357,28 +723,46 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def _generate(self, items: list[_Work]) -> list[str]:
-        """Greedy answers for a list of prompts, decoded from the new tokens only."""
+        """Greedy answers for prompts whose image features are already computed.
+
+        The prompts are left-padded with the pad token (as the processor pads), embedded with the
+        language model's input embeddings, and each prompt's ``<image>`` positions are overwritten
+        with its tile's features in order (``masked_scatter``, as ``LlavaModel.forward`` does). The
+        ids go to ``generate`` beside the embeddings: the first forward uses the embeddings, and
+        logits processors that read the ids (repetition penalty and the like from a checkpoint's
+        generation config) see the same ids as with ``pixel_values``; the output then starts with
+        them, so the answer is what follows column ``L``.
+        """
         loaded = self.loaded
-        inputs = loaded.processor(
-            images=[item.image for item in items],
-            text=[item.prompt for item in items],
-            return_tensors="pt",
-            padding=True,
-            input_data_format="channels_last",
-            **self._image_kwargs,
-        )
-        inputs = inputs.to(loaded.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        model = loaded.model
+        pad_id = int(loaded.tokenizer.pad_token_id)
+        length = max(len(item.ids) for item in items)
+        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, item in enumerate(items):
+            ids[i, length - len(item.ids) :] = torch.tensor(item.ids, dtype=torch.long)
+            attention_mask[i, length - len(item.ids) :] = 1
+        ids = ids.to(loaded.device)
+        attention_mask = attention_mask.to(loaded.device)
         with torch.inference_mode():
-            output = loaded.model.generate(
-                **inputs,
+            embeds = model.get_input_embeddings()(ids)
+            features = torch.cat([item.features for item in items], dim=0).to(embeds.device, embeds.dtype)
+            image_positions = (ids == self._image_token_id).unsqueeze(-1)
+            if int(image_positions.sum()) != int(features.shape[0]):
+                raise RuntimeError(
+                    f"{int(image_positions.sum())} image tokens for {int(features.shape[0])} image features"
+                )
+            embeds = embeds.masked_scatter(image_positions, features)
+            output = model.generate(
+                input_ids=ids,
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
                 do_sample=False,
                 num_beams=1,
                 max_new_tokens=self.spec.max_new_tokens,
-                pad_token_id=loaded.tokenizer.pad_token_id,
+                pad_token_id=pad_id,
             )
-        # Left padding: every prompt ends at the same column, so the new tokens start there.
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = output[:, length:]
         decoded = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [_clean_answer(text) for text in decoded]
 

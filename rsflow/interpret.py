@@ -1,0 +1,148 @@
+"""Model rows -> result rows: answers normalised, classes matched, boxes put on the map.
+
+One input row is one (tile, prompt) answer from the model stage. It becomes one ``kind="tile"``
+result row (raw text kept, typed columns filled per task) and, for ``detect`` and ``refer``, one
+``kind="object"`` row per box the answer holds, with the box in the chip's pixel space, the
+rotated rectangle as a pixel polygon, and its EPSG:4326 polygon computed through the tile's
+affine and CRS (every corner transformed; see :mod:`rsflow.georef`). Text that does not parse
+never fails the tile: the row keeps the text and ``parse_error`` says what was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import shapely
+
+from rsflow.georef import box_to_map, box_to_pixels
+from rsflow.models.parse import match_class, normalize_vqa, parse_boxes
+from rsflow.output import RESULT_SCHEMA, hilbert_key
+
+logger = logging.getLogger(__name__)
+
+#: Tasks whose answers are boxes.
+BOX_TASKS = ("detect", "refer")
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+def _utc(value: Any) -> pd.Timestamp | None:
+    if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+        return None
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _tile_base(row: dict[str, Any]) -> dict[str, Any]:
+    """The columns every result row of a tile shares."""
+    return {
+        "tile_id": str(row["tile_id"]),
+        "item_id": str(row["item_id"]),
+        "collection": str(row["collection"]),
+        "datetime": _utc(row.get("datetime")),
+        "task": _text(row.get("task")),
+        "prompt": _text(row.get("prompt")),
+        "prompt_key": _text(row.get("prompt_key")),
+        "region_id": _text(row.get("region_id")),
+        "text": _text(row.get("text")),
+        "model_id": str(row["model_id"]),
+        "status": str(row["status"]),
+        "stage": _text(row.get("stage")),
+        "error": _text(row.get("error")),
+        "native_crs": str(row["crs"]),
+        "window_col_off": int(row["col_off"]),
+        "window_row_off": int(row["row_off"]),
+        "window_width": int(row["width"]),
+        "window_height": int(row["height"]),
+        "res": float(row["res"]),
+        "transform": [float(v) for v in row["transform"]],
+        "nodata_fraction": float(row["nodata_fraction"]),
+    }
+
+
+def interpret_row(row: dict[str, Any], *, classes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One model row -> its result rows (the tile row first, then its objects).
+
+    Args:
+        row: a model-stage row (tile columns plus task, prompt, prompt_key, text, status, ...).
+        classes: the classify class list (``--classes``).
+
+    Returns:
+        Result rows as dicts with the columns of ``RESULT_SCHEMA`` except the geometry bytes and
+        sort key, which are filled here too.
+    """
+    base = _tile_base(row)
+    base.update(kind="tile", geometry=bytes(row["footprint_wkb"]))
+    out = [base]
+    text = base["text"]
+    if base["status"] != "ok" or text is None:
+        return out
+    task = base["task"]
+    if task == "vqa":
+        ans = normalize_vqa(text)
+        base.update(answer=ans.answer, answer_number=ans.number, parse_error=ans.parse_error)
+    elif task == "classify":
+        match = match_class(text, list(classes))
+        base.update(label=match.label, parse_error=match.parse_error)
+    elif task in BOX_TASKS:
+        parsed = parse_boxes(text)
+        errors = [parsed.parse_error] if parsed.parse_error else []
+        objects = []
+        for i, box in enumerate(parsed.boxes):
+            try:
+                poly_px, _, poly_4326 = box_to_map(
+                    box, base["transform"], base["native_crs"], base["window_width"], base["window_height"]
+                )
+            except ValueError as exc:  # a box that does not project: note it, keep the others
+                errors.append(f"box {i + 1}: {exc}")
+                continue
+            x1, y1, x2, y2, angle = box_to_pixels(box, base["window_width"], base["window_height"])
+            obj = dict(base)
+            obj.update(
+                kind="object",
+                label=base["prompt_key"] or box.phrase,
+                box_px=[x1, y1, x2, y2, angle],
+                pixel_polygon=poly_px.wkt,
+                source_tile_ids=[base["tile_id"]],
+                n_merged=1,
+                geometry=shapely.to_wkb(poly_4326),
+                parse_error=None,
+            )
+            objects.append(obj)
+        if not parsed.boxes and not errors:
+            errors.append("no box in the answer")
+        base.update(object_count=len(objects), parse_error="; ".join(errors) or None)
+        out.extend(objects)
+    return out
+
+
+def interpret_batch(batch: pd.DataFrame, *, classes: tuple[str, ...] = ()) -> pa.Table:
+    """Ray Data UDF: model rows -> result rows as an Arrow table of ``RESULT_SCHEMA``.
+
+    ``_primary`` marks the first prompt of each tile (``prompt_index == 0``), so the sink can count
+    tiles without collecting ids; ``_hilbert`` is the sort key of the row's geometry centroid.
+    """
+    rows: list[dict[str, Any]] = []
+    records = batch.to_dict("records")
+    for rec in records:
+        results = interpret_row(rec, classes=classes)
+        primary = int(rec.get("prompt_index", 0)) == 0
+        for i, r in enumerate(results):
+            r["_primary"] = primary and i == 0
+            r["_read_seconds"] = float(rec.get("read_seconds") or 0.0) if r["_primary"] else 0.0
+            r["_infer_seconds"] = float(rec.get("infer_seconds") or 0.0) if i == 0 else 0.0
+        rows.extend(results)
+    if rows:
+        centroids = shapely.centroid(shapely.from_wkb([r["geometry"] for r in rows]))
+        keys = hilbert_key(shapely.get_x(centroids), shapely.get_y(centroids))
+        for r, k in zip(rows, keys, strict=True):
+            r["_hilbert"] = int(k)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

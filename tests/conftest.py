@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -12,6 +13,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Built models and catalogs go to a throwaway cache, never the user's ~/.cache (set before Ray starts,
 # so that its workers inherit it).
 os.environ.setdefault("RSFLOW_CACHE", tempfile.mkdtemp(prefix="rsflow-test-cache-"))
+
+# Ray Data logs every operator's metrics at DEBUG; a failing test should show our logs, not those.
+logging.getLogger("ray").setLevel(logging.INFO)
 
 pytest_plugins = ["tests.stac_fixtures", "tests.model_fixtures"]
 

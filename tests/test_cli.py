@@ -36,11 +36,28 @@ BAD = [
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--dtype", "int4"], "--dtype"),
     (["--model-actors", "0"], "--model-actors"),
+    # tasks and their inputs
+    (["--tasks", "caption,paint"], "--tasks"),
+    (["--tasks", "vqa"], "--question"),
+    (["--tasks", "classify"], "--classes"),
+    (["--tasks", "classify", "--classes", "ucmerce"], "--classes"),
+    (["--tasks", "detect", "--detect", " , "], "--detect"),
+    (["--tasks", "refer"], "--refer"),
+    (["--tasks", "region-caption", "--regions", "REGIONS_FAR"], "--regions"),
+    (["--tasks", "vqa", "--questions", "/no/such/questions.txt"], "--questions"),
+    (["--task-file", "/no/such/tasks.yaml"], "--task-file"),
+    (["--merge-iou", "1.5"], "--merge-iou"),
+    # the default smoke model uses the llava template: GeoChat's box tasks are refused for it
+    (["--tasks", "detect", "--detect", "ship"], "--tasks"),
 ]
 
 
 @pytest.mark.parametrize(("args", "flag"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(args, flag, tmp_path, capsys):
+    far = tmp_path / "far.geojson"
+    far.write_text('{"type": "Feature", "id": "far", "properties": {}, '
+                   '"geometry": {"type": "Point", "coordinates": [10.0, 50.0]}}')
+    args = [str(far) if a == "REGIONS_FAR" else a for a in args]
     try:
         code = main(["region", "--output", str(tmp_path / "out"), *args])
     except SystemExit as exc:  # argparse's own checks (types, choices)
@@ -80,3 +97,24 @@ def test_help_lists_the_request_flags():
     for flag in ("--bbox", "--intersects", "--datetime", "--collections", "--max-cloud", "--max-items", "--stac",
                  "--tile-size", "--overlap", "--gsd", "--tasks", "--output", "--model", "--adapter"):
         assert flag in proc.stdout
+
+
+def test_preview_command(tmp_path, capsys):
+    import geopandas as gpd
+    import shapely
+
+    result = tmp_path / "result"
+    result.mkdir()
+    gdf = gpd.GeoDataFrame(
+        {"tile_id": ["a", "b"], "item_id": ["i", "i"], "collection": ["c", "c"], "datetime": [None, None],
+         "task": ["caption", "caption"], "prompt": ["p", "p"], "text": ["x", None], "status": ["ok", "failed"],
+         "error": [None, "boom"], "model_id": ["m", "m"]},
+        geometry=[shapely.box(0, 0, 1, 1), shapely.box(1, 0, 2, 1)], crs="EPSG:4326",
+    )
+    gdf.to_parquet(result / "part-0.parquet", schema_version="1.1.0")
+    out = tmp_path / "map.html"
+    assert main(["preview", str(result), "-o", str(out)]) == 0
+    assert out.is_file() and "wrote 2 rows" in capsys.readouterr().out
+    assert main(["preview", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RESULT" in err

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rsflow.errors import RequestError, RsflowError, SourceError
 from rsflow.preview import add_preview_parser, run_preview
@@ -26,20 +26,20 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    return value
+def _typed(convert: Any, what: str) -> Any:
+    """An argparse ``type=`` that names what it expected in argparse's one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    return value
+_whole = _typed(int, "a whole number")
+_number = _typed(float, "a number")
 
 
 def region_arguments() -> argparse.ArgumentParser:
@@ -63,11 +63,11 @@ def region_arguments() -> argparse.ArgumentParser:
     )
     src.add_argument("--collections", help="comma-separated collection ids (required for a STAC API)")
     src.add_argument("--max-cloud", type=_number, help="largest eo:cloud_cover in percent")
-    src.add_argument("--max-items", type=_positive_int, default=100, help="upper bound on items searched (default 100)")
+    src.add_argument("--max-items", type=_whole, default=100, help="upper bound on items searched (default 100)")
     src.add_argument("--profile", help="source profile name from catalogs/profiles (default: chosen by URL and collection)")
     tiles = p.add_argument_group("tiles")
-    tiles.add_argument("--tile-size", type=_positive_int, help="tile side in px (default: the model's input size)")
-    tiles.add_argument("--overlap", type=_positive_int, default=0, help="px shared by neighbouring tiles (default 0)")
+    tiles.add_argument("--tile-size", type=_whole, help="tile side in px (default: the model's input size)")
+    tiles.add_argument("--overlap", type=_whole, default=0, help="px shared by neighbouring tiles (default 0)")
     tiles.add_argument("--gsd", type=_number, help="target ground sample distance in metres (default: native)")
     tiles.add_argument(
         "--max-nodata", type=_number, default=0.5, help="skip tiles with a larger nodata fraction (0-1, default 0.5)"
@@ -77,8 +77,8 @@ def region_arguments() -> argparse.ArgumentParser:
     model.add_argument("--adapter", help="peft LoRA adapter dir or hub id")
     model.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="conversation template family")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    model.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    model.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    model.add_argument("--max-new-tokens", type=_whole, default=64)
+    model.add_argument("--batch-size", type=_whole, default=8, help="prompts per generate call")
     tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
     tasks.add_argument(
         "--tasks", help="comma-separated: caption, vqa, classify, detect, refer, region-caption (default: caption)"
@@ -99,8 +99,8 @@ def region_arguments() -> argparse.ArgumentParser:
     run.add_argument("--no-preview", action="store_true", help="do not write _preview.html into the output")
     run.add_argument("--output", help="output dataset dir or URI (default: out/region-<UTC time>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    run.add_argument("--model-actors", type=_positive_int, help="model actors (default: one per GPU, else 1)")
-    run.add_argument("--read-workers", type=_positive_int, help="max read actors (default: CPUs)")
+    run.add_argument("--model-actors", type=_whole, help="model actors (default: one per GPU, else 1)")
+    run.add_argument("--read-workers", type=_whole, help="max read actors (default: CPUs)")
     run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
     return p
 

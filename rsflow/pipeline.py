@@ -32,7 +32,6 @@ from shapely.geometry import mapping
 
 from rsflow import output as out
 from rsflow.errors import RequestError
-from rsflow.models.prompts import build_task_prompts
 from rsflow.models.spec import (
     ModelSpec,
     model_card,
@@ -205,16 +204,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
         logger.warning("model %s is a SMOKE model: %s", mid, card.get("note", "its text is meaningless"))
     prompt_format = resolve_prompt_format(spec)
     inputs = request.inputs
-    prompts = build_task_prompts(  # also refuses a task the model family cannot do
-        request.tasks,
-        prompt_format,
-        questions=inputs.questions,
-        classes=inputs.classes,
-        classes_key=inputs.classes_key,
-        categories=inputs.categories,
-        expressions=inputs.expressions,
-        regions=[r.region_id for r in inputs.regions],
-    )
+    prompts = inputs.prompts(request.tasks, prompt_format)  # also refuses a task the family cannot do
     regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]
 
     t_search = time.perf_counter()

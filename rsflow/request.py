@@ -24,7 +24,7 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
-from rsflow.models.prompts import TASKS, build_task_prompts
+from rsflow.models.prompts import TASKS, TaskPrompt, build_task_prompts
 from rsflow.models.spec import ModelSpec
 from rsflow.presets import CLASS_PRESETS, resolve_classes
 from rsflow.search import normalize_datetime
@@ -109,6 +109,23 @@ class TaskInputs:
     """refer expressions (``--refer``)."""
     regions: tuple[Region, ...] = ()
     """region-caption regions (``--regions`` GeoJSON)."""
+
+    def prompts(self, tasks: tuple[str, ...], prompt_format: str) -> list[TaskPrompt]:
+        """The prompts asked of every tile for these tasks in this model family's format.
+
+        Raises:
+            RequestError: a task the family cannot do, or a task without its input.
+        """
+        return build_task_prompts(
+            tasks,
+            prompt_format,
+            questions=self.questions,
+            classes=self.classes,
+            classes_key=self.classes_key,
+            categories=self.categories,
+            expressions=self.expressions,
+            regions=[r.region_id for r in self.regions],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -485,16 +502,7 @@ def parse_task_inputs(
         raise RequestError("--classes", "the class list is too long for one prompt")
     # Which inputs each task needs does not depend on the model family: check with the family that
     # can do every task (the family itself is checked once the model is known).
-    build_task_prompts(
-        tasks,
-        "geochat",
-        questions=inputs.questions,
-        classes=inputs.classes,
-        classes_key=inputs.classes_key,
-        categories=inputs.categories,
-        expressions=inputs.expressions,
-        regions=[r.region_id for r in inputs.regions],
-    )
+    inputs.prompts(tasks, "geochat")
     if [q for q in question if not q.strip()]:
         raise RequestError("--question", "a question is empty")
     if [e for e in refer if not e.strip()]:

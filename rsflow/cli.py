@@ -102,6 +102,10 @@ def region_arguments() -> argparse.ArgumentParser:
     run.add_argument("--model-actors", type=_whole, help="model actors (default: one per GPU, else 1)")
     run.add_argument("--read-workers", type=_whole, help="max read actors (default: CPUs)")
     run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
+    run.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,
+        help="logging level (default INFO)",
+    )
     return p
 
 

@@ -298,7 +298,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
         pipeline_seconds = time.perf_counter() - t_pipe
         preview = None
         if request.preview:
-            preview = _write_preview(staging)
+            preview = _write_preview(staging, title=f"rsflow: {request.output.rstrip('/').rsplit('/', 1)[-1]}")
         s = sink.summary
         tiles = s.tiles_by_status
         plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}
@@ -350,7 +350,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     return RunResult(output=request.output, manifest=manifest)
 
 
-def _write_preview(directory: str) -> str | None:
+def _write_preview(directory: str, *, title: str) -> str | None:
     """The HTML map preview inside the output (``_preview.html``); a dataset too large for one page
     is not previewed (the run still succeeds)."""
     import fsspec
@@ -363,7 +363,7 @@ def _write_preview(directory: str) -> str | None:
         logger.info("no preview for a remote output; run `rsflow preview` on a local copy")
         return None
     try:
-        write_preview(root, f"{root}/{out.PREVIEW_NAME}")
+        write_preview(root, f"{root}/{out.PREVIEW_NAME}", title=title)
     except RequestError as exc:
         logger.warning("preview not written: %s", exc)
         return None

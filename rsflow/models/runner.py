@@ -71,6 +71,7 @@ from rsflow.models.spec import (
     resolve_adapter,
     resolve_adapters,
     adapter_model_id,
+    model_card,
     resolve_model_dir,
     resolve_prompt_format,
 )
@@ -476,6 +477,8 @@ class ModelRunner:
         self._prompt_format = prompt_format
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
+        card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
+        self._aspect = spec.image_aspect or ("crop" if card_aspect == "crop" else "pad")
         size = self.loaded.image_size
         self._image_kwargs: dict[str, Any] = {
             "size": {"shortest_edge": size},
@@ -551,7 +554,10 @@ class ModelRunner:
             ran[span.start : span.stop] = True
             t0 = time.perf_counter()
             try:
-                squares[row] = expand2square(np.asarray(images[row]), self._background)
+                image = np.asarray(images[row])
+                # LLaVA-1.5 pads to a square with the processor's mean colour ("pad"); "crop" leaves
+                # the processor's shortest-edge resize and centre crop (GeoChat's eval scripts).
+                squares[row] = expand2square(image, self._background) if self._aspect == "pad" else image
             except Exception as exc:  # noqa: BLE001 - failures are data
                 for k in span:
                     fail(k, _error_text(exc))

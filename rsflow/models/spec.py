@@ -73,6 +73,20 @@ class ModelSpec:
     actor serves several finetunes without reloading the base; each prompt picks one by name
     (``TaskPrompt.adapter``), None meaning the bare base. Exclusive with ``adapter``."""
 
+    vision_tower: str | None = field(
+        default=None,
+        metadata={"help": "local CLIP folder for original LLaVA-repository checkpoints (their mm_vision_tower)"},
+    )
+    """Folder of the stock CLIP (``openai/clip-vit-large-patch14-336``) that original LLaVA-repository
+    checkpoints name in ``mm_vision_tower`` but do not contain; None: that key when it is a local path."""
+
+    image_aspect: Literal["pad", "crop"] | None = field(
+        default=None, metadata={"help": "pad tiles to square with the mean colour, or centre-crop"}
+    )
+    """``"pad"``: pad to square with the image processor's mean colour (LLaVA-1.5 ``image_aspect_ratio``
+    pad); ``"crop"``: the processor's shortest-edge resize and centre crop; None: the checkpoint's
+    ``rsflow.json`` ``image_aspect_ratio``, else pad."""
+
     prompt_format: PromptFormat | None = field(
         default=None,
         metadata={"help": "conversation template; default: the checkpoint's rsflow.json, else llava"},
@@ -119,6 +133,10 @@ class ModelSpec:
                 raise RequestError("adapters", f"adapter name and path must be non-empty, got {(name, ref)!r}")
         if len(set(names)) != len(names):
             raise RequestError("adapters", f"adapter names must be unique, got {names}")
+        if self.image_aspect not in (None, "pad", "crop"):
+            raise RequestError("--image-aspect", f"is 'pad' or 'crop', got {self.image_aspect!r}")
+        if self.vision_tower is not None and not Path(self.vision_tower).expanduser().is_dir():
+            raise RequestError("--vision-tower", f"no such folder {self.vision_tower!r} (a local CLIP checkpoint)")
         if self.prompt_format is not None and self.prompt_format not in PROMPT_FORMATS:
             raise RequestError(
                 "--prompt-format", f"{self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"

@@ -135,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
         "write a GeoParquet dataset with a run manifest.",
     )
     add_preview_parser(sub)
+    cv = sub.add_parser(
+        "convert",
+        help="write an original LLaVA-repository checkpoint (GeoChat, RS-LLaVA LoRA) as a transformers LLaVA",
+        description="Convert a LLaVA-repository full model (GeoChat-7B) or a LoRA adapter with its base "
+        "(RS-LLaVA: SRC = the base LM, --adapter = the LoRA folder) into a transformers LLaVA folder "
+        "(safetensors, config, tokenizer, processor) plus, for an unmerged adapter, a peft adapter in DST/adapter.",
+    )
+    cv.add_argument("src", metavar="SRC", help="original checkpoint folder (or the base LM of --adapter)")
+    cv.add_argument("dst", metavar="DST", help="new folder to write")
+    cv.add_argument("--adapter", help="LLaVA-repository LoRA adapter folder (with non_lora_trainables.bin)")
+    cv.add_argument("--merge-lora", action="store_true", help="merge the adapter into one model")
+    cv.add_argument("--vision-tower", help="local CLIP folder (default: the checkpoint's mm_vision_tower)")
+    cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+    cv.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
+    cv.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="override the family")
     sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
     sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
     return parser
@@ -224,6 +239,29 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 _NUMERIC_LIST_FLAGS = frozenset({"--bbox"})
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from rsflow.models.formats import convert
+
+    info = convert(
+        args.src,
+        args.dst,
+        adapter=args.adapter,
+        merge_lora=args.merge_lora,
+        vision_tower=args.vision_tower,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        image_size=args.image_size,
+        prompt_format=args.prompt_format,
+    )
+    extra = f"; peft adapter in {info['adapter_dir']}" if info.get("adapter_dir") else ""
+    print(
+        f"wrote {info['format']} checkpoint as a transformers LLaVA to {info['dst']} "
+        f"({info['prompt_format']}, {info['image_size']} px){extra}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rsflow`` command; returns the exit code."""
     parser = build_parser()
@@ -234,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_region(args)
         if args.command == "preview":
             return run_preview(args)
+        if args.command == "convert":
+            return _run_convert(args)
         if args.command == "sample-catalog":
             from pathlib import Path
 

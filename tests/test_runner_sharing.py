@@ -81,36 +81,60 @@ def reference(tiny_model_dir: Path) -> tuple[Any, Any]:
     return model, processor
 
 
+def _tokenizer_image_token(tokenizer: Any, prompt: str, image_token_id: int, n_image: int) -> list[int]:
+    """LLaVA's ``tokenizer_image_token`` (llava/mm_utils.py), written out for the test: chunks split at
+    ``<image>`` are tokenised separately, the BOS of the first chunk is kept and the first id of every
+    chunk dropped, and the placeholder becomes ``n_image`` image-token ids (HF LLaVA's splice)."""
+    chunks = [tokenizer(c)["input_ids"] for c in prompt.split("<image>")]
+    ids = [chunks[0][0]]
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids += [image_token_id] * n_image
+        ids += chunk[1:]
+    return ids
+
+
 def _reference_answers(
     reference: tuple[Any, Any], pairs: list[tuple[np.ndarray, str]], batch_size: int
 ) -> list[str]:
-    """The previous runner's answers: processor + generate(pixel_values) per sub-batch, in order."""
+    """Answers the plain way: generate(input_ids, pixel_values) per sub-batch, in order, with the
+    prompt ids made as LLaVA makes them and left padding."""
     model, processor = reference
     background = background_from_processor(processor.image_processor)
     size = model.config.vision_config.image_size
+    n_image = (size // model.config.vision_config.patch_size) ** 2
+    tok = processor.tokenizer
     answers: list[str] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        inputs = processor(
+        pixels = processor.image_processor(
             images=[expand2square(image, background) for image, _ in chunk],
-            text=[build_prompt("geochat", question) for _, question in chunk],
             return_tensors="pt",
-            padding=True,
             input_data_format="channels_last",
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-        )
+        )["pixel_values"]
+        rows = [
+            _tokenizer_image_token(tok, build_prompt("geochat", q), model.config.image_token_id, n_image)
+            for _, q in chunk
+        ]
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r) :] = torch.tensor(r)
+            mask[i, length - len(r) :] = 1
         with torch.inference_mode():
             output = model.generate(
-                **inputs,
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=pixels,
                 do_sample=False,
                 num_beams=1,
                 max_new_tokens=MAX_NEW_TOKENS,
-                pad_token_id=processor.tokenizer.pad_token_id,
+                pad_token_id=tok.pad_token_id,
             )
-        decoded = processor.tokenizer.batch_decode(
-            output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
+        decoded = tok.batch_decode(output[:, length:], skip_special_tokens=True)
         answers += [text.strip() for text in decoded]
     return answers
 
@@ -159,7 +183,7 @@ def test_vision_tower_runs_once_per_tile(
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_answers_equal_the_processor_generate_path(
+def test_answers_equal_plain_generate_with_llava_ids(
     runners: dict[int, ModelRunner], reference: tuple[Any, Any], batch_size: int
 ) -> None:
     regions = [[["r-1", 10, 20, 30, 40]], [], [["r-2", 0, 0, 100, 100], ["r-3", 5, 55, 45, 95]]]

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from rsflow.errors import ModelError, RequestError
+from rsflow.models.formats import llava_chunked_ids
 from rsflow.models.imaging import background_from_processor, expand2square
 from rsflow.models.prompts import (
     IMAGE_TOKEN,
@@ -71,6 +72,7 @@ from rsflow.models.spec import (
     resolve_adapter,
     resolve_adapters,
     adapter_model_id,
+    describe_original_checkpoint,
     model_card,
     resolve_model_dir,
     resolve_prompt_format,
@@ -195,12 +197,30 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
 
     # One line per loaded model in the job log, not a bar per actor.
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation=attn, device_map=str(dev)
+    original = describe_original_checkpoint(spec)
+    processor: Any = None
+    if original is not None:
+        # GeoChat / LLaVA-repository models and RS-LLaVA-style LoRA adapters load straight from their
+        # own files (meta-device build, shard by shard); the adapter, if any, is merged like LLaVA's builder.
+        from rsflow.models.formats import load_original
+
+        model, processor, _info = load_original(
+            model_dir,
+            adapter,
+            vision_tower=spec.vision_tower,
+            dtype=dtype,
+            device=dev,
+            image_size=spec.image_size,
+            prompt_format=spec.prompt_format,
         )
-    except Exception as exc:
-        raise ModelError(f"cannot load --model {model_dir!r}: {type(exc).__name__}: {exc}") from exc
+        adapter = None  # merged above
+    else:
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                model_dir, dtype=dtype, attn_implementation=attn, device_map=str(dev)
+            )
+        except Exception as exc:
+            raise ModelError(f"cannot load --model {model_dir!r}: {type(exc).__name__}: {exc}") from exc
 
     vision_config: Any = model.config.vision_config
     tower_size = int(vision_config.image_size)
@@ -233,7 +253,8 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     try:
         # The PIL backend reproduces LLaVA's own preprocessing (PIL bicubic resize; reference
         # models.md 1.3) and needs no torchvision.
-        processor = AutoProcessor.from_pretrained(model_dir, backend="pil")  # type: ignore[no-untyped-call]
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(model_dir, backend="pil")  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise ModelError(f"cannot load the processor of {model_dir!r}: {type(exc).__name__}: {exc}") from exc
     tokenizer = processor.tokenizer
@@ -737,33 +758,25 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------ text
 
     def _prompt_ids(self, question: str, encoded: _Encoded) -> list[int]:
-        """Token ids of the full prompt for ``question``, exactly as ``LlavaProcessor`` makes them.
-
-        The processor replaces ``<image>`` with one ``<image>`` per image token and tokenizes the
-        whole string with the tokenizer's defaults (BOS added); this does the same, cached per
-        (question, image text).
+        """Token ids of the full prompt for ``question`` as LLaVA's ``tokenizer_image_token`` makes
+        them: the text before and after ``<image>`` tokenised separately (each chunk gets its own
+        SentencePiece dummy prefix), one BOS, and the placeholder expanded to one image-token id per
+        image feature (what the model's splice fills). Cached per (question, feature count).
 
         Raises:
-            ValueError: the question holds ``<image>`` itself, or the tile has a different number of
-                image features than the prompt has image tokens.
+            ValueError: the question holds ``<image>`` itself.
         """
-        cache_key = (question, encoded.image_text)
+        n_features = int(encoded.features.shape[0])
+        cache_key = (question, str(n_features))
         ids = self._ids_cache.get(cache_key)
         if ids is None:
             text = build_prompt(self.loaded.prompt_format, question)
             if text.count(IMAGE_TOKEN) != 1:
                 raise ValueError(f"a prompt must not contain {IMAGE_TOKEN!r} itself: {question!r}")
-            ids = list(self.loaded.tokenizer(text.replace(IMAGE_TOKEN, encoded.image_text))["input_ids"])
+            ids = llava_chunked_ids(self.loaded.tokenizer, text, self._image_token_id, n_features)
             if len(self._ids_cache) >= _PROMPT_CACHE_SIZE:
                 self._ids_cache.clear()
             self._ids_cache[cache_key] = ids
-        n_placeholders = sum(1 for i in ids if i == self._image_token_id)
-        if n_placeholders != int(encoded.features.shape[0]):
-            raise ValueError(
-                f"image features and image tokens do not match: {encoded.features.shape[0]} features, "
-                f"{n_placeholders} tokens (processor patch_size / vision_feature_select_strategy disagree "
-                "with the model config)"
-            )
         return ids
 
     # ------------------------------------------------------------------------------------ generate

@@ -185,8 +185,8 @@ def _resolve_ref(ref: str, flag: str, marker: str) -> str:
         if not (path / marker).is_file():
             raise RequestError(
                 flag,
-                f"{ref!r} has no {marker}; give a transformers/PEFT folder "
-                "(original LLaVA-repository checkpoints must be converted first)",
+                f"{ref!r} has no {marker}; give a transformers LLaVA or PEFT folder, or an original "
+                "LLaVA-repository checkpoint",
             )
         return str(path.resolve())
     if _looks_like_hub_id(ref):
@@ -288,6 +288,9 @@ def model_input_size(spec: ModelSpec) -> int:
     """
     if spec.image_size is not None:
         return spec.image_size
+    original = describe_original_checkpoint(spec)
+    if original is not None:
+        return int(original["image_size"])
     ref = resolve_model_dir(spec)
     pre = _read_json(ref, "preprocessor_config.json")
     if pre is None:
@@ -307,9 +310,25 @@ def model_input_size(spec: ModelSpec) -> int:
     raise ModelError(f"cannot tell the input image size of {ref!r}; pass --image-size")
 
 
+def describe_original_checkpoint(spec: ModelSpec) -> dict[str, Any] | None:
+    """For an original LLaVA-repository checkpoint (``--model`` full model, or ``--model BASE
+    --adapter LORA``): its format, image size, prompt format and aspect handling, from its JSON
+    files; None for transformers-format checkpoints and hub ids."""
+    model_dir = resolve_model_dir(spec)
+    if spec.model == SMOKE_MODEL or not Path(model_dir).is_dir():
+        return None
+    from rsflow.models.formats import describe_original
+
+    return describe_original(model_dir, resolve_adapter(spec), vision_tower=spec.vision_tower)
+
+
 def model_card(spec: ModelSpec) -> dict[str, Any]:
-    """Contents of ``rsflow.json`` beside the checkpoint (``{}`` when there is none)."""
-    return _read_json(resolve_model_dir(spec), _CARD_FILENAME) or {}
+    """Contents of ``rsflow.json`` beside the checkpoint; for an original LLaVA-repository
+    checkpoint, which has none, what its own files say (``describe_original_checkpoint``); else ``{}``."""
+    card = _read_json(resolve_model_dir(spec), _CARD_FILENAME)
+    if card is not None:
+        return card
+    return describe_original_checkpoint(spec) or {}
 
 
 def resolve_prompt_format(spec: ModelSpec) -> str:

@@ -111,6 +111,7 @@ def main() -> int:
     load_s = time.perf_counter() - t
     n_params = sum(p.numel() for p in runner.loaded.model.parameters())
     sweep = []
+    sweep_multi: list[dict[str, object]] = []
     for bs in ([1, 16] if args.quick else [1, 8, 16, 32, 48]):
         runner.spec = dataclasses.replace(spec, batch_size=bs)
         runner(_batch(bs, 336, seed=1))  # warm-up: kernels, allocator
@@ -128,15 +129,50 @@ def main() -> int:
         }
         sweep.append(entry)
         print(json.dumps(entry), flush=True)
+    # 4 prompts per tile (caption + 3 VQA questions): the tile is encoded once and shared by its prompts
+    from rsflow.models.prompts import TaskPrompt, task_prompts, vqa_prompt
+
+    questions = ["Is there water in the image?", "Is there a harbour in the image?", "How many ships are there?"]
+    multi = [TaskPrompt("caption", task_prompts("caption", "llava")[0], key="")] + [
+        TaskPrompt("vqa", vqa_prompt(q), key=q) for q in questions
+    ]
+    runner.prompts = tuple(multi)
+    seen = {"images": 0}
+    hook = runner.loaded.model.model.vision_tower.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("images", seen["images"] + int(a[0].shape[0]))
+    )
+    for bs in [32] if args.quick else [16, 32, 48]:
+        runner.spec = dataclasses.replace(spec, batch_size=bs)
+        runner(_batch(max(1, bs // 4), 336, seed=1))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        seen["images"] = 0
+        n = 32
+        t = time.perf_counter()
+        rows = runner(_batch(n, 336, seed=3))
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        entry = {
+            "batch_size": bs, "tiles": n, "prompts_per_tile": 4, "seconds": round(dt, 3),
+            "tiles_per_s": round(n / dt, 3), "prompts_per_s": round(4 * n / dt, 3),
+            "vision_tower_images": seen["images"], "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "rows_ok": list(rows["status"]).count("ok"),
+        }
+        sweep_multi.append(entry)
+        print(json.dumps(entry), flush=True)
+    hook.remove()
     result["llava_7b"] = {
         "parameters": n_params, "dtype": str(runner.loaded.dtype), "attn_implementation": runner.loaded.attn_implementation,
         "build_and_save_seconds": round(build_s, 1), "load_seconds": round(load_s, 1), "max_new_tokens": 64,
-        "image_tokens": 576, "sweep": sweep,
+        "image_tokens": 576, "sweep": sweep, "sweep_4_prompts_per_tile": sweep_multi,
     }
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| batch | tiles/s | new tokens/s | peak GiB |\n|---|---|---|---|")
     for e in sweep:
         print(f"| {e['batch_size']} | {e['tiles_per_s']} | {e['new_tokens_per_s']} | {e['peak_gib']} |")
+    print("| batch (4 prompts/tile) | tiles/s | prompts/s | vision-tower images for 32 tiles |\n|---|---|---|---|")
+    for e in sweep_multi:
+        print(f"| {e['batch_size']} | {e['tiles_per_s']} | {e['prompts_per_s']} | {e['vision_tower_images']} |")
     return 0
 
 

@@ -807,7 +807,7 @@ def _cell(batch: Mapping[str, Any], name: str, row: int) -> Any:
     if name not in batch:
         return None
     value = batch[name][row]
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return None
     return value
 

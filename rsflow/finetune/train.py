@@ -1,0 +1,911 @@
+"""Fine-tune a transformers LLaVA on Ray Train: stage 1 (projector) or stage 2 (LoRA), resumable.
+
+Read top to bottom, in nanoGPT's order: the learning-rate schedule (``get_lr``), the batch
+(``_collate``), the model (``_build_model``: freeze per stage), the optimizer, checkpoints, then
+``train_loop`` (what each Ray Train worker runs) and ``run_finetune`` (the driver: launch, then the
+outputs of a finished run).
+
+Exactly-once, across worker failures and relaunches:
+
+- Rank 0 checkpoints every ``checkpoint_every`` optimizer steps: the trainable weights, the AdamW
+  and scheduler states, ``step`` and the data position (``samples`` consumed), with the config.
+- The rows reach the workers in the same order and the same split on every (re)start: the dataset
+  must produce the same rows in the same order each time it runs (shuffle the records with a seed
+  before preparing them, as ``training/finetune.py`` does), and Ray Data runs with
+  ``preserve_order`` (its ``streaming_split`` then deals blocks deterministically, ``equal=True``).
+  A worker's micro-batch ``i`` of an epoch is therefore always the same rows, and a resumed run
+  skips the ``(step % steps_per_epoch) * grad_accum`` micro-batches each worker had already
+  consumed in that epoch (they are read and dropped, not trained on).
+- Dropout is reseeded from ``(seed, step, rank)`` before every step, so a replayed step is the
+  same step: a run killed and resumed ends with the same weights as one never interrupted.
+- Only a checkpoint that Ray Train has registered counts: its controller polls the workers every
+  ~2 s, and a checkpoint reported in the last poll interval before a failure is not registered (its
+  folder stays on disk); the run then resumes from the one before.
+- ``steps.csv`` (rank 0) gets one line per optimizer step; a resume first drops the lines past the
+  checkpoint, so the file lists every step exactly once. Its ``rows_digest`` column (the sum over
+  the step's rows, all workers, of a CRC-32 of each row's ``input_ids``; see ``row_digest``)
+  lets a test prove that the rows of an epoch were each consumed once.
+- ``_done.json`` is written last; relaunching a run that has it does nothing and says so.
+
+Outputs of a finished run, under ``<output>/<name>/``: ``export/adapter/`` (peft
+``save_pretrained``; stage instruct), ``export/projector.safetensors`` (the projector, transformers
+names), ``export/llava_repo/`` (the same in the LLaVA repository's format), ``MODEL_CARD.md``,
+``steps.csv``, ``loss.csv``, ``loss.png`` (when matplotlib is installed), ``param_checksums.json``
+(CRC-32 of every parameter before and after training: what changed is exactly what trained) and
+``_done.json``; Ray Train's ``checkpoint_*`` folders sit beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from rsflow.errors import RequestError
+from rsflow.finetune.config import FinetuneConfig, check_config, lora_target_regex
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DONE_MARKER: Final[str] = "_done.json"
+"""Written last in the run folder; its presence makes a relaunch a no-op."""
+
+STEPS_CSV: Final[str] = "steps.csv"
+STEPS_COLUMNS: Final[tuple[str, ...]] = (
+    "step",  # optimizer steps done, 1-based
+    "epoch",  # 0-based pass over the data this step belongs to
+    "samples",  # samples consumed by all workers so far (global_batch * step)
+    "loss",  # mean token loss of the step's micro-batches, averaged over workers
+    "lr",  # learning rate of the step (LoRA, or the projector in stage align)
+    "projector_lr",  # learning rate of the projector group (empty when it is frozen)
+    "rows_digest",  # sum of row_digest over the step's rows, all workers
+    "failed_rows",  # rows with ok == False in the step (no loss from them)
+    "attempt",  # 1 for the first launch, +1 for every restart or relaunch
+    "seconds",  # wall time of the step on rank 0
+)
+"""Columns of ``steps.csv``, one line per optimizer step."""
+
+PROJECTOR_KEY: Final[str] = "multi_modal_projector"
+"""Name part of the LLaVA projector's parameters (transformers ``LlavaForConditionalGeneration``)."""
+
+_STATE_FILE = "state.pt"
+_META_FILE = "run_meta.json"
+_CHECKSUMS_FILE = "param_checksums.json"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a finished (or already finished) run produced."""
+
+    run_dir: str
+    """``<output>/<name>``, absolute."""
+
+    stage: str
+    """``align`` or ``instruct``."""
+
+    steps: int
+    """Optimizer steps done in all."""
+
+    samples: int
+    """Samples consumed in all (``steps * global_batch``)."""
+
+    final_loss: float | None
+    """Loss of the last step (``steps.csv``)."""
+
+    export_dir: str
+    """``<run_dir>/export``: adapter, projector and the LLaVA-repository export."""
+
+    checkpoint: str | None
+    """The last Ray Train checkpoint folder."""
+
+    attempts: int
+    """Launches that ran steps: 1 when nothing failed."""
+
+    duration_seconds: float
+    """Wall time of this call (0 for a relaunch of a finished run)."""
+
+    already_done: bool = False
+    """True when the run had finished before this call and nothing was done."""
+
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def get_lr(step: int, config: FinetuneConfig, total_steps: int | None = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to 0.
+
+    ``warmup = ceil(warmup_ratio * total)`` (HF ``get_cosine_schedule_with_warmup`` rounding);
+    ``lr * (step + 1) / warmup`` for ``step < warmup``, else
+    ``lr * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``, which is ``lr`` right after
+    warmup and stays above 0 up to the last step ``total - 1``.
+
+    Args:
+        step: optimizer steps already done.
+        config: gives ``lr``, ``warmup_ratio`` and ``schedule``.
+        total_steps: all optimizer steps of the run; default ``config.max_steps``.
+
+    Returns:
+        The learning rate of the LoRA group (the projector group scales it by ``projector_lr / lr``).
+    """
+    total = total_steps if total_steps is not None else config.max_steps
+    if total < 1:
+        raise ValueError("total_steps must be >= 1 (give it, or set config.max_steps)")
+    warmup = math.ceil(config.warmup_ratio * total)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def row_digest(input_ids: Any) -> int:
+    """CRC-32 of a row's ``input_ids`` as little-endian int64 bytes (``steps.csv`` ``rows_digest``)."""
+    return zlib.crc32(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
+
+
+def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A Ray Data numpy batch (dict of columns; ragged columns are object arrays) -> rows."""
+    n = len(batch["input_ids"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _collate(
+    rows: Sequence[Mapping[str, Any]], pad_id: int, *, image_token_id: int, image_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Rows (``input_ids``, ``labels``, ``pixel_values``, ``ok``) -> padded model inputs.
+
+    Right-pads ``input_ids`` with ``pad_id`` and ``labels`` with -100 (LLaVA's collator);
+    ``attention_mask`` is 1 on real tokens. Rows are assumed already truncated to ``max_length``
+    by the data stage. A row with ``ok`` False (the data stage could not build it) is replaced by a
+    filler row (one pad token + the image placeholders, every label -100, a black image), so every
+    worker still runs the same number of forward passes and the row adds no loss.
+
+    Args:
+        rows: rows of the data stage.
+        pad_id: the tokenizer's pad id.
+        image_token_id: the model's ``image_token_index``.
+        image_tokens: image placeholders per image (``image_seq_length``), for the filler row.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (int64 [B, L]) and ``pixel_values``
+        (float32 [B, 3, S, S]).
+    """
+    import torch
+
+    shape = np.asarray(rows[0]["pixel_values"]).shape
+    ids, labels, pixels = [], [], []
+    for row in rows:
+        if bool(row.get("ok", True)):
+            ids.append(np.asarray(row["input_ids"], dtype=np.int64))
+            labels.append(np.asarray(row["labels"], dtype=np.int64))
+            pixels.append(np.asarray(row["pixel_values"], dtype=np.float32))
+        else:
+            ids.append(np.array([pad_id] + [image_token_id] * image_tokens, dtype=np.int64))
+            labels.append(np.full(1 + image_tokens, -100, dtype=np.int64))
+            pixels.append(np.zeros(shape, dtype=np.float32))
+    length = max(len(x) for x in ids)
+    out_ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    out_labels = np.full((len(rows), length), -100, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
+        out_ids[i, : len(x)] = x
+        out_labels[i, : len(y)] = y
+        mask[i, : len(x)] = 1
+    return {
+        "input_ids": torch.from_numpy(out_ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(out_labels),
+        "pixel_values": torch.from_numpy(np.stack(pixels)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# model: load, freeze per stage
+
+
+def _build_model(config: FinetuneConfig) -> Any:
+    """Load the base LLaVA and leave trainable exactly what the stage trains.
+
+    The vision tower is always frozen. ``align``: only the projector. ``instruct``: peft LoRA on
+    ``lora_targets`` inside the language model (+ the projector when ``train_projector``). Trainable
+    weights are float32; with ``bf16`` the frozen ones are bfloat16.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(config.base, dtype=dtype)
+    model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
+    model.config.text_config.use_cache = False
+    model.requires_grad_(False)
+    if config.stage == "instruct":
+        import warnings
+
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft types it int; floats work
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_regex(config.lora_targets),
+            bias="none",
+        )
+        with warnings.catch_warnings():
+            # peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+            model = get_peft_model(model, lora)  # freezes everything but the LoRA factors
+    if config.trains_projector:
+        for name, param in model.named_parameters():
+            if PROJECTOR_KEY in name:
+                param.requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _llava_config(model: Any) -> Any:
+    """The ``LlavaConfig`` of a LLaVA, peft-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config
+
+
+def _param_groups(model: Any, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups: (LoRA | projector) x (decayed | not). Biases and 1-D weights are not decayed."""
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            is_projector = PROJECTOR_KEY in name
+            decayed = param.ndim >= 2
+            groups.setdefault((is_projector, decayed), []).append(param)
+    projector_lr = config.projector_lr if config.projector_lr is not None else config.lr
+    out = []
+    for (is_projector, decayed), params in sorted(groups.items()):
+        lr = projector_lr if (is_projector and config.stage == "instruct") else config.lr
+        out.append(
+            {
+                "params": params,
+                "lr": lr,
+                "weight_decay": config.weight_decay if decayed else 0.0,
+                "name": ("projector" if is_projector else "lora") + ("" if decayed else "_no_decay"),
+            }
+        )
+    if not out:
+        raise RuntimeError("nothing to train: no parameter requires a gradient")
+    return out
+
+
+def _param_checksums(model: Any) -> dict[str, str]:
+    """CRC-32 (hex) of every parameter's bytes, by name: the fingerprint of what changed."""
+    import torch
+
+    out = {}
+    for name, param in model.named_parameters():
+        data = param.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+        out[name] = f"{zlib.crc32(data.tobytes()):08x}"
+    return out
+
+
+def _wrap(model: Any, config: FinetuneConfig) -> Any:
+    """DDP or FSDP through ``ray.train.torch.prepare_model`` (moves the model to the device)."""
+    import ray.train.torch
+
+    kwargs: dict[str, Any] = {}
+    if config.strategy == "fsdp":
+        # Untested here (ray's FSDP needs GPUs). use_orig_params: frozen and trainable weights mix
+        # in one wrapped unit; each decoder / encoder layer is its own unit.
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layer_types = {
+            type(inner.model.language_model.layers[0]),
+            type(inner.model.vision_tower.encoder.layers[0]),
+        }
+        kwargs = {
+            "use_orig_params": True,
+            "auto_wrap_policy": functools.partial(
+                transformer_auto_wrap_policy, transformer_layer_cls=layer_types
+            ),
+        }
+    return ray.train.torch.prepare_model(
+        model, parallel_strategy=config.strategy, parallel_strategy_kwargs=kwargs
+    )
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _state_dicts(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full (unsharded) trainable weights and optimizer state keyed by parameter name, on CPU.
+
+    A collective under FSDP: every rank calls it; rank 0 gets the tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def _save_checkpoint(directory: Path, state: dict[str, Any], config: FinetuneConfig) -> None:
+    import torch
+
+    torch.save(state, directory / _STATE_FILE)
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and scheduler from a checkpoint folder; return its counters."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = torch.load(directory / _STATE_FILE, map_location="cpu", weights_only=False)
+    trainable = {n for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+    missing = trainable - set(state["model"])
+    if missing:
+        raise RuntimeError(f"checkpoint {directory} lacks trainable weights {sorted(missing)[:5]}")
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# run-folder files written by rank 0
+
+
+def _write_pid(run_dir: Path, rank: int) -> None:
+    """``workers/rank{r}.pid``: which process is which worker (for operators, and the failure test)."""
+    folder = run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+
+
+def _next_attempt(run_dir: Path) -> int:
+    path = run_dir / "attempts.txt"
+    attempt = int(path.read_text().strip() or 0) + 1 if path.is_file() else 1
+    path.write_text(f"{attempt}\n")
+    return attempt
+
+
+def _reset_steps_csv(run_dir: Path, keep_through: int) -> None:
+    """Keep the header and the lines of steps ``<= keep_through`` (the checkpoint resumed from)."""
+    path = run_dir / STEPS_CSV
+    kept: list[dict[str, str]] = []
+    if path.is_file() and keep_through > 0:
+        with path.open(newline="") as f:
+            kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_through]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=STEPS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
+def _append_step(run_dir: Path, row: Mapping[str, Any]) -> None:
+    with (run_dir / STEPS_CSV).open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=STEPS_COLUMNS).writerow(row)
+
+
+def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a run's ``steps.csv`` (strings, as written)."""
+    path = Path(run_dir) / STEPS_CSV
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop each Ray Train worker runs
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the model, resume or start, train, checkpoint, export (rank 0).
+
+    Args:
+        loop_config: ``{"config": FinetuneConfig.to_dict(), "steps_per_epoch", "total_steps",
+            "run_dir"}`` from ``run_finetune``.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.optim.lr_scheduler import LambdaLR
+
+    # -- who am I -------------------------------------------------------------------------------
+    config = FinetuneConfig.from_dict(loop_config["config"])
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    total_steps = int(loop_config["total_steps"])
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    master = rank == 0  # only rank 0 logs steps, saves and exports: the ranks hold the same weights
+    device = ray.train.torch.get_device()
+    _write_pid(run_dir, rank)
+
+    # -- model and optimizer ----------------------------------------------------------------------
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank (DDP also broadcasts rank 0's)
+    model = _build_model(config)
+    llava = _llava_config(model)
+    pad_id = llava.text_config.pad_token_id
+    pad_id = int(pad_id) if pad_id is not None else 0
+    image_token_id, image_tokens = int(llava.image_token_index), int(llava.image_seq_length)
+    checksums_before = _param_checksums(model) if master else {}
+    model = _wrap(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(_unwrap(model), config), betas=(0.9, 0.999), eps=1e-8)
+    # LambdaLR multiplies each group's peak lr by the same factor, so the projector keeps its ratio.
+    scheduler = LambdaLR(optimizer, lambda s: get_lr(s, config, total_steps) / config.lr)
+
+    # -- scratch or resume --------------------------------------------------------------------------
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        step = 0
+        if master:
+            _reset_steps_csv(run_dir, keep_through=0)
+            (run_dir / _CHECKSUMS_FILE).write_text(json.dumps({"before": checksums_before}, sort_keys=True))
+            logger.info("starting %s from scratch: %d steps of %d samples", config.name, total_steps,
+                        config.global_batch)
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = _load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler)
+        step = int(state["step"])
+        if state["global_batch"] != config.global_batch or state["world_size"] != world:
+            raise RuntimeError(
+                f"checkpoint at step {step} was made with {state['world_size']} workers x global batch "
+                f"{state['global_batch']}; resuming with {world} x {config.global_batch} would change "
+                "which rows each worker skips"
+            )
+        if master:
+            _reset_steps_csv(run_dir, keep_through=step)
+            logger.info("resuming %s at step %d/%d (%d samples consumed)", config.name, step, total_steps,
+                        int(state["samples"]))
+    attempt = _next_attempt(run_dir) if master else 0
+
+    # -- train ------------------------------------------------------------------------------------
+    shard = ray.train.get_dataset_shard("train")
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                                 enabled=config.bf16)
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: no all-reduce while accumulating
+    pixel_dtype = _vision_dtype(model)
+    micro_per_epoch = steps_per_epoch * config.grad_accum
+    model.train()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        skip = done_in_epoch * config.grad_accum  # this worker's micro-batches consumed before a restart
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, supervised micro-batches, rows digest, failed rows
+        micro = 0
+        started = time.perf_counter()
+        batches = shard.iter_batches(batch_size=config.per_worker_batch, batch_format="numpy", drop_last=True)
+        for index, batch in enumerate(batches):
+            if index < skip or index >= micro_per_epoch:
+                continue  # trained on before the restart / a tail too short for a step: drain the stream
+            if step >= total_steps:
+                break  # max_steps reached in the middle of an epoch
+            if micro == 0:
+                # dropout reseeded per (step, rank): a step replayed after a restart drops the same units
+                torch.manual_seed(config.seed + 1_000_003 * (step + 1) + rank)
+            rows = _rows(batch)
+            inputs = _collate(rows, pad_id, image_token_id=image_token_id, image_tokens=image_tokens)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            supervised = bool((inputs["labels"] != -100).any())
+            last_micro = micro + 1 == config.grad_accum
+            with contextlib.nullcontext() if last_micro else no_sync(), autocast():
+                out = model(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    pixel_values=inputs["pixel_values"].to(pixel_dtype),
+                    labels=inputs["labels"] if supervised else None,
+                )
+                # a batch of failed rows only: a zero loss through the same graph keeps DDP in step
+                loss = out.loss if supervised else out.logits.sum() * 0.0
+                (loss / config.grad_accum).backward()
+            digest = sum(row_digest(r["input_ids"]) for r in rows)
+            failed = sum(not bool(r.get("ok", True)) for r in rows)
+            sums += torch.tensor([float(loss.detach()), float(supervised), float(digest), float(failed)],
+                                 dtype=torch.float64)
+            micro += 1
+            if not last_micro:
+                continue
+
+            # one optimizer step
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            micro = 0
+            if world > 1:
+                dist.all_reduce(sums)  # float64 holds the digest sums exactly (< 2**53)
+            loss_value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+            if int(sums[3]) == config.global_batch and step == 1:
+                raise RuntimeError(
+                    f"all {config.global_batch} rows of the first step failed in the data stage "
+                    "(ok == False): "
+                    "check base, data and image_root (absolute paths: workers have their own working "
+                    "directory) and the data stage's reasons"
+                )
+            samples = step * config.global_batch
+            if master:
+                row = _step_row(step, epoch, samples, loss_value, lrs, sums, attempt, started)
+                _append_step(run_dir, row)
+                logger.info("step %d/%d epoch %d samples %d loss %.4f lr %s", step, total_steps, epoch,
+                            samples, loss_value, row["lr"])
+            sums.zero_()
+            started = time.perf_counter()
+
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                metrics = {"step": step, "epoch": epoch, "samples": samples, "loss": loss_value}
+                model_state, optim_state = _state_dicts(model, optimizer)  # every rank (FSDP gathers)
+                if master:
+                    state = {
+                        "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                        "step": step, "epoch": epoch, "samples": samples, "world_size": world,
+                        "global_batch": config.global_batch, "steps_per_epoch": steps_per_epoch,
+                        "total_steps": total_steps,
+                    }
+                    with tempfile.TemporaryDirectory(prefix="rsflow-ckpt-") as tmp:
+                        _save_checkpoint(Path(tmp), state, config)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)  # every rank reports, the checkpoint comes from rank 0
+        if step < total_steps and step % steps_per_epoch != 0:
+            raise RuntimeError(
+                f"epoch {epoch} ended after step {step}, expected {steps_per_epoch} steps per epoch: "
+                "the dataset has fewer rows than counted"
+            )
+
+    # -- export (rank 0) ----------------------------------------------------------------------------
+    model_state, _ = _state_dicts(model, optimizer)
+    if master:
+        _export_weights(run_dir / "export", _unwrap(model), model_state, config)
+        checksums_path = run_dir / _CHECKSUMS_FILE
+        checksums = json.loads(checksums_path.read_text()) if checksums_path.is_file() else {}
+        checksums["after"] = _param_checksums(_unwrap(model))
+        checksums_path.write_text(json.dumps(checksums, sort_keys=True))
+        logger.info("finished %s at step %d", config.name, step)
+
+
+def _step_row(
+    step: int, epoch: int, samples: int, loss: float, lrs: Mapping[str, float], sums: Any, attempt: int,
+    started: float,
+) -> dict[str, Any]:
+    """One ``steps.csv`` line (``STEPS_COLUMNS``)."""
+    lr = lrs["lora"] if "lora" in lrs else lrs["projector"]
+    return {
+        "step": step,
+        "epoch": epoch,
+        "samples": samples,
+        "loss": f"{loss:.6f}",
+        "lr": f"{lr:.6g}",
+        "projector_lr": f"{lrs['projector']:.6g}" if "projector" in lrs else "",
+        "rows_digest": int(sums[2]),
+        "failed_rows": int(sums[3]),
+        "attempt": attempt,
+        "seconds": f"{time.perf_counter() - started:.3f}",
+    }
+
+
+def _vision_dtype(model: Any) -> Any:
+    """dtype of the vision tower's weights (the dtype pixel values must have)."""
+    inner = _unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return next(inner.model.vision_tower.parameters()).dtype
+
+
+def _export_weights(
+    export_dir: Path, model: Any, trainable_state: Mapping[str, Any], config: FinetuneConfig
+) -> None:
+    """``adapter/`` (peft ``save_pretrained``, stage instruct) and ``projector.safetensors``."""
+    from safetensors.torch import save_file
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    if config.stage == "instruct":
+        adapter_dir = export_dir / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=dict(trainable_state), safe_serialization=True)
+    projector = {
+        _projector_name(name): param.detach().to("cpu").contiguous()
+        for name, param in model.named_parameters()
+        if PROJECTOR_KEY in name
+    }
+    for name, tensor in trainable_state.items():  # the trained values (full, also under FSDP)
+        if PROJECTOR_KEY in name:
+            projector[_projector_name(name)] = tensor.detach().to("cpu").contiguous()
+    save_file(projector, str(export_dir / "projector.safetensors"))
+
+
+def _projector_name(name: str) -> str:
+    """peft / wrapper name -> ``model.multi_modal_projector.linear_1.weight`` (transformers 5 names)."""
+    return "model." + name[name.index(PROJECTOR_KEY):]
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def run_finetune(
+    config: FinetuneConfig, dataset: ray.data.Dataset, *, num_rows: int | None = None
+) -> FinetuneResult:
+    """Fine-tune on Ray Train; resume a run that stopped; do nothing for a run that finished.
+
+    Args:
+        config: the run (``check_config`` is run again here, before any worker starts).
+        dataset: rows with ``input_ids``, ``labels`` (int64, -100 masked), ``pixel_values`` (float32
+            [3, S, S]) and ``ok``, e.g. from ``rsflow.finetune.data.PrepareBatch``. It must give the
+            same rows in the same order every time it runs (it is run again after a failure):
+            shuffle the records, seeded, before preparing them; no unseeded shuffle here.
+        num_rows: rows in ``dataset`` when known (else ``dataset.count()`` runs the dataset once).
+
+    Returns:
+        What the run produced (``already_done`` when it had finished before).
+
+    Raises:
+        RequestError: bad config, too few rows for one step, a relaunch with a different batch layout.
+        ray.train.TrainingFailedError: the run failed more than ``max_failures`` times.
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    check_config(config)
+    run_dir = config.run_dir
+    done_path = run_dir / DONE_MARKER
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        differs = sorted(k for k, v in config.to_dict().items() if done.get("config", {}).get(k) != v)
+        logger.warning("run %s already finished (%s): nothing to do%s", config.name, done_path,
+                       f"; the config given differs in {', '.join(differs)}" if differs else "")
+        return FinetuneResult(**{**done["result"], "duration_seconds": 0.0, "already_done": True})
+
+    rows = int(num_rows) if num_rows is not None else dataset.count()
+    steps_per_epoch = rows // config.workers // config.per_worker_batch // config.grad_accum
+    if steps_per_epoch < 1:
+        raise RequestError(
+            "global_batch", f"{rows} rows make no whole step of {config.global_batch} samples; lower it"
+        )
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    meta = {"rows": rows, "workers": config.workers, "global_batch": config.global_batch,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": config.seed,
+            "shuffle": config.shuffle}
+    _check_relaunch(run_dir / _META_FILE, meta)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    # Ray Train's default ingest options (the driver's DataContext) + preserve_order: the same rows
+    # reach the same worker in the same order on every start. (Copied rather than rebuilt with
+    # DataConfig.default_ingest_options(), which trips Ray's own exclude_resources deprecation.)
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    ingest.preserve_order = True
+    resources: dict[str, float] = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "steps_per_epoch": steps_per_epoch,
+                           "total_steps": total_steps, "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest, enable_shard_locality=False),
+    )
+    logger.info("launching %s: %d workers, %d rows, %d steps (%d per epoch) of %d samples", config.name,
+                config.workers, rows, total_steps, steps_per_epoch, config.global_batch)
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return _finish(config, checkpoint, time.perf_counter() - started, meta)
+
+
+def _check_relaunch(meta_path: Path, meta: Mapping[str, Any]) -> None:
+    """A resumed run must split and order its rows as before, or rows would be skipped or repeated."""
+    if not meta_path.is_file():
+        return
+    before = json.loads(meta_path.read_text())
+    for key in ("rows", "workers", "global_batch", "steps_per_epoch", "seed", "shuffle"):
+        if before.get(key) != meta[key]:
+            raise RequestError(
+                "global_batch" if key in ("workers", "global_batch", "steps_per_epoch") else key,
+                f"run {meta_path.parent} was started with {key} {before.get(key)}, now {meta[key]}; "
+                "resuming would change which rows are skipped: keep it, or use a new name",
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs of a finished run (driver)
+
+
+def _finish(
+    config: FinetuneConfig, checkpoint: str | None, seconds: float, meta: Mapping[str, Any]
+) -> FinetuneResult:
+    run_dir = config.run_dir
+    export_dir = run_dir / "export"
+    steps = read_steps(run_dir)
+    _write_loss_files(run_dir, steps)
+    exported = _export_llava_repo(config, export_dir)
+    result = FinetuneResult(
+        run_dir=str(run_dir),
+        stage=config.stage,
+        steps=int(steps[-1]["step"]) if steps else 0,
+        samples=int(steps[-1]["samples"]) if steps else 0,
+        final_loss=float(steps[-1]["loss"]) if steps else None,
+        export_dir=str(export_dir),
+        checkpoint=checkpoint,
+        attempts=len({row["attempt"] for row in steps}),
+        duration_seconds=round(seconds, 3),
+    )
+    _write_model_card(run_dir / "MODEL_CARD.md", config, result, steps, meta, exported)
+    done = {"config": config.to_dict(), "result": asdict(result), "finished_at": time.time()}
+    (run_dir / DONE_MARKER).write_text(json.dumps(done, indent=2, sort_keys=True) + "\n")
+    logger.info("run %s done: %d steps, final loss %s, outputs in %s", config.name, result.steps,
+                result.final_loss, export_dir)
+    return result
+
+
+def _write_loss_files(run_dir: Path, steps: Sequence[Mapping[str, str]]) -> None:
+    with (run_dir / "loss.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "samples", "loss", "lr"])
+        writer.writerows([row["step"], row["samples"], row["loss"], row["lr"]] for row in steps)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: loss.png not written (loss.csv has the numbers; "
+                       "`pip install matplotlib` to get the plot)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def _export_llava_repo(config: FinetuneConfig, export_dir: Path) -> list[str]:
+    """``export/llava_repo/``: the LLaVA repository's LoRA layout (instruct), or ``mm_projector.bin``
+    (align, LLaVA stage 1's output)."""
+    import torch
+    from safetensors.torch import load_file
+
+    dst = export_dir / "llava_repo"
+    if dst.exists():
+        shutil.rmtree(dst)
+    projector = load_file(str(export_dir / "projector.safetensors"))
+    # transformers linear_1 / linear_2 = LLaVA mm_projector.0 / .2 (models.md 5.1)
+    llava_names = {k: _llava_projector_name(k) for k in projector}
+    if config.stage == "align":
+        dst.mkdir(parents=True)
+        torch.save({llava_names[k]: v for k, v in projector.items()}, dst / "mm_projector.bin")
+        return [str(dst / "mm_projector.bin")]
+
+    from rsflow.models.formats import export_llava_repo_lora
+
+    summary = export_llava_repo_lora(export_dir / "adapter", config.base, dst)
+    if config.train_projector:
+        # export_llava_repo_lora copies the BASE's projector into non_lora_trainables.bin; a trained
+        # projector replaces it here under the same keys.
+        non_lora_path = dst / "non_lora_trainables.bin"
+        non_lora = torch.load(non_lora_path, map_location="cpu", weights_only=True)
+        trained = {"base_model.model." + llava_names[k]: v for k, v in projector.items()}
+        if set(trained) != set(non_lora):
+            raise RuntimeError(f"projector keys {sorted(trained)} do not match {sorted(non_lora)}")
+        torch.save(trained, non_lora_path)
+    return sorted(str(p) for p in dst.iterdir()) if summary else []
+
+
+def _llava_projector_name(name: str) -> str:
+    """``model.multi_modal_projector.linear_1.weight`` -> ``model.mm_projector.0.weight`` (models.md 5.1)."""
+    leaf = name.split(PROJECTOR_KEY + ".", 1)[1]
+    return "model.mm_projector." + leaf.replace("linear_1.", "0.").replace("linear_2.", "2.")
+
+
+def _write_model_card(
+    path: Path,
+    config: FinetuneConfig,
+    result: FinetuneResult,
+    steps: Sequence[Mapping[str, str]],
+    meta: Mapping[str, Any],
+    exported: Iterable[str],
+) -> None:
+    what = (
+        "the multimodal projector only (LLaVA stage 1)"
+        if config.stage == "align"
+        else f"LoRA r {config.lora_r} alpha {config.lora_alpha:g} on {', '.join(config.lora_targets)} of the "
+        "language model" + (", and the projector" if config.train_projector else "; projector frozen")
+    )
+    first = float(steps[0]["loss"]) if steps else float("nan")
+    last = result.final_loss if result.final_loss is not None else float("nan")
+    lines = [
+        f"# {config.name}",
+        "",
+        f"Fine-tuned from `{config.base}` with `rsflow.finetune` (stage `{config.stage}`).",
+        "",
+        "## Training",
+        f"- Trained: {what}; the vision tower and every other weight are frozen "
+        "(`param_checksums.json` lists what changed).",
+        f"- Data: `{config.data or '(dataset given in code)'}`, images under `{config.image_root or '-'}`; "
+        f"{meta['rows']} rows, {meta['steps_per_epoch']} steps per epoch.",
+        f"- Batch: {config.global_batch} samples per step = {config.per_worker_batch} per worker x "
+        f"{config.workers} workers x {config.grad_accum} accumulated.",
+        f"- Optimiser: AdamW, lr {config.lr:g}"
+        + (f", projector lr {config.projector_lr:g}" if config.projector_lr is not None else "")
+        + f", weight decay {config.weight_decay:g}, warmup {config.warmup_ratio:g} of the steps then "
+        f"{config.schedule}, gradient clipping {config.max_grad_norm:g}.",
+        f"- Steps: {result.steps} ({result.samples} samples) in {result.attempts} attempt(s); "
+        f"loss {first:.4f} at step 1, {last:.4f} "
+        "at the end (`loss.csv`, `steps.csv`).",
+        f"- Wall time of the last launch: {result.duration_seconds:.1f} s.",
+        "",
+        "## Files",
+        (
+            "- `export/adapter/`: peft adapter (`PeftModel.from_pretrained(base, ...)`)"
+            if config.stage == "instruct"
+            else "- (no adapter: stage align trains no LoRA)"
+        ),
+        "- `export/projector.safetensors`: projector weights, transformers names "
+        "(`load_state_dict(..., strict=False)` on a `LlavaForConditionalGeneration`)",
+        *[f"- `{Path(p).relative_to(path.parent)}`" for p in exported],
+        "",
+        "## Config",
+        "```json",
+        json.dumps(config.to_dict(), indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+__all__ = ["DONE_MARKER", "STEPS_COLUMNS", "FinetuneResult", "get_lr", "read_steps", "row_digest",
+           "run_finetune", "train_loop"]

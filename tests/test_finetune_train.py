@@ -1,0 +1,319 @@
+"""Tests of ``rsflow.finetune.train`` / ``rsflow.finetune.config`` and ``training/finetune.py``.
+
+The Ray tests run the real loop on 2 CPU Ray Train workers (gloo) with the tiny LLaVA of
+``tests.model_fixtures`` on a synthetic dataset built here (rows with exactly the columns of the data
+stage: ``input_ids``, ``labels``, ``pixel_values``, ``ok``), so they do not depend on the data stage.
+The target is learnable: the first answer token says whether the image is bright or dark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rsflow.errors import RequestError
+from rsflow.finetune.config import FinetuneConfig, load_config
+from rsflow.finetune.train import _collate, get_lr, read_steps, row_digest, run_finetune
+
+_REPO = Path(__file__).resolve().parents[1]
+_BRIGHT, _DARK, _SECOND = 400, 500, 600  # answer token ids (< the tiny vocabulary)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _layout(base: Path) -> tuple[int, int, int]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    return int(config.image_token_index), int(config.image_seq_length), int(config.vision_config.image_size)
+
+
+def _synthetic_rows(base: Path, n: int, *, failed: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image)."""
+    image_token, n_image, size = _layout(base)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        if i >= n - failed:
+            rows.append({"input_ids": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
+                         "pixel_values": np.zeros((3, size, size), np.float32), "ok": False})
+            continue
+        bright = bool(i % 2)
+        pixels = rng.normal(0.8 if bright else -0.8, 0.3, (3, size, size)).astype(np.float32)
+        prompt = rng.integers(300, 700, int(rng.integers(3, 7)))
+        answer = [_BRIGHT if bright else _DARK, _SECOND, 2]  # 2 = </s>
+        ids = np.array([1, *[image_token] * n_image, *prompt, *answer], dtype=np.int64)
+        labels = ids.copy()
+        labels[: len(ids) - len(answer)] = -100  # only the answer (and </s>) is supervised
+        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "ok": True})
+    return rows
+
+
+def _config(base: Path, out: Path, name: str, **overrides: Any) -> FinetuneConfig:
+    values: dict[str, Any] = dict(
+        base=str(base), output=str(out), name=name, workers=2, cpus_per_worker=0.5,
+        per_worker_batch=2, grad_accum=2, global_batch=8, lr=5e-3, warmup_ratio=0.1,
+        lora_r=4, lora_alpha=8, lora_dropout=0.05, checkpoint_every=5, keep_checkpoints=2,
+        max_failures=1, shuffle=False,
+    )
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def _changed(run_dir: str) -> tuple[set[str], set[str]]:
+    """(names whose bytes changed, all names) from ``param_checksums.json``."""
+    sums = json.loads((Path(run_dir) / "param_checksums.json").read_text())
+    before, after = sums["before"], sums["after"]
+    assert set(before) == set(after)
+    return {k for k in before if before[k] != after[k]}, set(before)
+
+
+def _finetune_cli() -> Any:
+    spec = importlib.util.spec_from_file_location("training_finetune", _REPO / "training" / "finetune.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_get_lr_warms_up_linearly_then_decays_on_a_cosine() -> None:
+    config = FinetuneConfig(lr=1.0, warmup_ratio=0.1, max_steps=20)
+    # warmup = ceil(0.1 * 20) = 2 steps: 1/2, 2/2; then cosine over the 18 remaining steps
+    assert get_lr(0, config) == pytest.approx(0.5)
+    assert get_lr(1, config) == pytest.approx(1.0)
+    assert get_lr(2, config) == pytest.approx(1.0)
+    assert get_lr(11, config) == pytest.approx(0.5)  # half way: (11 - 2) / 18
+    assert get_lr(19, config) == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
+    assert get_lr(19, config) > 0
+    assert get_lr(0, FinetuneConfig(lr=2e-4, warmup_ratio=0.0), total_steps=10) == pytest.approx(2e-4)
+    decay = [get_lr(s, config) for s in range(2, 20)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_collate_pads_right_and_turns_failed_rows_into_silent_fillers() -> None:
+    rows = [
+        {"input_ids": np.array([1, 9, 9, 5]), "labels": np.array([-100, -100, -100, 5]),
+         "pixel_values": np.ones((3, 4, 4), np.float32), "ok": True},
+        {"input_ids": np.array([1, 9, 9, 6, 7, 2]), "labels": np.array([-100, -100, -100, 6, 7, 2]),
+         "pixel_values": np.ones((3, 4, 4), np.float32), "ok": True},
+        {"input_ids": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
+         "pixel_values": np.zeros((3, 4, 4), np.float32), "ok": False},
+    ]
+    batch = _collate(rows, pad_id=0, image_token_id=9, image_tokens=2)
+    assert batch["input_ids"].tolist() == [[1, 9, 9, 5, 0, 0], [1, 9, 9, 6, 7, 2], [0, 9, 9, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch["labels"][0].tolist() == [-100, -100, -100, 5, -100, -100]
+    assert (batch["labels"][2] == -100).all()  # the filler adds no loss
+    assert batch["pixel_values"].shape == (3, 3, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------- bad configs
+
+
+def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
+    values = {"stage": "instruct", "base": str(base), "data": str(data_path),
+              "output": str(path.parent / "runs"), "workers": 2, "per_worker_batch": 2, "grad_accum": 1,
+              "global_batch": 4, **extra}
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "overrides", "key", "message"),
+    [
+        ({"learning_rate": 1e-4}, [], "learning_rate", "unknown config key"),
+        ({}, ["lr_max=3"], "lr_max", "unknown config key"),
+        ({}, ["global_batch=144"], "global_batch", "144 != per_worker_batch 2 x workers 2 x grad_accum 1"),
+        ({"data": "/nonexistent/train.json"}, [], "data", "does not exist"),
+        ({}, ["lora_targets=q_proj,qkv_proj"], "lora_targets", "'qkv_proj' matches no linear layer"),
+        ({}, ["workers=two"], "workers", "expected int"),
+        ({}, ["strategy=fsdp"], "strategy", "fsdp needs use_gpu"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    extra: dict[str, Any], overrides: list[str], key: str, message: str,
+) -> None:
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    config_path = _write_yaml(tmp_path / "run.yaml", tiny_model_dir, data, **extra)
+    with pytest.raises(RequestError, match=message) as info:
+        load_config(config_path, overrides)
+    assert info.value.field == key
+
+    import rsflow.finetune.train as train_module
+
+    def no_launch(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a worker would have started")
+
+    monkeypatch.setattr(train_module, "run_finetune", no_launch)
+    code = _finetune_cli().main(["--stage", "instruct", "--config", str(config_path), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"finetune: error: {key}: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_finetune_checks_lora_targets_before_launching(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.train.torch
+
+    def no_trainer(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("TorchTrainer was built")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    config = _config(tiny_model_dir, tmp_path, "bad", lora_targets=("q_proj", "lm_head"))
+    with pytest.raises(RequestError, match="'lm_head' matches no linear layer") as info:
+        run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
+    assert info.value.field == "lora_targets"
+    with pytest.raises(RequestError, match="make no whole step") as info:
+        run_finetune(_config(tiny_model_dir, tmp_path, "small"), None, num_rows=7)  # type: ignore[arg-type]
+    assert info.value.field == "global_batch"
+
+
+# ---------------------------------------------------------------------------------------------- Ray runs
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_align_trains_only_the_projector(ray_local: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import ray.data
+    import torch
+
+    config = _config(tiny_model_dir, tmp_path, "align", stage="align", grad_accum=1, global_batch=4,
+                     lr=1e-2, max_steps=4, checkpoint_every=2)
+    dataset = ray.data.from_items(_synthetic_rows(tiny_model_dir, 32), override_num_blocks=4)
+    result = run_finetune(config, dataset, num_rows=32)
+
+    assert (result.steps, result.samples, result.attempts) == (4, 16, 1)
+    changed, names = _changed(result.run_dir)
+    projector = {n for n in names if "multi_modal_projector" in n}
+    assert len(projector) == 4
+    assert changed == projector  # vision tower and language model untouched, every projector tensor moved
+    export = Path(result.export_dir)
+    assert not (export / "adapter").exists()
+    mm = torch.load(export / "llava_repo" / "mm_projector.bin", weights_only=True)
+    assert sorted(mm) == [f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
+    ray_local: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import ray.data
+    import torch
+    from safetensors.torch import load_file
+
+    rows = _synthetic_rows(tiny_model_dir, 160, failed=2)
+    dataset = ray.data.from_items(rows, override_num_blocks=8)
+    # 160 rows / (2 per worker x 2 workers x 2 accumulated) = 20 steps per epoch; 2 epochs
+    config = _config(tiny_model_dir, tmp_path, "instruct", train_projector=True, projector_lr=2e-3,
+                     max_steps=40, checkpoint_every=10)
+    run_dir = config.run_dir
+    killed: dict[str, int] = {}
+
+    def registered_checkpoint_step() -> int:
+        """Step of the last checkpoint Ray Train has registered (its controller polls every ~2 s)."""
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+            return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def kill_rank1() -> None:
+        # Kill once a checkpoint is registered: one reported in the last poll interval before a failure
+        # is not, and the run would (correctly) restart from the one before, here from scratch.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if registered_checkpoint_step() >= config.checkpoint_every:
+                pid = int((run_dir / "workers" / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, last_step=max(int(r["step"]) for r in read_steps(run_dir)))
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_rank1, daemon=True)
+    killer.start()
+    result = run_finetune(config, dataset, num_rows=len(rows))
+    killer.join(timeout=5)
+
+    # the kill happened mid-run and the run recovered by itself
+    assert killed, "the worker was never killed"
+    assert killed["last_step"] < 40
+    assert result.attempts == 2 and result.steps == 40 and result.samples == 320
+
+    # every step once, in order, samples continuous
+    steps = read_steps(run_dir)
+    assert [int(r["step"]) for r in steps] == list(range(1, 41))
+    assert [int(r["samples"]) for r in steps] == [8 * s for s in range(1, 41)]
+    resumed_at = next(int(r["step"]) for r in steps if r["attempt"] == "2")
+    assert resumed_at - 1 >= config.checkpoint_every  # from a checkpoint, not from scratch
+    assert (resumed_at - 1) % config.checkpoint_every == 0 and resumed_at - 1 <= killed["last_step"]
+    assert all(r["attempt"] == "1" for r in steps[: resumed_at - 1])
+
+    # every row consumed exactly once per epoch, across the restart (sums of per-row CRCs)
+    all_rows = sum(row_digest(r["input_ids"]) for r in rows)
+    for epoch in (0, 1):
+        in_epoch = [r for r in steps if int(r["epoch"]) == epoch]
+        assert len(in_epoch) == 20
+        assert sum(int(r["rows_digest"]) for r in in_epoch) == all_rows
+        assert sum(int(r["failed_rows"]) for r in in_epoch) == 2
+
+    # the loss goes down on the learnable target
+    losses = [float(r["loss"]) for r in steps]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+
+    # only the LoRA factors and the projector changed
+    changed, names = _changed(result.run_dir)
+    trainable = {n for n in names if ".lora_" in n or "multi_modal_projector" in n}
+    assert len(trainable) == 2 * 7 * 2 + 4  # (lora_A, lora_B) x 7 projections x 2 layers + the projector
+    assert changed == trainable
+
+    # outputs
+    export = Path(result.export_dir)
+    adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+    lora = load_file(str(export / "adapter" / "adapter_model.safetensors"))
+    assert len(lora) == 28 and all(".lora_" in k and "vision" not in k for k in lora)
+    assert len(torch.load(export / "llava_repo" / "adapter_model.bin", weights_only=True)) == 28
+    projector = load_file(str(export / "projector.safetensors"))
+    non_lora = torch.load(export / "llava_repo" / "non_lora_trainables.bin", weights_only=True)
+    assert torch.equal(non_lora["base_model.model.model.mm_projector.0.weight"],
+                       projector["model.multi_modal_projector.linear_1.weight"])
+    assert (export / "llava_repo" / "adapter_model.bin").is_file()
+    card = (run_dir / "MODEL_CARD.md").read_text()
+    assert "40 (320 samples) in 2 attempt(s)" in card
+    assert (run_dir / "loss.csv").read_text().count("\n") == 41
+
+    # the restart changed nothing: an uninterrupted run (same rows, seeds and schedule) is identical
+    reference = run_finetune(replace(config, name="reference", checkpoint_every=40), dataset,
+                             num_rows=len(rows))
+    assert reference.attempts == 1
+    assert [r["loss"] for r in read_steps(reference.run_dir)] == [r["loss"] for r in steps]
+    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        ours, theirs = load_file(str(export / name)), load_file(str(Path(reference.export_dir) / name))
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+    # relaunching the finished run does nothing and says so
+    before = (run_dir / "steps.csv").read_bytes()
+    again = run_finetune(config, dataset, num_rows=len(rows))
+    assert again.already_done and again.steps == 40
+    assert (run_dir / "steps.csv").read_bytes() == before

@@ -210,6 +210,18 @@ def test_align_trains_only_the_projector(ray_local: Any, tiny_model_dir: Path, t
     assert not (export / "adapter").exists()
     mm = torch.load(export / "llava_repo" / "mm_projector.bin", weights_only=True)
     assert sorted(mm) == [f"model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
+    # stage 1's result is a complete model folder (stage 2's base; --model in the region job)
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    aligned = LlavaForConditionalGeneration.from_pretrained(export / "model")
+    trained = load_file(export / "projector.safetensors")
+    got = dict(aligned.named_parameters())
+    for name, tensor in trained.items():
+        match = [p for n, p in got.items() if n.endswith(name.split("multi_modal_projector.", 1)[-1])
+                 and "multi_modal_projector" in n]
+        assert match and torch.equal(match[0].detach(), tensor), name
+    assert json.loads((export / "model" / "rsflow.json").read_text())["stage"] == "align"
 
 
 @pytest.mark.slow

@@ -653,6 +653,27 @@ def _export_weights(
         if PROJECTOR_KEY in name:
             projector[_projector_name(name)] = tensor.detach().to("cpu").contiguous()
     save_file(projector, str(export_dir / "projector.safetensors"))
+    if config.stage == "align":
+        _export_model(export_dir / "model", model, config)
+
+
+def _export_model(model_dir: Path, model: Any, config: FinetuneConfig) -> None:
+    """Stage 1's result as a complete transformers LLaVA folder (the base with the aligned projector):
+    the ``base`` of stage 2, and what ``--model`` loads in the region job (stage 2's adapter then goes
+    on top with ``--adapter``). Processor, tokenizer and ``rsflow.json`` come from the base."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model.config.use_cache = True
+    model.config.text_config.use_cache = True
+    model.save_pretrained(model_dir, safe_serialization=True)
+    base = Path(config.base)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if (base / name).is_file():
+            shutil.copy2(base / name, model_dir / name)
+    card = json.loads((base / "rsflow.json").read_text()) if (base / "rsflow.json").is_file() else {}
+    card.update(stage="align", trained_from=str(base), run=config.name)
+    (model_dir / "rsflow.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
 def _projector_name(name: str) -> str:

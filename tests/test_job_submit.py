@@ -79,7 +79,13 @@ def test_ray_job_submit_runs_the_region_job(ray_head, sample_catalog, tmp_path):
         "--", "python", "jobs/caption_region.py", "--stac", str(sample_catalog),
         "--bbox", "-75.70,37.650,-75.69,37.655", "--max-new-tokens", "4", "--output", str(out),
     ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    # The dashboard answers before its job agent is up; Ray then says "No available agent to submit
+    # job, please try again later". Wait for the agent as a user would, a bounded number of times.
+    for _ in range(20):
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     manifest = json.loads((out / "_manifest.json").read_text())

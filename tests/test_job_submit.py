@@ -41,7 +41,11 @@ def ray_head():
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--temp-dir", temp_dir, "--disable-usage-stats"],
+         "--temp-dir", temp_dir, "--disable-usage-stats",
+         # its own agent ports: another Ray on this machine (the suite's local one) holds the defaults,
+         # and an agent that cannot bind leaves the job API answering "No available agent"
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
     )
     address = f"http://127.0.0.1:{dash_port}"

@@ -362,7 +362,6 @@ def _write_preview(directory: str, *, title: str) -> str | None:
     is not previewed (the run still succeeds)."""
     import fsspec
 
-    from rsflow.errors import RequestError
     from rsflow.preview import write_preview
 
     fs, root = fsspec.core.url_to_fs(directory)

@@ -120,6 +120,13 @@ def _read_json(path: Path, flag: str) -> dict[str, Any]:
     return data
 
 
+def _is_geochat(config: Mapping[str, Any]) -> bool:
+    """GeoChat's own checkpoints say so by model_type or architecture (504 px, geochat template)."""
+    return str(config.get("model_type")) == "geochat" or "GeoChatLlamaForCausalLM" in (
+        config.get("architectures") or ()
+    )
+
+
 def _has_mm_keys(config: Mapping[str, Any]) -> bool:
     return any(config.get(key) for key in _MM_KEYS)
 
@@ -951,9 +958,7 @@ def load_llava_repo(
     if fmt != "llava-repo":
         _refuse_format(fmt, root, "--model")
     config = _read_json(root / _CONFIG, "--model")
-    geochat = str(config.get("model_type")) == "geochat" or "GeoChatLlamaForCausalLM" in (
-        config.get("architectures") or ()
-    )
+    geochat = _is_geochat(config)
     arch: TextArch = "mistral" if str(config.get("model_type")) == "llava_mistral" else "llama"
     plan = _Plan(
         config=config,
@@ -1304,9 +1309,7 @@ def describe_original(
         if model_fmt != "llava-repo":
             return None
         config = _read_json(model_root / _CONFIG, "--model")
-        geochat = str(config.get("model_type")) == "geochat" or "GeoChatLlamaForCausalLM" in (
-            config.get("architectures") or ()
-        )
+        geochat = _is_geochat(config)
         fmt, prompt, source = "llava-repo", ("geochat" if geochat else "llava"), model_root
     clip = _clip_vision_config(_resolve_vision_tower(config, vision_tower, source))
     size, patch = int(clip.image_size), int(clip.patch_size)

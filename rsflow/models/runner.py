@@ -330,13 +330,10 @@ class _Work:
 
 @dataclass(frozen=True)
 class _Encoded:
-    """A tile after the vision tower: its features and the placeholder text the processor would use."""
+    """A tile after the vision tower: its features."""
 
     features: torch.Tensor
     """``[n_image_tokens, text_hidden]`` in the model dtype, on the model device."""
-
-    image_text: str
-    """``<image>`` repeated once per image token (what ``LlavaProcessor`` puts in place of ``<image>``)."""
 
 
 def _column(values: Any) -> np.ndarray:
@@ -742,18 +739,9 @@ class ModelRunner:
                 f"the vision tower gave {len(features)} feature sets for {len(squares)} images"
             )
         return [
-            _Encoded(feats, self._image_text(processed, i, int(feats.shape[0])))
+            _Encoded(feats)
             for i, feats in enumerate(features)
         ]
-
-    def _image_text(self, processed: Any, index: int, n_features: int) -> str:
-        """The text that stands for one image: what the processor puts in place of ``<image>``."""
-        processor = self.loaded.processor
-        token = str(getattr(processor, "image_token", IMAGE_TOKEN))
-        replace = getattr(processor, "replace_image_token", None)
-        if replace is None:  # processors before the 5.x hook: one token per feature, as the model needs
-            return token * n_features
-        return str(replace(processed, index))
 
     # ------------------------------------------------------------------------------------ text
 

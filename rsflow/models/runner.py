@@ -738,10 +738,7 @@ class ModelRunner:
             raise RuntimeError(
                 f"the vision tower gave {len(features)} feature sets for {len(squares)} images"
             )
-        return [
-            _Encoded(feats)
-            for i, feats in enumerate(features)
-        ]
+        return [_Encoded(feats) for feats in features]
 
     # ------------------------------------------------------------------------------------ text
 

@@ -23,6 +23,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -178,8 +179,17 @@ def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[s
     return profiles
 
 
-def run_region(request: RegionRequest, *, address: str | None = None) -> RunResult:
+def run_region(
+    request: RegionRequest, *, address: str | None = None, items: Sequence[dict[str, Any]] | None = None
+) -> RunResult:
     """Run one region job to a committed GeoParquet dataset.
+
+    Args:
+        request: the validated request.
+        address: Ray address (default: ``RAY_ADDRESS``, else a local Ray).
+        items: STAC items (dicts) already searched by the caller, e.g. the monitor's items not yet
+            processed; when given, the request's source is not searched again and exactly these
+            items are planned (an empty list writes an empty dataset). Default: search the request.
 
     Raises:
         RequestError: a bad request found after parsing (unknown profile, model without size).
@@ -211,19 +221,25 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
     regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]
 
     t_search = time.perf_counter()
-    found = search_items(
-        SearchQuery(
-            stac=request.stac,
-            collections=request.collections,
-            intersects=mapping(request.aoi),
-            datetime=request.datetime,
-            max_cloud=request.max_cloud,
-            max_items=request.max_items,
+    if items is None:
+        found = search_items(
+            SearchQuery(
+                stac=request.stac,
+                collections=request.collections,
+                intersects=mapping(request.aoi),
+                datetime=request.datetime,
+                max_cloud=request.max_cloud,
+                max_items=request.max_items,
+            )
         )
-    )
-    items = found.items
+        items = found.items
+        items_given = False
+    else:
+        items = list(items)
+        items_given = True
     search_seconds = time.perf_counter() - t_search
-    logger.info("search: %d items in %.1f s", len(items), search_seconds)
+    logger.info("search: %d items in %.1f s%s", len(items), search_seconds,
+                " (given by the caller)" if items_given else "")
     profiles = _profiles_for(request, items)
 
     staging = out.staging_path(request.output, run_id)
@@ -238,6 +254,7 @@ def run_region(request: RegionRequest, *, address: str | None = None) -> RunResu
         "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key, "adapter": p.adapter} for p in prompts],
         "profiles": {c: p.name for c, p in profiles.items()},
         "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
+        "items_given": items_given,
         "versions": package_versions(),
         "columns": out.RESULT_COLUMNS,
     }

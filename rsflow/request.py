@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,18 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RequestError("--task-file", f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_task_mapping(doc, base_dir=p.parent, source=str(path))
+
+
+def parse_task_mapping(doc: Any, *, base_dir: Path, source: str) -> dict[str, Any]:
+    """A task file's content, already loaded (e.g. the ``tasks`` mapping of a monitor config), -> the
+    flag values it stands for; the rules of :func:`parse_task_file`, paths relative to ``base_dir``.
+
+    Raises:
+        RequestError: naming ``--task-file``: not a mapping, an unknown key or a wrong type
+            (``source`` names where the mapping came from).
+    """
+    path = source
     if not isinstance(doc, dict):
         raise RequestError("--task-file", f"{path} must be a mapping with keys {', '.join(TASK_FILE_KEYS)}")
     unknown = sorted(set(doc) - set(TASK_FILE_KEYS))
@@ -449,13 +462,13 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
             out[key] = dict(value)
     if "adapters" in out:  # adapter paths are relative to the task file, like regions
         out["adapters"] = {
-            name: str((p.parent / ref).resolve()) if (p.parent / ref).exists() else ref
+            name: str((base_dir / ref).resolve()) if (base_dir / ref).exists() else ref
             for name, ref in out["adapters"].items()
         }
     if "regions" in doc:
         if not isinstance(doc["regions"], str):
             raise RequestError("--task-file", f"'regions' in {path} must be a GeoJSON file path")
-        out["regions"] = str((p.parent / doc["regions"]).resolve())
+        out["regions"] = str((base_dir / doc["regions"]).resolve())
     if "tasks" not in out:  # the tasks are those whose inputs the file gives
         implied = {"questions": "vqa", "classes": "classify", "detect": "detect", "refer": "refer",
                    "regions": "region-caption"}
@@ -586,7 +599,7 @@ def parse_request(
     detect: str | None = None,
     refer: list[str] | tuple[str, ...] = (),
     regions: str | None = None,
-    task_file: str | None = None,
+    task_file: str | Mapping[str, Any] | None = None,
     merge: str = "iou",
     merge_iou: float = 0.5,
     preview: bool = True,
@@ -630,7 +643,8 @@ def parse_request(
         stac = str(local.resolve())
     task_list = _parse_list(tasks)
     if task_file:
-        from_file = parse_task_file(task_file)
+        # a path, or what parse_task_file / parse_task_mapping already made of one (a monitor's tasks)
+        from_file = parse_task_file(task_file) if isinstance(task_file, str | Path) else dict(task_file)
         task_list = tuple(dict.fromkeys([*task_list, *from_file.get("tasks", [])]))
         question = [*question, *from_file.get("questions", [])]
         refer = [*refer, *from_file.get("refer", [])]

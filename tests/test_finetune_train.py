@@ -294,18 +294,25 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
 
     # only the LoRA factors and the projector changed
     changed, names = _changed(result.run_dir)
-    trainable = {n for n in names if ".lora_" in n or "multi_modal_projector" in n}
-    assert len(trainable) == 2 * 7 * 2 + 4  # (lora_A, lora_B) x 7 projections x 2 layers + the projector
+    # the projector trains as peft's modules_to_save copy; the original beside it stays frozen
+    trainable = {n for n in names if ".lora_" in n or ".modules_to_save." in n}
+    assert len(trainable) == 2 * 7 * 2 + 4, sorted(trainable)  # (lora_A, lora_B) x 7 projections x 2 layers + the projector
     assert changed == trainable
+    assert len({n for n in names if "multi_modal_projector.original_module." in n}) == 4
 
     # outputs
     export = Path(result.export_dir)
     adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
     lora = load_file(str(export / "adapter" / "adapter_model.safetensors"))
-    assert len(lora) == 28 and all(".lora_" in k and "vision" not in k for k in lora)
+    assert len(lora) == 32 and not any("vision" in k for k in lora)
+    assert sum(".lora_" in k for k in lora) == 28
     assert len(torch.load(export / "llava_repo" / "adapter_model.bin", weights_only=True)) == 28
     projector = load_file(str(export / "projector.safetensors"))
+    # the adapter carries the trained projector (modules_to_save), so --adapter alone reproduces the model
+    in_adapter = {k.removeprefix("base_model.model."): v for k, v in lora.items() if ".lora_" not in k}
+    assert sorted(in_adapter) == sorted(projector)
+    assert all(torch.equal(in_adapter[k], projector[k]) for k in projector)
     non_lora = torch.load(export / "llava_repo" / "non_lora_trainables.bin", weights_only=True)
     assert torch.equal(non_lora["base_model.model.model.mm_projector.0.weight"],
                        projector["model.multi_modal_projector.linear_1.weight"])

@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -253,12 +254,15 @@ def _build_model(config: FinetuneConfig) -> Any:
             lora_dropout=config.lora_dropout,
             target_modules=lora_target_regex(config.lora_targets),
             bias="none",
+            # A projector trained in stage 2 travels inside the adapter (peft saves a trainable copy and
+            # puts it in place on load), so `--adapter` alone reproduces the tuned model.
+            modules_to_save=[PROJECTOR_KEY] if config.train_projector else None,
         )
         with warnings.catch_warnings():
             # peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
             model = get_peft_model(model, lora)  # freezes everything but the LoRA factors
-    if config.trains_projector:
+    if config.stage == "align":
         for name, param in model.named_parameters():
             if PROJECTOR_KEY in name:
                 param.requires_grad_(True)
@@ -647,7 +651,7 @@ def _export_weights(
     projector = {
         _projector_name(name): param.detach().to("cpu").contiguous()
         for name, param in model.named_parameters()
-        if PROJECTOR_KEY in name
+        if PROJECTOR_KEY in name and _ORIGINAL_MODULE not in name  # peft's frozen copy of a trained module
     }
     for name, tensor in trainable_state.items():  # the trained values (full, also under FSDP)
         if PROJECTOR_KEY in name:
@@ -676,13 +680,61 @@ def _export_model(model_dir: Path, model: Any, config: FinetuneConfig) -> None:
     (model_dir / "rsflow.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
+_ORIGINAL_MODULE = ".original_module."
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+")
+
+
 def _projector_name(name: str) -> str:
-    """peft / wrapper name -> ``model.multi_modal_projector.linear_1.weight`` (transformers 5 names)."""
-    return "model." + name[name.index(PROJECTOR_KEY):]
+    """peft / wrapper name -> ``model.multi_modal_projector.linear_1.weight`` (transformers 5 names);
+    peft's ``modules_to_save.<adapter>`` level (a projector trained in stage 2) is dropped."""
+    return "model." + _MODULES_TO_SAVE.sub("", name[name.index(PROJECTOR_KEY):])
 
 
 # ----------------------------------------------------------------------------------------------
 # the driver
+
+
+def prepare_dataset(config: FinetuneConfig, data_actors: int = 1) -> tuple[ray.data.Dataset, int]:
+    """The training rows of ``config.data`` as a Ray Data dataset, and how many there are.
+
+    ``config.data`` is LLaVA conversation JSON (images under ``config.image_root``, default: the JSON's
+    folder) or Parquet with image bytes (a ``.parquet`` file or a folder of them). Records that cannot
+    be used are counted by reason and logged (``RecordReport``); the rest are shuffled once, seeded
+    (every restart must see the same order, see ``run_finetune``), and turned into model-ready rows by
+    ``PrepareBatch`` on ``data_actors`` Ray Data actors: decoding, padding to square and tokenising run
+    there, not in the training loop.
+
+    Raises:
+        RequestError: (``data``) no usable record.
+    """
+    import numpy as np
+    import ray.data
+
+    from rsflow.finetune.data import PrepareBatch, load_llava_json, load_parquet_records, records_to_rows
+
+    template = "plain" if config.stage == "align" else "v1"
+    data = Path(config.data).expanduser()
+    if data.suffix == ".parquet" or data.is_dir():
+        records, report = load_parquet_records(data, template=template)
+    else:
+        records, report = load_llava_json(data, config.image_root or str(data.parent), template=template)
+    if report.n_skipped:
+        logger.warning("%s: %d records skipped: %s", data, report.n_skipped, json.dumps(report.to_dict()))
+    if not records:
+        raise RequestError("data", f"{data} has no usable record")
+    items = records_to_rows(records)
+    if all(item.get("image_bytes") is None for item in items):
+        # A column of None reaches the UDF as NaN (float32 under Ray Data); leave it out entirely.
+        items = [{k: v for k, v in item.items() if k != "image_bytes"} for item in items]
+    if config.shuffle:
+        items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
+    dataset = ray.data.from_items(items).map_batches(
+        PrepareBatch,
+        fn_constructor_kwargs={"model_dir": config.base, "template": template, "max_length": config.max_length},
+        compute=ray.data.ActorPoolStrategy(size=data_actors),
+        batch_size=max(1, config.per_worker_batch),
+    )
+    return dataset, len(items)
 
 
 def run_finetune(
@@ -853,16 +905,8 @@ def _export_llava_repo(config: FinetuneConfig, export_dir: Path) -> list[str]:
 
     from rsflow.models.formats import export_llava_repo_lora
 
+    # A projector trained in stage 2 is in the adapter (modules_to_save) and lands in non_lora_trainables.bin.
     summary = export_llava_repo_lora(export_dir / "adapter", config.base, dst)
-    if config.train_projector:
-        # export_llava_repo_lora copies the BASE's projector into non_lora_trainables.bin; a trained
-        # projector replaces it here under the same keys.
-        non_lora_path = dst / "non_lora_trainables.bin"
-        non_lora = torch.load(non_lora_path, map_location="cpu", weights_only=True)
-        trained = {"base_model.model." + llava_names[k]: v for k, v in projector.items()}
-        if set(trained) != set(non_lora):
-            raise RuntimeError(f"projector keys {sorted(trained)} do not match {sorted(non_lora)}")
-        torch.save(trained, non_lora_path)
     return sorted(str(p) for p in dst.iterdir()) if summary else []
 
 

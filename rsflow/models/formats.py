@@ -1503,7 +1503,8 @@ def export_llava_repo_lora(
 
     Output (``dst``, must not exist or be empty): ``adapter_model.bin`` (keys
     ``base_model.model.model.layers.{i}....lora_{A,B}.weight``, tensors as stored),
-    ``non_lora_trainables.bin`` (the projector of ``llava_dir``, keys
+    ``non_lora_trainables.bin`` (the projector the adapter carries (peft ``modules_to_save``), else the
+    one of ``llava_dir``, keys
     ``base_model.model.model.mm_projector.{0,2}.{weight,bias}``), ``adapter_config.json`` (the
     original one recorded by ``convert`` when there is one, with ``r``, ``lora_alpha``,
     ``lora_dropout`` and ``target_modules`` (leaf names) from the PEFT adapter) and ``config.json``
@@ -1530,10 +1531,15 @@ def export_llava_repo_lora(
     peft_config = _read_json(adapter_root / _ADAPTER_CONFIG, "--adapter")
 
     adapter_state: dict[str, torch.Tensor] = {}
+    trained_projector: dict[str, torch.Tensor] = {}
     leaves: set[str] = set()
     for key, tensor in _iter_tensors(_adapter_weights(adapter_root, "--adapter")):
         name = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
         match = _LORA_KEY.match(name)
+        if match is None and (_hf_to_llava_repo(name) or "").startswith("model.mm_projector."):
+            # a projector trained with the LoRA (peft modules_to_save): LLaVA keeps it in non_lora_trainables
+            trained_projector["base_model.model." + str(_hf_to_llava_repo(name))] = tensor.contiguous()
+            continue
         original = _hf_to_llava_repo(match.group("module") + ".weight") if match else None
         if match is None or original is None:
             raise RequestError("--adapter", f"{adapter_root}: {key} has no LLaVA-repository name")
@@ -1550,6 +1556,11 @@ def export_llava_repo_lora(
         raise RequestError(
             "--model", f"{llava_root}: expected the 4 projector tensors, found {sorted(non_lora)}"
         )
+    if trained_projector and set(trained_projector) != set(non_lora):
+        raise RequestError(
+            "--adapter", f"{adapter_root}: projector tensors {sorted(trained_projector)} are not the base's {sorted(non_lora)}"
+        )
+    non_lora.update(trained_projector)
 
     card_path = llava_root / CARD_FILENAME
     card = _read_json(card_path, "--model") if card_path.is_file() else {}

@@ -516,3 +516,36 @@ def test_prepare_then_collate(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
+
+
+@pytest.mark.ray
+def test_prepare_dataset_gives_the_same_rows_from_json_and_parquet(
+    ray_local: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``config.data`` as LLaVA JSON or as Parquet with image bytes: the same records reach the Ray Data
+    preparation and come out as the same model-ready rows (skipped records counted, not prepared)."""
+    from rsflow.finetune.config import FinetuneConfig
+    from rsflow.finetune.train import prepare_dataset
+
+    path = _write_dataset(tmp_path)
+    good = [r for r in json.loads(path.read_text()) if isinstance(r, dict) and r["id"] in {"good-a", "good-b"}]
+    pq.write_table(
+        pa.table({
+            "id": [r["id"] for r in good],
+            "image": [(tmp_path / "images" / r["image"]).read_bytes() for r in good],
+            "conversations": [json.dumps(r["conversations"]) for r in good],
+        }),
+        tmp_path / "data.parquet",
+    )
+    rows = {}
+    for name, data in (("json", path), ("parquet", tmp_path / "data.parquet")):
+        config = FinetuneConfig(stage="instruct", base=str(tiny_model_dir), data=str(data),
+                                image_root=str(tmp_path / "images"), max_length=512, shuffle=False)
+        dataset, n = prepare_dataset(config)
+        assert n == 2  # 10 bad JSON records were counted and left out
+        rows[name] = sorted(dataset.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows["json"]] == ["good-a", "good-b"]
+    for a, b in zip(rows["json"], rows["parquet"], strict=True):
+        assert a["ok"] and b["ok"]
+        assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
+        assert np.array_equal(a["pixel_values"], b["pixel_values"])

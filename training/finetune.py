@@ -20,7 +20,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 # Under `ray job submit --working-dir .` the job runs from a copy of this repository; make the
 # copied package importable even where rsflow is not installed on the cluster's Python.
@@ -48,46 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dataset(config: Any, data_actors: int) -> tuple[Any, int]:
-    """Records -> (seeded shuffle) -> Ray Data ``PrepareBatch`` rows; and the number of rows."""
-    import numpy as np
-    import ray.data
-
-    from rsflow.finetune.data import PrepareBatch, load_llava_json, records_to_rows
-
-    image_root = config.image_root or str(Path(config.data).expanduser().parent)
-    records, report = load_llava_json(config.data, image_root)
-    if report.n_skipped:
-        logger.warning(
-            "%s: %d records skipped: %s", config.data, report.n_skipped, json.dumps(report.to_dict())
-        )
-    if not records:
-        raise RequestError("data", f"{config.data} has no usable record")
-    items = records_to_rows(records)
-    if all(item.get("image_bytes") is None for item in items):
-        # A column of None reaches the UDF as NaN (float32 under Ray Data); leave it out entirely.
-        items = [{k: v for k, v in item.items() if k != "image_bytes"} for item in items]
-    if config.shuffle:  # once, seeded: every restart must see the same order (see rsflow.finetune.train)
-        items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
-    dataset = ray.data.from_items(items).map_batches(
-        PrepareBatch,
-        fn_constructor_kwargs={
-            "model_dir": config.base,
-            "template": "plain" if config.stage == "align" else "v1",
-            "max_length": config.max_length,
-        },
-        compute=ray.data.ActorPoolStrategy(size=data_actors),
-        batch_size=max(1, config.per_worker_batch),
-    )
-    return dataset, len(items)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from rsflow.finetune.config import load_config
-    from rsflow.finetune.train import run_finetune
+    from rsflow.finetune.train import prepare_dataset, run_finetune
 
     try:
         config = load_config(args.config, args.overrides, defaults={"stage": args.stage})
@@ -99,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if (config.run_dir / "_done.json").is_file():
             result = run_finetune(config, None)  # type: ignore[arg-type]  # a finished run needs no data
         else:
-            dataset, rows = _dataset(config, args.data_actors)
+            dataset, rows = prepare_dataset(config, args.data_actors)
             result = run_finetune(config, dataset, num_rows=rows)
     except RequestError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)

@@ -69,8 +69,6 @@ class FinetuneConfig:
     image_root: str = field(default="", metadata={"help": "folder the records' image paths are relative to"})
     """LLaVA's ``--image_folder``; empty: paths are relative to the folder of ``data``."""
 
-    eval_data: str = field(default="", metadata={"help": "held-out records (optional), same format as data"})
-    """Held-out records for evaluation after training; empty: none. Not read by the training loop."""
 
     output: str = field(default="runs", metadata={"help": "storage folder of runs (Ray Train storage_path)"})
     """Ray Train ``storage_path``; the run lives in ``<output>/<name>/``. Must be shared by all nodes."""
@@ -249,7 +247,7 @@ class FinetuneConfig:
         return cls(**_coerce_all(values))
 
 
-_PATH_KEYS: Final[tuple[str, ...]] = ("base", "data", "image_root", "eval_data", "output")
+_PATH_KEYS: Final[tuple[str, ...]] = ("base", "data", "image_root", "output")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -326,7 +324,7 @@ def load_config(
 ) -> FinetuneConfig:
     """Read a YAML config, apply ``key=value`` overrides, check values, paths and LoRA targets.
 
-    Relative paths in the file (``base``, ``data``, ``image_root``, ``eval_data``, ``output``) are
+    Relative paths in the file (``base``, ``data``, ``image_root``, ``output``) are
     relative to the current directory, as on the command line. ``base: smoke`` is the built-in tiny
     random-weight LLaVA (``rsflow.models.tiny.ensure_smoke_model``), for wiring checks.
 
@@ -372,7 +370,7 @@ def check_config(config: FinetuneConfig) -> None:
     """Checks that need the file system, done on the driver before any worker starts.
 
     Raises:
-        RequestError: ``base`` is not a transformers LLaVA folder; ``data``/``image_root``/``eval_data``
+        RequestError: ``base`` is not a transformers LLaVA folder; ``data``/``image_root``
             set but missing; a LoRA target matching no language-model module of ``base``.
     """
     if not config.base:
@@ -380,12 +378,10 @@ def check_config(config: FinetuneConfig) -> None:
     base = Path(config.base).expanduser()
     if not (base / "config.json").is_file():
         raise RequestError("base", f"{base} is not a transformers model folder (no config.json)")
-    for key, must_be_dir in (("data", False), ("image_root", True), ("eval_data", False)):
-        value = getattr(config, key)
-        if value:
-            p = Path(value).expanduser()
-            if not (p.is_dir() if must_be_dir else p.is_file()):
-                raise RequestError(key, f"{p} does not exist" + (" (a folder)" if must_be_dir else ""))
+    if config.data and not Path(config.data).expanduser().exists():
+        raise RequestError("data", f"{Path(config.data).expanduser()} does not exist (a JSON file, or Parquet)")
+    if config.image_root and not Path(config.image_root).expanduser().is_dir():
+        raise RequestError("image_root", f"{Path(config.image_root).expanduser()} does not exist (a folder)")
     if config.stage == "instruct":
         names = language_model_linear_names(base)
         for target in config.lora_targets:

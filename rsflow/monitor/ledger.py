@@ -1,0 +1,168 @@
+"""The ledger: which items a monitor has processed, which failed, and its watermark.
+
+One JSON file, ``OUTPUT/_monitor/ledger.json``, replaced atomically (:mod:`rsflow.monitor.store`).
+Saving it is a run's commit point: the result files a run wrote count only once the ledger lists
+them, so a run killed before that leaves the ledger, the watermark and the committed dataset as
+they were, and the next run removes what it left (see :mod:`rsflow.monitor.run`).
+
+Item states:
+
+- ``done``: its rows are in the results dataset (a file named in ``files``).
+- ``failed``: a run could not process it (``error`` says why); retried by the next runs.
+- ``given_up``: it failed ``max_attempts`` times; listed, never tried again.
+
+The watermark is the latest acquisition time among items that are done or given up: the next
+search starts at ``watermark - lookback`` (or earlier, at the oldest item still to retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from rsflow.monitor import store
+
+logger = logging.getLogger(__name__)
+
+LEDGER_FORMAT = 1
+"""Version of the ledger's JSON layout."""
+ItemState = Literal["done", "failed", "given_up"]
+
+
+@dataclass
+class ItemRecord:
+    """What the monitor knows about one STAC item."""
+
+    id: str
+    """STAC item id."""
+    collection: str
+    """STAC collection id."""
+    datetime: str
+    """Acquisition time as the item gives it (RFC 3339)."""
+    state: ItemState
+    """``done``, ``failed`` or ``given_up``."""
+    attempts: int
+    """Runs that tried it."""
+    run_id: str
+    """The last run that tried it."""
+    error: str | None = None
+    """Why the last attempt failed (None when done)."""
+    tiles: int = 0
+    """Tiles of the item that touched the AOI (done items)."""
+    rows: int = 0
+    """Result rows written for it (done items)."""
+
+
+@dataclass
+class RunRecord:
+    """One committed run."""
+
+    run_id: str
+    started: str
+    """UTC, ISO 8601."""
+    finished: str
+    """UTC, ISO 8601 (when the ledger was committed)."""
+    items_done: list[str]
+    """Items this run processed successfully."""
+    items_failed: list[str]
+    """Items this run tried and failed (to be retried)."""
+    items_given_up: list[str]
+    """Items this run gave up on."""
+    files: list[str]
+    """Files this run added, relative to the output root (result partitions, its run record)."""
+    request_fingerprint: str
+    """Hash of what was asked of every tile (tasks, prompts, model, tile spec): a change means the
+    results of earlier runs answer other questions."""
+
+
+@dataclass
+class Ledger:
+    """The whole ledger of one monitor."""
+
+    monitor: str
+    """The monitor's name."""
+    watermark: str | None = None
+    """Latest acquisition time (UTC, ISO 8601) among done and given-up items; None before any."""
+    items: dict[str, ItemRecord] = field(default_factory=dict)
+    runs: list[RunRecord] = field(default_factory=list)
+    format: int = LEDGER_FORMAT
+
+    def committed_files(self) -> set[str]:
+        """Every file a committed run added (relative to the output root)."""
+        return {f for run in self.runs for f in run.files}
+
+    def counts(self) -> dict[str, int]:
+        """Items per state."""
+        out = {"done": 0, "failed": 0, "given_up": 0}
+        for record in self.items.values():
+            out[record.state] += 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "monitor": self.monitor,
+            "watermark": self.watermark,
+            "items": {k: asdict(v) for k, v in sorted(self.items.items())},
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Ledger:
+        if value.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"ledger format {value.get('format')!r} is not {LEDGER_FORMAT}; upgrade rsflow")
+        return cls(
+            monitor=value["monitor"],
+            watermark=value.get("watermark"),
+            items={k: ItemRecord(**v) for k, v in value.get("items", {}).items()},
+            runs=[RunRecord(**r) for r in value.get("runs", [])],
+            format=value["format"],
+        )
+
+
+def ledger_path(root: str) -> str:
+    return store.join(root, "_monitor", "ledger.json")
+
+
+def load_ledger(root: str, monitor: str) -> Ledger:
+    """The ledger under ``root``, or an empty one for a monitor that never committed a run.
+
+    Raises:
+        ValueError: the ledger belongs to another monitor, or has an unknown format.
+    """
+    value = store.read_json(ledger_path(root))
+    if value is None:
+        return Ledger(monitor=monitor)
+    ledger = Ledger.from_json(value)
+    if ledger.monitor != monitor:
+        raise ValueError(f"{root} holds the ledger of monitor {ledger.monitor!r}, not {monitor!r}")
+    return ledger
+
+
+def save_ledger(root: str, ledger: Ledger) -> None:
+    """Replace the ledger in one atomic write (the run's commit)."""
+    store.write_json_atomic(ledger_path(root), ledger.to_json())
+
+
+def advance_watermark(ledger: Ledger) -> None:
+    """Set the watermark to the latest acquisition time among done and given-up items."""
+    times = [parse_time(r.datetime) for r in ledger.items.values() if r.state in ("done", "given_up")]
+    times = [t for t in times if t is not None]
+    if times:
+        latest = max(times)
+        current = parse_time(ledger.watermark) if ledger.watermark else None
+        if current is None or latest > current:
+            ledger.watermark = latest.isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 time from an item or the ledger -> aware UTC datetime (None if absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)

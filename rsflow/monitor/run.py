@@ -1,0 +1,725 @@
+"""One monitor run: new scenes only, results committed before they count, then what changed.
+
+Layout of a monitor's output root (local directory or fsspec URL)::
+
+    OUTPUT/
+      results/date=YYYY-MM-DD/part-<run id>.parquet   GeoParquet 1.1, partitioned by acquisition date (UTC)
+      changes.parquet                                  every change between consecutive observations
+      report.html                                      map + timeline per tile (opens offline)
+      runs/<run id>.json                               what each committed run did (search, items, counts)
+      _monitor/ledger.json                             items done / failed / given up, watermark, runs
+      _monitor/last_run.json                           the latest run, whatever it did (for status)
+      _monitor/lock.json                               while a run holds the lock
+      _monitor/work/<run id>/                          a run's region output before it is partitioned
+
+A run, in order (:func:`run_monitor`):
+
+1. checks the model and that the output root can be written (bad input fails here, before anything);
+2. takes the lock (:mod:`rsflow.monitor.lock`) or exits, naming the holder;
+3. reads the ledger and removes what an unfinished run left: result files and run records no
+   committed run lists, work folders, temporary files;
+4. searches items from ``watermark - lookback`` (or ``start``; earlier when an item to retry is
+   older) and keeps those not done and not given up;
+5. runs the region pipeline on exactly those items (:func:`rsflow.pipeline.run_region`, into
+   ``_monitor/work/<run id>``);
+6. writes the rows of the items that succeeded into the date partitions, one new file per date,
+   each atomically, and its run record;
+7. **commits**: saves the ledger (items done, failed items' attempts, items given up, watermark,
+   the run's files) in one atomic write. Until then nothing it wrote counts: a run killed before
+   this leaves the ledger and watermark as they were, and step 3 of the next run deletes its files,
+   so no (tile, date, task, prompt) row is ever in the dataset twice;
+8. recomputes ``changes.parquet`` and ``report.html`` from the committed results, calls the
+   webhook when this run's items brought changes, and deletes its work folder.
+
+A run that finds nothing new writes nothing but ``_monitor/last_run.json``. The changes and report
+carry the id of the run they reflect; any run that finds them behind the ledger (a run killed
+between steps 7 and 8) rebuilds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import shapely
+from shapely.geometry import mapping
+
+from rsflow.monitor import store
+from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
+from rsflow.monitor.config import MonitorConfig, probe_output_root
+from rsflow.monitor.ledger import (
+    ItemRecord,
+    Ledger,
+    RunRecord,
+    advance_watermark,
+    load_ledger,
+    parse_time,
+    save_ledger,
+)
+from rsflow.monitor.lock import LockInfo, MonitorLock, read_lock
+from rsflow.monitor.webhook import WebhookResult, send_webhook
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIR = "results"
+RUNS_DIR = "runs"
+WORK_DIR = "_monitor/work"
+CHANGES_NAME = "changes.parquet"
+REPORT_NAME = "report.html"
+LAST_RUN_NAME = "_monitor/last_run.json"
+#: Schema metadata key of changes.parquet: the committed run it reflects.
+CHANGES_RUN_KEY = b"rsflow:monitor_run"
+
+
+@dataclass(frozen=True)
+class MonitorRunResult:
+    """What one run did."""
+
+    run_id: str
+    outcome: str
+    """``processed`` (items were run and committed) or ``nothing-new``."""
+    search_window: str
+    """The datetime interval searched."""
+    items_found: int
+    """Items the search returned."""
+    items_done: list[str] = field(default_factory=list)
+    items_failed: list[str] = field(default_factory=list)
+    """Items that failed this run and will be retried."""
+    items_given_up: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    """Files the run added (relative to the output root)."""
+    removed: list[str] = field(default_factory=list)
+    """Leftovers of unfinished runs that this run deleted."""
+    new_changes: int = 0
+    """Changes that involve this run's items."""
+    changes_by_kind: dict[str, int] = field(default_factory=dict)
+    watermark: str | None = None
+    webhook: WebhookResult | None = None
+
+
+def run_monitor(config: MonitorConfig, *, address: str | None = None) -> MonitorRunResult:
+    """Run the monitor once (see the module docstring).
+
+    Raises:
+        RequestError: a bad model or an output root that cannot be written (before any work).
+        MonitorLocked: another run holds the lock (nothing was touched).
+        SourceError: the STAC source could not be searched (nothing committed).
+    """
+    from rsflow.models.spec import resolve_adapter, resolve_model_dir
+
+    started = datetime.now(UTC)
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    probe_output_root(config.output)
+    resolve_adapter(config.request.model)
+    resolve_model_dir(config.request.model)
+    root = config.output
+    with MonitorLock(root, config.name, run_id, config.lock_expiry) as lock:
+        last: dict[str, Any] = {"run_id": run_id, "started": _iso(started), "outcome": "failed"}
+        if lock.took_over is not None:
+            last["took_over_lock_of"] = lock.took_over.run_id
+        try:
+            result = _run_locked(config, lock, run_id, started, address)
+        except BaseException as exc:
+            last.update(finished=_iso(datetime.now(UTC)), error=f"{type(exc).__name__}: {exc}"[:2000])
+            _write_last_run(root, last)
+            raise
+        last.update(
+            finished=_iso(datetime.now(UTC)),
+            outcome=result.outcome,
+            search_window=result.search_window,
+            items_found=result.items_found,
+            items_done=len(result.items_done),
+            items_failed=len(result.items_failed),
+            items_given_up=len(result.items_given_up),
+            new_changes=result.new_changes,
+            watermark=result.watermark,
+            removed_leftovers=len(result.removed),
+            webhook=dataclasses.asdict(result.webhook) if result.webhook else None,
+        )
+        _write_last_run(root, last)
+    return result
+
+
+def _run_locked(
+    config: MonitorConfig, lock: MonitorLock, run_id: str, started: datetime, address: str | None
+) -> MonitorRunResult:
+    from rsflow.pipeline import run_region
+    from rsflow.search import SearchQuery, normalize_datetime, search_items
+
+    root = config.output
+    ledger = load_ledger(root, config.name)
+    removed = remove_leftovers(root, ledger)
+
+    window = normalize_datetime(f"{_iso(search_start(config, ledger, started))}/..")
+    request = config.request
+    found = search_items(
+        SearchQuery(
+            stac=request.stac,
+            collections=request.collections,
+            intersects=mapping(request.aoi),
+            datetime=window,
+            max_cloud=request.max_cloud,
+            max_items=request.max_items,
+        )
+    )
+    if found.reached_max_items:
+        logger.warning(
+            "monitor %s: the search hit max_items %d; items beyond it are not seen by this run",
+            config.name,
+            request.max_items,
+        )
+    pending = [i for i in found.items if _is_pending(ledger.items.get(str(i["id"])))]
+    skipped = len(found.items) - len(pending)
+    logger.info(
+        "monitor %s: %d items since %s, %d already done or given up, %d to process",
+        config.name,
+        len(found.items),
+        window,
+        skipped,
+        len(pending),
+    )
+    if not pending:
+        ensure_changes_report(config, ledger)
+        return MonitorRunResult(
+            run_id=run_id,
+            outcome="nothing-new",
+            search_window=window or "",
+            items_found=len(found.items),
+            removed=removed,
+            watermark=ledger.watermark,
+        )
+
+    scratch = store.join(root, WORK_DIR, run_id)
+    region = run_region(
+        dataclasses.replace(request, output=scratch, overwrite=False, preview=False),
+        address=address,
+        items=pending,
+    )
+    table = read_dataset_files(scratch, _parquet_files(scratch))
+    outcome = item_outcomes(table, pending)
+    done = [i for i in pending if outcome[str(i["id"])]["failed"] is None]
+    files = write_partitions(
+        root,
+        run_id,
+        table.filter(pc.is_in(table["item_id"], pa.array([str(i["id"]) for i in done], pa.string()))),
+    )
+
+    # The ledger as it will be once committed.
+    failed, given_up = [], []
+    for item in pending:
+        item_id = str(item["id"])
+        previous = ledger.items.get(item_id)
+        attempts = (previous.attempts if previous else 0) + 1
+        info = outcome[item_id]
+        if info["failed"] is None:
+            state = "done"
+        elif attempts >= config.max_attempts:
+            state = "given_up"
+            given_up.append(item_id)
+        else:
+            state = "failed"
+            failed.append(item_id)
+        ledger.items[item_id] = ItemRecord(
+            id=item_id,
+            collection=str(item.get("collection") or ""),
+            datetime=str(
+                (item.get("properties") or {}).get("datetime")
+                or (item.get("properties") or {}).get("start_datetime")
+                or ""
+            ),
+            state=state,
+            attempts=attempts,
+            run_id=run_id,
+            error=info["failed"],
+            tiles=info["tiles"],
+            rows=info["rows"],
+        )
+    advance_watermark(ledger)
+    record_name = posixpath.join(RUNS_DIR, f"{run_id}.json")
+    run_record = {
+        "run_id": run_id,
+        "monitor": config.name,
+        "started": _iso(started),
+        "finished": _iso(datetime.now(UTC)),
+        "config": config.summary(),
+        "search": {
+            "window": window,
+            "found": len(found.items),
+            "skipped": skipped,
+            "reached_max_items": found.reached_max_items,
+        },
+        "items": {"done": [str(i["id"]) for i in done], "failed": failed, "given_up": given_up},
+        "errors": {k: v["failed"] for k, v in outcome.items() if v["failed"]},
+        "files": files,
+        "region_manifest": region.manifest,
+    }
+    store.write_json_atomic(store.join(root, record_name), run_record)
+    ledger.runs.append(
+        RunRecord(
+            run_id=run_id,
+            started=_iso(started),
+            finished=_iso(datetime.now(UTC)),
+            items_done=[str(i["id"]) for i in done],
+            items_failed=failed,
+            items_given_up=given_up,
+            files=[*files, record_name],
+            request_fingerprint=request_fingerprint(region.manifest),
+        )
+    )
+    _warn_if_request_changed(config.name, ledger)
+
+    lock.check()  # never commit over a run that took an expired lock over
+    save_ledger(root, ledger)  # <- the commit
+    logger.info(
+        "monitor %s: run %s committed: %d items done, %d failed, %d given up; watermark %s",
+        config.name,
+        run_id,
+        len(done),
+        len(failed),
+        len(given_up),
+        ledger.watermark,
+    )
+
+    changes = ensure_changes_report(config, ledger, force=True)
+    done_ids = {str(i["id"]) for i in done}
+    new = (
+        changes[changes["after_item_id"].isin(done_ids) | changes["before_item_id"].isin(done_ids)]
+        if len(changes)
+        else changes
+    )
+    by_kind = (
+        {str(k): int(v) for k, v in new["change"].value_counts().sort_index().items()} if len(new) else {}
+    )
+    hook = None
+    if len(new) and config.webhook is not None:
+        hook = send_webhook(
+            config.webhook, webhook_payload(config, run_id, new, by_kind, done_ids, failed, given_up, ledger)
+        )
+    store.remove(scratch, recursive=True)
+    return MonitorRunResult(
+        run_id=run_id,
+        outcome="processed",
+        search_window=window or "",
+        items_found=len(found.items),
+        items_done=sorted(done_ids),
+        items_failed=failed,
+        items_given_up=given_up,
+        files=[*files, record_name],
+        removed=removed,
+        new_changes=len(new),
+        changes_by_kind=by_kind,
+        watermark=ledger.watermark,
+        webhook=hook,
+    )
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def search_start(config: MonitorConfig, ledger: Ledger, now: datetime) -> datetime:
+    """Where a run's search starts: ``watermark - lookback`` (not before ``start``), or ``start``
+    (default ``now - lookback``) for a first run; earlier when an item to retry is older."""
+    watermark = parse_time(ledger.watermark)
+    if watermark is None:
+        begin = config.start or (now - config.lookback)
+    else:
+        begin = watermark - config.lookback
+        if config.start is not None:
+            begin = max(begin, config.start)
+    for record in ledger.items.values():
+        when = parse_time(record.datetime)
+        if record.state == "failed" and when is not None and when < begin:
+            begin = when
+    return begin
+
+
+def _is_pending(record: ItemRecord | None) -> bool:
+    return record is None or record.state == "failed"
+
+
+def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
+    """Delete what an unfinished run left: result files and run records no committed run lists,
+    the work folder, temporary files. Returns the relative paths removed."""
+    committed = ledger.committed_files()
+    removed = []
+    for folder in (RESULTS_DIR, RUNS_DIR):
+        for rel in store.list_files(store.join(root, folder)):
+            path = posixpath.join(folder, rel)
+            if path not in committed:
+                store.remove(store.join(root, path))
+                removed.append(path)
+    work = store.list_files(store.join(root, WORK_DIR))
+    if work:
+        store.remove(store.join(root, WORK_DIR), recursive=True)
+        removed.append(WORK_DIR + "/")
+    for rel in store.list_files(root):
+        if store.TMP_MARK in posixpath.basename(rel) and not rel.startswith(("results/", "runs/")):
+            store.remove(store.join(root, rel))
+            removed.append(rel)
+    if removed:
+        logger.warning(
+            "removed %d files left by an unfinished run: %s", len(removed), ", ".join(removed[:10])
+        )
+    return removed
+
+
+def _parquet_files(directory: str) -> list[str]:
+    return [rel for rel in store.list_files(directory) if rel.endswith(".parquet") and "/" not in rel]
+
+
+def read_dataset_files(directory: str, files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """The result rows of ``files`` (relative to ``directory``) as one table of the written schema."""
+    from rsflow.output import WRITTEN_SCHEMA
+
+    fs, base = store.filesystem(directory)
+    schema = WRITTEN_SCHEMA if columns is None else pa.schema([WRITTEN_SCHEMA.field(c) for c in columns])
+    tables = [
+        pq.read_table(posixpath.join(base, f), filesystem=fs, columns=schema.names).cast(schema)
+        for f in files
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def item_outcomes(table: pa.Table, items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Item id -> ``{"failed": reason or None, "tiles": n, "rows": n}``: an item failed when any of
+    its tile rows failed (planning, reading or inference); skipped tiles (nodata) are not failures."""
+    cols = table.select(["item_id", "kind", "status", "error", "stage", "tile_id"]).to_pandas()
+    out = {}
+    for item in items:
+        item_id = str(item["id"])
+        rows = cols[cols["item_id"] == item_id]
+        tiles = rows[rows["kind"] == "tile"]
+        bad = tiles[tiles["status"] == "failed"]
+        reason = None
+        if len(bad):
+            first = bad.iloc[0]
+            reason = f"{bad['tile_id'].nunique()} tile(s) failed at {first['stage']}: {first['error']}"
+        out[item_id] = {"failed": reason, "tiles": int(tiles["tile_id"].nunique()), "rows": len(rows)}
+    return out
+
+
+def write_partitions(root: str, run_id: str, table: pa.Table) -> list[str]:
+    """Write ``table`` as one file per acquisition date: ``results/date=D/part-<run id>.parquet``.
+
+    Rows are sorted along a Hilbert curve of their centroids (then by tile, kind, task, prompt) so
+    each file reads like the region job's output. Returns the relative paths written.
+    """
+    from rsflow.output import hilbert_key
+
+    if table.num_rows == 0:
+        return []
+    dates = pc.strftime(table["datetime"], format="%Y-%m-%d")
+    files = []
+    for day in sorted(set(dates.to_pylist())):
+        part = table.filter(pc.equal(dates, day))
+        centroids = shapely.centroid(shapely.from_wkb(part["geometry"].to_numpy(zero_copy_only=False)))
+        key = hilbert_key(shapely.get_x(centroids), shapely.get_y(centroids))
+        part = part.append_column("_key", pa.array(key, pa.int64()))
+        order = pc.sort_indices(
+            part,
+            sort_keys=[
+                ("_key", "ascending"),
+                ("tile_id", "ascending"),
+                ("kind", "descending"),
+                ("task", "ascending"),
+                ("prompt_key", "ascending"),
+                ("prompt", "ascending"),
+            ],
+        )
+        part = part.take(order).drop(["_key"])
+        rel = posixpath.join(RESULTS_DIR, f"date={day}", f"part-{run_id}.parquet")
+        store.write_parquet_atomic(part, store.join(root, rel))
+        files.append(rel)
+    return files
+
+
+def read_results(root: str, ledger: Ledger) -> pd.DataFrame:
+    """The committed result rows (columns the change detection uses), geometry as shapely."""
+    files = sorted(f for f in ledger.committed_files() if f.startswith(RESULTS_DIR + "/"))
+    table = read_dataset_files(root, files, columns=list(RESULT_COLUMNS_USED))
+    frame = table.drop(["geometry"]).to_pandas()
+    frame["geometry"] = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    return frame
+
+
+def ensure_changes_report(config: MonitorConfig, ledger: Ledger, *, force: bool = False) -> pd.DataFrame:
+    """Rebuild ``changes.parquet`` and ``report.html`` unless they already reflect the ledger's
+    last run. Returns the changes (empty when not rebuilt or no run committed)."""
+    root = config.output
+    if not ledger.runs:
+        return pd.DataFrame(columns=list(CHANGE_COLUMNS))
+    last_run = ledger.runs[-1].run_id
+    if (
+        not force
+        and _changes_run(root) == last_run
+        and store.read_bytes(store.join(root, REPORT_NAME)) is not None
+    ):
+        return pd.DataFrame(columns=list(CHANGE_COLUMNS))
+    rows = read_results(root, ledger)
+    changes = detect_changes(rows, config.change)
+    store.write_bytes_atomic(store.join(root, CHANGES_NAME), changes_parquet_bytes(changes, last_run))
+    from rsflow.monitor.report import build_report
+
+    counts = ledger.counts()
+    page = build_report(
+        title=f"rsflow monitor {config.name}: what changed",
+        changes=changes,
+        timelines=timelines(rows, changes),
+        summary={
+            "runs committed": len(ledger.runs),
+            "items done": counts["done"],
+            "items failed (to retry)": counts["failed"],
+            "items given up": counts["given_up"],
+            "watermark": ledger.watermark,
+            "as of run": last_run,
+        },
+    )
+    store.write_bytes_atomic(store.join(root, REPORT_NAME), page.encode())
+    logger.info("monitor %s: %d changes, report written", config.name, len(changes))
+    return changes
+
+
+def changes_parquet_bytes(changes: pd.DataFrame, run_id: str) -> bytes:
+    """The changes as GeoParquet 1.1 bytes (EPSG:4326, bbox covering, zstd), tagged with ``run_id``."""
+    import geopandas as gpd
+
+    from rsflow.output import _geoarrow_table
+
+    frame = changes.copy()
+    for col in ("before_datetime", "after_datetime"):
+        frame[col] = pd.to_datetime(frame[col], utc=True)
+    for col in ("before_count", "after_count"):
+        frame[col] = pd.to_numeric(frame[col]).astype("float64")
+    text_cols = [
+        c
+        for c in CHANGE_COLUMNS
+        if c not in ("before_datetime", "after_datetime", "before_count", "after_count", "geometry")
+    ]
+    for col in text_cols:
+        frame[col] = frame[col].astype("object").where(frame[col].notna(), None)
+    gdf = gpd.GeoDataFrame(
+        frame.drop(columns=["geometry"]), geometry=gpd.GeoSeries(list(frame["geometry"]), crs="EPSG:4326")
+    )
+    arrow = _geoarrow_table(gdf)
+    target = {c: pa.string() for c in text_cols}
+    target |= {c: pa.timestamp("us", tz="UTC") for c in ("before_datetime", "after_datetime")}
+    target |= {c: pa.float64() for c in ("before_count", "after_count")}
+    fields = [pa.field(f.name, target.get(f.name, f.type)) for f in arrow.schema]
+    arrow = arrow.cast(pa.schema(fields, metadata=arrow.schema.metadata))
+    meta = {k: v for k, v in (arrow.schema.metadata or {}).items() if k != b"pandas"}
+    meta[CHANGES_RUN_KEY] = run_id.encode()
+    buffer = io.BytesIO()
+    pq.write_table(arrow.replace_schema_metadata(meta), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _changes_run(root: str) -> str | None:
+    fs, path = store.filesystem(store.join(root, CHANGES_NAME))
+    try:
+        with fs.open(path, "rb") as fh:
+            meta = pq.read_schema(fh).metadata or {}
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return None
+    value = meta.get(CHANGES_RUN_KEY)
+    return value.decode() if value else None
+
+
+def webhook_payload(
+    config: MonitorConfig,
+    run_id: str,
+    new: pd.DataFrame,
+    by_kind: dict[str, int],
+    done: set[str],
+    failed: list[str],
+    given_up: list[str],
+    ledger: Ledger,
+) -> dict[str, Any]:
+    """The JSON summary POSTed to the webhook (counts, the changed tiles, where the report is)."""
+    examples = [
+        {
+            "change": r.change,
+            "cell_id": r.cell_id,
+            "task": r.task,
+            "prompt": r.prompt,
+            "before": r.before_value,
+            "after": r.after_value,
+            "before_datetime": _iso(r.before_datetime),
+            "after_datetime": _iso(r.after_datetime),
+        }
+        for r in new.head(20).itertuples(index=False)
+    ]
+    return {
+        "monitor": config.name,
+        "run_id": run_id,
+        "changes": len(new),
+        "changes_by_kind": by_kind,
+        "tiles_changed": int(new["cell_id"].nunique()),
+        "items_processed": len(done),
+        "items_failed": len(failed),
+        "items_given_up": len(given_up),
+        "watermark": ledger.watermark,
+        "report": store.join(config.output, REPORT_NAME),
+        "changes_file": store.join(config.output, CHANGES_NAME),
+        "examples": examples,
+    }
+
+
+def request_fingerprint(manifest: dict[str, Any]) -> str:
+    """A short hash of what every tile was asked (prompts, model, tile spec) in a region manifest."""
+    import hashlib
+    import json
+
+    key = json.dumps(
+        {
+            "prompts": manifest.get("prompts"),
+            "model": manifest.get("model", {}).get("id"),
+            "tile": manifest.get("tile_spec"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _warn_if_request_changed(name: str, ledger: Ledger) -> None:
+    prints = {r.request_fingerprint for r in ledger.runs}
+    if len(prints) > 1 and ledger.runs[-1].request_fingerprint != ledger.runs[-2].request_fingerprint:
+        logger.warning(
+            "monitor %s: tasks, prompts, model or tiles changed since the previous run; tiles are "
+            "compared across the change only where the same prompt was asked",
+            name,
+        )
+
+
+def _write_last_run(root: str, last: dict[str, Any]) -> None:
+    try:
+        store.write_json_atomic(store.join(root, LAST_RUN_NAME), last)
+    except Exception:  # status information must never hide the run's own outcome
+        logger.warning("could not write %s", LAST_RUN_NAME, exc_info=True)
+
+
+def _iso(when: Any) -> str:
+    if when is None or when is pd.NaT:
+        return ""
+    ts = pd.Timestamp(when)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MonitorStatus:
+    """Where a monitor stands (``rsflow monitor status``)."""
+
+    name: str
+    output: str
+    last_run: dict[str, Any] | None
+    watermark: str | None
+    counts: dict[str, int]
+    failed: list[ItemRecord]
+    given_up: list[ItemRecord]
+    runs_committed: int
+    schedule: str | None
+    next_due: datetime | None
+    lock: LockInfo | None
+    lock_expired: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "output": self.output,
+            "last_run": self.last_run,
+            "watermark": self.watermark,
+            "counts": self.counts,
+            "failed": [dataclasses.asdict(r) for r in self.failed],
+            "given_up": [dataclasses.asdict(r) for r in self.given_up],
+            "runs_committed": self.runs_committed,
+            "schedule": self.schedule,
+            "next_due": _iso(self.next_due) if self.next_due else None,
+            "lock": self.lock.to_json() if self.lock else None,
+            "lock_expired": self.lock_expired,
+        }
+
+
+def monitor_status(config: MonitorConfig, *, now: datetime | None = None) -> MonitorStatus:
+    """Read the ledger, the last run and the lock (nothing is written)."""
+    now = now or datetime.now(UTC)
+    root = config.output
+    ledger = load_ledger(root, config.name)
+    last = store.read_json(store.join(root, LAST_RUN_NAME))
+    next_due = None
+    if config.schedule is not None:
+        base = parse_time(last.get("started")) if last else None
+        next_due = config.schedule.next_after(base or now)
+    lock = read_lock(root)
+    return MonitorStatus(
+        name=config.name,
+        output=root,
+        last_run=last,
+        watermark=ledger.watermark,
+        counts=ledger.counts(),
+        failed=sorted((r for r in ledger.items.values() if r.state == "failed"), key=lambda r: r.id),
+        given_up=sorted((r for r in ledger.items.values() if r.state == "given_up"), key=lambda r: r.id),
+        runs_committed=len(ledger.runs),
+        schedule=config.schedule.expression if config.schedule else None,
+        next_due=next_due,
+        lock=lock,
+        lock_expired=bool(lock and lock.expired(now)),
+    )
+
+
+def format_status(status: MonitorStatus, *, now: datetime | None = None) -> str:
+    """The status as the lines ``rsflow monitor status`` prints."""
+    now = now or datetime.now(UTC)
+    last = status.last_run
+    if last:
+        what = last.get("outcome")
+        if what == "processed":
+            what += (
+                f": {last.get('items_done', 0)} done, {last.get('items_failed', 0)} failed, "
+                f"{last.get('items_given_up', 0)} given up, {last.get('new_changes', 0)} changes"
+            )
+        elif what == "failed":
+            what += f": {last.get('error', '')}"
+        last_line = f"{last.get('started')} (run {last.get('run_id')}, {what})"
+    else:
+        last_line = "never"
+    c = status.counts
+    lines = [
+        f"monitor {status.name}: {status.output}",
+        f"  last run:   {last_line}",
+        f"  watermark:  {status.watermark or 'none (no item processed yet)'}",
+        (
+            f"  items:      {c['done']} done, {c['failed']} failed (to retry), {c['given_up']} given up; "
+            f"{status.runs_committed} runs committed"
+        ),
+    ]
+    for r in status.failed[:20]:
+        lines.append(f"    failed    {r.id} ({r.attempts} attempts): {r.error}")
+    for r in status.given_up[:20]:
+        lines.append(f"    given up  {r.id} ({r.attempts} attempts): {r.error}")
+    if status.next_due is None:
+        lines.append("  next due:   no schedule in the config")
+    else:
+        late = " (overdue)" if status.next_due < now else ""
+        lines.append(f"  next due:   {_iso(status.next_due)}{late} (schedule '{status.schedule}', UTC)")
+    if status.lock is None:
+        lines.append("  lock:       free")
+    else:
+        state = "expired, will be taken over" if status.lock_expired else "held"
+        lines.append(
+            f"  lock:       {state}: run {status.lock.run_id} on {status.lock.host} (pid {status.lock.pid}), "
+            f"expires {status.lock.expires}"
+        )
+    return "\n".join(lines)

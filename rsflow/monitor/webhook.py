@@ -1,0 +1,89 @@
+"""POST a JSON summary of a run's changes to the monitor's webhook.
+
+The body is signed, not carried: with ``webhook.secret_env`` set, the header
+``X-Rsflow-Signature-256: sha256=<hex>`` holds the HMAC-SHA256 of the exact body bytes under the
+secret (the scheme GitHub webhooks use), so a receiver that knows the secret can check the sender
+and the body while the secret itself never travels. The secret is read from the environment at call
+time and kept in no object, log line, file or manifest; logs name the URL without its query string.
+
+Delivery: up to ``attempts`` tries with backoff on connection errors and HTTP 429/5xx. A webhook that
+keeps failing does not fail the run (its results are already committed); the failure is logged and
+recorded in the run's ``last_run.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from rsflow.monitor.config import WebhookConfig, _redact_url
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Rsflow-Signature-256"
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    """How a webhook call went."""
+
+    delivered: bool
+    status: int | None
+    """Last HTTP status (None when no response came)."""
+    attempts: int
+    error: str | None = None
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The signature header value for ``body`` under ``secret``: ``sha256=<hex>``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def send_webhook(
+    config: WebhookConfig, payload: dict[str, Any], *, attempts: int = 3, backoff_seconds: float = 1.0
+) -> WebhookResult:
+    """POST ``payload`` as JSON to ``config.url`` (signed when ``config.secret_env`` is set).
+
+    Returns:
+        A :class:`WebhookResult`; never raises for delivery failures.
+    """
+    body = json.dumps(payload, sort_keys=True, default=str).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "rsflow-monitor"}
+    if config.secret_env:
+        secret = os.environ.get(config.secret_env)
+        if not secret:
+            logger.error("webhook not called: the environment variable %s is not set", config.secret_env)
+            return WebhookResult(
+                delivered=False, status=None, attempts=0, error=f"{config.secret_env} is not set"
+            )
+        headers[SIGNATURE_HEADER] = sign(body, secret)
+        del secret
+    where = _redact_url(config.url)
+    status: int | None = None
+    error: str | None = None
+    for attempt in range(1, attempts + 1):
+        request = urllib.request.Request(config.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=config.timeout_seconds) as response:
+                status = int(response.status)
+            logger.info("webhook %s answered HTTP %d", where, status)
+            return WebhookResult(delivered=True, status=status, attempts=attempt)
+        except urllib.error.HTTPError as exc:
+            status, error = exc.code, f"HTTP {exc.code}"
+            if exc.code not in _RETRY_STATUS:
+                break
+        except (urllib.error.URLError, OSError) as exc:
+            status, error = None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        if attempt < attempts:
+            time.sleep(backoff_seconds * 2 ** (attempt - 1))
+    logger.error("webhook %s failed after %d attempt(s): %s", where, attempt, error)
+    return WebhookResult(delivered=False, status=status, attempts=attempt, error=error)

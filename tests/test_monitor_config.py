@@ -1,0 +1,438 @@
+"""Monitor parts without Ray: config checks, schedule, ledger, lock, atomic store, change rules.
+
+Bad configs fail before any work with one line naming the key (through the real CLI, exit code 2).
+The lock is exercised on a real local directory and on fsspec's in-memory object store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import shapely
+import yaml
+from shapely.geometry import box
+
+from rsflow.cli import main
+from rsflow.errors import RequestError
+from rsflow.monitor import store
+from rsflow.monitor.changes import cell_id, detect_changes
+from rsflow.monitor.config import ChangeRules, parse_monitor_config
+from rsflow.monitor.ledger import ItemRecord, Ledger, advance_watermark, load_ledger, save_ledger
+from rsflow.monitor.lock import LockLost, MonitorLock, MonitorLocked, read_lock
+from rsflow.monitor.schedule import parse_cron, parse_duration
+from rsflow.monitor.webhook import sign
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, **changes) -> dict:
+    doc = {
+        "name": "harbour",
+        "aoi": {"bbox": [-75.70, 37.650, -75.695, 37.652]},
+        "stac": "sample",
+        "tasks": {"questions": ["Is there water in this image?"]},
+        "model": {"model": "smoke", "max_new_tokens": 4},
+        "output": str(tmp_path / "out"),
+        "lookback": "5d",
+    }
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return doc
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_good_config_parses(tmp_path):
+    cfg = parse_monitor_config(
+        _config(tmp_path, schedule="0 6 * * *", retry={"max_attempts": 2}), base_dir=tmp_path
+    )
+    assert cfg.name == "harbour" and cfg.output == str(tmp_path / "out")
+    assert cfg.request.tasks == ("vqa",) and cfg.request.inputs.questions == (
+        "Is there water in this image?",
+    )
+    assert cfg.lookback == timedelta(days=5) and cfg.max_attempts == 2
+    assert cfg.schedule is not None and cfg.schedule.expression == "0 6 * * *"
+
+
+def test_the_shipped_example_is_valid_apart_from_its_placeholders(tmp_path, monkeypatch):
+    """monitors/port.yaml: every key checks out once its model and bucket are made local."""
+    doc = yaml.safe_load((REPO / "monitors" / "port.yaml").read_text())
+    doc["output"] = str(tmp_path / "port")
+    doc["model"]["model"] = "smoke"
+    monkeypatch.setenv(doc["webhook"]["secret_env"], "x")
+    cfg = parse_monitor_config(doc, base_dir=REPO / "monitors")
+    assert cfg.name == "port" and cfg.schedule.expression == "0 6 * * *"
+    assert set(cfg.request.tasks) == {"vqa", "classify", "detect"}
+
+
+BAD = [
+    ({"colections": ["x"]}, "colections", "did you mean 'collections'"),
+    ({"tile": {"size": 64}}, "tile.size", "unknown key"),
+    ({"tasks": None}, "tasks", "required"),
+    ({"tasks": {}}, "tasks", "no task"),
+    ({"tasks": {"questions": []}}, "tasks.questions", "at least one"),
+    ({"tasks": {"questons": ["x"]}}, "tasks", "unknown key 'questons'"),
+    ({"lookback": "120d"}, "lookback", "longer than the limit of 90d"),
+    ({"lookback": 5}, "lookback", "duration"),
+    ({"output": "/dev/null/monitor"}, "output", "is a file"),
+    ({"output": "nosuchproto://bucket/monitor"}, "output", "cannot write to nosuchproto://"),
+    ({"name": "Harbour Watch"}, "name", "lower-case"),
+    ({"aoi": {"bbox": [1, 2, 3]}}, "aoi.bbox", "four numbers"),
+    ({"aoi": {"bbox": [-75.6, 37.7, -75.7, 37.6]}}, "aoi.bbox", "miny"),
+    ({"max_cloud": 150}, "max_cloud", "percentage"),
+    ({"tile": {"size_px": 4}}, "tile.size_px", "between 8"),
+    ({"model": {"model": "/no/such/model", "max_new_tokens": 0}}, "model.max_new_tokens", ""),
+    ({"schedule": "0 25 * * *"}, "schedule", "0-23"),
+    ({"start": "yesterday"}, "start", "date"),
+    ({"retry": {"max_attempts": 0}}, "retry.max_attempts", "between 1"),
+    ({"lock": {"expiry": "2s"}}, "lock.expiry", "between"),
+    ({"change": {"object_iou": 2}}, "change.object_iou", "IoU"),
+    ({"webhook": {"url": "ftp://x"}}, "webhook.url", "http"),
+    (
+        {"webhook": {"url": "http://127.0.0.1:9/h", "secret_env": "s3cr3t value"}},
+        "webhook.secret_env",
+        "NAME",
+    ),
+    (
+        {"webhook": {"url": "http://127.0.0.1:9/h", "secret_env": "RSFLOW_TEST_UNSET_SECRET"}},
+        "webhook.secret_env",
+        "not set",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "reason"), BAD, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD)]
+)
+def test_bad_config_fails_before_any_work_with_one_line_naming_the_key(
+    changes, key, reason, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("RSFLOW_TEST_UNSET_SECRET", raising=False)
+    path = _write(tmp_path, _config(tmp_path, **changes))
+    assert main(["monitor", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"rsflow monitor: error: {key}: "), err
+    assert reason in err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_an_output_root_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    locked = tmp_path / "readonly"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        path = _write(tmp_path, _config(tmp_path, output=str(locked / "monitor")))
+        assert main(["monitor", "run", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rsflow monitor: error: output: ") and err.count("\n") == 1
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_unreachable_object_store_is_refused_before_any_work(tmp_path, capsys):
+    """A store that does not answer (an FTP URL on a closed loopback port) fails at the probe that
+    opens every run, before the lock, the ledger or any search."""
+    from tests.stac_fixtures import free_port
+
+    path = _write(tmp_path, _config(tmp_path, output=f"ftp://127.0.0.1:{free_port()}/monitors/harbour"))
+    assert main(["monitor", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("rsflow monitor: error: output: cannot write to ftp://127.0.0.1:")
+        and err.count("\n") == 1
+    )
+
+
+def test_monitor_names_resolve_in_the_monitors_folder(tmp_path, capsys):
+    folder = tmp_path / "monitors"
+    folder.mkdir()
+    (folder / "harbour.yaml").write_text(yaml.safe_dump(_config(tmp_path)))
+    assert main(["monitor", "status", "harbour", "--monitors-dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "last run:   never" in out and "watermark:  none" in out and "lock:       free" in out
+    assert main(["monitor", "status", "nosuch", "--monitors-dir", str(folder)]) == 2
+    assert "NAME: no monitor file" in capsys.readouterr().err
+
+
+# --- schedule and durations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "after", "expected"),
+    [
+        ("0 6 * * *", "2024-05-01T06:00", "2024-05-02T06:00"),
+        ("0 6 * * *", "2024-05-01T05:59", "2024-05-01T06:00"),
+        ("*/15 * * * 1-5", "2024-05-04T23:50", "2024-05-06T00:00"),  # Saturday night -> Monday
+        ("30 2 1 * 0", "2024-05-01T03:00", "2024-05-05T02:30"),  # day 1 OR Sunday, as cron does
+        ("0 0 29 2 *", "2024-03-01T00:00", "2028-02-29T00:00"),
+    ],
+)
+def test_next_due_follows_cron(expr, after, expected):
+    t = datetime.fromisoformat(after).replace(tzinfo=UTC)
+    assert parse_cron(expr).next_after(t) == datetime.fromisoformat(expected).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("expr", ["0 6 * *", "61 * * * *", "0 0 31 2 *", "a b c d e", "*/0 * * * *"])
+def test_bad_cron_is_refused(expr):
+    with pytest.raises(RequestError, match="schedule"):
+        parse_cron(expr)
+
+
+def test_durations():
+    assert parse_duration("90s", "x") == timedelta(seconds=90)
+    assert parse_duration("2w", "x") == timedelta(days=14)
+    for bad in ("5", "5 days", "-1d", 5):
+        with pytest.raises(RequestError, match="x: give a duration"):
+            parse_duration(bad, "x")
+
+
+# --- store, ledger, lock -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("root", ["local", "memory://rsflow-test-store"])
+def test_atomic_writes_leave_no_temporary_and_replace_whole(root, tmp_path):
+    root = str(tmp_path) if root == "local" else root
+    url = store.join(root, "_monitor", "x.json")
+    store.write_json_atomic(url, {"a": 1})
+    store.write_json_atomic(url, {"a": 2})
+    assert store.read_json(url) == {"a": 2}
+    assert store.list_files(store.join(root, "_monitor")) == ["x.json"]
+    store.remove(store.join(root, "_monitor"), recursive=True)
+
+
+def test_a_write_that_dies_leaves_the_old_file(tmp_path, monkeypatch):
+    url = str(tmp_path / "ledger.json")
+    store.write_json_atomic(url, {"v": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_json_atomic(url, {"v": 2})
+    monkeypatch.undo()
+    assert json.loads(Path(url).read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+def test_ledger_round_trip_and_watermark(tmp_path):
+    ledger = Ledger(monitor="harbour")
+    ledger.items["a"] = ItemRecord(
+        id="a", collection="c", datetime="2024-05-01T10:00:00Z", state="done", attempts=1, run_id="r1"
+    )
+    ledger.items["b"] = ItemRecord(
+        id="b",
+        collection="c",
+        datetime="2024-05-09T10:00:00Z",
+        state="failed",
+        attempts=1,
+        run_id="r1",
+        error="boom",
+    )
+    advance_watermark(ledger)
+    assert ledger.watermark == "2024-05-01T10:00:00Z"  # a failed item does not move it
+    ledger.items["b"].state = "given_up"
+    advance_watermark(ledger)
+    assert ledger.watermark == "2024-05-09T10:00:00Z"
+    save_ledger(str(tmp_path), ledger)
+    again = load_ledger(str(tmp_path), "harbour")
+    assert again.to_json() == ledger.to_json() and again.counts() == {"done": 1, "failed": 0, "given_up": 1}
+    with pytest.raises(ValueError, match="harbour"):
+        load_ledger(str(tmp_path), "other")
+
+
+@pytest.mark.parametrize("root", ["local", "memory://rsflow-test-lock"])
+def test_a_held_lock_refuses_a_second_run_and_an_expired_one_is_taken_over(root, tmp_path, monkeypatch):
+    import rsflow.monitor.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "_SETTLE_SECONDS", 0.01)
+    root = str(tmp_path) if root == "local" else root
+    first = MonitorLock(root, "harbour", "run-1", timedelta(minutes=5), heartbeat=False)
+    first.acquire()
+    with pytest.raises(MonitorLocked, match="locked by run run-1") as exc:
+        MonitorLock(root, "harbour", "run-2", timedelta(minutes=5), heartbeat=False).acquire()
+    assert "\n" not in str(exc.value)
+    first.check()
+
+    # run-1 is killed: its lock is no longer renewed and expires
+    stale = read_lock(root)
+    expired = {**stale.to_json(), "expires": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
+    store.write_json_atomic(lock_module.lock_path(root), expired)
+    second = MonitorLock(root, "harbour", "run-2", timedelta(minutes=5), heartbeat=False)
+    second.acquire()
+    assert second.took_over is not None and second.took_over.run_id == "run-1"
+    assert read_lock(root).run_id == "run-2"
+    with pytest.raises(LockLost):
+        first.check()  # the killed run, were it to wake up, must not commit
+    first.release()  # and does not remove the new holder's lock
+    assert read_lock(root).run_id == "run-2"
+    second.release()
+    assert read_lock(root) is None
+    store.remove(store.join(root, "_monitor"), recursive=True)
+
+
+def test_the_heartbeat_keeps_a_live_lock_from_expiring(tmp_path):
+    lock = MonitorLock(str(tmp_path), "harbour", "run-1", timedelta(seconds=3))
+    with lock:
+        first = read_lock(str(tmp_path)).expires
+        import time
+
+        time.sleep(2.5)
+        assert read_lock(str(tmp_path)).expires > first
+        lock.check()
+    assert read_lock(str(tmp_path)) is None
+
+
+def test_webhook_signature_is_hmac_sha256_of_the_body():
+    import hashlib
+    import hmac
+
+    body = b'{"changes": 2}'
+    assert sign(body, "k") == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
+
+
+# --- change rules on hand-made rows -----------------------------------------------------------------
+
+_T = (10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
+
+
+def _row(
+    item,
+    day,
+    task,
+    key,
+    *,
+    answer=None,
+    number=None,
+    label=None,
+    count=None,
+    kind="tile",
+    col=0,
+    geometry=None,
+    status="ok",
+):
+    tr = list(_T)
+    tr[2] += col * 640
+    return {
+        "tile_id": f"{item}:c{col}",
+        "kind": kind,
+        "item_id": item,
+        "datetime": pd.Timestamp(day, tz="UTC"),
+        "task": task,
+        "prompt": key,
+        "prompt_key": key,
+        "text": answer,
+        "answer": answer,
+        "answer_number": number,
+        "label": label,
+        "object_count": count,
+        "status": status,
+        "native_crs": "EPSG:32618",
+        "transform": tr,
+        "window_width": 64,
+        "window_height": 64,
+        "geometry": geometry or box(-75 + col * 0.01, 37, -75 + col * 0.01 + 0.007, 37.006),
+    }
+
+
+def test_change_kinds():
+    q, n, c, d = "Is there water?", "How many ships?", "forest,water", "ship"
+    obj_a = box(-74.999, 37.001, -74.998, 37.002)
+    obj_b = box(-74.996, 37.004, -74.995, 37.005)
+    rows = pd.DataFrame(
+        [
+            _row("i1", "2024-05-01", "vqa", q, answer="no"),
+            _row("i2", "2024-05-11", "vqa", q, answer="no"),
+            _row("i3", "2024-05-21", "vqa", q, answer="yes"),
+            _row("i1", "2024-05-01", "vqa", n, answer="3", number=3.0),
+            _row("i2", "2024-05-11", "vqa", n, answer="4", number=4.0),  # below the threshold of 2
+            _row("i3", "2024-05-21", "vqa", n, answer="7", number=7.0),
+            _row("i1", "2024-05-01", "classify", c, label="forest"),
+            _row("i3", "2024-05-21", "classify", c, label="water"),
+            _row("i2", "2024-05-11", "classify", c, label=None, status="failed"),  # not an observation
+            _row("i1", "2024-05-01", "detect", d, count=1),
+            _row("i3", "2024-05-21", "detect", d, count=1),
+            _row("i1", "2024-05-01", "detect", d, kind="object", label=d, geometry=obj_a),
+            _row("i3", "2024-05-21", "detect", d, kind="object", label=d, geometry=obj_b),
+            _row("i1", "2024-05-01", "caption", "Describe", answer="a field"),
+            _row("i3", "2024-05-21", "caption", "Describe", answer="a lake"),
+            _row(
+                "i1", "2024-05-01", "vqa", q, answer="no", col=1
+            ),  # another tile, seen once: nothing to compare
+        ]
+    )
+    changes = detect_changes(rows, ChangeRules(min_count_change=2, object_iou=0.3))
+    got = sorted(zip(changes["change"], changes["before_item_id"], changes["after_item_id"], strict=True))
+    assert got == [
+        ("answer_flipped", "i2", "i3"),
+        ("class_changed", "i1", "i3"),
+        ("count_changed", "i2", "i3"),
+        ("object_appeared", "i1", "i3"),
+        ("object_vanished", "i1", "i3"),
+    ]
+    assert set(changes["cell_id"]) == {cell_id("EPSG:32618", _T, 64, 64)}
+    appeared = changes[changes["change"] == "object_appeared"].iloc[0]
+    assert shapely.equals(appeared.geometry, obj_b)
+    flip = changes[changes["change"] == "answer_flipped"].iloc[0]
+    assert (flip.before_value, flip.after_value) == ("no", "yes")
+
+
+# --- scheduling files ------------------------------------------------------------------------------
+
+
+def test_kubernetes_cronjob_submits_the_monitor_without_overlap():
+    docs = list(yaml.safe_load_all((REPO / "cluster" / "monitor-cronjob.yaml").read_text()))
+    (cron,) = [d for d in docs if d and d["kind"] == "CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    spec = cron["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    example = yaml.safe_load((REPO / "monitors" / "port.yaml").read_text())
+    assert spec["schedule"] == example["schedule"] and parse_cron(spec["schedule"])
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and spec["jobTemplate"]["spec"]["backoffLimit"] == 0
+    (container,) = pod["containers"]
+    command = " ".join(container["command"] + container["args"])
+    assert (
+        "ray job submit" in command and "-- python jobs/monitor_aoi.py --config monitors/port.yaml" in command
+    )
+    assert any(e["name"] == "RAY_ADDRESS" and e["value"].endswith(":8265") for e in container["env"])
+    assert "SECRET" not in json.dumps(container)  # the secret goes to the head pod, not the submitter
+
+
+def test_raycronjob_runs_the_monitor_on_the_existing_cluster():
+    (doc,) = [d for d in yaml.safe_load_all((REPO / "cluster" / "monitor-raycronjob.yaml").read_text()) if d]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCronJob"
+    assert set(doc["spec"]) == {"schedule", "jobTemplate"}  # the fields the alpha CRD has
+    parse_cron(doc["spec"]["schedule"])
+    job = doc["spec"]["jobTemplate"]
+    assert job["clusterSelector"] == {"ray.io/cluster": "rsflow"}
+    assert job["entrypoint"].endswith("jobs/monitor_aoi.py --config /opt/rsflow/monitors/port.yaml")
+
+
+def test_readme_documents_a_plain_cron_line():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Monitoring") :]
+    lines = [
+        ln.strip()
+        for ln in section.splitlines()
+        if "jobs/monitor_aoi.py --config" in ln and ln.strip()[:1].isdigit()
+    ]
+    assert lines, "no crontab line in the README's Monitoring section"
+    schedule = " ".join(lines[0].split()[:5])
+    parse_cron(schedule)
+    assert (REPO / "jobs" / "monitor_aoi.py").is_file() and (REPO / "monitors" / "port.yaml").is_file()

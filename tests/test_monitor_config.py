@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -436,3 +437,82 @@ def test_readme_documents_a_plain_cron_line():
     schedule = " ".join(lines[0].split()[:5])
     parse_cron(schedule)
     assert (REPO / "jobs" / "monitor_aoi.py").is_file() and (REPO / "monitors" / "port.yaml").is_file()
+
+
+# --- the monitor's own files on an object store (fsspec memory://) ------------------------------------
+
+
+def _result_table(rows: list[dict]):
+    import pyarrow as pa
+
+    from rsflow.output import WRITTEN_SCHEMA
+
+    full = [{name: r.get(name) for name in WRITTEN_SCHEMA.names} for r in rows]
+    for r in full:
+        r["geometry"] = shapely.to_wkb(r["geometry"])
+        r["datetime"] = r["datetime"].to_pydatetime()
+    return pa.Table.from_pylist(full, schema=WRITTEN_SCHEMA)
+
+
+def test_partitions_ledger_changes_and_report_on_an_object_store(tmp_path):
+    from rsflow.monitor.ledger import RunRecord
+    from rsflow.monitor.run import (
+        CHANGES_NAME,
+        REPORT_NAME,
+        ensure_changes_report,
+        remove_leftovers,
+        write_partitions,
+    )
+
+    root = f"memory://rsflow-monitor-{uuid.uuid4().hex[:8]}/out"
+    cfg = parse_monitor_config(_config(tmp_path, output=root), base_dir=tmp_path)
+    assert cfg.output == root
+    q = "Is there water in this image?"
+    table = _result_table(
+        [
+            {**_row("i1", "2024-05-01", "vqa", q, answer="no"), "kind": "tile"},
+            {**_row("i2", "2024-05-11", "vqa", q, answer="yes"), "kind": "tile"},
+        ]
+    )
+    files = write_partitions(root, "run-1", table)
+    assert files == [
+        "results/date=2024-05-01/part-run-1.parquet",
+        "results/date=2024-05-11/part-run-1.parquet",
+    ]
+    ledger = Ledger(monitor="harbour")
+    ledger.runs.append(
+        RunRecord(
+            run_id="run-1",
+            started="",
+            finished="",
+            items_done=["i1", "i2"],
+            items_failed=[],
+            items_given_up=[],
+            files=files,
+            request_fingerprint="x",
+        )
+    )
+    save_ledger(root, ledger)
+    changes = ensure_changes_report(cfg, load_ledger(root, "harbour"))
+    assert list(changes["change"]) == ["answer_flipped"]
+    assert store.read_bytes(store.join(root, CHANGES_NAME)) and store.read_bytes(
+        store.join(root, REPORT_NAME)
+    )
+    assert len(ensure_changes_report(cfg, load_ledger(root, "harbour"))) == 0  # up to date: not rebuilt
+
+    # an uncommitted partition (a killed run's) is removed; committed ones stay
+    write_partitions(root, "run-2", table.slice(0, 1))
+    removed = remove_leftovers(root, load_ledger(root, "harbour"))
+    assert removed == ["results/date=2024-05-01/part-run-2.parquet"]
+    assert store.list_files(store.join(root, "results")) == [f.removeprefix("results/") for f in files]
+    store.remove(root, recursive=True)
+
+
+def test_an_output_root_of_another_monitor_is_refused(tmp_path, capsys):
+    save_ledger(str(tmp_path / "out"), Ledger(monitor="forest-edge"))
+    path = _write(tmp_path, _config(tmp_path))
+    assert main(["monitor", "status", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("rsflow monitor: error: output: ") and "'forest-edge'" in err and err.count("\n") == 1
+    )

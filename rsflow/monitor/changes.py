@@ -202,7 +202,7 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
     """
     rows = add_cells(rows)
     obs = observations(rows)
-    objects = rows[(rows["kind"] == "object") & (rows["status"] == "ok")]
+    objects = _index_objects(rows[(rows["kind"] == "object") & (rows["status"] == "ok")])
     changes: list[dict[str, Any]] = []
     for before, after in _consecutive(obs):
         if before.task not in _COMPARED_TASKS:
@@ -287,27 +287,36 @@ def _compare(before: Observation, after: Observation, rules: ChangeRules) -> lis
     return []
 
 
+#: (task, label, item id) -> that item's objects of the label: (cell id, EPSG:4326 polygon, native CRS).
+ObjectIndex = dict[tuple[str, str, str], list[tuple[str, BaseGeometry, str]]]
+
+
+def _index_objects(objects: pd.DataFrame) -> ObjectIndex:
+    index: ObjectIndex = {}
+    for r in objects.itertuples(index=False):
+        key = (str(r.task), _text(r.label) or "", str(r.item_id))
+        index.setdefault(key, []).append((r.cell_id, r.geometry, str(r.native_crs)))
+    return index
+
+
 def _compare_objects(
-    before: Observation, after: Observation, objects: pd.DataFrame, rules: ChangeRules
+    before: Observation, after: Observation, objects: ObjectIndex, rules: ChangeRules
 ) -> list[dict[str, Any]]:
-    """Objects of the label in this cell with no match in the other observation (any cell: a merged
-    object may sit on a neighbouring tile)."""
-    if objects.empty:
-        return []
+    """Objects of the label in this cell with no match in the other observation (matched against the
+    other observation's objects in any cell: a merged object may sit on a neighbouring tile)."""
     label = before.prompt_key
-    sel = objects[(objects["task"] == before.task) & (objects["label"] == label)]
-    earlier = sel[sel["item_id"] == before.item_id]
-    later = sel[sel["item_id"] == after.item_id]
+    earlier = objects.get((before.task, label, before.item_id), [])
+    later = objects.get((after.task, label, after.item_id), [])
     out = []
-    crs = _cell_crs(objects, before.cell_id)
     for kind, mine, other, ref in (
         ("object_appeared", later, earlier, after),
         ("object_vanished", earlier, later, before),
     ):
-        others = [_metric(g, crs) for g in other["geometry"]]
-        for r in mine[mine["cell_id"] == ref.cell_id].itertuples(index=False):
-            poly = _metric(r.geometry, crs)
-            if not any(_iou(poly, o) >= rules.object_iou for o in others):
+        for cell, geometry, crs in mine:
+            if cell != ref.cell_id:
+                continue
+            poly = _metric(geometry, crs)
+            if not any(_iou(poly, _metric(o, crs)) >= rules.object_iou for _, o, _ in other):
                 out.append(
                     _row(
                         kind,
@@ -316,15 +325,10 @@ def _compare_objects(
                         label=label,
                         before_value=label if kind == "object_vanished" else None,
                         after_value=label if kind == "object_appeared" else None,
-                        geometry=r.geometry,
+                        geometry=geometry,
                     )
                 )
     return out
-
-
-def _cell_crs(objects: pd.DataFrame, cell: str) -> str | None:
-    crs = objects.loc[objects["cell_id"] == cell, "native_crs"]
-    return str(crs.iloc[0]) if len(crs) else None
 
 
 @lru_cache(maxsize=16)
@@ -373,11 +377,10 @@ def timelines(rows: pd.DataFrame, changes: pd.DataFrame) -> dict[str, Timeline]:
     by_cell: dict[str, list[Observation]] = {}
     for o in obs:
         by_cell.setdefault(o.cell_id, []).append(o)
-    changed_keys = (
-        {(r.after_item_id, (r.task, r.prompt_key or "")) for r in changes.itertuples(index=False)}
-        if len(changes)
-        else set()
-    )
+    changed_keys = {
+        (r.cell_id, r.after_item_id, r.task, _text(r.prompt_key) or "")
+        for r in changes.itertuples(index=False)
+    }
     out = {}
     for cell, cell_obs in sorted(by_cell.items()):
         items = sorted({(o.datetime, o.item_id) for o in cell_obs})
@@ -388,7 +391,7 @@ def timelines(rows: pd.DataFrame, changes: pd.DataFrame) -> dict[str, Timeline]:
             (o.item_id, (o.task, o.prompt_key)): o.value if o.value is not None else "(no answer)"
             for o in cell_obs
         }
-        changed = {k for k in values if k in changed_keys and _in_cell(changes, cell, k)}
+        changed = {k for k in values if (cell, k[0], k[1][0], k[1][1]) in changed_keys}
         out[cell] = Timeline(
             cell_id=cell,
             geometry=cell_obs[-1].geometry,
@@ -398,11 +401,3 @@ def timelines(rows: pd.DataFrame, changes: pd.DataFrame) -> dict[str, Timeline]:
             changed=changed,
         )
     return out
-
-
-def _in_cell(changes: pd.DataFrame, cell: str, key: tuple[str, tuple[str, str]]) -> bool:
-    item, (task, prompt_key) = key
-    sel = changes[
-        (changes["cell_id"] == cell) & (changes["after_item_id"] == item) & (changes["task"] == task)
-    ]
-    return bool(len(sel[sel["prompt_key"].fillna("") == prompt_key]))

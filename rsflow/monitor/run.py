@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 import shapely
 from shapely.geometry import mapping
 
+from rsflow.errors import RequestError
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
 from rsflow.monitor.config import MonitorConfig, probe_output_root
@@ -123,6 +124,7 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
     resolve_adapter(config.request.model)
     resolve_model_dir(config.request.model)
     root = config.output
+    _check_ledger_owner(root, config.name)
     with MonitorLock(root, config.name, run_id, config.lock_expiry) as lock:
         last: dict[str, Any] = {"run_id": run_id, "started": _iso(started), "outcome": "failed"}
         if lock.took_over is not None:
@@ -362,8 +364,13 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
     if work:
         store.remove(store.join(root, WORK_DIR), recursive=True)
         removed.append(WORK_DIR + "/")
-    for rel in store.list_files(root):
-        if store.TMP_MARK in posixpath.basename(rel) and not rel.startswith(("results/", "runs/")):
+    # Temporaries of results/ and runs/ went with the uncommitted files above; the others sit at the
+    # root (changes, report) or in _monitor/ (ledger, lock).
+    for rel in [
+        *_top_level_files(root),
+        *(posixpath.join("_monitor", r) for r in store.list_files(store.join(root, "_monitor"))),
+    ]:
+        if store.TMP_MARK in posixpath.basename(rel) and not rel.startswith(WORK_DIR):
             store.remove(store.join(root, rel))
             removed.append(rel)
     if removed:
@@ -371,6 +378,23 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
             "removed %d files left by an unfinished run: %s", len(removed), ", ".join(removed[:10])
         )
     return removed
+
+
+def _top_level_files(root: str) -> list[str]:
+    fs, path = store.filesystem(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+
+def _check_ledger_owner(root: str, name: str) -> None:
+    """Refuse, before the lock, an output root whose ledger belongs to another monitor."""
+    try:
+        load_ledger(root, name)
+    except ValueError as exc:
+        raise RequestError("output", f"{exc}; give this monitor its own output root") from None
 
 
 def _parquet_files(directory: str) -> list[str]:
@@ -656,6 +680,7 @@ def monitor_status(config: MonitorConfig, *, now: datetime | None = None) -> Mon
     """Read the ledger, the last run and the lock (nothing is written)."""
     now = now or datetime.now(UTC)
     root = config.output
+    _check_ledger_owner(root, config.name)
     ledger = load_ledger(root, config.name)
     last = store.read_json(store.join(root, LAST_RUN_NAME))
     next_due = None

@@ -516,3 +516,42 @@ def test_an_output_root_of_another_monitor_is_refused(tmp_path, capsys):
     assert (
         err.startswith("rsflow monitor: error: output: ") and "'forest-edge'" in err and err.count("\n") == 1
     )
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "expired"])
+def test_of_many_runs_starting_at_once_exactly_one_gets_the_lock(stale, tmp_path):
+    import threading
+
+    import rsflow.monitor.lock as lock_module
+
+    root = str(tmp_path)
+    if stale:
+        store.write_json_atomic(
+            lock_module.lock_path(root),
+            {
+                "run_id": "killed",
+                "host": "h",
+                "pid": 1,
+                "acquired": "2024-01-01T00:00:00+00:00",
+                "expires": "2024-01-01T00:30:00+00:00",
+            },
+        )
+    start, winners, refused = threading.Barrier(8), [], []
+
+    def attempt(i: int) -> None:
+        lock = MonitorLock(root, "harbour", f"run-{i}", timedelta(minutes=5), heartbeat=False)
+        start.wait()
+        try:
+            lock.acquire()
+            winners.append(i)
+        except MonitorLocked:
+            refused.append(i)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(refused) == 7
+    assert read_lock(root).run_id == f"run-{winners[0]}"
+    assert [p.name for p in (tmp_path / "_monitor").iterdir()] == ["lock.json"]  # no temporaries left

@@ -6,11 +6,14 @@ pushes the expiry forward every third of ``expiry``. A run that was killed stops
 lock expires and the next run takes it over. A second run that finds a live lock raises
 :class:`MonitorLocked` without touching anything.
 
-Taking the lock:
+Taking, renewing, taking over and releasing the lock:
 
-- local directories: created with ``O_CREAT | O_EXCL`` (one creator wins). An expired lock is first
-  renamed to a unique name (one renamer wins), checked to be the expired one that was read, then the
-  lock is created as above; so two runs that find the same expired lock never both hold it.
+- local directories: every change to ``lock.json`` happens while holding a short-lived mutex,
+  ``lock.json.mutex``, created whole with a hard link from a temporary file (``link`` fails when the
+  target exists, so exactly one process holds it; nobody reads it half-written). Under the mutex a
+  run reads the lock and either creates it (none), refuses (live), or replaces it (expired), so of
+  many runs starting at once exactly one holds the lock. The mutex is held for milliseconds; one
+  left by a process killed inside that window is removed after ``_MUTEX_STALE_SECONDS``.
 - object stores (no exclusive create in fsspec): written, then read back after a short pause; the
   holder is whoever's write is there. Good enough behind a scheduler that never starts two runs
   at once (a CronJob with ``concurrencyPolicy: Forbid``), which is what the lock backs up.
@@ -22,6 +25,7 @@ commits over the new holder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 #: How long an object-store writer waits before reading the lock back.
 _SETTLE_SECONDS = 1.0
+#: A local lock mutex older than this was left by a killed process (it is held for milliseconds).
+_MUTEX_STALE_SECONDS = 30.0
+#: Longest wait for the local lock mutex (longer than it takes a stale one to be removed).
+_MUTEX_WAIT_SECONDS = 45.0
 
 
 class MonitorLocked(RsflowError):
@@ -163,52 +172,23 @@ class MonitorLock:
         return (json.dumps(info.to_json(), indent=1, sort_keys=True) + "\n").encode()
 
     def _acquire_local(self, path: str) -> None:
-        for _ in range(3):
-            info = self._new_info()
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                seen = store.read_bytes(lock_path(self.root))
-                current = read_lock(self.root) if seen is not None else None
-                if current is None:
-                    continue  # released meanwhile: try again
-                if not current.expired(datetime.now(UTC)):
-                    raise MonitorLocked(self.monitor, current.to_json()) from None
-                # Expired: move it aside (one renamer wins), check it is the one we judged expired.
-                aside = f"{path}.expired{store.TMP_MARK}{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(path, aside)
-                except FileNotFoundError:
-                    continue  # another run moved it first; race for the create
-                with open(aside, "rb") as fh:
-                    moved = fh.read()
-                if moved != seen:  # a fresh lock was created in between: give it back
-                    try:
-                        os.link(aside, path)
-                    except FileExistsError:
-                        pass
-                    os.unlink(aside)
-                    holder = read_lock(self.root) or current
-                    raise MonitorLocked(self.monitor, holder.to_json()) from None
-                os.unlink(aside)
-                self.took_over = current
-                logger.warning(
-                    "monitor %s: taking over the expired lock of run %s (%s, pid %d, expired %s)",
-                    self.monitor,
-                    current.run_id,
-                    current.host,
-                    current.pid,
-                    current.expires,
-                )
-                continue
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self._encode(info))
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._info = info
-            return
-        current = read_lock(self.root)
-        raise MonitorLocked(self.monitor, current.to_json() if current else {"run_id": "?"})
+        info = self._new_info()
+        with _local_mutex(path):
+            current = read_lock(self.root)
+            if current is not None and not current.expired(datetime.now(UTC)):
+                raise MonitorLocked(self.monitor, current.to_json())
+            store.write_bytes_atomic(lock_path(self.root), self._encode(info))
+        self._info = info
+        if current is not None:
+            self.took_over = current
+            logger.warning(
+                "monitor %s: took over the expired lock of run %s (%s, pid %d, expired %s)",
+                self.monitor,
+                current.run_id,
+                current.host,
+                current.pid,
+                current.expires,
+            )
 
     def _acquire_remote(self) -> None:
         current = read_lock(self.root)
@@ -230,10 +210,11 @@ class MonitorLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        current = read_lock(self.root)
-        if current is not None and current.run_id == self.run_id:
-            store.remove(lock_path(self.root))
-            logger.info("monitor %s: lock released by run %s", self.monitor, self.run_id)
+        with self._serialised():
+            current = read_lock(self.root)
+            if current is not None and current.run_id == self.run_id:
+                store.remove(lock_path(self.root))
+                logger.info("monitor %s: lock released by run %s", self.monitor, self.run_id)
         self._info = None
 
     def __enter__(self) -> MonitorLock:
@@ -257,6 +238,10 @@ class MonitorLock:
 
     def renew(self) -> None:
         """Push the expiry forward (the heartbeat calls this)."""
+        with self._serialised():
+            self._renew_held()
+
+    def _renew_held(self) -> None:
         current = read_lock(self.root)
         if current is None or current.run_id != self.run_id:
             self._lost = True
@@ -277,6 +262,11 @@ class MonitorLock:
         store.write_bytes_atomic(lock_path(self.root), self._encode(info))
         self._info = info
 
+    def _serialised(self) -> contextlib.AbstractContextManager[None]:
+        """The mutex on local roots; nothing on object stores."""
+        fs, path = store.filesystem(lock_path(self.root))
+        return _local_mutex(path) if store.is_local(fs) else contextlib.nullcontext()
+
     def _renew_loop(self) -> None:
         interval = max(1.0, self.expiry.total_seconds() / 3)
         while not self._stop.wait(interval):
@@ -284,3 +274,64 @@ class MonitorLock:
                 self.renew()
             except Exception:  # a storage hiccup: try again at the next beat, the expiry leaves room
                 logger.warning("monitor %s: could not renew the lock", self.monitor, exc_info=True)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data``, or raise FileExistsError; readers never see it empty.
+
+    The bytes go to a temporary file first, which is then hard-linked to ``path`` (``link`` fails
+    when ``path`` exists, like ``O_EXCL``). Filesystems without hard links fall back to ``O_EXCL``.
+    """
+    tmp = f"{path}{store.TMP_MARK}{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FUSE filesystems)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _local_mutex(lock_file: str) -> Iterator[None]:
+    """Hold ``<lock_file>.mutex`` for the duration of the block (see the module docstring).
+
+    Raises:
+        TimeoutError: another process held it for ``_MUTEX_WAIT_SECONDS`` (it is only ever held for
+            milliseconds, so something is wrong with the filesystem).
+    """
+    mutex = f"{lock_file}.mutex"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}\n".encode()
+    deadline = time.monotonic() + _MUTEX_WAIT_SECONDS
+    while True:
+        try:
+            _create_exclusive(mutex, owner)
+            break
+        except FileExistsError:
+            try:
+                age = time.time() - os.stat(mutex).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > _MUTEX_STALE_SECONDS:  # its holder was killed inside the critical section
+                logger.warning("removing a stale lock mutex %s (%.0f s old)", mutex, age)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(mutex)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{mutex} stayed held for {_MUTEX_WAIT_SECONDS} s") from None
+            time.sleep(0.005)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mutex)

@@ -370,7 +370,9 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
         *_top_level_files(root),
         *(posixpath.join("_monitor", r) for r in store.list_files(store.join(root, "_monitor"))),
     ]:
-        if store.TMP_MARK in posixpath.basename(rel) and not rel.startswith(WORK_DIR):
+        name = posixpath.basename(rel)
+        # lock.json* belongs to the lock (rsflow.monitor.lock), which cleans up after itself
+        if store.TMP_MARK in name and not rel.startswith(WORK_DIR) and not name.startswith("lock.json"):
             store.remove(store.join(root, rel))
             removed.append(rel)
     if removed:

@@ -74,7 +74,12 @@ def region_arguments() -> argparse.ArgumentParser:
         "--max-nodata", type=_number, default=0.5, help="skip tiles with a larger nodata fraction (0-1, default 0.5)"
     )
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="smoke", help="transformers LLaVA dir or hub id; 'smoke' = tiny built-in model")
+    model.add_argument(
+        "--model",
+        default="demo",
+        help="transformers LLaVA dir or hub id; 'demo' (default) = tiny demo model trained on the sample "
+        "scene; 'smoke' = tiny random-weight model",
+    )
     model.add_argument("--adapter", help="peft LoRA adapter dir or hub id")
     model.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="conversation template family")
     model.add_argument(
@@ -211,11 +216,9 @@ def _run_region(args: argparse.Namespace) -> int:
     result = run_region(request, address=args.address)
     m = result.manifest
     c = m["counts"]
-    if m["model"]["smoke"]:
-        print(
-            f"NOTE: model {m['model']['id']} is a smoke model: "
-            f"{m['model']['card'].get('note', 'its text is meaningless')}"
-        )
+    kind = m["model"]["card"].get("kind")
+    if kind in ("smoke", "demo"):
+        print(f"NOTE: model {m['model']['id']} is a {kind} model: {m['model']['card'].get('note', '')}")
     print(
         f"wrote {c['rows_written']} rows for {c['tiles_planned']} tiles of {c['items_found']} items "
         f"(ok {c['tiles_ok']}, skipped {c['tiles_skipped']}, failed {c['tiles_failed']}) to {result.output}"

@@ -213,6 +213,8 @@ def run_region(
     mid = model_id(spec)
     if card.get("kind") == "smoke":
         logger.warning("model %s is a SMOKE model: %s", mid, card.get("note", "its text is meaningless"))
+    elif card.get("kind") == "demo":
+        logger.warning("model %s is a DEMO model: %s", mid, card.get("note", "not for real use"))
     prompt_format = resolve_prompt_format(spec)
     inputs = request.inputs
     prompts = inputs.prompts(request.tasks, prompt_format)  # also refuses a task the family cannot do
@@ -249,7 +251,7 @@ def run_region(
         "started": started.isoformat(),
         "request": request.to_json(),
         "tile_spec": {"size_px": tile_spec.size_px, "overlap_px": tile_spec.overlap_px, "gsd_m": tile_spec.gsd_m},
-        "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke"},
+        "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke", "demo": card.get("kind") == "demo"},
         "prompt_format": prompt_format,
         "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key, "adapter": p.adapter} for p in prompts],
         "profiles": {c: p.name for c, p in profiles.items()},

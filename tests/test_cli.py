@@ -47,7 +47,7 @@ BAD = [
     (["--tasks", "vqa", "--questions", "/no/such/questions.txt"], "--questions"),
     (["--task-file", "/no/such/tasks.yaml"], "--task-file"),
     (["--merge-iou", "1.5"], "--merge-iou"),
-    # the default smoke model uses the llava template: GeoChat's box tasks are refused for it
+    # the default (demo) model uses the llava template: GeoChat's box tasks are refused for it
     (["--tasks", "detect", "--detect", "ship"], "--tasks"),
 ]
 

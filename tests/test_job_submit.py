@@ -1,4 +1,4 @@
-"""``ray job submit`` of jobs/caption_region.py to a real local cluster (``ray start --head``)."""
+"""``ray job submit`` of the region job and of a finetuning run to a real local cluster (``ray start --head``)."""
 
 from __future__ import annotations
 
@@ -76,13 +76,9 @@ def ray_head():
     proc.wait(timeout=10)
 
 
-def test_ray_job_submit_runs_the_region_job(ray_head, sample_catalog, tmp_path):
-    out = tmp_path / "submitted"
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
-        "--", "python", "jobs/caption_region.py", "--stac", str(sample_catalog),
-        "--bbox", "-75.70,37.650,-75.69,37.655", "--max-new-tokens", "4", "--output", str(out),
-    ]
+def _submit(address: str, entrypoint: list[str]) -> subprocess.CompletedProcess[str]:
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+           "--working-dir", str(REPO), "--", *entrypoint]
     # The dashboard answers before its job agent is up; Ray then says "No available agent to submit
     # job, please try again later". Wait for the agent as a user would, a bounded number of times.
     for _ in range(20):
@@ -92,8 +88,33 @@ def test_ray_job_submit_runs_the_region_job(ray_head, sample_catalog, tmp_path):
         time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
+    return proc
+
+
+def test_ray_job_submit_runs_the_region_job(ray_head, sample_catalog, tmp_path):
+    out = tmp_path / "submitted"
+    _submit(ray_head, ["python", "jobs/caption_region.py", "--stac", str(sample_catalog),
+                       "--bbox", "-75.70,37.650,-75.69,37.655", "--max-new-tokens", "4", "--output", str(out)])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
     gdf = gpd.read_parquet(out)
     assert len(gdf) == manifest["counts"]["rows_written"] > 0
     assert (gdf["status"] == "ok").all()
+
+
+def test_ray_job_submit_runs_a_short_instruct_finetune(ray_head, tmp_path):
+    from rsflow.finetune.demo_data import build_demo_dataset
+    from rsflow.finetune.train import read_steps
+
+    data = build_demo_dataset(tmp_path / "data")
+    proc = _submit(ray_head, [
+        "python", "training/finetune.py", "--stage", "instruct", "--config", "training/configs/demo.yaml",
+        f"data={data.train_json}", f"image_root={data.image_dir}", f"output={tmp_path / 'runs'}",
+        "name=submitted", "max_steps=3", "checkpoint_every=3",
+    ])
+    run_dir = tmp_path / "runs" / "submitted"
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"already_done"')))
+    assert summary["steps"] == 3 and summary["attempts"] == 1 and summary["run_dir"] == str(run_dir)
+    assert [int(r["step"]) for r in read_steps(run_dir)] == [1, 2, 3]
+    assert (run_dir / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "export" / "llava_repo" / "non_lora_trainables.bin").is_file()

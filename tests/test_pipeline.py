@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BBOX = (-75.705, 37.640, -75.660, 37.670)  # the README's default AOI
 S2_ORIGIN = (435730.0, 4179460.0)  # top-left of the 10 m grid, EPSG:32618
 S2_SHAPE = (1947, 1933)  # rows, cols
-TILE = 64  # the smoke model's input size
+TILE = 64  # the demo (default) and smoke models' input size
 
 
 def _expected_windows(bbox, size=TILE, stride=TILE):
@@ -53,7 +53,7 @@ def _run(args: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def default_run(ray_local, sample_catalog, tmp_path_factory):
-    """The README's default request (smoke model, default AOI) against the local sample catalog."""
+    """The README's default request (demo model, default AOI) against the local sample catalog."""
     out = tmp_path_factory.mktemp("runs") / "default"
     assert _run(["--stac", str(sample_catalog), "--output", str(out)]) == 0
     return out
@@ -111,7 +111,8 @@ def test_geoparquet_1_1_metadata_and_spatial_order(default_run):
 def test_manifest_records_the_run(default_run):
     m = json.loads((default_run / MANIFEST_NAME).read_text())
     assert m["status"] == "complete"
-    assert m["model"]["smoke"] is True and "meaningless" in m["model"]["card"]["note"]
+    assert m["model"]["demo"] is True and m["model"]["smoke"] is False
+    assert "not for real use" in m["model"]["card"]["note"]
     n = len(_expected_windows(BBOX)[0])
     assert m["counts"] == {
         "items_found": 1, "items_failed": 0, "tiles_planned": n, "tiles_read": n, "tiles_skipped": 0,

@@ -34,6 +34,8 @@ from rsflow.models.prompts import PROMPT_FORMATS, PromptFormat
 logger = logging.getLogger(__name__)
 
 SMOKE_MODEL: Final[str] = "smoke"
+DEMO_MODEL: Final[str] = "demo"
+"""The packaged demo model (``rsflow.finetune.demo``): trained on one sample scene; the job's default."""
 """The ``model`` value that selects the built-in tiny random-weight checkpoint."""
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -120,7 +122,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
-            raise RequestError("--model", "give a checkpoint folder, a hub id, or 'smoke'")
+            raise RequestError("--model", "give a checkpoint folder, a hub id, 'demo' or 'smoke'")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
             raise RequestError("--adapter", "give an adapter folder or hub id, or leave it out")
         names = [name for name, _ in self.adapters] if isinstance(self.adapters, tuple) else None
@@ -201,8 +203,8 @@ def resolve_model_dir(spec: ModelSpec) -> str:
         spec: the model spec.
 
     Returns:
-        An absolute local folder (for ``"smoke"`` the cached tiny checkpoint, built on first use)
-        or a hub id.
+        An absolute local folder (for ``"smoke"`` the cached tiny checkpoint, built on first use; for
+        ``"demo"`` the packaged demo model) or a hub id.
 
     Raises:
         RequestError: (``--model``) a local path that does not exist, is a file, or lacks ``config.json``.
@@ -211,6 +213,10 @@ def resolve_model_dir(spec: ModelSpec) -> str:
         from rsflow.models.tiny import ensure_smoke_model
 
         return str(ensure_smoke_model())
+    if spec.model == DEMO_MODEL:
+        from rsflow.finetune.demo import demo_model_dir
+
+        return str(demo_model_dir())
     return _resolve_ref(spec.model, "--model", "config.json")
 
 

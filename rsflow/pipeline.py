@@ -11,6 +11,9 @@ cluster as a streaming Ray Data pipeline::
 
 Reading and inference are separate operators so that they overlap. A tile that fails in any
 stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.
+
+Benchmark evaluation (``rsflow eval``) runs the same infer stage (:func:`add_model_stage`: the same
+``ModelRunner`` actors) on images read from a folder instead of STAC tiles (:func:`infer_images`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -168,6 +171,112 @@ def _ensure_ray(address: str | None) -> None:
     logger.info("Ray resources: %s", ray.cluster_resources())
 
 
+def _cluster_shape(model_actors: int | None, read_workers: int | None) -> tuple[int, int, int]:
+    """``(gpus, model actors, read task limit)`` for the connected Ray cluster: one model actor per GPU
+    (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave free."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = model_actors or max(1, gpus)
+    read_max = read_workers or max(1, cpus - (0 if gpus else 1))
+    if gpus == 0:
+        logger.warning("no GPU in the Ray cluster: the model runs on CPU")
+    return gpus, actors, read_max
+
+
+def add_model_stage(
+    ds: Any,
+    *,
+    spec: ModelSpec,
+    prompts: Sequence[Any],
+    actors: int,
+    gpus: int,
+    region_adapter: str | None = None,
+    row_prompts: bool = False,
+) -> Any:
+    """The infer stage of every job: ``ds.map_batches(ModelRunner)`` on a pool of model actors.
+
+    Args:
+        ds: rows with ``tile_id``, ``image``, ``status`` (see :mod:`rsflow.models.runner`).
+        spec: the model.
+        prompts: ``TaskPrompt`` values asked of every row.
+        actors: model actors in the pool (one GPU each when ``gpus``).
+        gpus: GPUs in the cluster (0: actors on CPU).
+        region_adapter: named adapter answering region-caption prompts.
+        row_prompts: rows carry their own prompts (``ModelRunner`` ``row_prompts`` column).
+
+    Returns:
+        The dataset of model rows (one per row and prompt).
+    """
+    from ray.data import ActorPoolStrategy
+
+    from rsflow.models.runner import ModelRunner
+
+    kwargs: dict[str, Any] = {"spec": spec, "prompts": prompts, "region_adapter": region_adapter}
+    if row_prompts:
+        kwargs["row_prompts"] = True
+    return ds.map_batches(
+        ModelRunner,
+        compute=ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=kwargs,
+        batch_size=max(1, spec.batch_size),
+        num_gpus=1 if gpus else None,
+        num_cpus=1,
+    )
+
+
+#: Per image-read task: decoding buffers plus a batch of 8 images of up to 1024 x 1024 RGB.
+_IMAGE_TASK_MEMORY_BYTES = 160 * 1024**2 + 8 * 3 * 1024**2
+
+
+def infer_images(
+    rows: Sequence[dict[str, Any]],
+    *,
+    spec: ModelSpec,
+    model_actors: int | None = None,
+    read_workers: int | None = None,
+    address: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Images from files through the region job's infer stage; yields the model rows batch by batch.
+
+    ``from_items(rows) -> map_batches(read_image_batch) (CPU tasks) -> add_model_stage`` (the same
+    ``ModelRunner`` actors as the region job, each row asking its own prompts).
+
+    Args:
+        rows: one per image: ``tile_id`` (str, unique), ``image_path`` (a local file),
+            ``row_prompts`` (list of ``{"task", "prompt", "key"}``), plus any columns to carry along.
+        spec: the model.
+        model_actors: model actors (default: one per GPU, else 1).
+        read_workers: most concurrent read tasks (default: the CPUs the actors leave).
+        address: Ray address (default: ``RAY_ADDRESS``, else a local Ray).
+
+    Yields:
+        Model-stage batches as dicts of numpy arrays (see :mod:`rsflow.models.runner`), plus
+        ``image_width``/``image_height`` in pixels; rows whose image cannot be read have
+        ``status="failed"``, ``stage="read"`` and the reason.
+    """
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    from rsflow.evaluate.images import read_image_batch
+
+    if not rows:
+        return
+    _ensure_ray(address)
+    gpus, actors, read_max = _cluster_shape(model_actors, read_workers)
+    ds = ray.data.from_items(list(rows))
+    ds = ds.map_batches(
+        read_image_batch,
+        batch_size=8,
+        num_cpus=1,
+        compute=TaskPoolStrategy(size=read_max),
+        memory=_IMAGE_TASK_MEMORY_BYTES,  # also keeps reads out of the model actors (they must overlap)
+    )
+    ds = add_model_stage(ds, spec=spec, prompts=[], actors=actors, gpus=gpus, row_prompts=True)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
     """One profile per collection present, resolved before any tile work (a missing one is a
     user error)."""
@@ -196,9 +305,7 @@ def run_region(
         SourceError: the STAC source could not be searched.
     """
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from rsflow.models.runner import ModelRunner
+    from ray.data import TaskPoolStrategy
 
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -266,12 +373,7 @@ def run_region(
         fs_files: list[str]
         if items:
             _ensure_ray(address)
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            actors = request.model_actors or max(1, gpus)
-            read_max = request.read_workers or max(1, cpus - (0 if gpus else 1))
-            if gpus == 0:
-                logger.warning("no GPU in the Ray cluster: the model runs on CPU")
+            gpus, actors, read_max = _cluster_shape(request.model_actors, request.read_workers)
             ds = ray.data.from_items([{"item_json": json.dumps(i)} for i in items])
             ds = ds.flat_map(
                 _plan_item,
@@ -293,17 +395,8 @@ def run_region(
                 # fusing reads into the model actors: the two stages must stay separate to overlap.
                 memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * tile_spec.size_px**2 * 3,
             )
-            ds = ds.map_batches(
-                ModelRunner,
-                compute=ActorPoolStrategy(size=actors),
-                fn_constructor_kwargs={
-                    "spec": spec,
-                    "prompts": prompts,
-                    "region_adapter": use.get("region-caption"),
-                },
-                batch_size=max(1, spec.batch_size),
-                num_gpus=1 if gpus else None,
-                num_cpus=1,
+            ds = add_model_stage(
+                ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=actors, gpus=gpus
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes})
             ds = ds.sort("_hilbert")

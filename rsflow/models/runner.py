@@ -12,10 +12,13 @@ Input columns (all of length B):
     (str or None; optional), ``region_boxes`` (optional: per row a list of
     ``[region_id, x1, y1, x2, y2]``, or of mappings with those five keys, the box in integers on
     the tile's 0-100 grid; an empty list or None means no region; a geochat-family model only),
-    plus any other columns.
+    ``row_prompts`` (optional, with ``ModelRunner(..., row_prompts=True)``: per row a list of
+    mappings ``{"task", "prompt", "key"}``, prompts asked of that row only, e.g. a benchmark's
+    questions about one image, ``key`` naming the sample), plus any other columns.
 Output columns (one row per (input row, prompt); row order: input row, then the constructor's
-prompts in order, then that row's regions in order; a row with no prompt at all, which only a
-region-caption-only job can have, still gives one row, with ``task``, ``prompt``, ``prompt_key``,
+prompts in order, then that row's own prompts in order, then its regions in order; a row with no
+prompt at all, which only a region-caption-only job can have (or a row with an empty
+``row_prompts``), still gives one row, with ``task``, ``prompt``, ``prompt_key``,
 ``region_id`` and ``text`` None and its status passed through):
     every input column except ``image``, repeated per prompt (``status`` and ``error`` updated),
     ``task`` (str), ``prompt`` (the user text, not the full template; None for a region whose box
@@ -282,6 +285,12 @@ or of mappings with those five keys (the form an Arrow list-of-struct column arr
 
 _REGION_KEYS: Final[tuple[str, ...]] = ("region_id", "x1", "y1", "x2", "y2")
 
+ROW_PROMPTS_COLUMN: Final[str] = "row_prompts"
+"""Optional input column (``ModelRunner(..., row_prompts=True)``): per row a list of mappings with
+``task``, ``prompt`` (the user text) and ``key`` (copied to ``prompt_key``), asked of that row only."""
+
+_ROW_PROMPT_KEYS: Final[tuple[str, ...]] = ("task", "prompt", "key")
+
 REGION_TASK: Final[str] = "region-caption"
 """Task name of the per-row region prompts (``prompts.region_prompt``)."""
 
@@ -404,8 +413,31 @@ def _region_slots(row: int, value: Any) -> list[_Slot]:
     return slots
 
 
+def _row_prompt_slots(row: int, value: Any) -> list[_Slot]:
+    """The slots of one row's own prompts (``row_prompts``; None, NaN or empty: none).
+
+    A malformed entry gives a slot whose ``problem`` says why, so it still gets its output row.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    slots: list[_Slot] = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or not all(k in entry for k in _ROW_PROMPT_KEYS):
+            problem = f"ValueError: a row prompt must be a mapping with task, prompt and key, got {entry!r}"
+            key = str(entry["key"]) if isinstance(entry, Mapping) and "key" in entry else ""
+            task = str(entry["task"]) if isinstance(entry, Mapping) and "task" in entry else ""
+            slots.append(_Slot(row, task, None, key, None, problem))
+            continue
+        text = entry["prompt"]
+        if not isinstance(text, str) or not text.strip():
+            slots.append(_Slot(row, str(entry["task"]), None, str(entry["key"]), None, "ValueError: no prompt text"))
+            continue
+        slots.append(_Slot(row, str(entry["task"]), text, str(entry["key"]), None))
+    return slots
+
+
 def _static_prompts(
-    prompts: Sequence[TaskPrompt] | Sequence[str], prompt_format: str
+    prompts: Sequence[TaskPrompt] | Sequence[str], prompt_format: str, *, row_prompts: bool = False
 ) -> tuple[TaskPrompt, ...]:
     """The constructor's prompts as TaskPrompts, checked against ``prompt_format``.
 
@@ -418,6 +450,8 @@ def _static_prompts(
         TypeError: a list mixing task names and TaskPrompts, or holding anything else.
     """
     items = list(prompts)
+    if not items and row_prompts:  # every prompt comes per row (benchmark evaluation)
+        return ()
     if not items:
         try:  # no prompt for every tile: a region-caption-only job, where prompts come per row
             check_tasks([REGION_TASK], prompt_format)
@@ -465,6 +499,9 @@ class ModelRunner:
             for every question of ``task_prompts(task, prompt_format)``. Region-caption prompts come
             per row from the ``region_boxes`` column instead (see the module docstring); an empty
             list (a region-caption-only job) is accepted for a geochat-family model.
+        region_adapter: named adapter that answers region-caption prompts.
+        row_prompts: rows may carry their own prompts in the ``row_prompts`` column (see the
+            module docstring); ``prompts`` may then be empty.
 
     Raises:
         RequestError: no prompts (for a non-geochat model), an unknown task, a task the
@@ -480,11 +517,13 @@ class ModelRunner:
         prompts: Sequence[TaskPrompt] | Sequence[str],
         *,
         region_adapter: str | None = None,
+        row_prompts: bool = False,
     ) -> None:
         self.spec = spec
         # Check the prompts against the model family before paying for the weights.
         prompt_format = resolve_prompt_format(spec)
-        self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, prompt_format)
+        self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, prompt_format, row_prompts=row_prompts)
+        self._row_prompts = row_prompts
         known = {name for name, _ in spec.adapters}
         for wanted in {p.adapter for p in self.prompts} | {region_adapter}:
             if wanted is not None and wanted not in known:
@@ -528,6 +567,9 @@ class ModelRunner:
         in_status = _column(batch["status"])
         in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
         regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
+        if ROW_PROMPTS_COLUMN in batch and not self._row_prompts:
+            raise ValueError(f"a {ROW_PROMPTS_COLUMN!r} column needs ModelRunner(..., row_prompts=True)")
+        own = _column(batch[ROW_PROMPTS_COLUMN]) if ROW_PROMPTS_COLUMN in batch else None
         images = batch["image"]
 
         # 1. Output slots: per row the static prompts, then its regions.
@@ -536,6 +578,12 @@ class ModelRunner:
         for row in range(n_rows):
             first = len(slots)
             slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in self.prompts]
+            if own is not None:
+                row_own = _row_prompt_slots(row, own[row])
+                tasks = sorted({slot.task for slot in row_own if slot.task and slot.prompt is not None})
+                if tasks:  # a task the family cannot do is a wiring bug here: callers check before inference
+                    check_tasks(tasks, self._prompt_format)
+                slots += row_own
             row_regions = _region_slots(row, regions[row]) if regions is not None else []
             if self._region_adapter is not None:
                 row_regions = [dataclasses.replace(r, adapter=self._region_adapter) for r in row_regions]
@@ -636,7 +684,7 @@ class ModelRunner:
         row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
         out: dict[str, np.ndarray] = {}
         for name, values in batch.items():
-            if name in ("image", "region_boxes"):  # consumed here; nothing later needs them
+            if name in ("image", REGION_BOXES_COLUMN, ROW_PROMPTS_COLUMN):  # consumed here, not needed later
                 continue
             out[name] = _column(values)[row_index]
         out["task"] = _objects([slot.task for slot in slots])

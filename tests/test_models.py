@@ -29,7 +29,7 @@ from rsflow.models import (
 )
 from rsflow.models.prompts import TaskPrompt, build_prompt
 from rsflow.models.runner import LoadedModel, ModelRunner, _clean_answer, load_model
-from rsflow.models.tiny import build_tiny_llava, ensure_smoke_model
+from rsflow.models.tiny import SMOKE_LM_HEAD_STD, build_tiny_llava, ensure_smoke_model
 
 RGB = (122, 116, 104)
 
@@ -261,8 +261,23 @@ def test_ensure_smoke_model_concurrent_builders_agree(tmp_path: Path) -> None:
         paths = list(pool.map(lambda _: ensure_smoke_model(tmp_path), range(3)))
     assert len(set(paths)) == 1
     assert sorted(p.name for p in paths[0].parent.iterdir()) == ["smoke-tiny-llava-v2"]  # losers cleaned up
-    reference = build_tiny_llava(tmp_path / "reference")
+    reference = build_tiny_llava(tmp_path / "reference", lm_head_std=SMOKE_LM_HEAD_STD)
     assert (paths[0] / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_lm_head_std_redraws_only_the_head(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    wide = load_file(str(build_tiny_llava(tmp_path / "wide", lm_head_std=0.16) / "model.safetensors"))
+    default = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert wide.keys() == default.keys()
+    changed = {k for k in wide if not torch.equal(wide[k], default[k])}
+    (head,) = changed  # saved as language_model.lm_head.weight (transformers 5 LLaVA layout)
+    assert head.endswith("lm_head.weight")
+    assert float(wide[head].std()) == pytest.approx(0.16, rel=0.05)
+    assert float(default[head].std()) == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="lm_head_std"):
+        build_tiny_llava(tmp_path / "bad", lm_head_std=0.0)
 
 
 def test_ensure_smoke_model_refuses_a_foreign_folder(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def read_image_batch(batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             rgb = read_rgb(path)
-        except Exception as exc:  # a bad file is data, not a crash
+        except Exception as exc:  # noqa: BLE001 - a bad file is data, not a crash
             status[i], error[i] = "failed", f"{type(exc).__name__}: {exc}"
             logger.warning("image %s: read failed: %s", path, error[i])
             rgb = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -80,6 +80,11 @@ def read_image_batch(batch: dict[str, Any]) -> dict[str, Any]:
         images.append(rgb)
         seconds[i] = time.perf_counter() - t0
     out = dict(batch)
+    if "row_prompts" in out:  # back to plain lists of dicts, which Arrow takes as list<struct> again
+        prompts = np.empty(n, dtype=object)
+        for i, value in enumerate(out["row_prompts"]):
+            prompts[i] = [dict(p) for p in value] if value is not None else []
+        out["row_prompts"] = prompts
     if len({im.shape for im in images}) == 1:
         out["image"] = np.stack(images)
     else:

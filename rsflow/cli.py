@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from rsflow.errors import RequestError, RsflowError, SourceError
+from rsflow.evaluate.cli import add_eval_parser, run_eval_command
 from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
 
@@ -66,6 +67,14 @@ def region_arguments() -> argparse.ArgumentParser:
     src.add_argument("--max-cloud", type=_number, help="largest eo:cloud_cover in percent")
     src.add_argument("--max-items", type=_whole, default=100, help="upper bound on items searched (default 100)")
     src.add_argument("--profile", help="source profile name from catalogs/profiles (default: chosen by URL and collection)")
+    src.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="let a remote catalog's hrefs point at HOST even if it is loopback/private (repeatable); "
+        "see rsflow.hrefs",
+    )
     tiles = p.add_argument_group("tiles")
     tiles.add_argument("--tile-size", type=_whole, help="tile side in px (default: the model's input size)")
     tiles.add_argument("--overlap", type=_whole, default=0, help="px shared by neighbouring tiles (default 0)")
@@ -142,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_preview_parser(sub)
     add_monitor_parser(sub)
+    add_eval_parser(sub)
     cv = sub.add_parser(
         "convert",
         help="write an original LLaVA-repository checkpoint (GeoChat, RS-LLaVA LoRA) as a transformers LLaVA",
@@ -212,6 +222,7 @@ def _run_region(args: argparse.Namespace) -> int:
         model=spec,
         model_actors=args.model_actors,
         read_workers=args.read_workers,
+        allow_host=args.allow_host,
     )
     result = run_region(request, address=args.address)
     m = result.manifest
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_convert(args)
         if args.command == "monitor":
             return run_monitor_command(args)
+        if args.command == "eval":
+            return run_eval_command(args)
         if args.command == "sample-catalog":
             from pathlib import Path
 

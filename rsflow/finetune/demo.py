@@ -98,7 +98,11 @@ def evaluate_demo(
     Each held-out tile's chip goes through :class:`~rsflow.models.runner.ModelRunner` with the demo
     questions as the region job's ``vqa`` prompts (the image encoded once per tile, greedy decoding,
     the template the model's card names); an answer is
-    correct when it equals the reference after stripping spaces and a final full stop.
+    correct when it equals the reference after stripping spaces and a final full stop. The records are
+    read, and the answers compared and counted, by the ``rsflow-demo`` benchmark's own code
+    (:func:`rsflow.evaluate.demo.load_demo`, :func:`rsflow.evaluate.metrics.demo_normal_form`,
+    :func:`rsflow.evaluate.metrics.accuracy_by_group`), so ``rsflow eval --benchmark rsflow-demo``
+    reports the same figures.
 
     Args:
         model: ``--model`` value (a folder, ``smoke`` or ``demo``).
@@ -115,19 +119,20 @@ def evaluate_demo(
     """
     from PIL import Image
 
+    from rsflow.evaluate.demo import load_demo
+    from rsflow.evaluate.metrics import accuracy_by_group, demo_normal_form
     from rsflow.models.prompts import build_task_prompts
     from rsflow.models.runner import ModelRunner
     from rsflow.models.spec import ModelSpec, resolve_prompt_format
 
     root = Path(data_dir)
-    if not (root / "card.json").is_file() or not (root / split_file).is_file():
-        raise RequestError("data_dir", f"{root} is not a demo dataset (card.json, {split_file})")
-    records = json.loads((root / split_file).read_text())
+    try:
+        samples = load_demo(root, split_file=split_file)
+    except RequestError as exc:
+        raise RequestError("data_dir", exc.reason) from None
     reference: dict[str, dict[str, str]] = {}
-    for rec in records:
-        key = rec["id"].rsplit("-", 1)[1]
-        if key in QUESTIONS:
-            reference.setdefault(rec["image"], {})[key] = rec["conversations"][1]["value"]
+    for sample in samples:
+        reference.setdefault(Path(sample.image_path).name, {})[sample.group] = sample.references[0]
     # the region job's own prompts for `--tasks vqa --question ...` (what the demo set was written with)
     spec = ModelSpec(model=model, adapter=adapter, max_new_tokens=8, batch_size=batch_size)
     prompts = build_task_prompts(("vqa",), resolve_prompt_format(spec), questions=list(QUESTIONS.values()))
@@ -151,7 +156,8 @@ def evaluate_demo(
         for image, question, text in zip(out["tile_id"], out["prompt_key"], out["text"], strict=True):
             key = key_of[question]
             if key in reference[image]:
-                said[key].append((_norm(text), _norm(reference[image][key])))
+                said[key].append((demo_normal_form(text), demo_normal_form(reference[image][key])))
+    _, per_key = accuracy_by_group((key, got == ref) for key, pairs in said.items() for got, ref in pairs)
     scores: dict[str, QuestionScore] = {}
     for key, pairs in said.items():
         refs = [r for _, r in pairs]
@@ -159,21 +165,17 @@ def evaluate_demo(
         counts: dict[str, int] = {}
         for got, _ in pairs:
             counts[got] = counts.get(got, 0) + 1
-        correct = sum(got == ref for got, ref in pairs)
+        score = per_key.get(key)
         scores[key] = QuestionScore(
             question=QUESTIONS[key],
-            n=len(pairs),
-            correct=correct,
-            accuracy=correct / len(pairs) if pairs else 0.0,
+            n=score.n if score else 0,
+            correct=score.correct if score else 0,
+            accuracy=score.accuracy if score else 0.0,
             majority_answer=majority,
             baseline=refs.count(majority) / len(refs) if refs else 0.0,
             answers=dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]),
         )
     return scores
-
-
-def _norm(text: Any) -> str:
-    return str(text or "").strip().rstrip(".").strip()
 
 
 def score_table(scores: Mapping[str, QuestionScore]) -> str:

@@ -47,6 +47,7 @@ from rsflow.models.spec import (
     resolve_prompt_format,
 )
 from rsflow.georef import region_to_box
+from rsflow.hrefs import HrefPolicy, HrefRefused
 from rsflow.interpret import interpret_batch
 from rsflow.plan import plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
@@ -127,8 +128,12 @@ def _plan_item(
     aoi_wkb: bytes,
     regions: list[tuple[str, bytes]],
     regions_only: bool,
+    href_policy: HrefPolicy,
 ) -> list[dict[str, Any]]:
     """flat_map UDF: one item row -> its tile rows (or one failed row).
+
+    The item's RGB asset hrefs are checked against ``href_policy`` first (:mod:`rsflow.hrefs`); a
+    refused one fails the item with the asset and the reason.
 
     With region-caption regions, each tile gets ``region_boxes``: the 0-100 grid box of every
     region that touches it; when region-caption is the only task, tiles without a region are not
@@ -136,7 +141,15 @@ def _plan_item(
     """
     item = json.loads(row["item_json"])
     try:
-        tiles = plan_tiles(item, profiles[item.get("collection") or ""], spec, shapely.from_wkb(aoi_wkb), rasterio.open)
+        profile = profiles[item.get("collection") or ""]
+        for ref in profile.rgb:  # a catalog is outside input: refuse hrefs it may not make us read
+            href = (item.get("assets", {}).get(ref.asset) or {}).get("href")
+            if isinstance(href, str):
+                try:
+                    href_policy.check(href)
+                except HrefRefused as exc:
+                    raise HrefRefused(f"asset {ref.asset!r} refused: {exc}") from None
+        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open)
         geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
         out = []
         for t in tiles:
@@ -383,6 +396,7 @@ def run_region(
                     "aoi_wkb": shapely.to_wkb(request.aoi),
                     "regions": regions,
                     "regions_only": set(request.tasks) == {"region-caption"},
+                    "href_policy": HrefPolicy.for_catalog(request.stac, request.allowed_hosts),
                 },
             )
             ds = ds.map_batches(

@@ -26,6 +26,7 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
+from rsflow.hrefs import parse_allowed_hosts
 from rsflow.models.prompts import TASKS, TaskPrompt, build_task_prompts
 from rsflow.models.spec import ModelSpec
 from rsflow.presets import CLASS_PRESETS, resolve_classes
@@ -183,6 +184,9 @@ class RegionRequest:
     """Model actors; None means one per GPU, or one on a CPU-only cluster."""
     read_workers: int | None = None
     """Upper bound on read actors; None means the cluster's CPU count."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Hosts a remote catalog's hrefs may point at even where :mod:`rsflow.hrefs` would refuse them
+    (``--allow-host``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as plain JSON (for the run manifest), keys sorted."""
@@ -199,6 +203,7 @@ class RegionRequest:
             "overwrite": self.overwrite,
             "profile": self.profile,
             "read_workers": self.read_workers,
+            "allowed_hosts": list(self.allowed_hosts),
             "stac": self.stac,
             "tasks": list(self.tasks),
             "inputs": self.inputs.to_json(),
@@ -608,6 +613,7 @@ def parse_request(
     model: ModelSpec,
     model_actors: int | None = None,
     read_workers: int | None = None,
+    allow_host: list[str] | tuple[str, ...] = (),
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
 
@@ -700,4 +706,5 @@ def parse_request(
         overwrite=overwrite,
         model_actors=model_actors,
         read_workers=read_workers,
+        allowed_hosts=parse_allowed_hosts(allow_host),
     )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from rsflow.errors import RequestError, RsflowError, SourceError
+from rsflow.evaluate.cli import add_eval_parser, run_eval_command
 from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_preview_parser(sub)
     add_monitor_parser(sub)
+    add_eval_parser(sub)
     cv = sub.add_parser(
         "convert",
         help="write an original LLaVA-repository checkpoint (GeoChat, RS-LLaVA LoRA) as a transformers LLaVA",
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_convert(args)
         if args.command == "monitor":
             return run_monitor_command(args)
+        if args.command == "eval":
+            return run_eval_command(args)
         if args.command == "sample-catalog":
             from pathlib import Path
 

@@ -457,7 +457,6 @@ def test_a_killed_run_changes_nothing_and_the_next_redoes_only_the_unfinished_it
 # --- the water flip, with a model that answers from the imagery --------------------------------------
 
 
-@pytest.mark.skip(reason="the demo model (--model demo) is missing: it lands with the demo-model work")
 def test_change_report_lists_exactly_the_tiles_whose_water_answer_flipped(scenario, scene, hook, tmp_path):
     """The demo model answers "Is there water in this image?" from the pixels: "no" on the vegetation
     of dates 1 and 2, "yes" on the tiles that hold open water on date 3, and nothing else changes."""

@@ -13,7 +13,16 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from rsflow.errors import RequestError, RsflowError, SourceError
+from rsflow.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_UNAVAILABLE,
+    RequestError,
+    RsflowError,
+    SourceError,
+)
 from rsflow.evaluate.cli import add_eval_parser, run_eval_command
 from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
@@ -234,7 +243,14 @@ def _run_region(args: argparse.Namespace) -> int:
         f"wrote {c['rows_written']} rows for {c['tiles_planned']} tiles of {c['items_found']} items "
         f"(ok {c['tiles_ok']}, skipped {c['tiles_skipped']}, failed {c['tiles_failed']}) to {result.output}"
     )
-    return 0
+    if c["tiles_failed"] or c.get("items_failed"):
+        print(
+            f"rsflow region: finished with {c['tiles_failed']} failed tiles and {c.get('items_failed', 0)} "
+            f"failed items; each is listed with its reason under 'failures' in the manifest",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -303,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except RequestError as exc:
         print(f"rsflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except SourceError as exc:
-        print(f"rsflow {args.command}: source error: {exc}", file=sys.stderr)
-        return 1
+        print(f"rsflow {args.command}: could not start: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except RsflowError:
         logger.exception("rsflow %s failed", args.command)
-        return 1
+        return EXIT_ERROR
     parser.error(f"unknown command {args.command}")
 
 

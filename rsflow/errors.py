@@ -1,11 +1,29 @@
 """The rsflow error hierarchy.
 
 ``RequestError`` is what a user can fix by changing a flag or a config value: the CLI prints its
-message on one line and exits with status 2. Everything else is a bug or an outside failure and
-keeps its traceback.
+message on one line and exits with status 2 (:data:`EXIT_BAD_INPUT`). ``SourceError`` (a catalog that
+cannot be searched) exits with :data:`EXIT_UNAVAILABLE`. Everything else is a bug or an outside
+failure and keeps its traceback.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+# Exit statuses of the ``rsflow`` commands and the jobs (README, "Exit codes").
+EXIT_OK: Final[int] = 0
+"""Everything asked was done."""
+EXIT_ERROR: Final[int] = 1
+"""An unexpected failure (a bug, or an outside failure with no better code); the traceback is logged."""
+EXIT_BAD_INPUT: Final[int] = 2
+"""Bad input (a flag, a config key, a data file): one line names it; nothing was started."""
+EXIT_LOCKED: Final[int] = 3
+"""``rsflow monitor run``: another run of the same monitor holds the lock."""
+EXIT_PARTIAL: Final[int] = 4
+"""The run finished and its output is committed, but some tiles or items failed (the manifest's
+``failures`` lists each with its reason)."""
+EXIT_UNAVAILABLE: Final[int] = 5
+"""The run could not start: the STAC source could not be searched (down, refusing, past its retries)."""
 
 
 class RsflowError(Exception):

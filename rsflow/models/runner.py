@@ -891,9 +891,19 @@ class ModelRunner:
         return [_clean_answer(text) for text in decoded]
 
 
+MAX_ANSWER_CHARS = 16_384
+"""Longest answer text kept (``max_new_tokens`` bounds tokens; a token can decode to many characters)."""
+
+
 def _clean_answer(text: str) -> str:
-    """Strip whitespace and a trailing ``</s>`` (LLaVA's stop string ``sep2``)."""
+    """Strip whitespace and a trailing ``</s>`` (LLaVA's stop string ``sep2``), and make the text safe
+    to store: lone surrogates and control characters (other than newline and tab) become U+FFFD, and
+    more than :data:`MAX_ANSWER_CHARS` characters are cut with a marker."""
     text = text.strip()
     if text.endswith("</s>"):
         text = text[: -len("</s>")].strip()
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot go into Arrow
+    text = "".join("\ufffd" if (ord(c) < 32 and c not in "\n\t") or c == "\x7f" else c for c in text)
+    if len(text) > MAX_ANSWER_CHARS:
+        text = text[:MAX_ANSWER_CHARS] + " [truncated]"
     return text

@@ -137,8 +137,25 @@ def region_arguments() -> argparse.ArgumentParser:
     run.add_argument("--no-preview", action="store_true", help="do not write _preview.html into the output")
     run.add_argument("--output", help="output dataset dir or URI (default: out/region-<UTC time>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    run.add_argument("--model-actors", type=_whole, help="model actors (default: one per GPU, else 1)")
-    run.add_argument("--read-workers", type=_whole, help="max read actors (default: CPUs)")
+    run.add_argument("--model-actors", type=_whole, help="a fixed pool of model actors (default: autoscale, see below)")
+    run.add_argument(
+        "--min-model-actors", type=_whole, help="model actors the pool keeps at least (default 1)"
+    )
+    run.add_argument(
+        "--max-model-actors", type=_whole,
+        help="model actors the pool may grow to, one GPU each (default: the GPUs in the cluster, at least 1)",
+    )
+    run.add_argument("--read-workers", type=_whole, help="max read tasks at once (default: CPUs of the read nodes)")
+    run.add_argument(
+        "--read-resources", metavar="NAME=AMOUNT[,...]",
+        help="custom Ray resources every planning and read task asks for, e.g. rsflow_cpu_node=0.001; "
+        "'none' for none (default auto: rsflow_cpu_node=0.001 when the cluster has it)",
+    )
+    run.add_argument(
+        "--model-resources", metavar="NAME=AMOUNT[,...]",
+        help="custom Ray resources every model actor asks for, e.g. rsflow_gpu_node=0.001; "
+        "'none' for none (default auto: rsflow_gpu_node=0.001 when the cluster has it)",
+    )
     run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
     run.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,
@@ -231,6 +248,10 @@ def _run_region(args: argparse.Namespace) -> int:
         model=spec,
         model_actors=args.model_actors,
         read_workers=args.read_workers,
+        min_model_actors=args.min_model_actors,
+        max_model_actors=args.max_model_actors,
+        read_resources=args.read_resources,
+        model_resources=args.model_resources,
         allow_host=args.allow_host,
     )
     result = run_region(request, address=args.address)

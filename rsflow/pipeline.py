@@ -12,6 +12,11 @@ cluster as a streaming Ray Data pipeline::
 Reading and inference are separate operators so that they overlap. A tile that fails in any
 stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.
 
+Which nodes each stage runs on and how many model actors there are is decided by
+:mod:`rsflow.placement` from the cluster's resources. Imagery and outputs may be on object stores
+(``s3://``, ``gs://``, ``az://``): reads go through GDAL's virtual file systems (:mod:`rsflow.read`),
+outputs through fsspec (:mod:`rsflow.output`).
+
 Benchmark evaluation (``rsflow eval``) runs the same infer stage (:func:`add_model_stage`: the same
 ``ModelRunner`` actors) on images read from a folder instead of STAC tiles (:func:`infer_images`).
 """
@@ -49,8 +54,9 @@ from rsflow.models.spec import (
 from rsflow.georef import region_to_box
 from rsflow.hrefs import HrefPolicy, HrefRefused
 from rsflow.interpret import interpret_batch
+from rsflow.placement import StagePlacement, plan_cluster
 from rsflow.plan import plan_tiles
-from rsflow.read import GDAL_REMOTE_OPTIONS, read_batch
+from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
 from rsflow.request import RegionRequest
 from rsflow.search import SearchQuery, search_items
 from rsflow.sources import SourceProfile, check_signing, resolve_profile
@@ -124,6 +130,7 @@ def _plan_item(
     row: dict[str, Any],
     *,
     profiles: dict[str, SourceProfile],
+    gdal_options: dict[str, str] | None = None,
     spec: Any,
     aoi_wkb: bytes,
     regions: list[tuple[str, bytes]],
@@ -140,6 +147,7 @@ def _plan_item(
     planned (there would be nothing to ask of them).
     """
     item = json.loads(row["item_json"])
+    configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)  # planning opens the assets too
     try:
         profile = profiles[item.get("collection") or ""]
         for ref in profile.rgb:  # a catalog is outside input: refuse hrefs it may not make us read
@@ -184,18 +192,21 @@ def _ensure_ray(address: str | None) -> None:
     logger.info("Ray resources: %s", ray.cluster_resources())
 
 
+def _cluster_nodes() -> list[dict[str, float]]:
+    """The total Ray resources of every alive node of the connected cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
 def _cluster_shape(model_actors: int | None, read_workers: int | None) -> tuple[int, int, int]:
     """``(gpus, model actors, read task limit)`` for the connected Ray cluster: one model actor per GPU
     (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave free."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = model_actors or max(1, gpus)
-    read_max = read_workers or max(1, cpus - (0 if gpus else 1))
-    if gpus == 0:
-        logger.warning("no GPU in the Ray cluster: the model runs on CPU")
-    return gpus, actors, read_max
+    plan = plan_cluster(
+        _cluster_nodes(), StagePlacement(read_resources=(), model_resources=()),
+        model_actors=model_actors, read_workers=read_workers,
+    )
+    return plan.gpus, plan.max_actors, plan.read_max
 
 
 def add_model_stage(
@@ -207,6 +218,8 @@ def add_model_stage(
     gpus: int,
     region_adapter: str | None = None,
     row_prompts: bool = False,
+    max_actors: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> Any:
     """The infer stage of every job: ``ds.map_batches(ModelRunner)`` on a pool of model actors.
 
@@ -214,10 +227,13 @@ def add_model_stage(
         ds: rows with ``tile_id``, ``image``, ``status`` (see :mod:`rsflow.models.runner`).
         spec: the model.
         prompts: ``TaskPrompt`` values asked of every row.
-        actors: model actors in the pool (one GPU each when ``gpus``).
+        actors: model actors in the pool (one GPU each when ``gpus``); its minimum when ``max_actors``.
         gpus: GPUs in the cluster (0: actors on CPU).
         region_adapter: named adapter answering region-caption prompts.
         row_prompts: rows carry their own prompts (``ModelRunner`` ``row_prompts`` column).
+        max_actors: the pool autoscales from ``actors`` up to this many (default: a fixed pool).
+        resources: custom Ray resources each actor asks for, e.g. ``{"rsflow_gpu_node": 0.001}`` to
+            place it on a GPU node (see :mod:`rsflow.placement`).
 
     Returns:
         The dataset of model rows (one per row and prompt).
@@ -229,13 +245,18 @@ def add_model_stage(
     kwargs: dict[str, Any] = {"spec": spec, "prompts": prompts, "region_adapter": region_adapter}
     if row_prompts:
         kwargs["row_prompts"] = True
+    if max_actors is None or max_actors == actors:
+        pool = ActorPoolStrategy(size=actors)
+    else:
+        pool = ActorPoolStrategy(min_size=actors, max_size=max_actors)
     return ds.map_batches(
         ModelRunner,
-        compute=ActorPoolStrategy(size=actors),
+        compute=pool,
         fn_constructor_kwargs=kwargs,
         batch_size=max(1, spec.batch_size),
         num_gpus=1 if gpus else None,
         num_cpus=1,
+        resources=resources or None,
     )
 
 
@@ -386,11 +407,17 @@ def run_region(
         fs_files: list[str]
         if items:
             _ensure_ray(address)
-            gpus, actors, read_max = _cluster_shape(request.model_actors, request.read_workers)
+            plan = plan_cluster(
+                _cluster_nodes(), request.placement, model_actors=request.model_actors,
+                read_workers=request.read_workers,
+            )
+            manifest["placement"] = plan.to_json()
+            logger.info("placement: %s", manifest["placement"])
             ds = ray.data.from_items([{"item_json": json.dumps(i)} for i in items])
             ds = ds.flat_map(
                 _plan_item,
                 fn_kwargs={
+                    "gdal_options": GDAL_REMOTE_OPTIONS,
                     "profiles": profiles,
                     "spec": tile_spec,
                     "aoi_wkb": shapely.to_wkb(request.aoi),
@@ -398,19 +425,23 @@ def run_region(
                     "regions_only": set(request.tasks) == {"region-caption"},
                     "href_policy": HrefPolicy.for_catalog(request.stac, request.allowed_hosts),
                 },
+                num_cpus=1,
+                resources=plan.read_resources or None,  # CPU nodes only (see rsflow.placement)
             )
             ds = ds.map_batches(
                 read_batch,
                 fn_kwargs={"max_nodata": request.max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
                 batch_size=8,
                 num_cpus=1,
-                compute=TaskPoolStrategy(size=read_max),
+                compute=TaskPoolStrategy(size=plan.read_max),
+                resources=plan.read_resources or None,
                 # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
                 # fusing reads into the model actors: the two stages must stay separate to overlap.
                 memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * tile_spec.size_px**2 * 3,
             )
             ds = add_model_stage(
-                ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=actors, gpus=gpus
+                ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=plan.min_actors,
+                max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes})
             ds = ds.sort("_hilbert")

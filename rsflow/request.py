@@ -29,6 +29,7 @@ from rsflow.errors import RequestError
 from rsflow.hrefs import parse_allowed_hosts
 from rsflow.models.prompts import TASKS, TaskPrompt, build_task_prompts
 from rsflow.models.spec import ModelSpec
+from rsflow.placement import StagePlacement, parse_resources
 from rsflow.presets import CLASS_PRESETS, resolve_classes
 from rsflow.search import normalize_datetime
 
@@ -184,6 +185,8 @@ class RegionRequest:
     """Model actors; None means one per GPU, or one on a CPU-only cluster."""
     read_workers: int | None = None
     """Upper bound on read actors; None means the cluster's CPU count."""
+    placement: StagePlacement = field(default_factory=StagePlacement)
+    """Node kinds for reads and model actors, and the model-actor pool's bounds (:mod:`rsflow.placement`)."""
     allowed_hosts: tuple[str, ...] = ()
     """Hosts a remote catalog's hrefs may point at even where :mod:`rsflow.hrefs` would refuse them
     (``--allow-host``)."""
@@ -203,6 +206,7 @@ class RegionRequest:
             "overwrite": self.overwrite,
             "profile": self.profile,
             "read_workers": self.read_workers,
+            "placement": self.placement.to_json(),
             "allowed_hosts": list(self.allowed_hosts),
             "stac": self.stac,
             "tasks": list(self.tasks),
@@ -613,6 +617,10 @@ def parse_request(
     model: ModelSpec,
     model_actors: int | None = None,
     read_workers: int | None = None,
+    min_model_actors: int | None = None,
+    max_model_actors: int | None = None,
+    read_resources: str | None = None,
+    model_resources: str | None = None,
     allow_host: list[str] | tuple[str, ...] = (),
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
@@ -686,6 +694,14 @@ def parse_request(
         raise RequestError("--model-actors", f"must be between 1 and 1024, got {model_actors}")
     if read_workers is not None and not 1 <= read_workers <= 4096:
         raise RequestError("--read-workers", f"must be between 1 and 4096, got {read_workers}")
+    if model_actors is not None and (min_model_actors is not None or max_model_actors is not None):
+        raise RequestError("--model-actors", "is a fixed pool; give it or --min/--max-model-actors, not both")
+    placement = StagePlacement(
+        read_resources=parse_resources(read_resources, "--read-resources"),
+        model_resources=parse_resources(model_resources, "--model-resources"),
+        min_model_actors=min_model_actors,
+        max_model_actors=max_model_actors,
+    )
     return RegionRequest(
         aoi=aoi,
         stac=stac,
@@ -706,5 +722,6 @@ def parse_request(
         overwrite=overwrite,
         model_actors=model_actors,
         read_workers=read_workers,
+        placement=placement,
         allowed_hosts=parse_allowed_hosts(allow_host),
     )

@@ -1,0 +1,120 @@
+"""Stage placement rules (rsflow.placement), without Ray: node kinds, the model-actor pool, read limits."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from rsflow.cli import main
+from rsflow.errors import RequestError
+from rsflow.placement import StagePlacement, parse_resources, plan_cluster
+
+HEAD = {"CPU": 0.0, "memory": 1e9}
+CPU_NODE = {"CPU": 8.0, "rsflow_cpu_node": 1000.0}
+GPU_NODE = {"CPU": 8.0, "GPU": 1.0, "rsflow_gpu_node": 1000.0}
+LAPTOP = {"CPU": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("auto", None),
+        ("none", ()),
+        ("rsflow_cpu_node=0.001", (("rsflow_cpu_node", 0.001),)),
+        (" b=2, a=0.5 ", (("a", 0.5), ("b", 2.0))),
+    ],
+)
+def test_resource_flags_parse(text, expected):
+    assert parse_resources(text, "--read-resources") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("rsflow_cpu_node", "NAME=AMOUNT"),
+        ("=1", "NAME=AMOUNT"),
+        ("x=abc", "must be a number"),
+        ("x=0", "must be > 0"),
+        ("x=-1", "must be > 0"),
+        ("x=nan", "must be > 0"),
+        ("GPU=1", "set by rsflow itself"),
+    ],
+)
+def test_bad_resource_flags_name_the_flag(text, match):
+    with pytest.raises(RequestError, match=rf"^--model-resources: .*{match}"):
+        parse_resources(text, "--model-resources")
+
+
+def test_auto_targets_node_kinds_when_the_cluster_has_them():
+    plan = plan_cluster([HEAD, CPU_NODE, GPU_NODE, GPU_NODE], StagePlacement())
+    assert plan.read_resources == {"rsflow_cpu_node": 0.001}
+    assert plan.model_resources == {"rsflow_gpu_node": 0.001}
+    assert plan.gpus == 2
+    assert (plan.min_actors, plan.max_actors) == (1, 2)  # follows the GPUs
+    assert plan.read_max == 8  # the CPU node's CPUs; the GPU nodes' CPUs are not for reads
+    assert plan.to_json()["model_actor_gpus"] == 1
+
+
+def test_auto_places_freely_on_a_cluster_without_kinds(caplog):
+    with caplog.at_level(logging.WARNING, logger="rsflow.placement"):
+        plan = plan_cluster([LAPTOP], StagePlacement())
+    assert plan.read_resources == {} and plan.model_resources == {}
+    assert (plan.gpus, plan.min_actors, plan.max_actors) == (0, 1, 1)
+    assert plan.read_max == 1  # one of the two CPUs runs the model actor
+    assert "no GPU in the Ray cluster: the model runs on CPU" in caplog.text
+
+
+def test_no_gpu_falls_back_to_cpu_actors_on_the_gpu_kind(caplog):
+    cpu_only_gpu_kind = {"CPU": 1.0, "rsflow_gpu_node": 1000.0}
+    with caplog.at_level(logging.WARNING, logger="rsflow.placement"):
+        plan = plan_cluster([HEAD, {"CPU": 1.0, "rsflow_cpu_node": 1000.0}, cpu_only_gpu_kind], StagePlacement())
+    assert plan.gpus == 0 and plan.to_json()["model_actor_gpus"] == 0
+    assert plan.model_resources == {"rsflow_gpu_node": 0.001}
+    assert plan.read_max == 1  # model actors do not share the CPU node, so reads keep its CPU
+    assert "model runs on CPU" in caplog.text
+
+
+def test_bounds_and_fixed_pool():
+    nodes = [HEAD, CPU_NODE, GPU_NODE]
+    plan = plan_cluster(nodes, StagePlacement(min_model_actors=2, max_model_actors=6))
+    assert (plan.min_actors, plan.max_actors) == (2, 6)  # may grow onto GPU nodes not up yet
+    plan = plan_cluster(nodes, StagePlacement(min_model_actors=3))
+    assert (plan.min_actors, plan.max_actors) == (3, 3)  # the default max never falls below the min
+    plan = plan_cluster(nodes, StagePlacement(), model_actors=4, read_workers=2)
+    assert (plan.min_actors, plan.max_actors, plan.read_max) == (4, 4, 2)
+    with pytest.raises(RequestError, match="^--model-actors: is a fixed pool"):
+        plan_cluster(nodes, StagePlacement(max_model_actors=2), model_actors=1)
+    with pytest.raises(RequestError, match="^--min-model-actors: 5 is more than --max-model-actors 2"):
+        StagePlacement(min_model_actors=5, max_model_actors=2)
+    with pytest.raises(RequestError, match="^--max-model-actors: must be between 1 and 1024"):
+        StagePlacement(max_model_actors=0)
+
+
+def test_explicit_resources_win_and_missing_ones_warn(caplog):
+    asked = StagePlacement(read_resources=(("fast_disk", 0.01),), model_resources=())
+    with caplog.at_level(logging.WARNING, logger="rsflow.placement"):
+        plan = plan_cluster([HEAD, CPU_NODE, GPU_NODE], asked)
+    assert plan.read_resources == {"fast_disk": 0.01}
+    assert plan.model_resources == {}
+    assert "--read-resources fast_disk=0.01: no node of the cluster has it now" in caplog.text
+    assert plan.read_max == 1  # no node can run reads yet: at least one
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--read-resources", "rsflow_cpu_node"], "--read-resources: expected NAME=AMOUNT"),
+        (["--model-resources", "CPU=1"], "--model-resources: CPU is set by rsflow itself"),
+        (["--model-actors", "2", "--max-model-actors", "3"], "--model-actors: is a fixed pool"),
+        (["--min-model-actors", "4", "--max-model-actors", "2"], "--min-model-actors: 4 is more than"),
+    ],
+)
+def test_cli_refuses_bad_placement_before_any_work(flags, message, tmp_path, capsys):
+    code = main(["region", "--model", "smoke", "--output", str(tmp_path / "out"), *flags])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()

@@ -56,7 +56,7 @@ def predicted_polygons(text: str | None, width_px: int, height_px: int) -> list[
     for box in parse_boxes(text).boxes:
         x1, y1, x2, y2, angle = box_to_pixels(box, width_px, height_px)
         poly = rotated_rect_px(x1, y1, x2, y2, angle)
-        polys.append([(round(x, 3), round(y, 3)) for x, y in list(poly.exterior.coords)[:4]])
+        polys.append([(float(x), float(y)) for x, y in list(poly.exterior.coords)[:4]])
     return polys
 
 
@@ -88,7 +88,8 @@ def read_answer(benchmark: Benchmark, sample: Sample, text: str | None, width_px
     if benchmark.kind == "boxes":
         outcome = _box_outcome(sample, text, width_px, height_px)
         polys = predicted_polygons(text, width_px, height_px)
-        return Answer(json.dumps([[list(p) for p in poly] for poly in polys]), outcome.found == outcome.objects,
+        rounded = [[[round(x, 3), round(y, 3)] for x, y in poly] for poly in polys]
+        return Answer(json.dumps(rounded), outcome.found == outcome.objects,
                       outcome.found / outcome.objects if outcome.objects else 0.0)
     return Answer(text.strip(), None)
 

@@ -1,0 +1,154 @@
+"""Benchmark loaders on tiny files in each distributed format: they give the same Sample records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rsflow.errors import RequestError
+from rsflow.evaluate.benchmarks import BENCHMARKS, LoadRequest, get_benchmark
+from rsflow.evaluate.captions import load_captions
+from rsflow.evaluate.demo import load_demo
+from rsflow.evaluate.geochat_bench import load_referring, load_region_captions
+from rsflow.evaluate.rsvqa import load_rsvqa
+from rsflow.evaluate.samples import Sample
+from rsflow.evaluate.scenes import load_scene_folders
+from rsflow.models.prompts import classify_prompt, vqa_prompt
+from rsflow.presets import AID_CLASSES, UCMERCED_CLASSES
+from tests import eval_fixtures as fx
+
+
+@pytest.mark.parametrize("hr", [False, True])
+@pytest.mark.parametrize("text_in_split", [True, False])
+def test_rsvqa_reads_active_records_and_joins_answers_by_id(tmp_path: Path, hr: bool, text_in_split: bool) -> None:
+    info = fx.write_rsvqa(tmp_path, hr=hr, text_in_split=text_in_split)
+    samples = load_rsvqa(tmp_path, prefix="USGS" if hr else "LR")
+    assert len(samples) == 20  # the six inactive placeholders are dropped
+    for s in samples:
+        img_id, qtype, text, answer = info["questions"][int(s.sample_id)]
+        assert s == Sample(
+            sample_id=s.sample_id,
+            image_path=str((tmp_path / info["image_dir"] / f"{img_id}.tif").resolve()),
+            task="vqa",
+            prompt=vqa_prompt(text),
+            references=(answer,),
+            group=qtype,
+        )
+    assert {s.group for s in samples} == set(fx._HR_TYPES if hr else fx._LR_TYPES)
+
+
+def test_rsvqa_question_types_and_wrong_layout(tmp_path: Path) -> None:
+    fx.write_rsvqa(tmp_path)
+    kept = load_rsvqa(tmp_path, prefix="LR", question_types=["presence", "comp"])
+    assert kept and {s.group for s in kept} == {"presence", "comp"}
+    with pytest.raises(RequestError, match=r"--question-types: area not in this split"):
+        load_rsvqa(tmp_path, prefix="LR", question_types=["area"])
+    with pytest.raises(RequestError, match=r"--data: .*USGS_split_test_phili_questions.json is missing"):
+        load_rsvqa(tmp_path, prefix="USGS")
+    with pytest.raises(RequestError, match=r"--split: .*got 'test_phili'"):
+        load_rsvqa(tmp_path, prefix="LR", split="test_phili")
+    (tmp_path / "LR_split_test_answers.json").write_text(json.dumps([{"id": 1}]))
+    with pytest.raises(RequestError, match=r"--data: .*expected a JSON object \{'answers'"):
+        load_rsvqa(tmp_path, prefix="LR")
+
+
+@pytest.mark.parametrize("flavour", ["ucm", "sydney", "rsicd"])
+def test_karpathy_captions_one_sample_per_test_image_with_every_raw_sentence(tmp_path: Path, flavour: str) -> None:
+    info = fx.write_karpathy(tmp_path, flavour=flavour)
+    samples = load_captions(tmp_path, flavour=flavour, prompt_format="llava")
+    assert [s.sample_id for s in samples] == list(info["references"])  # file order, test split only
+    for s in samples:
+        assert s.task == "caption" and s.prompt == "Describe the image in detail."
+        assert list(s.references) == info["references"][s.sample_id] and len(s.references) == 5
+        assert Path(s.image_path).is_file() and Path(s.image_path).name == s.sample_id
+    rsllava = load_captions(tmp_path, flavour=flavour, prompt_format="rsllava")
+    assert rsllava[0].prompt == "Provide a description of the image."
+    assert len(load_captions(tmp_path, flavour=flavour, prompt_format="llava", split="train")) == 3
+
+
+def test_caption_loader_refuses_other_layouts(tmp_path: Path) -> None:
+    with pytest.raises(RequestError, match=r"--data: .* none of dataset.json found"):
+        load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+    (tmp_path / "dataset.json").write_text(json.dumps([{"filename": "1.tif"}]))
+    with pytest.raises(RequestError, match=r"not a Karpathy-style caption file"):
+        load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+
+
+def test_scene_folders_ucmerced_and_aid(tmp_path: Path) -> None:
+    ucm = fx.write_ucmerced(tmp_path / "ucm")
+    for data in (tmp_path / "ucm", tmp_path / "ucm" / "UCMerced_LandUse", tmp_path / "ucm" / "UCMerced_LandUse" / "Images"):
+        samples = load_scene_folders(data, classes=UCMERCED_CLASSES, dataset="UCMerced_LandUse")
+        assert {s.sample_id: s.references[0] for s in samples} == ucm
+    assert samples[0].prompt == classify_prompt(list(UCMERCED_CLASSES))  # every class, even those absent
+    aid = fx.write_aid(tmp_path / "aid")
+    samples = load_scene_folders(tmp_path / "aid", classes=AID_CLASSES, dataset="AID")
+    assert {s.sample_id: s.references[0] for s in samples} == aid
+    assert "Baseball Field" in samples[0].prompt
+    (tmp_path / "aid" / "AID" / "Volcano").mkdir()
+    with pytest.raises(RequestError, match=r"--data: .*Volcano is not a class folder of AID"):
+        load_scene_folders(tmp_path / "aid", classes=AID_CLASSES, dataset="AID")
+    with pytest.raises(RequestError, match=r"--data: .*agricultural is not a class folder of AID"):
+        load_scene_folders(tmp_path / "ucm", classes=AID_CLASSES, dataset="AID")  # beach/ is in both
+    with pytest.raises(RequestError, match=r"--data: .* holds no class folder of this dataset"):
+        load_scene_folders(tmp_path / "aid" / "AID" / "Volcano", classes=AID_CLASSES, dataset="AID")
+
+
+def test_geochat_referring_and_region_captioning(tmp_path: Path) -> None:
+    lines = fx.write_referring(tmp_path)
+    samples = load_referring(tmp_path)
+    assert len(samples) == 20
+    for s, line in zip(samples, lines, strict=True):
+        assert s.sample_id == line["question_id"] and s.task == "refer"
+        assert s.image_path == str((tmp_path / "final_images_llava" / f"{line['image_id']}.png").resolve())
+        assert [json.loads(r) for r in s.references] == line["ground_truth"]
+        assert (s.group, s.size_group) == (line["type"], line["size_group"])
+        if line["type"] == "ref":
+            assert s.prompt == f"[refer] Give me the location of <p> {line['question']} </p>"
+        else:
+            assert s.prompt == f"[grounding]{line['question']}"
+    rc_lines = fx.write_region_captioning(tmp_path)
+    rc = load_region_captions(tmp_path)
+    assert [s.prompt for s in rc] == [f"[identify] What is the object present at {x['question']}" for x in rc_lines]
+    assert [s.references for s in rc] == [(x["ground_truth"],) for x in rc_lines]
+    assert Path(rc[0].image_path).parent.name == "images"
+
+
+def test_geochat_referring_refuses_bad_ground_truth(tmp_path: Path) -> None:
+    lines = fx.write_referring(tmp_path, n=2)
+    lines[1]["ground_truth"] = [[1, 2, 3, 4]]
+    (tmp_path / "referring.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(RequestError, match=r"--data: referring.jsonl line 2: ground_truth expected 4"):
+        load_referring(tmp_path)
+    with pytest.raises(RequestError, match=r"--data: .*region_captioning.jsonl is missing"):
+        load_region_captions(tmp_path)
+
+
+def test_demo_set_records(tmp_path: Path) -> None:
+    (tmp_path / "card.json").write_text("{}")
+    records = [
+        {"id": "r00c04-has_water", "image": "r00c04.png", "conversations": [
+            {"from": "human", "value": "<image>\nIs there water in this image?\nAnswer the question using a single word or phrase."},
+            {"from": "gpt", "value": "No"}]},
+        {"id": "r00c04-caption", "image": "r00c04.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": "Water."}]},
+    ]
+    (tmp_path / "instruct_test.json").write_text(json.dumps(records))
+    [s] = load_demo(tmp_path)
+    assert s == Sample("r00c04-has_water", str((tmp_path / "images" / "r00c04.png").resolve()), "vqa",
+                       vqa_prompt("Is there water in this image?"), ("No",), group="has_water")
+    with pytest.raises(RequestError, match=r"--data: .* is not a demo set"):
+        load_demo(tmp_path, split="train")
+
+
+def test_registry_names_and_errors(tmp_path: Path) -> None:
+    assert set(BENCHMARKS) == {
+        "rsvqa-lr", "rsvqa-hr", "ucm-captions", "sydney-captions", "rsicd", "ucmerced", "aid",
+        "geochat-referring", "geochat-region-captioning", "rsflow-demo",
+    }
+    with pytest.raises(RequestError, match=r"^--benchmark: unknown benchmark 'rsvqa'; choose from rsvqa-lr"):
+        get_benchmark("rsvqa")
+    fx.write_ucmerced(tmp_path)
+    with pytest.raises(RequestError, match=r"--question-types: only the RSVQA"):
+        get_benchmark("ucmerced").load(LoadRequest(tmp_path, "llava", question_types=("presence",)))

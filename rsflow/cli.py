@@ -87,6 +87,12 @@ def region_arguments() -> argparse.ArgumentParser:
     tiles = p.add_argument_group("tiles")
     tiles.add_argument("--tile-size", type=_whole, help="tile side in px (default: the model's input size)")
     tiles.add_argument("--overlap", type=_whole, default=0, help="px shared by neighbouring tiles (default 0)")
+    tiles.add_argument(
+        "--max-tiles",
+        type=_whole,
+        default=100_000,
+        help="refuse a run whose items plan more tiles than this, before reading (default 100000)",
+    )
     tiles.add_argument("--gsd", type=_number, help="target ground sample distance in metres (default: native)")
     tiles.add_argument(
         "--max-nodata", type=_number, default=0.5, help="skip tiles with a larger nodata fraction (0-1, default 0.5)"
@@ -253,6 +259,7 @@ def _run_region(args: argparse.Namespace) -> int:
         read_resources=args.read_resources,
         model_resources=args.model_resources,
         allow_host=args.allow_host,
+        max_tiles=args.max_tiles,
     )
     result = run_region(request, address=args.address)
     m = result.manifest

@@ -55,7 +55,7 @@ from rsflow.georef import region_to_box
 from rsflow.hrefs import HrefPolicy, HrefRefused
 from rsflow.interpret import interpret_batch
 from rsflow.placement import StagePlacement, plan_cluster
-from rsflow.plan import plan_tiles
+from rsflow.plan import count_tiles, plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
 from rsflow.request import RegionRequest
 from rsflow.search import SearchQuery, search_items
@@ -384,6 +384,15 @@ def run_region(
     logger.info("search: %d items in %.1f s%s", len(items), search_seconds,
                 " (given by the caller)" if items_given else "")
     profiles = _profiles_for(request, items)
+    if items:
+        n_tiles, stopped = count_tiles(items, profiles, tile_spec, request.aoi, limit=request.max_tiles,
+                                       open_header=rasterio.open)
+        if stopped:
+            raise RequestError(
+                "--max-tiles",
+                f"the AOI plans more than {request.max_tiles} tiles ({n_tiles}+ counted over {len(items)} items); "
+                "shrink the AOI or the date range, or raise --max-tiles",
+            )
 
     staging = out.staging_path(request.output, run_id)
     manifest: dict[str, Any] = {

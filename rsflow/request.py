@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,8 @@ class RegionRequest:
     """Upper bound on read actors; None means the cluster's CPU count."""
     placement: StagePlacement = field(default_factory=StagePlacement)
     """Node kinds for reads and model actors, and the model-actor pool's bounds (:mod:`rsflow.placement`)."""
+    max_tiles: int = 100_000
+    """Refuse the run, before any pixel is read, when its items plan more tiles than this."""
     allowed_hosts: tuple[str, ...] = ()
     """Hosts a remote catalog's hrefs may point at even where :mod:`rsflow.hrefs` would refuse them
     (``--allow-host``)."""
@@ -208,6 +211,7 @@ class RegionRequest:
             "read_workers": self.read_workers,
             "placement": self.placement.to_json(),
             "allowed_hosts": list(self.allowed_hosts),
+            "max_tiles": self.max_tiles,
             "stac": self.stac,
             "tasks": list(self.tasks),
             "inputs": self.inputs.to_json(),
@@ -487,9 +491,14 @@ def parse_task_mapping(doc: Any, *, base_dir: Path, source: str) -> dict[str, An
 
 
 def _check_lengths(values: tuple[str, ...], flag: str) -> None:
+    """Inputs go into prompts verbatim: bounded in length and free of control characters (a task file
+    is input from the outside; a NUL or an escape sequence has no business in a question)."""
     for v in values:
         if len(v) > MAX_INPUT_CHARS:
             raise RequestError(flag, f"an input of {len(v)} characters is longer than {MAX_INPUT_CHARS}")
+        bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs") and c != "\t"})
+        if bad:
+            raise RequestError(flag, f"an input holds control characters ({', '.join(bad[:5])}): {v[:40]!r}")
 
 
 def parse_task_inputs(
@@ -622,6 +631,7 @@ def parse_request(
     read_resources: str | None = None,
     model_resources: str | None = None,
     allow_host: list[str] | tuple[str, ...] = (),
+    max_tiles: int = 100_000,
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
 
@@ -642,6 +652,8 @@ def parse_request(
         raise RequestError("--max-cloud", f"is a percentage in [0, 100], got {max_cloud}")
     if not 1 <= max_items <= 100_000:
         raise RequestError("--max-items", f"must be between 1 and 100000, got {max_items}")
+    if not 1 <= max_tiles <= 100_000_000:
+        raise RequestError("--max-tiles", f"must be between 1 and 100000000, got {max_tiles}")
     if not 0 <= max_nodata <= 1:
         raise RequestError("--max-nodata", f"is a fraction in [0, 1], got {max_nodata}")
     if not stac or not stac.strip():
@@ -724,4 +736,5 @@ def parse_request(
         read_workers=read_workers,
         placement=placement,
         allowed_hosts=parse_allowed_hosts(allow_host),
+        max_tiles=max_tiles,
     )

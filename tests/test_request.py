@@ -245,3 +245,40 @@ def test_task_file_named_adapters(tmp_path):
     tf.write_text("tasks: [caption]\nadapters: {rs: rs}\ntask_adapters: {caption: nope}\n")
     with pytest.raises(RequestError, match="no adapter named 'nope'"):
         _req(tmp_path, tasks=(), task_file=str(tf))
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"tasks": ("vqa",), "question": ["Is there\x00 water?"]}, "--question"),
+        ({"tasks": ("vqa",), "question": ["\x1b[2J clear the screen"]}, "--question"),
+        ({"tasks": ("refer",), "refer": ["the ship\x07"]}, "--refer"),
+        ({"tasks": ("vqa",), "question": ["x" * 1001]}, "--question"),
+    ],
+)
+def test_prompt_inputs_are_bounded_and_free_of_control_characters(tmp_path, kw, flag):
+    with pytest.raises(RequestError) as err:
+        _req(tmp_path, **kw)
+    assert err.value.field == flag
+
+
+def test_a_task_file_cannot_smuggle_control_characters_into_prompts(tmp_path):
+    tf = tmp_path / "tasks.yaml"
+    tf.write_text('questions:\n  - "Is there water?\\u001b]0;pwned\\u0007"\n')
+    with pytest.raises(RequestError, match="control characters") as err:
+        _req(tmp_path, tasks=(), task_file=str(tf))
+    assert err.value.field == "--question"
+    tf.write_text('questions:\n  - "Is there water?\\tReally?"\n')  # a tab is fine
+    assert _req(tmp_path, tasks=(), task_file=str(tf)).inputs.questions == ("Is there water?\tReally?",)
+
+
+def test_model_text_is_made_safe_to_store() -> None:
+    import pyarrow as pa
+
+    from rsflow.models.runner import MAX_ANSWER_CHARS, _clean_answer
+
+    text = _clean_answer("  a\x00b\x1b[31mc\ud800 d\n\te</s>")
+    assert text == "a\ufffdb\ufffd[31mc? d\n\te"
+    pa.array([text])  # valid UTF-8: Arrow takes it (a lone surrogate would not)
+    long = _clean_answer("word " * 10_000)
+    assert len(long) <= MAX_ANSWER_CHARS + len(" [truncated]") and long.endswith("[truncated]")

@@ -49,6 +49,12 @@ def test_rsvqa_question_types_and_wrong_layout(tmp_path: Path) -> None:
         load_rsvqa(tmp_path, prefix="USGS")
     with pytest.raises(RequestError, match=r"--split: .*got 'test_phili'"):
         load_rsvqa(tmp_path, prefix="LR", split="test_phili")
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "Images_LR").rename(moved)
+    with pytest.raises(RequestError, match=r"--data: .* has no Images_LR/ image folder .*; or give --images"):
+        load_rsvqa(tmp_path, prefix="LR")
+    assert Path(load_rsvqa(tmp_path, prefix="LR", images=moved)[0].image_path).parent == moved.resolve()
+    moved.rename(tmp_path / "Images_LR")
     (tmp_path / "LR_split_test_answers.json").write_text(json.dumps([{"id": 1}]))
     with pytest.raises(RequestError, match=r"--data: .*expected a JSON object \{'answers'"):
         load_rsvqa(tmp_path, prefix="LR")

@@ -173,6 +173,37 @@ def test_resume_infers_only_what_is_missing(
     assert "--output:" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_is_a_failed_sample_that_the_next_run_retries(
+    ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, out = tmp_path / "aid", tmp_path / "out"
+    fx.write_aid(data, n_classes=2, per_class=2)
+    broken = data / "AID" / "BareLand" / "bareland_2.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"not a jpeg")
+    assert _eval("aid", data, out, *_FAST) == 4  # finished, with a failed sample: EXIT_PARTIAL
+    captured = capsys.readouterr()
+    assert "(inferred 4, reused 0, failed 1)" in captured.out
+    assert "1 samples got no answer" in captured.err
+    [row] = [r for r in _predictions(out) if r["status"] != "ok"]
+    assert row["sample_id"] == "BareLand/bareland_2.jpg" and "cannot identify image file" in row["error"]
+    assert row["correct"] is False
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["n"] == 4  # a failed sample counts as wrong
+
+    broken.write_bytes(good)
+    real = rsflow.pipeline.infer_images
+    sent: list[str] = []
+
+    def spy(rows: Any, **kwargs: Any) -> Iterator[Any]:
+        sent.extend(p["key"] for r in rows for p in r["row_prompts"])
+        yield from real(rows, **kwargs)
+
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", spy)
+    assert _eval("aid", data, out, *_FAST) == 0
+    assert "(inferred 1, reused 3, failed 0)" in capsys.readouterr().out
+    assert sent == ["BareLand/bareland_2.jpg"]
+
+
 def test_demo_model_reports_its_recorded_held_out_accuracy(
     ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

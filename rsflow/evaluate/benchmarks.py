@@ -85,14 +85,17 @@ class Benchmark:
     """Default prompts per generate call."""
 
 
-def _no_extra(req: LoadRequest, *, allowed: tuple[str, ...] = ()) -> None:
-    if req.question_types and "question_types" not in allowed:
+def _no_extra(req: LoadRequest, *, images: bool = True) -> None:
+    if req.question_types:
         raise RequestError("--question-types", "only the RSVQA benchmarks have question types")
+    if req.images is not None and not images:
+        raise RequestError("--images", "this benchmark reads its images from --data itself; leave --images out")
 
 
 def _rsvqa(prefix: str) -> Callable[[LoadRequest], list[Sample]]:
     def load(req: LoadRequest) -> list[Sample]:
-        return load_rsvqa(req.data, prefix=prefix, split=req.split, question_types=req.question_types or None)
+        return load_rsvqa(req.data, prefix=prefix, split=req.split, question_types=req.question_types or None,
+                          images=req.images)
 
     return load
 
@@ -108,7 +111,7 @@ def _captions(flavour: str) -> Callable[[LoadRequest], list[Sample]]:
 
 def _scenes(classes: tuple[str, ...], dataset: str) -> Callable[[LoadRequest], list[Sample]]:
     def load(req: LoadRequest) -> list[Sample]:
-        _no_extra(req)
+        _no_extra(req, images=False)
         if req.split is not None:
             raise RequestError("--split", f"{dataset} has no official split; leave --split out (use --limit)")
         return load_scene_folders(req.data, classes=classes, dataset=dataset)
@@ -127,7 +130,7 @@ def _no_split(load_fn: Callable[..., list[Sample]], name: str) -> Callable[[Load
 
 
 def _demo(req: LoadRequest) -> list[Sample]:
-    _no_extra(req)
+    _no_extra(req, images=False)
     return load_demo(req.data, split=req.split)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from rsflow.errors import RequestError
+from rsflow.errors import EXIT_OK, EXIT_PARTIAL, RequestError
 
 
 def _whole(text: str) -> int:
@@ -111,4 +112,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
         f"(inferred {c['inferred']}, reused {c['reused']}, failed {c['failed']}); wrote {', '.join(result.files)} "
         f"to {result.output}"
     )
-    return 0
+    if c["failed"]:
+        print(
+            f"rsflow eval: {c['failed']} samples got no answer (scored as wrong); predictions.parquet gives each "
+            "one's reason under 'error', and running the same command again retries them",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK

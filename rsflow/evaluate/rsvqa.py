@@ -73,7 +73,12 @@ def _by_id(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def load_rsvqa(
-    data: Path, *, prefix: str, split: str | None = None, question_types: Sequence[str] | None = None
+    data: Path,
+    *,
+    prefix: str,
+    split: str | None = None,
+    question_types: Sequence[str] | None = None,
+    images: Path | None = None,
 ) -> list[Sample]:
     """Read one RSVQA split into samples (one per active question), in question-id order.
 
@@ -82,6 +87,7 @@ def load_rsvqa(
         prefix: ``"LR"`` (RSVQA-LR) or ``"USGS"`` (RSVQA-HR).
         split: ``test``/``val``/``train`` (HR also ``test_phili``); default LR ``test``, HR ``test_phili``.
         question_types: keep only these ``type`` values (default: all).
+        images: the image folder, when it is not ``Images_LR/`` (LR) or ``Data/`` (HR) under ``data``.
 
     Returns:
         Samples with ``group`` = the question type and one reference answer each.
@@ -96,7 +102,7 @@ def load_rsvqa(
         raise RequestError("--split", f"RSVQA-{'LR' if prefix == 'LR' else 'HR'} has splits {', '.join(layout['splits'])}; got {split!r}")
     name = f"{prefix}_split_{split}"
     q_path, a_path = data / f"{name}_questions.json", data / f"{name}_answers.json"
-    image_dir = data / layout["images"]
+    image_dir = images if images is not None else data / layout["images"]
     for path in (q_path, a_path):
         if not path.is_file():
             raise RequestError(
@@ -105,7 +111,9 @@ def load_rsvqa(
                 f"{name}_questions.json, {name}_answers.json and {layout['images']}/ as in the Zenodo release)",
             )
     if not image_dir.is_dir():
-        raise RequestError("--data", f"{data} has no {layout['images']}/ image folder (RSVQA's <img_id>.tif files)")
+        raise RequestError(
+            "--data", f"{data} has no {layout['images']}/ image folder (RSVQA's <img_id>.tif files); or give --images"
+        )
     questions = [q for q in _read_list(q_path, "questions") if q.get("active") is True]
     answers = _by_id([a for a in _read_list(a_path, "answers") if a.get("active") is True])
     answers_by_question = {int(a["question_id"]): a for a in answers.values() if "question_id" in a}

@@ -555,3 +555,31 @@ def test_of_many_runs_starting_at_once_exactly_one_gets_the_lock(stale, tmp_path
     assert len(winners) == 1 and len(refused) == 7
     assert read_lock(root).run_id == f"run-{winners[0]}"
     assert [p.name for p in (tmp_path / "_monitor").iterdir()] == ["lock.json"]  # no temporaries left
+
+
+@pytest.mark.parametrize(
+    ("failed", "given_up", "expected"),
+    [([], [], 0), (["b"], [], 4), ([], ["b"], 4)],
+    ids=["ok", "failed", "given-up"],
+)
+def test_monitor_run_exit_code_says_whether_items_failed(
+    failed, given_up, expected, tmp_path, monkeypatch, capsys
+):
+    import rsflow.monitor.run as run_module
+    from rsflow.monitor.run import MonitorRunResult
+
+    def fake_run(config, address=None):
+        return MonitorRunResult(
+            run_id="r",
+            outcome="processed",
+            search_window="2024-05-01T00:00:00Z/..",
+            items_found=2,
+            items_done=["a"],
+            items_failed=failed,
+            items_given_up=given_up,
+        )
+
+    monkeypatch.setattr(run_module, "run_monitor", fake_run)
+    path = _write(tmp_path, _config(tmp_path))
+    assert main(["monitor", "run", "--config", str(path)]) == expected
+    assert "1 items done" in capsys.readouterr().out

@@ -3,8 +3,10 @@
 ``NAME`` is a monitor file (``monitors/port.yaml``) or a monitor name looked up as
 ``<monitors dir>/NAME.yaml`` (``--monitors-dir``, default ``$RSFLOW_MONITORS`` or ``monitors``).
 
-Exit codes: 0 done (also when there was nothing new); 2 bad config or flags (one line naming the
-key); 3 another run holds the monitor's lock (one line naming it); 1 anything else.
+Exit codes (:mod:`rsflow.errors`): 0 done (also when there was nothing new); 4 committed, but some
+items failed this run (they are retried by the next runs, or were given up); 2 bad config or flags
+(one line naming the key); 3 another run holds the monitor's lock (one line naming it); 5 the STAC
+source could not be searched; 1 anything else.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsflow.errors import RequestError
+from rsflow.errors import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL, RequestError
 
 logger = logging.getLogger(__name__)
-
-EXIT_LOCKED = 3
 
 
 def add_monitor_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def run_monitor_command(args: argparse.Namespace) -> int:
         config = load_monitor_config(path, check_env=False)
         status = monitor_status(config)
         print(json.dumps(status.to_json(), indent=1, sort_keys=True) if args.json else format_status(status))
-        return 0
+        return EXIT_OK
     config = load_monitor_config(path)
     try:
         result = run_monitor(config, address=args.address)
@@ -99,7 +99,7 @@ def run_monitor_command(args: argparse.Namespace) -> int:
             f"monitor {config.name}: nothing new since {result.search_window.split('/')[0]} "
             f"({result.items_found} items found, all done or given up); watermark {result.watermark}"
         )
-        return 0
+        return EXIT_OK
     hook = ""
     if result.webhook is not None:
         hook = (
@@ -110,4 +110,4 @@ def run_monitor_command(args: argparse.Namespace) -> int:
         f"{len(result.items_failed)} failed (will retry), {len(result.items_given_up)} given up; "
         f"{result.new_changes} changes; watermark {result.watermark}{hook}; output {config.output}"
     )
-    return 0
+    return EXIT_PARTIAL if result.items_failed or result.items_given_up else EXIT_OK

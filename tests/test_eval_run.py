@@ -144,6 +144,10 @@ def test_resume_infers_only_what_is_missing(
     assert _eval("rsvqa-lr", data, out, *_FAST, "--limit", "8", "--seed", "3") == 0
     first = {r["sample_id"]: r for r in _predictions(out)}
     assert len(first) == 8
+    # As if that run had been killed after its first part: only a part file and a half-written temp file
+    (out / "_parts").mkdir()
+    (out / "predictions.parquet").rename(out / "_parts" / "part-killed-00000.parquet")
+    (out / ".predictions.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
 
     real = rsflow.pipeline.infer_images
     sent: list[str] = []
@@ -158,6 +162,7 @@ def test_resume_infers_only_what_is_missing(
     assert len(sent) == 12 and not set(sent) & set(first)  # the model saw only the 12 new samples
     rows = {r["sample_id"]: r for r in _predictions(out)}
     assert len(rows) == 20
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".", "_"))]
     for sid, r in first.items():  # reused as written: same text, the first run's id
         assert (rows[sid]["text"], rows[sid]["run_id"]) == (r["text"], r["run_id"])
     assert len({rows[s]["run_id"] for s in sent}) == 1 and rows[sent[0]]["run_id"] != next(iter(first.values()))["run_id"]

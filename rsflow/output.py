@@ -347,3 +347,158 @@ def discard(staging: str) -> None:
             fs.rm(path, recursive=True)
     except Exception:  # cleanup must never hide the run's own error
         logger.warning("could not remove staging directory %s", staging, exc_info=True)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+RESUME_NAME = "_resume.json"
+"""Written into the staging directory when a run starts: what ``--resume`` needs to continue it."""
+
+
+@dataclass
+class ResumeSource:
+    """Where ``--resume`` continues from: an interrupted run's staging directory, or a committed run
+    that finished with failed tiles."""
+
+    directory: str
+    """The staging directory, or the committed output."""
+    committed: bool
+    request: dict[str, Any]
+    """The run's request JSON (from ``_resume.json`` or the committed manifest)."""
+    failed_tiles: int = 0
+    """Committed runs: failed tiles and items recorded in the manifest."""
+
+
+def find_resumable(output: str) -> ResumeSource | None:
+    """The most recent interrupted run of ``output`` (a staging directory holding ``_resume.json``), else
+    the committed run itself when its manifest is complete; None when there is neither."""
+    fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
+    parent, name = posixpath.split(root)
+    candidates = []
+    if fs.exists(parent):
+        for path in fs.ls(parent, detail=False):
+            base = posixpath.basename(path.rstrip("/"))
+            if base.startswith(f".{name}.staging-") and fs.exists(posixpath.join(path, RESUME_NAME)):
+                candidates.append(path)
+    if candidates:
+        newest = max(candidates)  # staging names end in the run id, which starts with the UTC time
+        with fs.open(posixpath.join(newest, RESUME_NAME), "r") as fh:
+            info = json.load(fh)
+        return ResumeSource(directory=_unstrip(output, newest), committed=False, request=info["request"])
+    manifest = posixpath.join(root, MANIFEST_NAME)
+    if fs.exists(manifest):
+        with fs.open(manifest, "r") as fh:
+            m = json.load(fh)
+        if m.get("status") == "complete":
+            counts = m.get("counts", {})
+            return ResumeSource(directory=output.rstrip("/"), committed=True, request=m.get("request", {}),
+                                failed_tiles=int(counts.get("tiles_failed", 0)) + int(counts.get("items_failed", 0)))
+    return None
+
+
+def _unstrip(output: str, path: str) -> str:
+    """``path`` as returned by fsspec (no protocol) with ``output``'s protocol put back."""
+    if "://" in output and "://" not in path:
+        return f"{output.split('://', 1)[0]}://{path}"
+    return path
+
+
+PARTS_DIR = "_parts"
+"""Inside a staging directory: result rows as the stages finish them (all columns, unsorted). A run that
+is killed keeps what it finished here; the final pass sorts them into the dataset."""
+
+
+class RawPartsSink(Datasink[int]):
+    """Ray Data sink: each block of result rows -> one Parquet file in ``directory`` as soon as it is
+    done (``RESULT_SCHEMA``, working columns included), written to a hidden name and renamed, so a
+    file either is complete or is not there."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory.rstrip("/")
+        self.rows = 0
+        """Rows written by this run (not counting rows carried over by ``--resume``)."""
+
+    def on_write_complete(self, write_result: WriteResult[int]) -> None:
+        self.rows += int(sum(int(n) for n in write_result.write_returns))
+
+    def write(self, blocks: Any, ctx: Any) -> int:
+        fs, root = fsspec.core.url_to_fs(self.directory)
+        fs.makedirs(root, exist_ok=True)
+        rows = 0
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+            if table.num_rows == 0:
+                continue
+            table = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+            name = f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+            tmp = posixpath.join(root, f".{name}.tmp")
+            pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+            fs.mv(tmp, posixpath.join(root, name))
+            rows += table.num_rows
+        return rows
+
+
+def carry_over(source: ResumeSource, staging: str) -> set[str]:
+    """Copy the rows an earlier attempt finished into ``staging``'s parts; return the tiles done.
+
+    From an interrupted run, its ``_parts/`` files (a file the kill cut short is never there: parts are
+    renamed into place); from a committed run, its dataset and merged objects (working columns
+    rebuilt). Rows of tiles that failed are left out: those tiles run again. Tiles with a kept row (ok
+    or skipped) are done.
+    """
+    fs, src = fsspec.core.url_to_fs(source.directory)
+    _, dst = fsspec.core.url_to_fs(staging)
+    parts = posixpath.join(dst, PARTS_DIR)
+    fs.makedirs(parts, exist_ok=True)
+    tables = []
+    if source.committed:
+        for path in sorted(p for p in fs.find(src) if posixpath.basename(p).endswith(".parquet")):
+            table = pq.read_table(path, filesystem=fs, columns=WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
+            tables.append(_with_working_columns(table))
+    else:
+        raw = posixpath.join(src, PARTS_DIR)
+        for path in sorted(p for p in (fs.find(raw) if fs.exists(raw) else [])
+                           if posixpath.basename(p).startswith("raw-") and p.endswith(".parquet")):
+            tables.append(pq.read_table(path, filesystem=fs).cast(RESULT_SCHEMA))
+    failed = set()
+    for table in tables:
+        is_failed_tile = pa.compute.and_(pa.compute.equal(table.column("kind"), "tile"),
+                                         pa.compute.equal(table.column("status"), "failed"))
+        failed.update(table.filter(is_failed_tile).column("tile_id").to_pylist())
+    done: set[str] = set()
+    for i, table in enumerate(tables):
+        keep = pa.array([t not in failed for t in table.column("tile_id").to_pylist()], type=pa.bool_())
+        table = table.filter(keep)
+        if not table.num_rows:
+            continue
+        pq.write_table(table, posixpath.join(parts, f"raw-carried-{i:05d}.parquet"), compression="zstd",
+                       filesystem=fs)
+        done.update(table.filter(pa.compute.equal(table.column("kind"), "tile")).column("tile_id").to_pylist())
+    logger.info("resume: %d tiles carried over from %s, %d failed ones run again", len(done), source.directory,
+                len(failed))
+    return done
+
+
+def _with_working_columns(table: pa.Table) -> pa.Table:
+    """Committed rows -> ``RESULT_SCHEMA``: the Hilbert key from the geometry, the first row of each tile
+    as its primary row, no timings."""
+    geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    cen = shapely.centroid(geoms)
+    keys = hilbert_key(shapely.get_x(cen), shapely.get_y(cen))
+    tiles = table.column("tile_id").to_pylist()
+    kinds = table.column("kind").to_pylist()
+    seen: set[str] = set()
+    primary = []
+    for tile, kind in zip(tiles, kinds, strict=True):
+        primary.append(kind == "tile" and tile not in seen)
+        if kind == "tile":
+            seen.add(tile)
+    n = table.num_rows
+    return (
+        table.append_column("_hilbert", pa.array(keys, type=pa.int64()))
+        .append_column("_primary", pa.array(primary, type=pa.bool_()))
+        .append_column("_read_seconds", pa.array(np.zeros(n), type=pa.float64()))
+        .append_column("_infer_seconds", pa.array(np.zeros(n), type=pa.float64()))
+        .select(RESULT_SCHEMA.names)
+        .cast(RESULT_SCHEMA)
+    )

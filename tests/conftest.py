@@ -29,3 +29,21 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+SHORE_BBOX = "-75.6846,37.6629,-75.5920,37.7374"
+"""Land, shore and water of the sample scene: about 170 tiles of 64 px (a run long enough to interrupt)."""
+SHORE_FLAGS = ["--tasks", "vqa", "--question", "Is there water in this image?", "--max-new-tokens", "4",
+               "--batch-size", "8", "--no-preview"]
+
+
+@pytest.fixture(scope="session")
+def shore_run(ray_local, sample_catalog, tmp_path_factory):
+    """An uninterrupted region run over SHORE_BBOX (default demo model): the reference the fault tests'
+    runs (a killed driver resumed, a killed model actor) must equal."""
+    from rsflow.cli import main
+
+    out = tmp_path_factory.mktemp("shore") / "reference"
+    assert main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", SHORE_BBOX,
+                 *SHORE_FLAGS, "--output", str(out)]) == 0
+    return out

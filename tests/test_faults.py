@@ -15,16 +15,15 @@ import pytest
 
 from rsflow.cli import main
 from rsflow.errors import EXIT_OK
+from tests.conftest import SHORE_BBOX as BBOX
+from tests.conftest import SHORE_FLAGS as FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-BBOX = "-75.6846,37.6629,-75.5920,37.7374"  # about 170 tiles of the sample scene (see test_resume.py)
-FLAGS = ["--tasks", "vqa", "--question", "Is there water in this image?", "--max-new-tokens", "4",
-         "--batch-size", "8", "--no-preview"]
 
 
 def test_a_killed_model_actor_is_replaced_and_every_tile_is_written_once(
-    ray_local: Any, sample_catalog: Path, tmp_path: Path
+    ray_local: Any, sample_catalog: Path, shore_run: Path, tmp_path: Path
 ) -> None:
     import psutil
     import ray
@@ -68,3 +67,5 @@ def test_a_killed_model_actor_is_replaced_and_every_tile_is_written_once(
     assert gdf["tile_id"].is_unique  # one prompt per tile: no tile twice
     assert len(gdf) == manifest["counts"]["tiles_planned"] == manifest["counts"]["tiles_ok"]
     assert (gdf["status"] == "ok").all()
+    ref = gpd.read_parquet(shore_run)  # and the same rows as a run whose actor was never killed
+    assert dict(zip(gdf["tile_id"], gdf["text"], strict=True)) == dict(zip(ref["tile_id"], ref["text"], strict=True))

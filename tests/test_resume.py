@@ -21,16 +21,12 @@ import pytest
 
 from rsflow.cli import main
 from rsflow.errors import EXIT_OK, EXIT_PARTIAL
+from tests.conftest import SHORE_BBOX as BBOX
+from tests.conftest import SHORE_FLAGS as FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
-# Land, shore and water of the sample scene: about 200 tiles of 64 px, a run long enough to kill mid-way.
-BBOX = "-75.6846,37.6629,-75.5920,37.7374"
-FLAGS = ["--tasks", "vqa", "--question", "Is there water in this image?", "--max-new-tokens", "4",
-         "--batch-size", "8", "--no-preview"]
-
-
 def _rows(out: Path) -> dict[tuple[str, str], str]:
     gdf = gpd.read_parquet(out)
     keys = list(zip(gdf["tile_id"], gdf["prompt"], strict=True))
@@ -39,11 +35,8 @@ def _rows(out: Path) -> dict[tuple[str, str], str]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local: Any, sample_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ref") / "ref"
-    assert main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", BBOX, *FLAGS,
-                 "--output", str(out)]) == EXIT_OK
-    return _rows(out)
+def reference(shore_run: Path) -> dict:
+    return _rows(shore_run)
 
 
 def test_a_killed_driver_is_resumed_to_the_same_dataset(

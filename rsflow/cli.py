@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_region(args: argparse.Namespace) -> int:
-    from rsflow.models.spec import ModelSpec
+    from rsflow.models.spec import spec_from_flags
     from rsflow.pipeline import run_region
     from rsflow.request import DEFAULT_BBOX, parse_request
 
@@ -221,18 +221,7 @@ def _run_region(args: argparse.Namespace) -> int:
     if args.resume and args.output and args.output.rstrip("/") != args.resume.rstrip("/"):
         raise RequestError("--resume", f"continues the run in {args.resume}; leave --output out or give the same")
     output = args.resume or args.output or f"out/region-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    spec = ModelSpec(
-        model=args.model,
-        adapter=args.adapter,
-        prompt_format=args.prompt_format,
-        vision_tower=args.vision_tower,
-        image_size=args.image_size,
-        image_aspect=args.image_aspect,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
+    spec = spec_from_flags(args)
     request = parse_request(
         bbox=bbox,
         intersects=args.intersects,

@@ -71,18 +71,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     """Run ``rsflow eval`` from parsed flags; prints where the results went and the headline number."""
     from rsflow.evaluate.benchmarks import get_benchmark
     from rsflow.evaluate.run import EvalConfig, headline, run_eval
-    from rsflow.models.spec import ModelSpec
+    from rsflow.models.spec import spec_from_flags
 
     bench = get_benchmark(args.benchmark)
-    spec = ModelSpec(
-        model=args.model,
-        adapter=args.adapter,
-        prompt_format=args.prompt_format,
-        vision_tower=args.vision_tower,
-        image_size=args.image_size,
-        image_aspect=args.image_aspect,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
+    spec = spec_from_flags(
+        args,
         max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else bench.max_new_tokens,
         batch_size=args.batch_size if args.batch_size is not None else bench.batch_size,
     )

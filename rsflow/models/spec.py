@@ -196,6 +196,26 @@ def _resolve_ref(ref: str, flag: str, marker: str) -> str:
     raise RequestError(flag, f"no such folder {ref!r}")
 
 
+def spec_from_flags(args: Any, **overrides: Any) -> ModelSpec:
+    """The :class:`ModelSpec` of the model flags an ``argparse`` namespace holds (``--model``,
+    ``--adapter``, ``--prompt-format``, ...); ``overrides`` replace single values (e.g. a benchmark's
+    own ``max_new_tokens``)."""
+    values = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "prompt_format": args.prompt_format,
+        "vision_tower": args.vision_tower,
+        "image_size": args.image_size,
+        "image_aspect": args.image_aspect,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn_implementation,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+    }
+    values.update(overrides)
+    return ModelSpec(**values)
+
+
 def resolve_model_dir(spec: ModelSpec) -> str:
     """Where to load ``spec.model`` from.
 

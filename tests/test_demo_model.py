@@ -95,7 +95,7 @@ def test_region_job_default_model_is_the_demo_and_answers_from_the_imagery(
                  "--tasks", "caption,vqa", "--question", _WATER_Q, "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "is a demo model: a demo model" in printed
+    assert "is a demo model: a tiny LLaVA finetuned" in printed
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["model"]["demo"] is True and manifest["model"]["card"]["name"] == "rsflow-demo-s2"
 

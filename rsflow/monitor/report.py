@@ -25,7 +25,7 @@ from branca.element import Element
 from shapely.geometry import mapping
 
 from rsflow.monitor.changes import Timeline
-from rsflow.preview import _OSM_ATTRIBUTION, _OSM_TILES, _check_self_contained, _inline_leaflet
+from rsflow.preview import _check_self_contained, base_map
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ def build_report(
     *, title: str, changes: pd.DataFrame, timelines: dict[str, Timeline], summary: dict[str, Any]
 ) -> str:
     """The report page as one HTML string (self-contained: no outside script or stylesheet)."""
-    fmap = folium.Map(location=None, tiles=None, zoom_start=2, control_scale=True)
-    _inline_leaflet(fmap)
-    fmap.get_root().title = html.escape(title)  # type: ignore[attr-defined]
-    folium.TileLayer(
-        tiles=_OSM_TILES, attr=_OSM_ATTRIBUTION, name="OpenStreetMap (online only)", max_zoom=19, overlay=True
-    ).add_to(fmap)
+    fmap = base_map(title)
     changed_cells = set(changes["cell_id"]) if len(changes) else set()
     tiles_group = folium.FeatureGroup(name="tiles (click for the timeline)", show=True)
     features = []

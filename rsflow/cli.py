@@ -102,7 +102,7 @@ def region_arguments() -> argparse.ArgumentParser:
         "--model",
         default="demo",
         help="transformers LLaVA dir or hub id; 'demo' (default) = tiny demo model trained on the sample "
-        "scene; 'smoke' = tiny random-weight model",
+        "scene; 'smoke' = tiny random-weight model; 'noop' = no model, empty answers (read/load checks)",
     )
     model.add_argument("--adapter", help="peft LoRA adapter dir or hub id")
     model.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="conversation template family")

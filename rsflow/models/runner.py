@@ -70,6 +70,7 @@ from rsflow.models.prompts import (
 )
 from rsflow.models.spec import (
     ModelSpec,
+    NOOP_MODEL,
     model_id,
     model_input_size,
     resolve_adapter,
@@ -532,6 +533,14 @@ class ModelRunner:
                 )
         self._region_adapter = region_adapter
         self._prompt_format = prompt_format
+        self._ids_cache: dict[tuple[str, str], list[int]] = {}
+        if spec.model == NOOP_MODEL:  # no weights: empty answers, everything else as for a model
+            self.loaded = None
+            self._background = (0, 0, 0)
+            self._aspect = spec.image_aspect or "pad"
+            self._model_ids: dict[str | None, str] = {None: NOOP_MODEL}
+            logger.info("no-op model ready: %d prompt(s) per tile", len(self.prompts))
+            return
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
         card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
@@ -545,8 +554,7 @@ class ModelRunner:
         self._image_token_id = int(config.image_token_id)
         self._feature_layer = config.vision_feature_layer
         self._feature_strategy = config.vision_feature_select_strategy
-        self._ids_cache: dict[tuple[str, str], list[int]] = {}
-        self._model_ids: dict[str | None, str] = {None: self.loaded.model_id}
+        self._model_ids = {None: self.loaded.model_id}
         for name in self.loaded.adapter_names:
             self._model_ids[name] = adapter_model_id(spec, name)
         logger.info("model %s ready: %d prompt(s) per tile", self.loaded.model_id, len(self.prompts))
@@ -699,7 +707,7 @@ class ModelRunner:
         out["text"] = _objects(texts)
         out["status"] = _objects(statuses)
         out["error"] = _objects(errors)
-        out["model_id"] = _objects([self._model_ids.get(slot.adapter, self.loaded.model_id) for slot in slots])
+        out["model_id"] = _objects([self._model_ids.get(slot.adapter, self._model_ids[None]) for slot in slots])
         in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
         out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
         out["infer_seconds"] = np.where(ran, seconds, 0.0)
@@ -718,10 +726,10 @@ class ModelRunner:
     @contextlib.contextmanager
     def _adapter(self, name: str | None) -> Iterator[None]:
         """Answer with the named adapter active (None: the bare base, adapters disabled)."""
-        model = self.loaded.model
-        if not self.loaded.adapter_names:
+        if self.loaded is None or not self.loaded.adapter_names:
             yield
             return
+        model = self.loaded.model
         if name is None:
             with model.disable_adapter():
                 yield
@@ -771,6 +779,8 @@ class ModelRunner:
     def _encode(self, squares: list[np.ndarray]) -> list[_Encoded]:
         """Run the image processor, the vision tower and the projector once over ``squares``."""
         loaded = self.loaded
+        if loaded is None:  # the no-op model: no features
+            return [_Encoded(torch.zeros((0, 0))) for _ in squares]
         processed = loaded.processor.image_processor(
             images=squares, return_tensors="pt", input_data_format="channels_last", **self._image_kwargs
         )
@@ -799,6 +809,8 @@ class ModelRunner:
         Raises:
             ValueError: the question holds ``<image>`` itself.
         """
+        if self.loaded is None:  # the no-op model: nothing to tokenise
+            return []
         n_features = int(encoded.features.shape[0])
         cache_key = (question, str(n_features))
         ids = self._ids_cache.get(cache_key)
@@ -843,7 +855,7 @@ class ModelRunner:
         return results
 
     def _release_memory(self) -> None:
-        if self.loaded.device.type == "cuda":
+        if self.loaded is not None and self.loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _generate(self, items: list[_Work]) -> list[str]:
@@ -858,6 +870,8 @@ class ModelRunner:
         them, so the answer is what follows column ``L``.
         """
         loaded = self.loaded
+        if loaded is None:  # the no-op model
+            return [""] * len(items)
         model = loaded.model
         pad_id = int(loaded.tokenizer.pad_token_id)
         length = max(len(item.ids) for item in items)

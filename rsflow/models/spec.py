@@ -34,9 +34,21 @@ from rsflow.models.prompts import PROMPT_FORMATS, PromptFormat
 logger = logging.getLogger(__name__)
 
 SMOKE_MODEL: Final[str] = "smoke"
+"""The ``model`` value that selects the built-in tiny random-weight checkpoint."""
 DEMO_MODEL: Final[str] = "demo"
 """The packaged demo model (``rsflow.finetune.demo``): trained on one sample scene; the job's default."""
-"""The ``model`` value that selects the built-in tiny random-weight checkpoint."""
+NOOP_MODEL: Final[str] = "noop"
+"""No model at all: every prompt is answered with empty text at once. The whole pipeline (search, plan,
+read, the model stage's slots and columns, interpret, write) runs, so this measures and tests
+everything but inference: read throughput, load tests, a check that a catalog's imagery reads."""
+NOOP_INPUT_SIZE: Final[int] = 336
+"""Tile side the no-op model asks for when ``--image-size``/``--tile-size`` do not say (LLaVA-1.5's)."""
+_NOOP_CARD: Final[dict[str, Any]] = {
+    "name": NOOP_MODEL,
+    "kind": "noop",
+    "prompt_format": "geochat",  # every task can be asked (GeoChat's family does them all)
+    "note": "no model: every answer is empty text (for benchmarks and load tests)",
+}
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -122,7 +134,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
-            raise RequestError("--model", "give a checkpoint folder, a hub id, 'demo' or 'smoke'")
+            raise RequestError("--model", "give a checkpoint folder, a hub id, 'demo', 'smoke' or 'noop'")
+        if self.model == NOOP_MODEL and (self.adapter is not None or self.adapters):
+            raise RequestError("--adapter", "the no-op model takes no adapter")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
             raise RequestError("--adapter", "give an adapter folder or hub id, or leave it out")
         names = [name for name, _ in self.adapters] if isinstance(self.adapters, tuple) else None
@@ -229,6 +243,8 @@ def resolve_model_dir(spec: ModelSpec) -> str:
     Raises:
         RequestError: (``--model``) a local path that does not exist, is a file, or lacks ``config.json``.
     """
+    if spec.model == NOOP_MODEL:
+        return NOOP_MODEL
     if spec.model == SMOKE_MODEL:
         from rsflow.models.tiny import ensure_smoke_model
 
@@ -314,6 +330,8 @@ def model_input_size(spec: ModelSpec) -> int:
     """
     if spec.image_size is not None:
         return spec.image_size
+    if spec.model == NOOP_MODEL:
+        return NOOP_INPUT_SIZE
     original = describe_original_checkpoint(spec)
     if original is not None:
         return int(original["image_size"])
@@ -341,7 +359,7 @@ def describe_original_checkpoint(spec: ModelSpec) -> dict[str, Any] | None:
     --adapter LORA``): its format, image size, prompt format and aspect handling, from its JSON
     files; None for transformers-format checkpoints and hub ids."""
     model_dir = resolve_model_dir(spec)
-    if spec.model == SMOKE_MODEL or not Path(model_dir).is_dir():
+    if spec.model in (SMOKE_MODEL, NOOP_MODEL) or not Path(model_dir).is_dir():
         return None
     from rsflow.models.formats import describe_original
 
@@ -351,6 +369,8 @@ def describe_original_checkpoint(spec: ModelSpec) -> dict[str, Any] | None:
 def model_card(spec: ModelSpec) -> dict[str, Any]:
     """Contents of ``rsflow.json`` beside the checkpoint; for an original LLaVA-repository
     checkpoint, which has none, what its own files say (``describe_original_checkpoint``); else ``{}``."""
+    if spec.model == NOOP_MODEL:
+        return dict(_NOOP_CARD)
     card = _read_json(resolve_model_dir(spec), _CARD_FILENAME)
     if card is not None:
         return card
@@ -405,8 +425,10 @@ def model_id(spec: ModelSpec) -> str:
 
     Examples: ``"smoke-tiny-llava@1a2b3c4d"`` (local folder: card name or folder name, then a
     fingerprint of its files), ``"llava-hf/llava-1.5-7b-hf"`` (hub id as given), with
-    ``"+adapter=<name>"`` appended when an adapter is merged.
+    ``"+adapter=<name>"`` appended when an adapter is merged; ``"noop"`` for the no-op model.
     """
+    if spec.model == NOOP_MODEL:
+        return NOOP_MODEL
     name = _ref_name(resolve_model_dir(spec), use_card=True)
     adapter = resolve_adapter(spec)
     if adapter is not None:

@@ -27,6 +27,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -479,9 +480,17 @@ def run_region(
             manifest["rows_run_now"] = int(parts_sink.rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):
-            # The final pass: every finished row (carried over or new), in Hilbert order, as GeoParquet.
-            _ensure_ray(address)
-            ray.data.read_parquet(parts_dir, file_extensions=["parquet"]).sort("_hilbert").write_datasink(sink)
+            # The final pass: every finished row (carried over or new), in Hilbert order, as GeoParquet:
+            # sorted here when it fits in memory, else by a Ray Data sort into files of ROWS_PER_FILE.
+            n_rows = out.count_part_rows(parts_dir)
+            if n_rows <= _DRIVER_SORT_ROWS:
+                sink.write_sorted_parts(parts_dir)
+            else:
+                _ensure_ray(address)
+                files = math.ceil(n_rows / out.ROWS_PER_FILE)
+                ray.data.read_parquet(parts_dir, file_extensions=["parquet"]).repartition(files).sort(
+                    "_hilbert"
+                ).write_datasink(sink)
             fs_parts.rm(parts_root, recursive=True)
         fs_files = list(sink.summary.files)
         object_files, n_objects = [], 0
@@ -555,6 +564,9 @@ def run_region(
 
 _TILES_PER_BLOCK = 32
 """Tiles per block after planning (see ``run_region``)."""
+
+_DRIVER_SORT_ROWS = 200_000
+"""Result rows up to which the final pass sorts in the driver (about 0.2-0.4 GB of Arrow at most)."""
 
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
                 "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")

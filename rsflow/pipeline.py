@@ -212,6 +212,30 @@ def _cluster_shape(model_actors: int | None, read_workers: int | None) -> tuple[
     return plan.gpus, plan.max_actors, plan.read_max
 
 
+def add_read_stage(
+    ds: Any, *, max_nodata: float, size_px: int, read_max: int, resources: dict[str, float] | None = None
+) -> Any:
+    """The read stage of the region job: tile rows -> rows with the chip as a uint8 ``image`` tensor.
+
+    CPU tasks (at most ``read_max`` at once) running :func:`rsflow.read.read_batch`. The chip travels
+    on to the model actors as a ``[size, size, 3]`` uint8 Arrow tensor column: never encoded to an
+    image format and decoded again.
+    """
+    from ray.data import TaskPoolStrategy
+
+    return ds.map_batches(
+        read_batch,
+        fn_kwargs={"max_nodata": max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
+        batch_size=8,
+        num_cpus=1,
+        compute=TaskPoolStrategy(size=read_max),
+        resources=resources or None,
+        # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
+        # fusing reads into the model actors: the two stages must stay separate to overlap.
+        memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * size_px**2 * 3,
+    )
+
+
 def add_model_stage(
     ds: Any,
     *,
@@ -342,7 +366,6 @@ def run_region(
         SourceError: the STAC source could not be searched.
     """
     import ray
-    from ray.data import TaskPoolStrategy
 
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -458,17 +481,8 @@ def run_region(
             # An item plans all its tiles in one block: cut it (streaming) so reads run in parallel, the
             # model stage gets work early, and finished rows reach the staging parts as they come.
             ds = ds.repartition(target_num_rows_per_block=_TILES_PER_BLOCK)
-            ds = ds.map_batches(
-                read_batch,
-                fn_kwargs={"max_nodata": request.max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
-                batch_size=8,
-                num_cpus=1,
-                compute=TaskPoolStrategy(size=plan.read_max),
-                resources=plan.read_resources or None,
-                # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
-                # fusing reads into the model actors: the two stages must stay separate to overlap.
-                memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * tile_spec.size_px**2 * 3,
-            )
+            ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px,
+                                read_max=plan.read_max, resources=plan.read_resources)
             ds = add_model_stage(
                 ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=plan.min_actors,
                 max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,

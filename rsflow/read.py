@@ -190,14 +190,15 @@ def _overlaps(window: Window, src: Any) -> bool:
 
 
 def _read_warped(src: Any, band: int, tile: dict[str, Any], transform: Affine, res: float,
-                 nodata: float | None, url: str, opener: Callable[..., Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """The tile's grid warped from the source (another CRS, pixel size or sub-pixel offset)."""
+                 nodata: float | None, reopen: Callable[[int], Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The tile's grid warped from the source (another CRS, pixel size or sub-pixel offset);
+    ``reopen(level)`` opens the source at an overview level."""
     height, width = int(tile["height"]), int(tile["width"])
     src_res = abs(src.transform.a)
-    if opener is None and res > src_res * (1 + 1e-6):
+    if res > src_res * (1 + 1e-6):
         level = _overview_level(src, band, res)
         if level is not None:
-            src = _open_dataset(url, level)
+            src = reopen(level)
             src_res = abs(src.transform.a)
     vrt_args: dict[str, Any] = dict(
         crs=tile["crs"], transform=transform, width=width, height=height, resampling=_resampling(src_res, res)
@@ -272,16 +273,22 @@ def read_chip(
     ):
         url = sign_href(str(href), str(tile.get("signing") or ""))
         with contextlib.ExitStack() as stack:
-            if opener is not None:
+            if opener is not None:  # a dataset for this tile only, every open through the opener
+                def reopen(level: int, url: str = url) -> Any:
+                    return stack.enter_context(rasterio.open(url, opener=opener, overview_level=level))
+
                 src = stack.enter_context(rasterio.open(url, opener=opener))
             else:
+                def reopen(level: int, url: str = url) -> Any:
+                    return _open_dataset(url, level)
+
                 src = _open_dataset(url)
             nodata = declared if not math.isnan(declared) else src.nodata
             window = _aligned_window(src, tile, transform, res)
             if window is not None:
                 data, band_valid = _read_aligned(src, int(band), window, nodata)
             else:
-                data, band_valid = _read_warped(src, int(band), tile, transform, res, nodata, url, opener)
+                data, band_valid = _read_warped(src, int(band), tile, transform, res, nodata, reopen)
         chip[..., i] = stretch(data, float(scale), float(offset), lo, hi)
         valid &= band_valid
     n_valid = int(np.count_nonzero(valid))

@@ -17,6 +17,7 @@ spec): the same request gives the same ids every time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -238,11 +239,16 @@ def aoi_in_crs(aoi: BaseGeometry, crs: str) -> BaseGeometry:
     return out if out.is_valid else shapely.make_valid(out)
 
 
+@functools.lru_cache(maxsize=64)
+def _to_4326(crs: str) -> Transformer:
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
 def footprint_4326(bounds_crs: tuple[float, float, float, float], crs: str) -> BaseGeometry:
     """A window rectangle in ``crs`` as a densified EPSG:4326 polygon (8 segments a side)."""
     minx, miny, maxx, maxy = bounds_crs
     rect = shapely.segmentize(box(minx, miny, maxx, maxy), max_segment_length=(maxx - minx) / 8)
-    transformer = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    transformer = _to_4326(crs)  # building one costs ~1 ms: once per CRS, not once per tile
 
     def fwd(coords: np.ndarray) -> np.ndarray:
         x, y = transformer.transform(coords[:, 0], coords[:, 1])

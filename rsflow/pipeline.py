@@ -480,7 +480,9 @@ def run_region(
             )
             # An item plans all its tiles in one block: cut it (streaming) so reads run in parallel, the
             # model stage gets work early, and finished rows reach the staging parts as they come.
-            ds = ds.repartition(target_num_rows_per_block=tiles_per_block(tile_spec.size_px))
+            ds = ds.repartition(
+                target_num_rows_per_block=tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
+            )
             ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px,
                                 read_max=plan.read_max, resources=plan.read_resources)
             ds = add_model_stage(
@@ -580,13 +582,22 @@ _BLOCK_PIXELS = 32 * 336 * 336
 """Chip pixels per block after planning: 32 LLaVA-1.5 tiles (about 11 MB of RGB chips)."""
 
 
-def tiles_per_block(size_px: int) -> int:
-    """Tiles per block after planning: :data:`_BLOCK_PIXELS` worth of chips, 8 to 1024 tiles.
+_MODEL_TILES_PER_BLOCK = 32
+"""Tiles per block when a model answers: the unit in which rows stream to the staging parts (and
+so what a killed run loses at most), and seconds of model work, far above Ray's per-task cost."""
 
-    Each block is one read task, one model-actor call and one staging file: Ray Data's per-task cost
-    (tens of ms of scheduling on a busy node) must stay small against the work in the block, so
-    small tiles travel in bigger blocks (64 px tiles: 882 a block, 336 px: 32, 1024 px: 8).
+
+def tiles_per_block(size_px: int, *, model: bool = True) -> int:
+    """Tiles per block after planning.
+
+    Each block is one read task, one model-actor call and one staging file. With a model, 32 tiles
+    (:data:`_MODEL_TILES_PER_BLOCK`). With the no-op model the work per tile is a read (well under a
+    millisecond for small tiles), so Ray Data's per-task cost (tens of ms of scheduling on a busy
+    node) would dominate: blocks then hold :data:`_BLOCK_PIXELS` worth of chips, 8 to 1024 tiles
+    (64 px tiles: 882 a block, 336 px: 32).
     """
+    if model:
+        return _MODEL_TILES_PER_BLOCK
     return max(8, min(1024, _BLOCK_PIXELS // max(1, size_px) ** 2))
 
 _DRIVER_SORT_ROWS = 200_000

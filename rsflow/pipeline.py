@@ -48,6 +48,7 @@ from rsflow.georef import region_to_box
 from rsflow.hrefs import HrefPolicy, HrefRefused
 from rsflow.interpret import interpret_batch
 from rsflow.models.spec import (
+    NOOP_MODEL,
     ModelSpec,
     model_card,
     model_id,

@@ -1,0 +1,151 @@
+"""Memory: peak RSS of the driver and of every Ray worker during a no-op run, small scene vs large scene.
+
+A thread samples every 0.2 s the driver and every process under it (a local Ray's GCS, raylet, agents and
+worker processes are all descendants of the driver that started it). Each worker process is labelled by
+the titles Ray gives it while it runs (``ray::MapBatches(read_batch)``, ``ray::MapWorker(MapBatches(
+ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner, else ``read tasks`` if it ever ran
+read_batch, else ``other workers`` (planning, interpret/write, sort, Ray Data's own actors). Ray's system
+processes (GCS, raylet, dashboard, agents, log monitor) are reported apart and are not "workers".
+Ray reuses worker processes across runs, so each run's peak is the highest sample taken during that run.
+
+RSS counts every resident page a process maps, including shared ones: the Ray object store's pages a
+worker has touched and shared libraries. Beside it the section keeps the peak of RSS minus shared pages
+(``private``: the process's own heap, e.g. GDAL's block cache and numpy buffers), to tell the two apart.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Self
+
+import psutil
+
+from bench.common import Section, Target, run_figures, run_region, scene
+
+_SYSTEM_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _role(title: str, name: str) -> str | None:
+    """The role of a process under the driver from its command line (Ray's process title), or None for
+    a process that is not Ray's (e.g. multiprocessing's resource tracker)."""
+    if "ray" not in title and "ray" not in name:
+        return None
+    is_worker = title.startswith("ray::") or "default_worker.py" in title
+    if not is_worker or title.startswith(_SYSTEM_TITLES):
+        return "ray system"  # gcs_server, raylet, dashboard, agents, log monitor
+    if "ModelRunner" in title:
+        return "model actor"
+    if "read_batch" in title:
+        return "read tasks"
+    return "other workers"
+
+
+_RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 4}
+
+
+class RssSampler:
+    """Samples RSS of this process and its descendants every ``interval`` seconds, in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.driver_peak = 0
+        self.peaks: dict[int, int] = {}
+        self.private_peaks: dict[int, int] = {}
+        self.driver_private_peak = 0
+        self.roles: dict[int, str] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._me = psutil.Process()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        mem = self._me.memory_info()
+        self.driver_peak = max(self.driver_peak, mem.rss)
+        self.driver_private_peak = max(self.driver_private_peak, mem.rss - mem.shared)
+        for p in self._me.children(recursive=True):
+            try:
+                mem = p.memory_info()
+                rss = mem.rss
+                cmd = p.cmdline()
+                name = p.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            role = _role(" ".join(cmd), name)
+            if role is None:
+                continue
+            self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
+            self.private_peaks[p.pid] = max(self.private_peaks.get(p.pid, 0), rss - mem.shared)
+            old = self.roles.get(p.pid)
+            if old is None or (_RANK[role] > _RANK[old] and old != "ray system"):
+                self.roles[p.pid] = role
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self.interval):
+                self._sample()
+                return
+
+    def summary(self) -> dict[str, Any]:
+        mib = 2**20
+        by_role: dict[str, dict[str, Any]] = {}
+        for pid, peak in self.peaks.items():
+            r = by_role.setdefault(self.roles[pid], {"processes": 0, "max_peak_mib": 0.0, "max_private_peak_mib": 0.0})
+            r["processes"] += 1
+            r["max_peak_mib"] = max(r["max_peak_mib"], round(peak / mib, 1))
+            r["max_private_peak_mib"] = max(r["max_private_peak_mib"], round(self.private_peaks[pid] / mib, 1))
+        workers = [pid for pid in self.peaks if self.roles[pid] != "ray system"]
+        return {
+            "driver_peak_mib": round(self.driver_peak / mib, 1),
+            "driver_private_peak_mib": round(self.driver_private_peak / mib, 1),
+            "workers_max_peak_mib": round(max((self.peaks[p] for p in workers), default=0) / mib, 1),
+            "workers_max_private_peak_mib": round(max((self.private_peaks[p] for p in workers), default=0) / mib, 1),
+            "by_role": dict(sorted(by_role.items())),
+            "samples": self.samples,
+            "interval_s": self.interval,
+        }
+
+
+def measure(cache: Path, work: Path, size_px: int) -> dict[str, Any]:
+    items, bbox = scene(size_px, cache)
+    with RssSampler() as sampler:
+        m = run_region(items, bbox, work / f"memory-{size_px}", "--model", "noop", "--tile-size", "336",
+                       "--max-tiles", "1000000")
+    return {"scene_px": size_px, **sampler.summary(), "run": run_figures(m)}
+
+
+def run(cache: Path, work: Path, quick: bool) -> Section:
+    sec = Section("memory")
+    small, large = 2_000, (8_000 if quick else 20_000)
+    if quick:
+        sec.figures["note"] = "--quick: 2,000 px vs 8,000 px scene (the full run compares 2,000 px with 20,000 px)"
+    a, b = measure(cache, work, small), measure(cache, work, large)
+    sec.figures["small"], sec.figures["large"] = a, b
+    d_ratio = b["driver_peak_mib"] / a["driver_peak_mib"]
+    w_ratio = b["workers_max_peak_mib"] / a["workers_max_peak_mib"] if a["workers_max_peak_mib"] else None
+    sec.figures["driver_ratio"] = round(d_ratio, 3)
+    sec.figures["workers_ratio"] = round(w_ratio, 3) if w_ratio is not None else None
+    for label, r in ((f"{small:,} px", a), (f"{large:,} px", b)):
+        roles = ", ".join(f"{k} {v['max_peak_mib']:.0f} ({v['max_private_peak_mib']:.0f})"
+                          for k, v in r["by_role"].items())
+        sec.rows += [
+            (f"peak RSS MiB, {label} scene ({r['run']['tiles_read']} tiles): driver / max worker",
+             f"{r['driver_peak_mib']:.0f} / {r['workers_max_peak_mib']:.0f}"),
+            ("  by role: peak RSS (private) MiB", roles),
+        ]
+    what = f"{large:,} px / {small:,} px"
+    sec.targets.append(Target("memory", f"driver peak RSS, {what}", sec.figures["driver_ratio"], "<=", 1.2, "x",
+                              "quick: 8,000 px" if quick else ""))
+    sec.targets.append(Target("memory", f"max worker peak RSS, {what}", sec.figures["workers_ratio"], "<=", 1.2, "x",
+                              "quick: 8,000 px" if quick else ""))
+    return sec

@@ -1,0 +1,116 @@
+"""Read path: the region pipeline with the no-op model against bare rasterio windowed reads.
+
+Pipeline: ``rsflow region --model noop`` over a whole synthetic scene (tile size 336, the no-op model's
+input size; also 64 px in the full run), tiles/s = tiles read (ok + skipped) / the manifest's
+``timings.pipeline_seconds`` (plan, read, model stage, interpret, parts, then the final sort and
+GeoParquet write: everything between search and commit).
+
+Bare: the same windows (from the written GeoParquet's ``window_*`` columns) read by a ``multiprocessing``
+pool (spawn) of as many processes as the pipeline's read workers (manifest ``placement.read_max``). Each
+process opens the three band files once and calls ``src.read(1, window=...)`` per band and window: no
+WarpedVRT, no stretch, no Ray. Timed from the first window handed out to the last one read; the pool's
+interpreters are started (and have imported rasterio) before the clock starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Section, Target, band_paths, run_figures, run_region, scene
+
+_SOURCES: list[Any] = []
+_PATHS: list[str] = []
+
+
+def _init(paths: list[str], barrier: Any) -> None:
+    import rasterio  # noqa: F401 - imported before the clock starts
+
+    _PATHS[:] = paths
+    barrier.wait()  # every process of the pool is up before the first window is handed out
+
+
+def _read_windows(windows: list[tuple[int, int, int, int]]) -> int:
+    import rasterio
+    from rasterio.windows import Window
+
+    if not _SOURCES:
+        _SOURCES.extend(rasterio.open(p) for p in _PATHS)
+    pixels = 0
+    for col, row, width, height in windows:
+        for src in _SOURCES:
+            pixels += src.read(1, window=Window(col, row, width, height)).size
+    return pixels
+
+
+def bare_read(paths: list[str], windows: list[tuple[int, int, int, int]], processes: int,
+              chunk: int = 8) -> dict[str, Any]:
+    """Read every window of the three bands with ``processes`` processes; tiles/s and seconds."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(processes + 1)
+    chunks = [windows[i : i + chunk] for i in range(0, len(windows), chunk)]
+    with ctx.Pool(processes, initializer=_init, initargs=(paths, barrier)) as pool:
+        barrier.wait()
+        t = time.perf_counter()
+        pixels = sum(pool.imap_unordered(_read_windows, chunks))
+        dt = time.perf_counter() - t
+    return {"processes": processes, "tiles": len(windows), "seconds": round(dt, 3),
+            "tiles_per_second": round(len(windows) / dt, 3), "band_pixels_read": pixels}
+
+
+def windows_of(output: Path) -> list[tuple[int, int, int, int]]:
+    """The distinct read windows of a written run (one per tile)."""
+    import pyarrow.dataset as pds
+
+    cols = ["tile_id", "window_col_off", "window_row_off", "window_width", "window_height", "stage"]
+    table = pds.dataset(str(output), format="parquet").to_table(columns=cols).to_pylist()
+    seen: dict[str, tuple[int, int, int, int]] = {}
+    for r in table:
+        if r["stage"] == "plan":
+            continue
+        seen.setdefault(r["tile_id"], (r["window_col_off"], r["window_row_off"], r["window_width"], r["window_height"]))
+    return sorted(seen.values(), key=lambda w: (w[1], w[0]))
+
+
+def compare(cache: Path, work: Path, size_px: int, tile_px: int) -> dict[str, Any]:
+    """One pipeline run and the bare reads of its windows."""
+    items, bbox = scene(size_px, cache)
+    out = work / f"read-{size_px}-{tile_px}"
+    m = run_region(items, bbox, out, "--model", "noop", "--tile-size", str(tile_px), "--max-tiles", "1000000")
+    pipe = run_figures(m)
+    windows = windows_of(out)
+    bare = bare_read(band_paths(items), windows, int(m["placement"]["read_max"]))
+    ratio = pipe["tiles_read_per_second"] / bare["tiles_per_second"]
+    return {"scene_px": size_px, "tile_px": tile_px, "pipeline": pipe, "bare": bare, "ratio": round(ratio, 3)}
+
+
+def run(cache: Path, work: Path, quick: bool) -> Section:
+    sec = Section("read")
+    size = 8_000 if quick else 20_000
+    cases = [(size, 336)] if quick else [(size, 336), (4_000, 64)]
+    sec.figures["warm_up"] = ("one no-op run over the 2,000 px scene before the first measured run "
+                              "(Ray worker start-up, imports, GDAL); measured runs are whole runs")
+    for size_px, tile_px in cases:
+        r = compare(cache, work, size_px, tile_px)
+        sec.figures[f"{tile_px}px"] = r
+        p, b = r["pipeline"], r["bare"]
+        label = f"{tile_px} px tiles, {size_px:,} px scene ({p['tiles_read']} tiles)"
+        sec.rows += [
+            (f"pipeline tiles/s, {label}", f"{p['tiles_read_per_second']:.1f}"),
+            (f"bare rasterio tiles/s, {b['processes']} process(es)", f"{b['tiles_per_second']:.1f}"),
+        ]
+        if p["stream_pass_seconds"] is not None:
+            split = f"{p['stream_pass_seconds']:.1f} / {p['after_stream_seconds']:.1f} / {p['read_seconds_sum']:.1f}"
+            sec.rows.append(("  pipeline seconds: streaming pass / after it (sort, write) / sum of read_chip", split))
+        sec.targets.append(Target("read", f"pipeline / bare tiles/s, {tile_px} px", r["ratio"], ">=", 0.8, "x"))
+    return sec
+
+
+def warm_up(cache: Path, work: Path) -> float:
+    """One small no-op run: starts the Ray workers and warms imports and GDAL before anything is timed."""
+    items, bbox = scene(2_000, cache)
+    t = time.perf_counter()
+    run_region(items, bbox, work / "warm-up", "--model", "noop")
+    return time.perf_counter() - t

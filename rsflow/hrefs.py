@@ -15,12 +15,19 @@ only this machine can reach: the cloud metadata endpoint (``169.254.169.254``, `
   once and all its addresses are checked), unless the host is listed with ``--allow-host``.
 
 A refused href fails its item with the reason (recorded as a failed row, never dropped).
+
+Signed hrefs carry their credentials in the query string (Azure SAS ``sig``, S3 presigned
+``X-Amz-Signature``, Google ``X-Goog-Signature``, ``token``...), and GDAL's error messages quote the
+URL they failed on. :func:`redact` takes the credentials out of any text (error rows, log lines,
+manifests) and keeps the path, so a message still names the asset.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -161,4 +168,131 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-__all__ = ["REMOTE_SCHEMES", "HrefPolicy", "HrefRefused", "parse_allowed_hosts"]
+# --------------------------------------------------------------------------------------------- redact
+
+REDACTED = "REDACTED"
+"""What :func:`redact` writes in place of a credential."""
+
+CREDENTIAL_PARAMS: frozenset[str] = frozenset(
+    name.lower()
+    for name in (
+        # Azure SAS
+        "sig", "se", "sv", "sp", "skoid", "sktid", "skt", "ske", "sks", "skv", "st", "spr", "srt", "ss",
+        # S3 presigned (V4 and V2)
+        "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token",
+        "Signature", "AWSAccessKeyId", "Expires",
+        # Google Cloud Storage signed URLs
+        "X-Goog-Signature", "X-Goog-Credential", "GoogleAccessId",
+        # bearer tokens and API keys in queries
+        "token", "access_token", "key", "signature", "api_key", "apikey", "password",
+    )
+)
+"""Query parameters (case-insensitive) whose values :func:`redact` removes wherever they appear, even
+outside a recognisable URL (GDAL quotes ``B04.tif?se=...&sig=...`` without the scheme)."""
+
+# A URL (scheme://...) or a GDAL virtual path (/vsicurl/..., /vsis3/...) up to a space, quote or bracket.
+_URL = re.compile(r"""(?:\b[A-Za-z][A-Za-z0-9+.-]*://|/vsi[a-z0-9_]+[/?])[^\s'"<>`]*""")
+# user:password@ in a URL's authority.
+_USERINFO = re.compile(r"(?P<pre>://[^/?#\s:@]*):[^/?#\s@]+@")
+# A query string after any path-like word: "?name=value..." (a bare "image?" is not a query).
+_QUERY = re.compile(r"""(?<=[^\s?])\?(?P<query>[A-Za-z0-9_.~%+-]+=[^\s'"<>`#]*)""")
+# name=value of a known credential parameter anywhere in text.
+_PARAM = re.compile(r"""(?<![A-Za-z0-9_.~%-])(?P<name>[A-Za-z0-9_-]+)=(?P<value>[^&;\s'"<>`,)\]]+)""")
+_TRAILING = ".,;:)]}"
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of the URLs in it replaced by ``REDACTED``; paths are kept.
+
+    - every value in the query string (and fragment) of a URL or ``/vsi...`` path:
+      ``https://host/B04.tif?se=2030&sig=abc`` -> ``https://host/B04.tif?se=REDACTED&sig=REDACTED``
+      (a value-less query becomes ``?REDACTED``);
+    - the password of ``user:password@host``;
+    - every value in a query string after a path-like word without a scheme (``B04.tif?sig=abc``);
+    - the value of a known credential parameter (:data:`CREDENTIAL_PARAMS`) anywhere, e.g. a
+      ``&sig=abc`` left after a cut.
+
+    Idempotent, and leaves text without URLs or credential parameters as it was.
+    """
+    if not text:
+        return text
+    text = _URL.sub(_redact_url_match, text)
+    text = _QUERY.sub(_redact_query_match, text)
+    return _PARAM.sub(
+        lambda m: f"{m['name']}={REDACTED}" if m["name"].lower() in CREDENTIAL_PARAMS else m[0], text
+    )
+
+
+def _split_trailing(text: str) -> tuple[str, str]:
+    """``"x?a=b)."`` -> ``("x?a=b", ").")``: punctuation that ends the sentence, not the URL (a ``)``
+    is kept when it closes a ``(`` inside)."""
+    end = len(text)
+    while end and text[end - 1] in _TRAILING:
+        if text[end - 1] == ")" and text[:end].count("(") >= text[:end].count(")"):
+            break
+        end -= 1
+    return text[:end], text[end:]
+
+
+def _redact_url_match(match: re.Match[str]) -> str:
+    url, tail = _split_trailing(match[0])
+    url = _USERINFO.sub(lambda m: f"{m['pre']}:{REDACTED}@", url)
+    url, hash_, fragment = url.partition("#")
+    path, question, query = url.partition("?")
+    return path + (question + _redact_query(query)) + (hash_ + _redact_query(fragment)) + tail
+
+
+def _redact_query_match(match: re.Match[str]) -> str:
+    query, tail = _split_trailing(match["query"])
+    return "?" + _redact_query(query) + tail
+
+
+def _redact_query(query: str) -> str:
+    """Each ``name=value`` -> ``name=REDACTED``; a part without ``=`` (an opaque token) -> ``REDACTED``."""
+    if not query:
+        return query
+    out = []
+    for part in re.split(r"([&;])", query):
+        if part in ("&", ";") or not part:
+            out.append(part)
+        elif "=" in part:
+            out.append(part.split("=", 1)[0] + "=" + REDACTED)
+        else:
+            out.append(REDACTED)
+    return "".join(out)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record with :func:`redact` applied to its message and
+    traceback (GDAL's messages, which rasterio logs, quote signed URLs whole)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def redact_logs(*prefixes: str) -> None:
+    """Add a :class:`RedactingFilter` (once) to the loggers named ``prefix`` and to every logger
+    under it that exists now (a logger's filters see only the records logged on it, not those of
+    its children; loggers created later are not covered)."""
+    names = [
+        name for name in list(logging.Logger.manager.loggerDict)
+        if any(name == p or name.startswith(p + ".") for p in prefixes)
+    ]
+    for name in dict.fromkeys([*prefixes, *names]):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+__all__ = [
+    "CREDENTIAL_PARAMS", "REDACTED", "REMOTE_SCHEMES", "HrefPolicy", "HrefRefused", "RedactingFilter",
+    "parse_allowed_hosts", "redact", "redact_logs",
+]

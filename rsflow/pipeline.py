@@ -45,7 +45,7 @@ from shapely.geometry import mapping
 from rsflow import output as out
 from rsflow.errors import RequestError
 from rsflow.georef import region_to_box
-from rsflow.hrefs import HrefPolicy, HrefRefused
+from rsflow.hrefs import HrefPolicy, HrefRefused, redact
 from rsflow.interpret import interpret_batch
 from rsflow.models.spec import (
     NOOP_MODEL,
@@ -177,8 +177,9 @@ def _plan_item(
             if (boxes or not regions_only) and r["tile_id"] not in skip_tile_ids:  # skip: done by --resume's source
                 out.append(r)
     except Exception as exc:  # one bad item must not stop the others
-        logger.warning("item %s: planning failed: %s", item.get("id"), exc)
-        failed = _failed_plan_row(item, spec.size_px, f"{type(exc).__name__}: {exc}")
+        reason = redact(f"{type(exc).__name__}: {exc}")  # an href's signature must not reach a row or a log
+        logger.warning("item %s: planning failed: %s", item.get("id"), reason)
+        failed = _failed_plan_row(item, spec.size_px, reason)
         failed["region_boxes"] = []
         return [failed]
     return out

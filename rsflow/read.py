@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -42,9 +43,14 @@ from rasterio.crs import CRS
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from rsflow.hrefs import redact, redact_logs
 from rsflow.sources import sign_href
 
 logger = logging.getLogger(__name__)
+
+# GDAL quotes the URL it failed on, signature and all ("CPLE_AppDefined in HTTP response code on
+# https://...?sig=...: 403"), in messages rasterio logs at INFO: redact them in every process that reads.
+redact_logs("rasterio")
 
 #: GDAL settings for reading cloud-optimised GeoTIFFs over HTTP(S)/S3: do not list the remote
 #: "directory" on open (one request per file instead of many), retry transient HTTP errors, merge
@@ -335,6 +341,35 @@ def configure_gdal(options: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
+_SHORT_READ = re.compile(r"got (\d+) bytes, expected (\d+)")
+"""libtiff's words for a block that lies (partly) past the end of the file."""
+_REASON_MAX_CHARS = 2000
+
+
+def read_failure_reason(exc: BaseException) -> str:
+    """The ``error`` of a tile whose read raised ``exc``: what went wrong, with no credentials.
+
+    rasterio's own message is often only "Read failed. See previous exception for details."; the
+    GDAL errors that say what happened (``HTTP response code: 404``, libtiff's ``got 0 bytes,
+    expected 6109``) are its causes, so they are kept, outermost first. A block past the end of the
+    file is named as a truncated file. GDAL quotes the URL it failed on, signature included: every
+    URL's query values are redacted (:func:`rsflow.hrefs.redact`).
+    """
+    messages: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(messages) < 8:
+        text = str(current).strip().removesuffix("See previous exception for details.").strip()
+        if text and not any(text in m for m in messages):
+            messages.append(text.rstrip(".") if current is exc else text)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    reason = f"{type(exc).__name__}: {': '.join(messages)}"
+    short = _SHORT_READ.search(reason)
+    if short and int(short[1]) < int(short[2]):
+        reason = f"truncated file (a block lies past its end): {reason}"
+    reason = redact(reason)
+    return reason if len(reason) <= _REASON_MAX_CHARS else reason[: _REASON_MAX_CHARS - 3] + "..."
+
+
 def read_batch(
     batch: dict[str, np.ndarray], *, max_nodata: float, gdal_options: dict[str, str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -361,7 +396,7 @@ def read_batch(
             chip, frac = read_chip(tile)
         except Exception as exc:  # a bad tile is data, not a crash: record it, carry on
             status[i], stage[i] = "failed", "read"
-            error[i] = f"{type(exc).__name__}: {exc}"
+            error[i] = read_failure_reason(exc)
             logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
         else:
             images[i] = chip

@@ -33,6 +33,7 @@ from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError, SourceError
+from rsflow.hrefs import redact
 
 logger = logging.getLogger(__name__)
 
@@ -307,10 +308,12 @@ def search_items(
     kept, n_cloud = _filter_cloud(items, query.max_cloud)
     kept.sort(key=_sort_key)
     if n_duplicates:
-        logger.info("dropped %d duplicate items (same id) from %s", n_duplicates, stac)
+        logger.info("dropped %d duplicate items (same id) from %s", n_duplicates, redact(stac))
     if found.reached_max_items:
         logger.warning(
-            "the search of %s stopped at --max-items %d; more matching items may exist", stac, query.max_items
+            "the search of %s stopped at --max-items %d; more matching items may exist",
+            redact(stac),
+            query.max_items,
         )
     result = SearchResult(
         items=kept,
@@ -323,7 +326,8 @@ def search_items(
         duration_seconds=time.monotonic() - started,
         cloud_filter_on_server=found.cloud_on_server,
     )
-    logger.info("found %d items in %s (%s) in %.2f s", len(result.items), stac, kind, result.duration_seconds)
+    logger.info("found %d items in %s (%s) in %.2f s", len(result.items), redact(stac), kind,
+                result.duration_seconds)
     return result
 
 
@@ -359,7 +363,8 @@ def _search_api(
         use_query = query.max_cloud is not None and client.conforms_to(ConformanceClasses.QUERY)
         if query.max_cloud is not None and not use_query:
             logger.info(
-                "%s does not conform to the STAC API query extension; filtering eo:cloud_cover here", url
+                "%s does not conform to the STAC API query extension; filtering eo:cloud_cover here",
+                redact(url),
             )
         search = client.search(
             collections=list(query.collections),
@@ -373,24 +378,28 @@ def _search_api(
     except APIError as err:
         status = getattr(err, "status_code", None)
         raise SourceError(
-            f"STAC API {url} failed{f' with HTTP {status}' if status else ''}: "
+            f"STAC API {redact(url)} failed{f' with HTTP {status}' if status else ''}: "
             f"{_short(str(err))} (check --stac)",
             status_code=status,
         ) from err
     except DoesNotConformTo as err:
-        raise SourceError(f"{url} is not a STAC API with item search ({err}); check --stac") from err
+        raise SourceError(
+            f"{redact(url)} is not a STAC API with item search ({redact(str(err))}); check --stac"
+        ) from err
     except (
         OSError,
         ValueError,
         KeyError,
         STACError,
     ) as err:  # requests errors are OSErrors; bad JSON ValueError
-        raise SourceError(f"STAC API {url} could not be searched: {_short(str(err))}") from err
+        raise SourceError(f"STAC API {redact(url)} could not be searched: {_short(str(err))}") from err
     return _Found(items=items, reached_max_items=len(items) >= query.max_items, cloud_on_server=use_query)
 
 
 def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
+    """One line of at most ``limit`` characters, with any URL credentials redacted (an API's error
+    quotes the request URL, tokens included)."""
+    text = redact(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -383,7 +383,9 @@ def read_batch(
     size_h, size_w = int(batch["height"][0]), int(batch["width"][0])
     images = np.zeros((n, size_h, size_w, 3), dtype=np.uint8)
     status = np.array(batch["status"], dtype=object)
-    error = np.array(batch["error"], dtype=object)
+    # Ray hands an all-null column over as float NaN: keep "no error" None, or a batch with no failed
+    # tile writes a float column that cannot be merged with the string column of one that has some.
+    error = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
     stage = np.array(batch["stage"], dtype=object)
     nodata_fraction = np.full(n, np.nan)
     seconds = np.zeros(n)

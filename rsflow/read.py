@@ -370,6 +370,75 @@ def read_failure_reason(exc: BaseException) -> str:
     return reason if len(reason) <= _REASON_MAX_CHARS else reason[: _REASON_MAX_CHARS - 3] + "..."
 
 
+# ------------------------------------------------------------------------------------- failed sources
+
+_VSI_PREFIXES = {
+    "http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "gcs": "/vsigs/",
+    "az": "/vsiaz/",
+}
+"""GDAL's file system for each remote scheme (as rasterio maps them)."""
+_SUSPECT_MAX = 1024
+_suspect_hrefs: OrderedDict[str, None] = OrderedDict()
+"""Hrefs whose reads failed in this worker: nothing cached about them is trusted again."""
+
+
+def forget_source(href: str) -> None:
+    """Drop what this process keeps about ``href`` (as in the catalog; a signed form of it too): its
+    open datasets (:func:`_open_dataset`) and GDAL's ``/vsicurl/`` cache of its size, header and
+    blocks, so the next read fetches them again.
+
+    GDAL keeps a remote file's size and blocks per URL for the life of the process (a Ray worker
+    outlives runs), so a file that was truncated, missing or refused and is then fixed at the same
+    URL would keep failing in every worker that saw it broken.
+    """
+    opened = [k for k in _open_cache if k[0] == href or (k[0].startswith(href) and k[0][len(href)] in "?&#")]
+    for key in opened:  # the signed form of a catalog href is the href with a query added
+        ds, _, _ = _open_cache.pop(key)
+        ds.close()
+    scheme, sep, rest = href.partition("://")
+    prefix = _VSI_PREFIXES.get(scheme.lower()) if sep else None
+    clear = _curl_cache_clearer()
+    if prefix is not None and clear is not None:
+        clear((prefix + (href if prefix == "/vsicurl/" else rest)).encode())
+
+
+@functools.cache
+def _curl_cache_clearer() -> Callable[[bytes], None] | None:
+    """GDAL's ``VSICurlPartialClearCache(prefix)`` from the libgdal rasterio loaded (rasterio does not
+    wrap it), or None where that library cannot be found (the cache is then left alone)."""
+    import ctypes
+    import glob
+
+    candidates: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:  # the very library in this process (Linux)
+            candidates += [line.split()[-1] for line in maps if "/libgdal" in line.split()[-1]]
+    except OSError:
+        pass
+    here = os.path.dirname(rasterio.__file__)
+    for pattern in ("../rasterio.libs/libgdal*", ".dylibs/libgdal*", "../rasterio.libs/gdal*.dll"):
+        candidates += glob.glob(os.path.join(here, pattern))
+    for path in dict.fromkeys(candidates):
+        try:
+            fn = ctypes.CDLL(path).VSICurlPartialClearCache
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_char_p], None
+        return fn  # type: ignore[no-any-return]
+    logger.info("GDAL's VSICurlPartialClearCache not found: a remote file fixed in place is read afresh "
+                "only by new workers")
+    return None
+
+
+def _note_failed_source(hrefs: list[str]) -> None:
+    for href in hrefs:
+        _suspect_hrefs[href] = None
+        _suspect_hrefs.move_to_end(href)
+        forget_source(href)
+    while len(_suspect_hrefs) > _SUSPECT_MAX:
+        _suspect_hrefs.popitem(last=False)
+
+
 def read_batch(
     batch: dict[str, np.ndarray], *, max_nodata: float, gdal_options: dict[str, str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -394,12 +463,17 @@ def read_batch(
             continue
         tile = {k: v[i] for k, v in batch.items()}
         start = time.perf_counter()
+        hrefs = [str(h) for h in tile["hrefs"]]
+        for href in hrefs:  # it failed here before (this run or an earlier one): read it afresh
+            if href in _suspect_hrefs:
+                forget_source(href)
         try:
             chip, frac = read_chip(tile)
         except Exception as exc:  # a bad tile is data, not a crash: record it, carry on
             status[i], stage[i] = "failed", "read"
             error[i] = read_failure_reason(exc)
             logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
+            _note_failed_source(hrefs)
         else:
             images[i] = chip
             nodata_fraction[i] = frac

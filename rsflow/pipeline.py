@@ -567,6 +567,7 @@ def run_region(
         )
         t_commit = time.perf_counter()
         manifest["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+        manifest["driver_max_rss_mb"] = _max_rss_mb()
         out.write_manifest(staging, manifest)
         fs, root = fsspec.core.url_to_fs(staging)
         fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")
@@ -602,12 +603,22 @@ def tiles_per_block(size_px: int, *, model: bool = True) -> int:
         return _MODEL_TILES_PER_BLOCK
     return max(8, min(1024, _BLOCK_PIXELS // max(1, size_px) ** 2))
 
-_DRIVER_SORT_ROWS = 200_000
-"""Result rows up to which the final pass sorts in the driver (about 0.2-0.4 GB of Arrow at most)."""
+_DRIVER_SORT_ROWS = 100_000
+"""Result rows up to which the final pass sorts in the driver: about 100 MB of Arrow, plus one file
+being written (``out.DRIVER_ROWS_PER_FILE``); larger outputs are sorted by Ray Data."""
 
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
                 "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")
 """Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
+
+
+def _max_rss_mb() -> float:
+    """The driver process's peak resident memory so far, in MiB (``getrusage``; the process's whole
+    life, so a driver that ran several jobs reports the largest)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
 def _write_resume_file(staging: str, run_id: str, request: RegionRequest) -> None:

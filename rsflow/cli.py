@@ -122,7 +122,8 @@ def region_arguments() -> argparse.ArgumentParser:
         help="attention kernel (auto: flash-attention 2 on a GPU with flash-attn, else SDPA)",
     )
     model.add_argument("--max-new-tokens", type=_whole, default=64)
-    model.add_argument("--batch-size", type=_whole, default=8, help="prompts per generate call")
+    model.add_argument("--batch-size", type=_whole,
+                       help="prompts per generate call (default: chosen from the memory free on each model device)")
     tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
     tasks.add_argument(
         "--tasks", help="comma-separated: caption, vqa, classify, detect, refer, region-caption (default: caption)"

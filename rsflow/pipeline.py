@@ -282,7 +282,9 @@ def add_model_stage(
         ModelRunner,
         compute=pool,
         fn_constructor_kwargs=kwargs,
-        batch_size=max(1, spec.batch_size),
+        # Tiles per actor call: the prompt batch size given, else a block (the actor picks its own
+        # prompts per generate call from its device's free memory).
+        batch_size=spec.batch_size or _MODEL_TILES_PER_BLOCK,
         num_gpus=1 if gpus else None,
         num_cpus=1,
         resources=resources or None,

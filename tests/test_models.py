@@ -117,7 +117,7 @@ def test_spec_defaults_and_frozen() -> None:
         "auto",
         "auto",
         64,
-        8,
+        None,  # chosen by each replica from its device's free memory (tests/test_auto_batch.py)
     )
     with pytest.raises(AttributeError):
         spec.batch_size = 2  # type: ignore[misc]

@@ -36,8 +36,9 @@ raises).
 How a batch is answered: each ok tile is padded to a square and encoded ONCE (vision tower +
 projector, ``get_image_features``); every prompt asked of that tile reuses the features, spliced
 into the prompt's input embeddings at its ``<image>`` token positions. Prompts are then sorted by
-token length, so each ``generate`` call of ``spec.batch_size`` prompts pads little, and their
-answers are put back in output order.
+token length, so each ``generate`` call of ``batch_size`` prompts pads little, and their
+answers are put back in output order. ``batch_size`` is ``spec.batch_size``, or when that is None
+what :func:`auto_batch_size` finds room for on the replica's device once the weights are loaded.
 """
 
 from __future__ import annotations
@@ -489,6 +490,61 @@ def _pooled_features(output: Any) -> list[torch.Tensor]:
     return [torch.as_tensor(t) for t in pooled]
 
 
+AUTO_BATCH_CAP_GPU = 64
+"""Most prompts per ``generate`` call chosen automatically on a GPU (beyond that, decode steps of a
+7B model are compute-bound and larger batches only add latency and padding)."""
+AUTO_BATCH_CAP_CPU = 16
+"""Most prompts per call chosen automatically on a CPU (matrix products saturate the cores earlier)."""
+_AUTO_MEMORY_SHARE = {"cuda": 0.6, "cpu": 0.25}
+"""Share of the free memory the automatic batch size may plan for: on a GPU what is free after the
+weights loaded (the rest is the allocator's and the vision tower's headroom); on a CPU the available
+RAM, shared with the read workers and the object store."""
+
+
+def sequence_bytes(config: Any, dtype: torch.dtype, tokens: int) -> int:
+    """Memory one sequence of ``tokens`` tokens needs while generating with a LLaVA ``config``: its
+    key/value cache in every layer, its hidden states (a few live copies of ``tokens x hidden``) and
+    one step's float32 logits."""
+    text = config.text_config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    elem = torch.finfo(dtype).bits // 8
+    kv = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * tokens * elem
+    hidden = 4 * tokens * int(text.hidden_size) * elem
+    logits = 2 * int(text.vocab_size) * 4
+    return kv + hidden + logits
+
+
+def prompt_tokens(config: Any, image_size: int) -> int:
+    """Tokens of a typical prompt: the image's features (one per vision patch) plus ~64 of text."""
+    patch = int(config.vision_config.patch_size)
+    return (image_size // patch) ** 2 + 64
+
+
+def auto_batch_size(loaded: LoadedModel, max_new_tokens: int, *, free_bytes: int | None = None) -> int:
+    """Prompts per ``generate`` call that fit the memory left on ``loaded``'s device.
+
+    ``free_bytes`` (default: ``torch.cuda.mem_get_info`` on a GPU, psutil's available RAM on a CPU)
+    times :data:`_AUTO_MEMORY_SHARE`, divided by :func:`sequence_bytes` of a full-length sequence,
+    capped at :data:`AUTO_BATCH_CAP_GPU` / :data:`AUTO_BATCH_CAP_CPU`; at least 1. A batch that
+    still runs out of memory is retried prompt by prompt (``_generate_with_fallback``).
+    """
+    device = loaded.device
+    if free_bytes is None:
+        if device.type == "cuda":
+            free_bytes = int(torch.cuda.mem_get_info(device)[0])
+        else:
+            import psutil
+
+            free_bytes = int(psutil.virtual_memory().available)
+    config = loaded.model.config
+    per_sequence = sequence_bytes(config, loaded.dtype, prompt_tokens(config, loaded.image_size) + max_new_tokens)
+    share = _AUTO_MEMORY_SHARE.get(device.type, _AUTO_MEMORY_SHARE["cpu"])
+    cap = AUTO_BATCH_CAP_GPU if device.type == "cuda" else AUTO_BATCH_CAP_CPU
+    return max(1, min(cap, int(free_bytes * share // per_sequence)))
+
+
 class ModelRunner:
     """Ray Data actor: loads the model once in ``__init__``, answers one batch per ``__call__``.
 
@@ -539,6 +595,7 @@ class ModelRunner:
             self._background = (0, 0, 0)
             self._aspect = spec.image_aspect or "pad"
             self._model_ids: dict[str | None, str] = {None: NOOP_MODEL}
+            self.batch_size = spec.batch_size or AUTO_BATCH_CAP_CPU
             logger.info("no-op model ready: %d prompt(s) per tile", len(self.prompts))
             return
         self.loaded = load_model(spec)
@@ -557,7 +614,9 @@ class ModelRunner:
         self._model_ids = {None: self.loaded.model_id}
         for name in self.loaded.adapter_names:
             self._model_ids[name] = adapter_model_id(spec, name)
-        logger.info("model %s ready: %d prompt(s) per tile", self.loaded.model_id, len(self.prompts))
+        self.batch_size = spec.batch_size or auto_batch_size(self.loaded, spec.max_new_tokens)
+        logger.info("model %s ready: %d prompt(s) per tile, %d prompts per generate call%s", self.loaded.model_id,
+                    len(self.prompts), self.batch_size, "" if spec.batch_size else " (auto)")
 
     # ------------------------------------------------------------------------------------ batch
 
@@ -675,7 +734,7 @@ class ModelRunner:
 
                 work.sort(key=lambda item: len(item.ids))  # stable: ties keep output order
                 n_work += len(work)
-                step = self.spec.batch_size
+                step = self.batch_size
                 for start in range(0, len(work), step):
                     chunk = work[start : start + step]
                     t0 = time.perf_counter()
@@ -747,7 +806,7 @@ class ModelRunner:
         """
         rows = list(squares)
         results: list[tuple[int, _Encoded | BaseException, float]] = []
-        step = self.spec.batch_size
+        step = self.batch_size
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
             t0 = time.perf_counter()

@@ -129,8 +129,11 @@ class ModelSpec:
     max_new_tokens: int = field(default=64, metadata={"help": "most tokens generated per answer"})
     """Generation budget per answer, in tokens (greedy decoding stops earlier at ``</s>``)."""
 
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    """Prompts (image + question pairs) per ``generate`` call on one model replica."""
+    batch_size: int | None = field(
+        default=None, metadata={"help": "prompts per generate call (default: from the memory free for the model)"}
+    )
+    """Prompts (image + question pairs) per ``generate`` call on one model replica; None: chosen by the
+    replica after loading, from the memory left on its device (``runner.auto_batch_size``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -174,7 +177,7 @@ class ModelSpec:
                 "--max-new-tokens",
                 f"must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens!r}",
             )
-        if not _int_in(self.batch_size, 1, None):
+        if self.batch_size is not None and not _int_in(self.batch_size, 1, None):
             raise RequestError("--batch-size", f"must be a positive integer, got {self.batch_size!r}")
 
 

@@ -27,7 +27,7 @@ from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
-from rsflow.hrefs import parse_allowed_hosts
+from rsflow.hrefs import parse_allowed_hosts, redact
 from rsflow.models.prompts import TASKS, TaskPrompt, build_task_prompts
 from rsflow.models.spec import ModelSpec
 from rsflow.placement import StagePlacement, parse_resources
@@ -215,7 +215,7 @@ class RegionRequest:
             "placement": self.placement.to_json(),
             "allowed_hosts": list(self.allowed_hosts),
             "max_tiles": self.max_tiles,
-            "stac": self.stac,
+            "stac": redact(self.stac),  # an API token in the URL's query must not reach the manifest
             "tasks": list(self.tasks),
             "inputs": self.inputs.to_json(),
             "merge_iou": self.merge_iou,

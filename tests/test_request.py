@@ -130,6 +130,13 @@ def test_parse_request_normal_form(tmp_path):
     assert json.loads(json.dumps(r.to_json()))["tasks"] == ["caption"]
 
 
+def test_a_token_in_the_stac_url_stays_out_of_the_request_record(tmp_path):
+    r = _req(tmp_path, stac="https://stac.example/v1?token=SECRET-7f3a&sig=abc", collections="sentinel-2-l2a")
+    assert r.stac.endswith("token=SECRET-7f3a&sig=abc")  # the search itself uses the URL as given
+    recorded = json.dumps(r.to_json())
+    assert "SECRET-7f3a" not in recorded and "https://stac.example/v1?token=REDACTED" in recorded
+
+
 @pytest.mark.parametrize(
     ("kw", "flag"),
     [

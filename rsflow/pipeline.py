@@ -60,7 +60,7 @@ from rsflow.models.spec import (
 from rsflow.placement import StagePlacement, plan_cluster
 from rsflow.plan import count_tiles, plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
-from rsflow.request import RegionRequest
+from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
 from rsflow.sources import SourceProfile, check_signing, resolve_profile
 
@@ -399,7 +399,7 @@ def run_region(
             SearchQuery(
                 stac=request.stac,
                 collections=request.collections,
-                intersects=mapping(request.aoi),
+                intersects=mapping(search_geometry(request.aoi)),
                 datetime=request.datetime,
                 max_cloud=request.max_cloud,
                 max_items=request.max_items,

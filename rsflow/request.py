@@ -41,6 +41,10 @@ KNOWN_TASKS: tuple[str, ...] = TASKS
 
 #: Longest user text accepted for one prompt input (a question, class list, category, expression).
 MAX_INPUT_CHARS = 1000
+MAX_AOI_FILE_BYTES = 64 * 1024**2
+"""Largest ``--intersects`` file read (a national boundary at full detail is a few MB)."""
+SEARCH_MAX_VERTICES = 1000
+"""Most vertices of the geometry sent to a STAC API (see :func:`search_geometry`)."""
 
 #: Keys of a ``--task-file`` (YAML); each mirrors the flag of the same name.
 TASK_FILE_KEYS = ("tasks", "questions", "classes", "detect", "refer", "regions", "adapters", "task_adapters")
@@ -301,6 +305,13 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
         if not text:
             raise RequestError("--intersects", "is empty")
         if not text.startswith(("{", "[")) and len(text) < 4096 and Path(text).expanduser().is_file():
+            size = Path(text).expanduser().stat().st_size
+            if size > MAX_AOI_FILE_BYTES:
+                raise RequestError(
+                    "--intersects",
+                    f"{value} is {size / 2**20:.0f} MB, more than {MAX_AOI_FILE_BYTES >> 20} MB; simplify it "
+                    "(e.g. ogr2ogr -simplify 0.001, or shapely's simplify) or give --bbox",
+                )
             try:
                 text = Path(text).expanduser().read_text()
             except OSError as exc:
@@ -333,6 +344,26 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
         reason = shapely.is_valid_reason(geom)
         raise RequestError("--intersects", f"invalid geometry ({reason}); fix it, e.g. with shapely.make_valid")
     return geom
+
+
+def search_geometry(aoi: BaseGeometry, max_vertices: int = SEARCH_MAX_VERTICES) -> BaseGeometry:
+    """The geometry to send to a STAC search for ``aoi``: the AOI itself when it has at most
+    ``max_vertices`` vertices, else a simplified cover of it.
+
+    A detailed AOI (a coastline, a country) would make a POST body of megabytes that APIs refuse;
+    the search only has to find every item touching the AOI, and tiles are still planned against the
+    exact AOI. The cover is ``aoi.buffer(t).simplify(t)`` (Douglas-Peucker moves no point by more
+    than ``t``, so the buffered shape still contains the AOI), with ``t`` doubled from 1e-4 degrees
+    until the vertex count fits; parts stay separate (an antimeridian pair stays two boxes).
+    """
+    if shapely.get_num_coordinates(aoi) <= max_vertices:
+        return aoi
+    tolerance = 1e-4
+    while True:
+        cover = aoi.buffer(tolerance, quad_segs=2).simplify(tolerance, preserve_topology=True)
+        if shapely.get_num_coordinates(cover) <= max_vertices or tolerance > 10:
+            return cover if cover.is_valid else shapely.make_valid(cover)
+        tolerance *= 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import shapely
 
 from rsflow.errors import RequestError
 from rsflow.models.spec import ModelSpec
-from rsflow.request import TileSpec, parse_bbox, parse_datetime, parse_intersects, parse_request
+from rsflow.request import (
+    MAX_AOI_FILE_BYTES,
+    SEARCH_MAX_VERTICES,
+    TileSpec,
+    parse_bbox,
+    parse_datetime,
+    parse_intersects,
+    parse_request,
+    search_geometry,
+)
 
 
 def _req(tmp_path, **kw):
@@ -289,3 +299,31 @@ def test_model_text_is_made_safe_to_store() -> None:
     pa.array([text])  # valid UTF-8: Arrow takes it (a lone surrogate would not)
     long = _clean_answer("word " * 10_000)
     assert len(long) <= MAX_ANSWER_CHARS + len(" [truncated]") and long.endswith("[truncated]")
+
+
+def test_a_huge_aoi_is_searched_with_a_simplified_cover_and_planned_exactly(tmp_path):
+    """A 200,000-vertex coastline-like AOI from a GeoJSON file: accepted; the STAC search gets a cover
+    of at most SEARCH_MAX_VERTICES vertices that contains it; tiles are planned on the AOI itself."""
+    angles = np.linspace(0, 2 * np.pi, 200_000, endpoint=False)
+    radius = 0.5 + 0.01 * np.sin(angles * 997)  # a wiggly ring around (10, 45)
+    ring = np.column_stack([10 + radius * np.cos(angles), 45 + radius * np.sin(angles)])
+    path = tmp_path / "coast.geojson"
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [[*ring.tolist(), ring[0].tolist()]]}))
+    aoi = parse_intersects(str(path))
+    assert shapely.get_num_coordinates(aoi) == 200_001
+    cover = search_geometry(aoi)
+    assert shapely.get_num_coordinates(cover) <= SEARCH_MAX_VERTICES
+    assert cover.contains(aoi) and cover.area < 1.1 * aoi.area
+    small = shapely.box(0, 0, 1, 1)
+    assert search_geometry(small) is small
+    antimeridian = parse_bbox("170,-10,-170,10")
+    assert search_geometry(antimeridian) is antimeridian  # two boxes stay two boxes
+
+
+def test_an_aoi_file_too_large_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.geojson"
+    with open(path, "wb") as fh:  # sparse: no disk is used
+        fh.truncate(MAX_AOI_FILE_BYTES + 1)
+    with pytest.raises(RequestError, match="simplify it") as err:
+        parse_intersects(str(path))
+    assert err.value.field == "--intersects"

@@ -69,6 +69,7 @@ from rsflow.monitor.ledger import (
 )
 from rsflow.monitor.lock import LockInfo, MonitorLock, read_lock
 from rsflow.monitor.webhook import WebhookResult, send_webhook
+from rsflow.request import search_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _run_locked(
         SearchQuery(
             stac=request.stac,
             collections=request.collections,
-            intersects=mapping(request.aoi),
+            intersects=mapping(search_geometry(request.aoi)),
             datetime=window,
             max_cloud=request.max_cloud,
             max_items=request.max_items,

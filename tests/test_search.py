@@ -266,6 +266,10 @@ class _FlakyProxy(BaseHTTPRequestHandler):
         if key not in self.seen:
             self.seen.add(key)
             type(self).failures += 1
+            if self.stall_seconds:  # say nothing for a while (the client gives up), then drop it
+                time.sleep(self.stall_seconds)
+                self.close_connection = True
+                return
             self.send_response(503)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -283,6 +287,7 @@ class _FlakyProxy(BaseHTTPRequestHandler):
     do_GET = _handle
     do_POST = _handle
     proxy_url = ""
+    stall_seconds = 0.0
 
     def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
         pass
@@ -310,6 +315,42 @@ def test_503_is_retried_for_get_and_post(flaky_api: type[_FlakyProxy]) -> None:
     assert ids(result) == [L8_ITEM_ID, S2_ITEM_ID]
     assert ("GET", "/") in flaky_api.seen and ("POST", "/search") in flaky_api.seen
     assert flaky_api.failures >= 2
+
+
+def test_a_stalled_request_is_retried_after_its_timeout(flaky_api: type[_FlakyProxy]) -> None:
+    flaky_api.stall_seconds = 1.5
+    started = time.monotonic()
+    result = search_items(query(flaky_api.proxy_url), timeout_seconds=0.5, max_retries=3, backoff_factor=0.01)
+    assert ids(result) == [L8_ITEM_ID, S2_ITEM_ID]
+    assert flaky_api.failures >= 2 and time.monotonic() - started < 10
+
+
+def test_past_the_retry_budget_one_line_names_the_endpoint_and_status(stac_api: str) -> None:  # noqa: F811
+    """Every request answered 503: after the retries, one line with the endpoint and the status."""
+
+    class Always503(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Always503)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(SourceError) as caught:
+            search_items(query(url), max_retries=2, backoff_factor=0.01)
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(caught.value)
+    assert url in message and "HTTP 503" in message and "\n" not in message
+    assert caught.value.status_code == 503
 
 
 def test_503_without_retries_keeps_the_status(flaky_api: type[_FlakyProxy]) -> None:

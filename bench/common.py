@@ -68,6 +68,20 @@ class Section:
         }
 
 
+def set_batch_size(runner: Any, bs: int) -> None:
+    """Make a ModelRunner generate ``bs`` prompts per call (its spec, and the size it resolved at init)."""
+    import dataclasses
+
+    runner.spec = dataclasses.replace(runner.spec, batch_size=bs)
+    if hasattr(runner, "batch_size"):
+        runner.batch_size = bs
+
+
+def default_batch_size(runner: Any) -> int:
+    """The batch size a ModelRunner chose for itself (``--batch-size`` given, or auto from free memory)."""
+    return int(getattr(runner, "batch_size", None) or runner.spec.batch_size)
+
+
 # ---------------------------------------------------------------------------------------------- machine
 
 

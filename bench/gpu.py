@@ -11,7 +11,6 @@ Random weights rarely emit EOS, so every answer runs to the full 64 tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from bench.common import Section, Target
+from bench.common import Section, Target, default_batch_size, set_batch_size
 
 MAX_NEW_TOKENS = 64
 
@@ -89,10 +88,10 @@ def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _measure(runner: Any, spec: Any, bs: int, n: int, prompts_per_tile: int) -> dict[str, Any]:
+def _measure(runner: Any, bs: int, n: int, prompts_per_tile: int) -> dict[str, Any]:
     import torch
 
-    runner.spec = dataclasses.replace(spec, batch_size=bs)
+    set_batch_size(runner, bs)
     runner(_batch(max(1, bs // prompts_per_tile), seed=1))  # warm-up: kernels, allocator
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -137,14 +136,15 @@ def run(work: Path, quick: bool) -> Section:
     for attn in attns:
         spec = ModelSpec(model=str(big), max_new_tokens=MAX_NEW_TOKENS, dtype="bfloat16", attn_implementation=attn)
         runner = ModelRunner(spec, ["caption"])
+        auto = default_batch_size(runner)  # what the runner picks from free GPU memory (no --batch-size)
         fmt = resolve_prompt_format(spec)
-        caption = [_measure(runner, spec, bs, max(2 * bs, 32), 1) for bs in caption_sizes]
+        caption = [_measure(runner, bs, max(2 * bs, 32), 1) for bs in dict.fromkeys([auto, *caption_sizes])]
         runner.prompts = tuple([TaskPrompt("caption", task_prompts("caption", fmt)[0], key="")]
                                + [TaskPrompt("vqa", vqa_prompt(q), key=q) for q in QUESTIONS])
-        multi = [_measure(runner, spec, bs, 32, 4) for bs in multi_sizes]
+        multi = [_measure(runner, bs, max(32, bs // 4), 4) for bs in dict.fromkeys([auto, *multi_sizes])]
         del runner
         torch.cuda.empty_cache()
-        sec.figures[attn] = {"caption": caption, "four_tasks": multi}
+        sec.figures[attn] = {"auto_batch_size": auto, "caption": caption, "four_tasks": multi}
         top = max(caption, key=lambda e: e["tiles_per_second"])
         top_multi = max(multi, key=lambda e: e["tiles_per_second"])
         sec.rows += [

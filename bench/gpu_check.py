@@ -114,6 +114,7 @@ def main() -> int:
     sweep_multi: list[dict[str, object]] = []
     for bs in ([1, 16] if args.quick else [1, 8, 16, 32, 48]):
         runner.spec = dataclasses.replace(spec, batch_size=bs)
+        runner.batch_size = bs  # the runner resolves its batch size once, at init
         runner(_batch(bs, 336, seed=1))  # warm-up: kernels, allocator
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -143,6 +144,7 @@ def main() -> int:
     )
     for bs in [32] if args.quick else [16, 32, 48]:
         runner.spec = dataclasses.replace(spec, batch_size=bs)
+        runner.batch_size = bs  # the runner resolves its batch size once, at init
         runner(_batch(max(1, bs // 4), 336, seed=1))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -6,7 +6,8 @@ the titles Ray gives it while it runs (``ray::MapBatches(read_batch)``, ``ray::M
 ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner, else ``read tasks`` if it ever ran
 read_batch, else ``other workers`` (planning, interpret/write, sort, Ray Data's own actors). Ray's system
 processes (GCS, raylet, dashboard, agents, log monitor) are reported apart and are not "workers".
-Ray reuses worker processes across runs, so each run's peak is the highest sample taken during that run.
+Ray reuses worker processes across runs, so each run's peak is the highest sample taken during that run,
+and a process is labelled by every title seen in either run (a short run may read before the first sample).
 
 RSS counts every resident page a process maps, including shared ones: the Ray object store's pages a
 worker has touched and shared libraries. Beside it the section keeps the peak of RSS minus shared pages
@@ -47,13 +48,13 @@ _RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 4}
 class RssSampler:
     """Samples RSS of this process and its descendants every ``interval`` seconds, in a thread."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, roles: dict[int, str], interval: float = 0.2) -> None:
         self.interval = interval
         self.driver_peak = 0
         self.peaks: dict[int, int] = {}
         self.private_peaks: dict[int, int] = {}
         self.driver_private_peak = 0
-        self.roles: dict[int, str] = {}
+        self.roles = roles  # pid -> role, shared by the samplers of one section
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
@@ -116,12 +117,12 @@ class RssSampler:
         }
 
 
-def measure(cache: Path, work: Path, size_px: int) -> dict[str, Any]:
+def measure(cache: Path, work: Path, size_px: int, roles: dict[int, str]) -> tuple[RssSampler, dict[str, Any]]:
     items, bbox = scene(size_px, cache)
-    with RssSampler() as sampler:
+    with RssSampler(roles) as sampler:
         m = run_region(items, bbox, work / f"memory-{size_px}", "--model", "noop", "--tile-size", "336",
                        "--max-tiles", "1000000")
-    return {"scene_px": size_px, **sampler.summary(), "run": run_figures(m)}
+    return sampler, run_figures(m)
 
 
 def run(cache: Path, work: Path, quick: bool) -> Section:
@@ -129,7 +130,9 @@ def run(cache: Path, work: Path, quick: bool) -> Section:
     small, large = 2_000, (8_000 if quick else 20_000)
     if quick:
         sec.figures["note"] = "--quick: 2,000 px vs 8,000 px scene (the full run compares 2,000 px with 20,000 px)"
-    a, b = measure(cache, work, small), measure(cache, work, large)
+    roles: dict[int, str] = {}
+    runs = [(size, *measure(cache, work, size, roles)) for size in (small, large)]
+    a, b = ({"scene_px": size, **sampler.summary(), "run": fig} for size, sampler, fig in runs)
     sec.figures["small"], sec.figures["large"] = a, b
     d_ratio = b["driver_peak_mib"] / a["driver_peak_mib"]
     w_ratio = b["workers_max_peak_mib"] / a["workers_max_peak_mib"] if a["workers_max_peak_mib"] else None

@@ -42,7 +42,7 @@ def _role(title: str, name: str) -> str | None:
     return "other workers"
 
 
-_RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 4}
+_RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 0}
 
 
 class RssSampler:
@@ -80,13 +80,13 @@ class RssSampler:
                 name = p.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            role = _role(" ".join(cmd), name)
+            role = _role(" ".join(cmd) or name, name)  # an exiting process has no cmdline left
             if role is None:
                 continue
             self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
             self.private_peaks[p.pid] = max(self.private_peaks.get(p.pid, 0), rss - mem.shared)
             old = self.roles.get(p.pid)
-            if old is None or (_RANK[role] > _RANK[old] and old != "ray system"):
+            if old is None or _RANK[role] > _RANK[old]:
                 self.roles[p.pid] = role
         self.samples += 1
 

@@ -92,11 +92,13 @@ def run(cache: Path, work: Path, quick: bool) -> Section:
     cases = [(size, 336)] if quick else [(size, 336), (4_000, 64)]
     sec.figures["warm_up"] = ("one no-op run over the 2,000 px scene before the first measured run "
                               "(Ray worker start-up, imports, GDAL); measured runs are whole runs")
+    sec.rows.append(("timing", "whole runs, after one warm-up run"))
     for size_px, tile_px in cases:
         r = compare(cache, work, size_px, tile_px)
         sec.figures[f"{tile_px}px"] = r
         p, b = r["pipeline"], r["bare"]
-        label = f"{tile_px} px tiles, {size_px:,} px scene ({p['tiles_read']} tiles)"
+        label = (f"{tile_px} px tiles, {size_px:,} px scene ({p['tiles_read']} tiles, "
+                 f"{p['placement']['read_max']} read worker(s))")
         sec.rows += [
             (f"pipeline tiles/s, {label}", f"{p['tiles_read_per_second']:.1f}"),
             (f"bare rasterio tiles/s, {b['processes']} process(es)", f"{b['tiles_per_second']:.1f}"),

@@ -122,6 +122,11 @@ def region_arguments() -> argparse.ArgumentParser:
         help="attention kernel (auto: flash-attention 2 on a GPU with flash-attn, else SDPA)",
     )
     model.add_argument("--max-new-tokens", type=_whole, default=64)
+    model.add_argument(
+        "--engine", choices=["transformers", "vllm"], default="transformers",
+        help="inference engine: transformers (default) or vllm (Ray Data's vLLM processor; GPUs only, "
+        "pip install 'rsflow[vllm]')",
+    )
     model.add_argument("--batch-size", type=_whole,
                        help="prompts per generate call (default: chosen from the memory free on each model device)")
     tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
@@ -259,6 +264,7 @@ def _run_region(args: argparse.Namespace) -> int:
         allow_host=args.allow_host,
         max_tiles=args.max_tiles,
         resume=bool(args.resume),
+        engine=args.engine,
     )
     result = run_region(request, address=args.address)
     m = result.manifest

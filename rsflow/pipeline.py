@@ -6,6 +6,7 @@ cluster as a streaming Ray Data pipeline::
     from_items(items) -> flat_map(plan)                     CPU tasks
                       -> map_batches(read_batch)            CPU tasks (GDAL env set once per worker)
                       -> map_batches(ModelRunner)           model actor pool, num_gpus=1 when GPUs
+                                                            (--engine vllm: rsflow.models.vllm_engine)
                       -> map_batches(to_result_rows)        CPU tasks
                       -> sort(hilbert key) -> GeoParquetDatasink
 
@@ -57,6 +58,7 @@ from rsflow.models.spec import (
     resolve_model_dir,
     resolve_prompt_format,
 )
+from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
 from rsflow.placement import StagePlacement, plan_cluster
 from rsflow.plan import count_tiles, plan_tiles
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
@@ -68,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 _VERSIONED = (
     "rsflow", "ray", "torch", "transformers", "peft", "tokenizers", "rasterio", "pystac", "pystac-client",
-    "geopandas", "pyarrow", "shapely", "pyproj", "numpy",
+    "geopandas", "pyarrow", "shapely", "pyproj", "numpy", "vllm",
 )
 
 
@@ -377,6 +379,9 @@ def run_region(
 
     # Model first: its input size is the default tile size, and a bad model fails before search.
     spec: ModelSpec = request.model
+    if request.engine == "vllm":  # vLLM missing, or a model it cannot load: refused before search
+        check_vllm_available()
+        check_vllm_spec(spec)
     resolve_adapter(spec)  # a typo in --adapter must not wait for a model to be built or fetched
     resolve_model_dir(spec)
     tile_spec = request.tile.resolved(model_input_size(spec))
@@ -439,6 +444,7 @@ def run_region(
         "tile_spec": {"size_px": tile_spec.size_px, "overlap_px": tile_spec.overlap_px, "gsd_m": tile_spec.gsd_m},
         "model": {"id": mid, "card": card, "smoke": card.get("kind") == "smoke", "demo": card.get("kind") == "demo"},
         "prompt_format": prompt_format,
+        "engine": request.engine,
         "prompts": [{"task": p.task, "prompt": p.prompt, "key": p.key, "adapter": p.adapter} for p in prompts],
         "profiles": {c: p.name for c, p in profiles.items()},
         "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
@@ -489,7 +495,7 @@ def run_region(
             )
             ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px,
                                 read_max=plan.read_max, resources=plan.read_resources)
-            ds = add_model_stage(
+            ds = (add_vllm_stage if request.engine == "vllm" else add_model_stage)(
                 ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=plan.min_actors,
                 max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
             )

@@ -200,6 +200,9 @@ class RegionRequest:
     allowed_hosts: tuple[str, ...] = ()
     """Hosts a remote catalog's hrefs may point at even where :mod:`rsflow.hrefs` would refuse them
     (``--allow-host``)."""
+    engine: str = "transformers"
+    """Inference engine (``--engine``): ``transformers`` (``ModelRunner`` actors) or ``vllm`` (Ray Data's
+    vLLM processor, :mod:`rsflow.models.vllm_engine`)."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as plain JSON (for the run manifest), keys sorted."""
@@ -226,6 +229,7 @@ class RegionRequest:
             "task_adapters": dict(self.task_adapters),
             "preview": self.preview,
             "tile": {"gsd_m": self.tile.gsd_m, "overlap_px": self.tile.overlap_px, "size_px": self.tile.size_px},
+            "engine": self.engine,
         }
 
 
@@ -667,6 +671,7 @@ def parse_request(
     allow_host: list[str] | tuple[str, ...] = (),
     max_tiles: int = 100_000,
     resume: bool = False,
+    engine: str = "transformers",
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
 
@@ -675,6 +680,10 @@ def parse_request(
     Raises:
         RequestError: for the first bad value, naming its flag.
     """
+    # First: a missing optional engine is named before anything else is looked at.
+    from rsflow.models.vllm_engine import check_engine
+
+    engine = check_engine(engine)
     if bbox is not None and intersects is not None:
         raise RequestError("--intersects", "give either --bbox or --intersects, not both")
     if bbox is None and intersects is None:
@@ -773,4 +782,5 @@ def parse_request(
         allowed_hosts=parse_allowed_hosts(allow_host),
         max_tiles=max_tiles,
         resume=resume,
+        engine=engine,
     )

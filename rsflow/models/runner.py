@@ -490,6 +490,101 @@ def _pooled_features(output: Any) -> list[torch.Tensor]:
     return [torch.as_tensor(t) for t in pooled]
 
 
+def batch_slots(
+    batch: dict[str, Any],
+    prompts: Sequence[TaskPrompt],
+    prompt_format: str,
+    *,
+    row_prompts: bool,
+    region_adapter: str | None,
+    who: str,
+) -> tuple[list[_Slot], list[range], np.ndarray, np.ndarray]:
+    """The output slots of an infer-stage batch, in output order: per row the static ``prompts``,
+    then the row's own prompts (``row_prompts``), then its regions; a row with nothing to ask keeps
+    one placeholder slot. Shared by every engine, so their rows line up.
+
+    Returns:
+        ``(slots, row_slots, in_status, in_error)``: ``row_slots[row]`` is the range of that row's
+        slots; the input status and error columns as arrays.
+
+    Raises:
+        ValueError: a required column is missing, or ``row_prompts`` arrive unasked (``who`` says
+            how to ask for them) — wiring bugs, not row failures.
+        RequestError: a row has region boxes but the model family cannot caption regions.
+    """
+    for name in ("tile_id", "image", "status"):
+        if name not in batch:
+            raise ValueError(f"the infer stage's batch lacks the {name!r} column (has {sorted(batch)})")
+    n_rows = len(batch["tile_id"])
+    in_status = _column(batch["status"])
+    in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
+    regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
+    if ROW_PROMPTS_COLUMN in batch and not row_prompts:
+        raise ValueError(f"a {ROW_PROMPTS_COLUMN!r} column needs {who}")
+    own = _column(batch[ROW_PROMPTS_COLUMN]) if ROW_PROMPTS_COLUMN in batch else None
+    slots: list[_Slot] = []
+    row_slots: list[range] = []
+    for row in range(n_rows):
+        first = len(slots)
+        slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in prompts]
+        if own is not None:
+            row_own = _row_prompt_slots(row, own[row])
+            tasks = sorted({slot.task for slot in row_own if slot.task and slot.prompt is not None})
+            if tasks:  # a task the family cannot do is a wiring bug here: callers check before inference
+                check_tasks(tasks, prompt_format)
+            slots += row_own
+        row_regions = _region_slots(row, regions[row]) if regions is not None else []
+        if region_adapter is not None:
+            row_regions = [dataclasses.replace(r, adapter=region_adapter) for r in row_regions]
+        if row_regions:
+            check_tasks([REGION_TASK], prompt_format)  # raises for llava/rsllava models
+        slots += row_regions
+        if len(slots) == first:  # nothing to ask (region-only job, no region here): keep the row
+            slots.append(_Slot(row, None, None, None, None))
+        row_slots.append(range(first, len(slots)))
+    return slots, row_slots, in_status, in_error
+
+
+def slot_columns(
+    batch: dict[str, Any],
+    slots: Sequence[_Slot],
+    *,
+    texts: Sequence[str | None],
+    statuses: Sequence[str],
+    errors: Sequence[str | None],
+    model_ids: Sequence[str],
+    ran: np.ndarray,
+    seconds: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The infer stage's output columns (see the module docstring), one row per slot: the input
+    columns repeated per slot (but the image and the prompt inputs, consumed here), the slot's
+    prompt, its answer and status, and ``stage`` ``"infer"`` for slots the engine worked on."""
+    n_out = len(slots)
+    row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
+    out: dict[str, np.ndarray] = {}
+    for name, values in batch.items():
+        if name in ("image", REGION_BOXES_COLUMN, ROW_PROMPTS_COLUMN):  # consumed here, not needed later
+            continue
+        out[name] = _column(values)[row_index]
+    out["task"] = _objects([slot.task for slot in slots])
+    out["prompt"] = _objects([slot.prompt for slot in slots])
+    out["prompt_key"] = _objects([slot.key for slot in slots])
+    out["region_id"] = _objects([slot.region_id for slot in slots])
+    # Position of the prompt within its tile: exactly one row per tile has 0, which is how later
+    # stages count tiles without collecting their ids.
+    first = np.r_[0, np.flatnonzero(np.diff(row_index)) + 1] if n_out else np.zeros(0, dtype=np.int64)
+    starts = np.repeat(first, np.diff(np.r_[first, n_out]))
+    out["prompt_index"] = np.arange(n_out, dtype=np.int64) - starts
+    out["text"] = _objects(list(texts))
+    out["status"] = _objects(list(statuses))
+    out["error"] = _objects(list(errors))
+    out["model_id"] = _objects(list(model_ids))
+    in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
+    out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
+    out["infer_seconds"] = np.where(ran, seconds, 0.0)
+    return out
+
+
 AUTO_BATCH_CAP_GPU = 64
 """Most prompts per ``generate`` call chosen automatically on a GPU (beyond that, decode steps of a
 7B model are compute-bound and larger batches only add latency and padding)."""
@@ -627,40 +722,13 @@ class ModelRunner:
             ValueError: a required column is missing (a wiring bug, not a row failure).
             RequestError: a row has region boxes but the model family cannot caption regions.
         """
-        for name in ("tile_id", "image", "status"):
-            if name not in batch:
-                raise ValueError(f"ModelRunner batch lacks the {name!r} column (has {sorted(batch)})")
-        n_rows = len(batch["tile_id"])
-        in_status = _column(batch["status"])
-        in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
-        regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
-        if ROW_PROMPTS_COLUMN in batch and not self._row_prompts:
-            raise ValueError(f"a {ROW_PROMPTS_COLUMN!r} column needs ModelRunner(..., row_prompts=True)")
-        own = _column(batch[ROW_PROMPTS_COLUMN]) if ROW_PROMPTS_COLUMN in batch else None
-        images = batch["image"]
-
-        # 1. Output slots: per row the static prompts, then its regions.
-        slots: list[_Slot] = []
-        row_slots: list[range] = []
-        for row in range(n_rows):
-            first = len(slots)
-            slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in self.prompts]
-            if own is not None:
-                row_own = _row_prompt_slots(row, own[row])
-                tasks = sorted({slot.task for slot in row_own if slot.task and slot.prompt is not None})
-                if tasks:  # a task the family cannot do is a wiring bug here: callers check before inference
-                    check_tasks(tasks, self._prompt_format)
-                slots += row_own
-            row_regions = _region_slots(row, regions[row]) if regions is not None else []
-            if self._region_adapter is not None:
-                row_regions = [dataclasses.replace(r, adapter=self._region_adapter) for r in row_regions]
-            if row_regions:
-                check_tasks([REGION_TASK], self._prompt_format)  # raises for llava/rsllava models
-            slots += row_regions
-            if len(slots) == first:  # nothing to ask (region-only job, no region here): keep the row
-                slots.append(_Slot(row, None, None, None, None))
-            row_slots.append(range(first, len(slots)))
+        slots, row_slots, in_status, in_error = batch_slots(
+            batch, self.prompts, self._prompt_format, row_prompts=self._row_prompts,
+            region_adapter=self._region_adapter, who="ModelRunner(..., row_prompts=True)",
+        )
+        n_rows = len(row_slots)
         n_out = len(slots)
+        images = batch["image"]
 
         texts: list[str | None] = [None] * n_out
         statuses: list[str] = [""] * n_out
@@ -748,28 +816,10 @@ class ModelRunner:
                             fail(item.out_index, _error_text(failure))
 
         # 6. Columns.
-        row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
-        out: dict[str, np.ndarray] = {}
-        for name, values in batch.items():
-            if name in ("image", REGION_BOXES_COLUMN, ROW_PROMPTS_COLUMN):  # consumed here, not needed later
-                continue
-            out[name] = _column(values)[row_index]
-        out["task"] = _objects([slot.task for slot in slots])
-        out["prompt"] = _objects([slot.prompt for slot in slots])
-        out["prompt_key"] = _objects([slot.key for slot in slots])
-        out["region_id"] = _objects([slot.region_id for slot in slots])
-        # Position of the prompt within its tile: exactly one row per tile has 0, which is how later
-        # stages count tiles without collecting their ids.
-        first = np.r_[0, np.flatnonzero(np.diff(row_index)) + 1] if n_out else np.zeros(0, dtype=np.int64)
-        starts = np.repeat(first, np.diff(np.r_[first, n_out]))
-        out["prompt_index"] = np.arange(n_out, dtype=np.int64) - starts
-        out["text"] = _objects(texts)
-        out["status"] = _objects(statuses)
-        out["error"] = _objects(errors)
-        out["model_id"] = _objects([self._model_ids.get(slot.adapter, self._model_ids[None]) for slot in slots])
-        in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
-        out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
-        out["infer_seconds"] = np.where(ran, seconds, 0.0)
+        out = slot_columns(
+            batch, slots, texts=texts, statuses=statuses, errors=errors, ran=ran, seconds=seconds,
+            model_ids=[self._model_ids.get(slot.adapter, self._model_ids[None]) for slot in slots],
+        )
         n_failed = sum(1 for s in statuses if s == "failed")
         logger.debug(
             "answered %d prompt(s) on %d encoded tile(s) of %d row(s); %d failed",

@@ -86,7 +86,6 @@ pins ``vllm[audio]==0.29.0``: the ``rsflow[vllm]`` extra installs that.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import logging
@@ -98,7 +97,7 @@ import numpy as np
 
 from rsflow.errors import ModelError, RequestError
 from rsflow.models.imaging import expand2square
-from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt, check_tasks
+from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
 from rsflow.models.spec import (
     NOOP_MODEL,
     ModelSpec,
@@ -385,51 +384,14 @@ def expand_batch(batch: Mapping[str, Any], *, plan: VllmPlan) -> dict[str, np.nd
         ValueError: a required column is missing (a wiring bug).
         RequestError: region boxes for a model family that cannot caption regions.
     """
-    from rsflow.models.runner import (
-        REGION_BOXES_COLUMN,
-        ROW_PROMPTS_COLUMN,
-        _column,
-        _error_text,
-        _objects,
-        _region_slots,
-        _row_prompt_slots,
-        _Slot,
+    from rsflow.models.runner import _error_text, _objects, batch_slots, slot_columns
+
+    slots, row_slots, in_status, in_error = batch_slots(
+        dict(batch), plan.prompts, plan.prompt_format, row_prompts=plan.row_prompts,
+        region_adapter=plan.region_adapter, who="row_prompts=True",
     )
-
-    for name in ("tile_id", "image", "status"):
-        if name not in batch:
-            raise ValueError(f"the vllm stage's batch lacks the {name!r} column (has {sorted(batch)})")
-    n_rows = len(batch["tile_id"])
-    in_status = _column(batch["status"])
-    in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
-    regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
-    if ROW_PROMPTS_COLUMN in batch and not plan.row_prompts:
-        raise ValueError(f"a {ROW_PROMPTS_COLUMN!r} column needs row_prompts=True")
-    own = _column(batch[ROW_PROMPTS_COLUMN]) if ROW_PROMPTS_COLUMN in batch else None
+    n_rows, n_out = len(row_slots), len(slots)
     images = batch["image"]
-
-    # 1. Slots, as ModelRunner: the constructor's prompts, the row's own, then its regions.
-    slots: list[Any] = []
-    row_slots: list[range] = []
-    for row in range(n_rows):
-        first = len(slots)
-        slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in plan.prompts]
-        if own is not None:
-            row_own = _row_prompt_slots(row, own[row])
-            tasks = sorted({slot.task for slot in row_own if slot.task and slot.prompt is not None})
-            if tasks:
-                check_tasks(tasks, plan.prompt_format)
-            slots += row_own
-        row_regions = _region_slots(row, regions[row]) if regions is not None else []
-        if plan.region_adapter is not None:
-            row_regions = [dataclasses.replace(r, adapter=plan.region_adapter) for r in row_regions]
-        if row_regions:
-            check_tasks(["region-caption"], plan.prompt_format)
-        slots += row_regions
-        if len(slots) == first:
-            slots.append(_Slot(row, None, None, None, None))
-        row_slots.append(range(first, len(slots)))
-    n_out = len(slots)
 
     statuses: list[str] = [""] * n_out
     errors: list[str | None] = [None] * n_out
@@ -469,26 +431,10 @@ def expand_batch(batch: Mapping[str, Any], *, plan: VllmPlan) -> dict[str, np.nd
                 run[k], squares[k] = True, square
 
     # 3. Columns: ModelRunner's, then the engine's.
-    row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
-    out: dict[str, np.ndarray] = {}
-    for name, values in batch.items():
-        if name in ("image", REGION_BOXES_COLUMN, ROW_PROMPTS_COLUMN):
-            continue
-        out[name] = _column(values)[row_index]
-    out["task"] = _objects([slot.task for slot in slots])
-    out["prompt"] = _objects([slot.prompt for slot in slots])
-    out["prompt_key"] = _objects([slot.key for slot in slots])
-    out["region_id"] = _objects([slot.region_id for slot in slots])
-    first_rows = np.r_[0, np.flatnonzero(np.diff(row_index)) + 1] if n_out else np.zeros(0, dtype=np.int64)
-    starts = np.repeat(first_rows, np.diff(np.r_[first_rows, n_out]))
-    out["prompt_index"] = np.arange(n_out, dtype=np.int64) - starts
-    out["text"] = _objects([None] * n_out)
-    out["status"] = _objects(statuses)
-    out["error"] = _objects(errors)
-    out["model_id"] = _objects([plan.model_id_for(slot.adapter) for slot in slots])
-    in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
-    out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
-    out["infer_seconds"] = np.zeros(n_out, dtype=np.float64)
+    out = slot_columns(
+        dict(batch), slots, texts=[None] * n_out, statuses=statuses, errors=errors, ran=ran,
+        seconds=np.zeros(n_out, dtype=np.float64), model_ids=[plan.model_id_for(slot.adapter) for slot in slots],
+    )
     out[_RUN] = run
     out[_IMAGE] = _objects(squares)
     out[_LORA] = _objects([plan.lora_for(slot.adapter) for slot in slots])

@@ -74,8 +74,8 @@ _VERSIONED = (
 )
 
 
-#: GDAL_CACHEMAX (256 MB) plus headroom for decoding, per read task.
-_READ_TASK_MEMORY_BYTES = 320 * 1024**2
+#: GDAL_CACHEMAX (64 MB) plus headroom for decoding, per read task.
+_READ_TASK_MEMORY_BYTES = 160 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -287,10 +287,16 @@ def add_model_stage(
         # Tiles per actor call: the prompt batch size given, else a block (the actor picks its own
         # prompts per generate call from its device's free memory).
         batch_size=spec.batch_size or _MODEL_TILES_PER_BLOCK,
-        num_gpus=1 if gpus else None,
-        num_cpus=1,
+        num_gpus=1 if gpus and spec.model != NOOP_MODEL else None,
+        num_cpus=model_actor_cpus(spec),
         resources=resources or None,
     )
+
+
+def model_actor_cpus(spec: ModelSpec) -> float:
+    """CPUs a model actor asks Ray for: one (it feeds the GPU, or is the model on a CPU); none for the
+    no-op model, whose actor only shapes rows, so the reads it is measured against get every CPU."""
+    return 0.0 if spec.model == NOOP_MODEL else 1.0
 
 
 #: Per image-read task: decoding buffers plus a batch of 8 images of up to 1024 x 1024 RGB.
@@ -468,7 +474,7 @@ def run_region(
             _ensure_ray(address)
             plan = plan_cluster(
                 _cluster_nodes(), request.placement, model_actors=request.model_actors,
-                read_workers=request.read_workers,
+                read_workers=request.read_workers, model_cpus=model_actor_cpus(spec),
             )
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])

@@ -175,6 +175,7 @@ def plan_cluster(
     *,
     model_actors: int | None = None,
     read_workers: int | None = None,
+    model_cpus: float = 1.0,
 ) -> ClusterPlan:
     """Place and size the stages for a cluster (see the module docstring for the rules).
 
@@ -183,10 +184,13 @@ def plan_cluster(
         placement: what the user asked.
         model_actors: a fixed pool size (``--model-actors``); excludes the min/max bounds.
         read_workers: most read tasks at once (``--read-workers``); default: the CPUs of the nodes
-            reads may use, less one per model actor where CPU-only model actors share those nodes.
+            reads may use, less the CPUs of the model actors where CPU-only model actors share those nodes.
+        model_cpus: CPUs a model actor asks for without GPUs (the no-op model asks for none).
 
     Raises:
-        RequestError: ``--model-actors`` together with ``--min-model-actors``/``--max-model-actors``.
+        RequestError: ``--model-actors`` together with ``--min-model-actors``/``--max-model-actors``;
+            CPU-only model actors that would take every CPU the reads could use (the run would wait
+            forever for a read slot).
     """
     if model_actors is not None and (placement.min_model_actors or placement.max_model_actors):
         raise RequestError("--model-actors", "is a fixed pool; give it or --min/--max-model-actors, not both")
@@ -201,7 +205,15 @@ def plan_cluster(
     read_nodes = [n for n in nodes if _fits(n, read_resources)]
     read_cpus = int(sum(n.get("CPU", 0) for n in read_nodes))
     shared = not gpus and any(_fits(n, model_resources) for n in read_nodes)
-    read_max = read_workers or max(1, read_cpus - (low if shared else 0))
+    actor_cpus = low * model_cpus if shared else 0.0
+    if shared and read_cpus and read_cpus - actor_cpus < 1:
+        flag = "--model-actors" if model_actors is not None else "--min-model-actors"
+        raise RequestError(
+            flag,
+            f"{low} model actor(s) on CPU would take all {read_cpus} CPUs of this cluster and leave none for "
+            f"reading tiles; use at most {max(1, int((read_cpus - 1) // max(model_cpus, 1e-9)))} here",
+        )
+    read_max = read_workers or max(1, int(read_cpus - actor_cpus))
     if gpus == 0:
         logger.warning("no GPU in the Ray cluster: the model runs on CPU")
     return ClusterPlan(

@@ -118,3 +118,19 @@ def test_cli_refuses_bad_placement_before_any_work(flags, message, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_model_actors_that_would_starve_the_reads_are_refused():
+    """On a 2-CPU machine without GPUs, 2 CPU model actors would hold both CPUs and no read could ever
+    start: refused with the most that fit, instead of a run that waits forever."""
+    laptop = [{"CPU": 2.0, "memory": 8e9}]
+    with pytest.raises(RequestError, match=r"^--model-actors: 2 model actor\(s\) on CPU .* use at most 1 here"):
+        plan_cluster(laptop, StagePlacement(), model_actors=2)
+    with pytest.raises(RequestError, match="^--min-model-actors"):
+        plan_cluster(laptop, StagePlacement(min_model_actors=2))
+    assert plan_cluster(laptop, StagePlacement(), model_actors=1).read_max == 1
+    # the no-op model's actors ask for no CPU: the reads get both
+    plan = plan_cluster(laptop, StagePlacement(), model_actors=2, model_cpus=0.0)
+    assert (plan.min_actors, plan.read_max) == (2, 2)
+    # with a GPU the actors do not share the reads' CPUs
+    assert plan_cluster([{"CPU": 2.0, "GPU": 2.0}], StagePlacement(), model_actors=2).read_max == 2

@@ -60,7 +60,7 @@ from rsflow.models.spec import (
 )
 from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
 from rsflow.placement import StagePlacement, plan_cluster
-from rsflow.plan import count_tiles, plan_tiles
+from rsflow.plan import plan_tiles, plan_units, tile_rows
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
@@ -143,7 +143,8 @@ def _plan_item(
     href_policy: HrefPolicy,
     skip_tile_ids: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """flat_map UDF: one item row -> its tile rows (or one failed row).
+    """flat_map UDF: one planning unit (an item and a range of its tile rows) -> its tile rows (or, for
+    the item's first unit, one failed row when the item cannot be planned).
 
     The item's RGB asset hrefs are checked against ``href_policy`` first (:mod:`rsflow.hrefs`); a
     refused one fails the item with the asset and the reason.
@@ -163,7 +164,8 @@ def _plan_item(
                     href_policy.check(href)
                 except HrefRefused as exc:
                     raise HrefRefused(f"asset {ref.asset!r} refused: {exc}") from None
-        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open)
+        rows = tuple(row["rows"]) if row.get("rows") is not None else None
+        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open, rows=rows)
         geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
         out = []
         for t in tiles:
@@ -179,6 +181,8 @@ def _plan_item(
             if (boxes or not regions_only) and r["tile_id"] not in skip_tile_ids:  # skip: done by --resume's source
                 out.append(r)
     except Exception as exc:  # one bad item must not stop the others
+        if not row.get("first_unit", True):
+            return []  # the item's first unit records the failure, once
         reason = redact(f"{type(exc).__name__}: {exc}")  # an href's signature must not reach a row or a log
         logger.warning("item %s: planning failed: %s", item.get("id"), reason)
         failed = _failed_plan_row(item, spec.size_px, reason)
@@ -425,15 +429,23 @@ def run_region(
     logger.info("search: %d items in %.1f s%s", len(items), search_seconds,
                 " (given by the caller)" if items_given else "")
     profiles = _profiles_for(request, items)
-    if items:
-        n_tiles, stopped = count_tiles(items, profiles, tile_spec, request.aoi, limit=request.max_tiles,
-                                       open_header=rasterio.open)
-        if stopped:
+    # Planned on the driver from metadata (proj:* fields, else file headers) before any pixel is read:
+    # the tile count for --max-tiles, and the planning units (runs of whole tile rows of about a block
+    # each) that the cluster plans again in parallel, each into one block.
+    units: list[dict[str, Any]] = []
+    n_tiles, per_unit = 0, tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
+    for item in items:
+        rows = tile_rows(item, profiles, tile_spec, request.aoi, rasterio.open)
+        n_tiles += sum(n for _, n in rows)
+        if n_tiles > request.max_tiles:
             raise RequestError(
                 "--max-tiles",
                 f"the AOI plans more than {request.max_tiles} tiles ({n_tiles}+ counted over {len(items)} items); "
                 "shrink the AOI or the date range, or raise --max-tiles",
             )
+        item_json = json.dumps(item)
+        units += [{"item_json": item_json, "rows": list(r) if r else None, "first_unit": k == 0}
+                  for k, r in enumerate(plan_units(rows, per_unit))]
 
     resume = _resume_source(request) if request.resume else None
     if resume is not None and resume.committed and resume.failed_tiles == 0:
@@ -478,7 +490,7 @@ def run_region(
             )
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])
-            ds = ray.data.from_items([{"item_json": json.dumps(i)} for i in items])
+            ds = ray.data.from_items(units, override_num_blocks=len(units))  # one planning task per unit
             ds = ds.flat_map(
                 _plan_item,
                 fn_kwargs={
@@ -493,11 +505,6 @@ def run_region(
                 },
                 num_cpus=1,
                 resources=plan.read_resources or None,  # CPU nodes only (see rsflow.placement)
-            )
-            # An item plans all its tiles in one block: cut it (streaming) so reads run in parallel, the
-            # model stage gets work early, and finished rows reach the staging parts as they come.
-            ds = ds.repartition(
-                target_num_rows_per_block=tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
             )
             ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px,
                                 read_max=plan.read_max, resources=plan.read_resources)

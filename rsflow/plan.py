@@ -279,6 +279,8 @@ def plan_tiles(
     spec: TileSpec,
     aoi: BaseGeometry,
     open_header: Any = None,
+    *,
+    rows: tuple[int, int] | None = None,
 ) -> list[Tile]:
     """All tiles of one item whose window touches the AOI.
 
@@ -288,6 +290,8 @@ def plan_tiles(
         spec: tile spec with ``size_px`` resolved.
         aoi: area of interest in EPSG:4326.
         open_header: ``href -> rasterio dataset`` used only when the item lacks ``proj:*`` fields.
+        rows: only the rows of tiles whose row offset (px) lies in this inclusive range, so that one
+            item can be planned in parts (:func:`plan_units`); default all.
 
     Returns:
         Tiles in row-major order of the item grid.
@@ -307,12 +311,14 @@ def plan_tiles(
     px_min, px_max = (minx - x0) / res, (maxx - x0) / res
     py_min, py_max = (y0 - maxy) / res, (y0 - miny) / res
     cols = [c for c in window_offsets(grid.width_px, size, stride) if c <= px_max and c + size >= px_min]
-    rows = [r for r in window_offsets(grid.height_px, size, stride) if r <= py_max and r + size >= py_min]
+    row_offsets = [r for r in window_offsets(grid.height_px, size, stride) if r <= py_max and r + size >= py_min]
+    if rows is not None:
+        row_offsets = [r for r in row_offsets if rows[0] <= r <= rows[1]]
     props = item.get("properties", {})
     dt = props.get("datetime") or props.get("start_datetime") or ""
     nodata = sources[0].nodata
     tiles = []
-    for row_off in rows:
+    for row_off in row_offsets:
         for col_off in cols:
             bx0, by1 = x0 + col_off * res, y0 - row_off * res
             rect = box(bx0, by1 - size * res, bx0 + size * res, by1)
@@ -354,34 +360,48 @@ def item_footprint(item: dict[str, Any]) -> BaseGeometry:
     return box(*item["bbox"][:4]) if item.get("bbox") else shapely.Polygon()
 
 
-def count_tiles(
-    items: list[dict[str, Any]],
-    profiles: dict[str, SourceProfile],
-    spec: TileSpec,
-    aoi: BaseGeometry,
-    *,
-    limit: int,
-    open_header: Any = None,
-) -> tuple[int, bool]:
-    """How many tiles these items plan over the AOI, counted on the driver before any pixel is read.
+def tile_rows(
+    item: dict[str, Any], profiles: dict[str, SourceProfile], spec: TileSpec, aoi: BaseGeometry, open_header: Any = None
+) -> list[tuple[int, int]]:
+    """``(row offset px, tiles)`` of each row of tiles the item plans over the AOI, top to bottom; ``[]``
+    for an item that cannot be planned (the pipeline records it as failed, with the reason).
 
-    Each item is planned with :func:`plan_tiles`, as the pipeline will (metadata only: the item's
-    ``proj:*`` fields, or file headers where they are missing); counting stops as soon as the total
-    passes ``limit``. Items that cannot be planned count 0 (the pipeline records them as failed).
+    Counted on the driver before any pixel is read (metadata only: the item's ``proj:*`` fields, or
+    file headers where they are missing), for ``--max-tiles`` and :func:`plan_units`."""
+    profile = profiles.get(item.get("collection") or "")
+    if profile is None:
+        return []
+    try:
+        tiles = plan_tiles(item, profile, spec, aoi, open_header)
+    except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
+        return []
+    counts: dict[int, int] = {}
+    for tile in tiles:
+        counts[tile.row_off] = counts.get(tile.row_off, 0) + 1
+    return sorted(counts.items())
 
-    Returns:
-        ``(count, stopped)``: ``stopped`` when counting stopped early because ``count`` passed ``limit``.
+
+def plan_units(row_counts: list[tuple[int, int]], tiles_per_unit: int) -> list[tuple[int, int] | None]:
+    """Cut an item's rows of tiles (:func:`tile_rows`) into runs of whole rows of about
+    ``tiles_per_unit`` tiles, as inclusive row-offset ranges for ``plan_tiles(rows=...)``, so that
+    planning, and every stage after it, works on blocks of that size; ``[None]`` (the whole item, one
+    unit) for an item without tiles or that cannot be planned.
+
+    >>> plan_units([(0, 10), (64, 10), (128, 10), (192, 10)], 20)
+    [(0, 64), (128, 192)]
+    >>> plan_units([], 32)
+    [None]
     """
-    total = 0
-    for item in items:
-        profile = profiles.get(item.get("collection") or "")
-        if profile is None:
-            continue
-        try:
-            n = len(plan_tiles(item, profile, spec, aoi, open_header))
-        except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
-            continue
-        total += n
-        if total > limit:
-            return total, True
-    return total, False
+    if not row_counts:
+        return [None]
+    units: list[tuple[int, int] | None] = []
+    first, in_unit = None, 0
+    for row_off, n in row_counts:
+        first = row_off if first is None else first
+        in_unit += n
+        if in_unit >= tiles_per_unit:
+            units.append((first, row_off))
+            first, in_unit = None, 0
+    if first is not None:
+        units.append((first, row_counts[-1][0]))
+    return units

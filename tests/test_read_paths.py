@@ -7,7 +7,6 @@ layout is known. Bytes are counted with a rasterio ``opener`` that hands GDAL Py
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from rasterio.enums import Resampling
 
 from rsflow.read import read_batch, read_chip
 from rsflow.synthetic import ASSETS, BLOCK_PX, CRS, RES_M, scene_transform, write_synthetic_scene
+from tests.read_fixtures import CountingOpener
 
 SCENE_PX = 2048
 
@@ -28,41 +28,6 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     folder = tmp_path_factory.mktemp("synthetic")
     write_synthetic_scene(folder, SCENE_PX, item_id="scene")
     return [folder / f"scene-{key}.tif" for key in ASSETS]
-
-
-class _Counter:
-    """rasterio ``opener`` counting the bytes GDAL reads through it."""
-
-    def __init__(self) -> None:
-        self.bytes_read = 0
-
-    def __call__(self, path: str, mode: str = "rb") -> io.RawIOBase:
-        fh = open(path, mode)  # noqa: SIM115 - closed by GDAL through the wrapper
-        counter = self
-
-        class _Counted(io.RawIOBase):
-            def readinto(self, b: Any) -> int:
-                n = fh.readinto(b) or 0
-                counter.bytes_read += n
-                return n
-
-            def seek(self, offset: int, whence: int = 0) -> int:
-                return fh.seek(offset, whence)
-
-            def tell(self) -> int:
-                return fh.tell()
-
-            def readable(self) -> bool:
-                return True
-
-            def seekable(self) -> bool:
-                return True
-
-            def close(self) -> None:
-                fh.close()
-                super().close()
-
-        return _Counted()
 
 
 def _tile(hrefs: list[Path], col_off: int, row_off: int, size: int, res: float = RES_M) -> dict[str, Any]:
@@ -92,7 +57,7 @@ def _block_bytes(path: Path, block_col: int, block_row: int) -> int:
 
 
 def test_a_block_aligned_tile_reads_its_block_and_little_else(scene: list[Path]) -> None:
-    aligned, straddling = _Counter(), _Counter()
+    aligned, straddling = CountingOpener(), CountingOpener()
     chip, _ = read_chip(_tile(scene, BLOCK_PX, BLOCK_PX, BLOCK_PX), opener=aligned)
     read_chip(_tile(scene, BLOCK_PX + BLOCK_PX // 2, BLOCK_PX + BLOCK_PX // 2, BLOCK_PX), opener=straddling)
     one_block = sum(_block_bytes(p, 1, 1) for p in scene)
@@ -110,7 +75,7 @@ def test_a_block_aligned_tile_reads_its_block_and_little_else(scene: list[Path])
 
 def test_a_coarser_grid_reads_an_overview(scene: list[Path]) -> None:
     """A 40 m tile over the 10 m scene (``--gsd 40``) averages the 4x overview, not every native pixel."""
-    coarse, native = _Counter(), _Counter()
+    coarse, native = CountingOpener(), CountingOpener()
     size = 512  # 512 px at 40 m: one block of the 4x overview, 16 blocks of the native grid
     chip, frac = read_chip(_tile(scene, 0, 0, size, res=4 * RES_M), opener=coarse)
     read_chip(_tile(scene, 0, 0, 4 * size), opener=native)  # the same ground at native resolution
@@ -153,7 +118,6 @@ def test_chips_travel_to_the_model_stage_as_uint8_tensors(ray_local: Any, scene:
     """The read stage's output column is a raw ``[H, W, 3]`` uint8 tensor holding exactly the chip:
     no image encoding between the stages."""
     import ray
-    from ray.data import DataContext
 
     from rsflow.pipeline import add_read_stage
 
@@ -164,7 +128,6 @@ def test_chips_travel_to_the_model_stage_as_uint8_tensors(ray_local: Any, scene:
     print("image column:", column.type)
     assert str(column.type.storage_type.value_type) == "uint8"
     assert tuple(column.type.shape) == (64, 64, 3)
-    assert DataContext.get_current() is not None
     rows = sorted(ds.take_all(), key=lambda row: row["tile_id"])
     for row in rows:
         tile = next(t for t in tiles if t["tile_id"] == row["tile_id"])

@@ -195,20 +195,15 @@ def test_no_secret_reaches_a_file_a_row_or_a_log(
         "leak-404": {k: signed(f"/leak-gone/{k}.tif", now + 3600) for k in RGB},
         "leak-expired": {k: signed(f"/leak-truncated/{k}.tif", now - 60) for k in RGB},
     }
-    features = []
-    for item_id, assets in hrefs.items():
-        item = copy.deepcopy(scene.item)
-        item["id"] = item_id
-        for key, href in assets.items():
-            item["assets"][key]["href"] = href
-            if item_id == "leak-unplannable":  # no proj:* fields: the planner opens the file's header
-                for field in ("proj:shape", "proj:transform"):
-                    item["assets"][key].pop(field, None)
-                    item["properties"].pop(field, None)
-        features.append(item)
+    features = faults.catalog_items(scene, hrefs)
+    for item in features:
+        if item["id"] == "leak-unplannable":  # no proj:* fields: the planner opens the file's header
+            for field in ("proj:shape", "proj:transform"):
+                item["properties"].pop(field, None)
+                for asset in item["assets"].values():
+                    asset.pop(field, None)
     catalog = tmp_path / "catalog" / "items.json"
-    catalog.parent.mkdir()
-    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    faults.write_catalog(catalog, scene, hrefs, features)
     out = tmp_path / "out"
 
     caplog.set_level(logging.DEBUG)

@@ -296,13 +296,60 @@ def plan_tiles(
     Returns:
         Tiles in row-major order of the item grid.
     """
+    sources, grid, windows = _item_windows(item, profile, spec, aoi, open_header, rows)
+    size, res = int(spec.size_px or 0), abs(grid.transform[0])
+    props = item.get("properties", {})
+    dt = props.get("datetime") or props.get("start_datetime") or ""
+    nodata = sources[0].nodata
+    tiles = []
+    for row_off, col_off, rect in windows:
+        bx0, _, _, by1 = rect.bounds
+        fp = footprint_4326(rect.bounds, grid.crs)
+        tiles.append(
+            Tile(
+                tile_id=tile_id(item["id"], sources, col_off, row_off, res, spec),
+                item_id=item["id"],
+                collection=item.get("collection") or "",
+                datetime=dt,
+                crs=grid.crs,
+                transform=list(Affine(res, 0.0, bx0, 0.0, -res, by1))[:6],
+                col_off=col_off,
+                row_off=row_off,
+                width=size,
+                height=size,
+                res=res,
+                footprint_wkb=shapely.to_wkb(fp),
+                hrefs=[s.href for s in sources],
+                bands=[s.band for s in sources],
+                scale=[s.scale for s in sources],
+                offset=[s.offset for s in sources],
+                nodata=float("nan") if nodata is None else nodata,
+                stretch_lo=float(profile.stretch[0]),
+                stretch_hi=float(profile.stretch[1]),
+                signing=profile.signing or "",
+            )
+        )
+    logger.debug("item %s: %d tiles of %d px touch the AOI", item.get("id"), len(tiles), size)
+    return tiles
+
+
+def _item_windows(
+    item: dict[str, Any],
+    profile: SourceProfile,
+    spec: TileSpec,
+    aoi: BaseGeometry,
+    open_header: Any,
+    rows: tuple[int, int] | None,
+) -> tuple[list[BandSource], Grid, list[tuple[int, int, BaseGeometry]]]:
+    """The item's RGB sources, its tile grid, and ``(row_off, col_off, rectangle in the grid's CRS)`` of
+    every window that touches the AOI, row-major (what :func:`plan_tiles` and :func:`tile_rows` share)."""
     if spec.size_px is None:
         raise ValueError("TileSpec.size_px must be resolved before planning")
     size, stride = spec.size_px, spec.size_px - spec.overlap_px
     sources = band_sources(item, profile)
     grids = [asset_grid(item, s.asset, open_header) for s in sources]
     grid = item_grid(grids, spec.gsd_m)
-    a, _, x0, _, e, y0 = grid.transform
+    a, _, x0, _, _, y0 = grid.transform
     res = abs(a)
     aoi_native = aoi_in_crs(aoi, grid.crs)
     shapely.prepare(aoi_native)  # many intersects tests against one geometry
@@ -314,43 +361,14 @@ def plan_tiles(
     row_offsets = [r for r in window_offsets(grid.height_px, size, stride) if r <= py_max and r + size >= py_min]
     if rows is not None:
         row_offsets = [r for r in row_offsets if rows[0] <= r <= rows[1]]
-    props = item.get("properties", {})
-    dt = props.get("datetime") or props.get("start_datetime") or ""
-    nodata = sources[0].nodata
-    tiles = []
+    windows = []
     for row_off in row_offsets:
         for col_off in cols:
             bx0, by1 = x0 + col_off * res, y0 - row_off * res
             rect = box(bx0, by1 - size * res, bx0 + size * res, by1)
-            if not aoi_native.intersects(rect):
-                continue
-            fp = footprint_4326(rect.bounds, grid.crs)
-            tiles.append(
-                Tile(
-                    tile_id=tile_id(item["id"], sources, col_off, row_off, res, spec),
-                    item_id=item["id"],
-                    collection=item.get("collection") or "",
-                    datetime=dt,
-                    crs=grid.crs,
-                    transform=list(Affine(res, 0.0, bx0, 0.0, -res, by1))[:6],
-                    col_off=col_off,
-                    row_off=row_off,
-                    width=size,
-                    height=size,
-                    res=res,
-                    footprint_wkb=shapely.to_wkb(fp),
-                    hrefs=[s.href for s in sources],
-                    bands=[s.band for s in sources],
-                    scale=[s.scale for s in sources],
-                    offset=[s.offset for s in sources],
-                    nodata=float("nan") if nodata is None else nodata,
-                    stretch_lo=float(profile.stretch[0]),
-                    stretch_hi=float(profile.stretch[1]),
-                    signing=profile.signing or "",
-                )
-            )
-    logger.debug("item %s: %d tiles of %d px touch the AOI", item.get("id"), len(tiles), size)
-    return tiles
+            if aoi_native.intersects(rect):
+                windows.append((row_off, col_off, rect))
+    return sources, grid, windows
 
 
 def item_footprint(item: dict[str, Any]) -> BaseGeometry:
@@ -371,13 +389,13 @@ def tile_rows(
     profile = profiles.get(item.get("collection") or "")
     if profile is None:
         return []
-    try:
-        tiles = plan_tiles(item, profile, spec, aoi, open_header)
+    try:  # the windows only: no footprints, ids or rows are built on the driver
+        _, _, windows = _item_windows(item, profile, spec, aoi, open_header, None)
     except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
         return []
     counts: dict[int, int] = {}
-    for tile in tiles:
-        counts[tile.row_off] = counts.get(tile.row_off, 0) + 1
+    for row_off, _, _ in windows:
+        counts[row_off] = counts.get(row_off, 0) + 1
     return sorted(counts.items())
 
 

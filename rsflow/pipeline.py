@@ -3,12 +3,12 @@
 Search runs on the driver (a handful of HTTP requests). Everything per tile runs on the
 cluster as a streaming Ray Data pipeline::
 
-    from_items(items) -> flat_map(plan)                     CPU tasks
+    from_items(units) -> flat_map(plan)                     CPU tasks (a unit: an item's rows of tiles)
                       -> map_batches(read_batch)            CPU tasks (GDAL env set once per worker)
                       -> map_batches(ModelRunner)           model actor pool, num_gpus=1 when GPUs
                                                             (--engine vllm: rsflow.models.vllm_engine)
-                      -> map_batches(to_result_rows)        CPU tasks
-                      -> sort(hilbert key) -> GeoParquetDatasink
+                      -> map_batches(interpret_batch)       CPU tasks, then RawPartsSink (staging parts)
+    read_parquet(parts) -> sort(hilbert key) -> GeoParquetDatasink   (in the driver up to 100,000 rows)
 
 Reading and inference are separate operators so that they overlap. A tile that fails in any
 stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.

@@ -73,7 +73,7 @@ def run_all(only: tuple[str, ...], *, quick: bool, out: str, cache: str | None) 
     t0 = time.perf_counter()
     started = datetime.now()
     from bench import batching, gpu, memory, readpath, scaling
-    from rsflow.pipeline import package_versions
+    from rsflow.versions import package_versions
 
     host = machine()
     print(f"rsflow bench{' --quick' if quick else ''}: {host['cpu']}, {host['cores_logical']} cores, "
@@ -107,9 +107,9 @@ def run_all(only: tuple[str, ...], *, quick: bool, out: str, cache: str | None) 
             sections.append(_section("gpu", gpu.run, work, quick))
     finally:
         try:
-            import ray
+            if ray_info:  # a Ray section started the bench's local Ray
+                import ray
 
-            if ray.is_initialized():
                 ray.shutdown()
         finally:
             shutil.rmtree(work, ignore_errors=True)

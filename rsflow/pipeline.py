@@ -25,7 +25,6 @@ Benchmark evaluation (``rsflow eval``) runs the same infer stage (:func:`add_mod
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import math
@@ -65,13 +64,9 @@ from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
 from rsflow.sources import SourceProfile, check_signing, resolve_profile
+from rsflow.versions import package_versions
 
 logger = logging.getLogger(__name__)
-
-_VERSIONED = (
-    "rsflow", "ray", "torch", "transformers", "peft", "tokenizers", "rasterio", "pystac", "pystac-client",
-    "geopandas", "pyarrow", "shapely", "pyproj", "numpy", "vllm",
-)
 
 
 #: GDAL_CACHEMAX (128 MB) plus headroom for decoding, per read task.
@@ -86,17 +81,6 @@ class RunResult:
     """Where the dataset was committed."""
     manifest: dict[str, Any]
     """The run manifest as written."""
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide a run's results (for the manifest)."""
-    versions = {"python": platform.python_version(), "gdal": rasterio.__gdal_version__}
-    for name in _VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _failed_plan_row(item: dict[str, Any], size: int, error: str) -> dict[str, Any]:

@@ -640,6 +640,14 @@ def auto_batch_size(loaded: LoadedModel, max_new_tokens: int, *, free_bytes: int
     return max(1, min(cap, int(free_bytes * share // per_sequence)))
 
 
+def default_kv_cache(device: torch.device) -> str:
+    """The key/value cache ``generate`` uses on ``device``: ``"dynamic"`` (transformers' default,
+    grown by concatenation every decode step) or ``"static"`` (allocated once per ``generate`` call
+    for the prompt plus ``max_new_tokens``). Both give the same greedy answers
+    (tests/test_runner_cache.py); ``python -m bench --only gpu`` times both on a GPU."""
+    return "dynamic"
+
+
 class ModelRunner:
     """Ray Data actor: loads the model once in ``__init__``, answers one batch per ``__call__``.
 
@@ -710,6 +718,7 @@ class ModelRunner:
         for name in self.loaded.adapter_names:
             self._model_ids[name] = adapter_model_id(spec, name)
         self.batch_size = spec.batch_size or auto_batch_size(self.loaded, spec.max_new_tokens)
+        self.kv_cache = default_kv_cache(self.loaded.device)
         logger.info("model %s ready: %d prompt(s) per tile, %d prompts per generate call%s", self.loaded.model_id,
                     len(self.prompts), self.batch_size, "" if spec.batch_size else " (auto)")
 
@@ -1008,6 +1017,7 @@ class ModelRunner:
                 num_beams=1,
                 max_new_tokens=self.spec.max_new_tokens,
                 pad_token_id=pad_id,
+                cache_implementation=None if self.kv_cache == "dynamic" else self.kv_cache,
             )
         new_tokens = output[:, length:]
         decoded = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -41,7 +41,8 @@ def runner(tiny_model_dir: Path) -> ModelRunner:  # noqa: F811 - fixture
     return ModelRunner(spec, PROMPTS)
 
 
-def test_cpu_default_is_the_dynamic_cache(runner: ModelRunner) -> None:
+def test_default_cache_is_static_on_a_gpu_and_dynamic_on_a_cpu(runner: ModelRunner) -> None:
+    assert default_kv_cache(torch.device("cuda")) == "static"
     assert default_kv_cache(torch.device("cpu")) == "dynamic"
     assert runner.kv_cache == "dynamic"
 

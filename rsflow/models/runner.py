@@ -641,11 +641,17 @@ def auto_batch_size(loaded: LoadedModel, max_new_tokens: int, *, free_bytes: int
 
 
 def default_kv_cache(device: torch.device) -> str:
-    """The key/value cache ``generate`` uses on ``device``: ``"dynamic"`` (transformers' default,
-    grown by concatenation every decode step) or ``"static"`` (allocated once per ``generate`` call
-    for the prompt plus ``max_new_tokens``). Both give the same greedy answers
-    (tests/test_runner_cache.py); ``python -m bench --only gpu`` times both on a GPU."""
-    return "dynamic"
+    """The key/value cache ``generate`` uses on ``device``: ``"static"`` on a GPU (allocated once per
+    ``generate`` call for the prompt plus ``max_new_tokens``), ``"dynamic"`` elsewhere (transformers'
+    default, grown by concatenation every decode step, which copies the whole cache each step).
+
+    Both give the same greedy answers (tests/test_runner_cache.py). Measured with ``python -m bench
+    --only gpu`` (H100, LLaVA-1.5-7B architecture, bf16, SDPA, 64 new tokens, batch 64): captioning
+    25.5 tiles/s static against 15.8 dynamic, 4 tasks per tile 6.7 against 3.9, GPU busy 85 % against
+    77 %; on a CPU (the smoke model, one thread) the static cache was 3-9 % slower, so it stays dynamic.
+    A checkpoint whose model takes no cache objects ignores the choice (transformers logs it).
+    """
+    return "static" if device.type == "cuda" else "dynamic"
 
 
 class ModelRunner:

@@ -3,7 +3,7 @@
 A thread samples every 0.2 s the driver and every process under it (a local Ray's GCS, raylet, agents and
 worker processes are all descendants of the driver that started it). Each worker process is labelled by
 the titles Ray gives it while it runs (``ray::MapBatches(read_batch)``, ``ray::MapWorker(MapBatches(
-ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner, else ``read tasks`` if it ever ran
+ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner or NoopRunner, else ``read tasks`` if it ever ran
 read_batch, else ``other workers`` (planning, interpret/write, sort, Ray Data's own actors). Ray's system
 processes (GCS, raylet, dashboard, agents, log monitor) are reported apart and are not "workers".
 Ray reuses worker processes across runs, so each run's peak is the highest sample taken during that run,
@@ -35,7 +35,7 @@ def _role(title: str, name: str) -> str | None:
     is_worker = title.startswith("ray::") or "default_worker.py" in title
     if not is_worker or title.startswith(_SYSTEM_TITLES):
         return "ray system"  # gcs_server, raylet, dashboard, agents, log monitor
-    if "ModelRunner" in title:
+    if "ModelRunner" in title or "NoopRunner" in title:
         return "model actor"
     if "read_batch" in title:
         return "read tasks"

@@ -273,7 +273,10 @@ def add_model_stage(
     """
     from ray.data import ActorPoolStrategy
 
-    from rsflow.models.runner import ModelRunner
+    if spec.model == NOOP_MODEL:  # its actors need no torch: they start in a fraction of a second
+        from rsflow.models.slots import NoopRunner as runner_class
+    else:
+        from rsflow.models.runner import ModelRunner as runner_class
 
     kwargs: dict[str, Any] = {"spec": spec, "prompts": prompts, "region_adapter": region_adapter}
     if row_prompts:
@@ -283,7 +286,7 @@ def add_model_stage(
     else:
         pool = ActorPoolStrategy(min_size=actors, max_size=max_actors)
     return ds.map_batches(
-        ModelRunner,
+        runner_class,
         compute=pool,
         fn_constructor_kwargs=kwargs,
         # Tiles per actor call: the prompt batch size given, else a block (the actor picks its own

@@ -22,7 +22,8 @@ from rsflow.models import vllm_engine as V
 from rsflow.models.formats import llava_chunked_ids
 from rsflow.models.imaging import background_from_processor, expand2square
 from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
-from rsflow.models.runner import ModelRunner, _objects
+from rsflow.models.runner import ModelRunner
+from rsflow.models.slots import _objects
 from rsflow.models.spec import ModelSpec
 
 _real_find_spec = importlib.util.find_spec

@@ -44,16 +44,13 @@ what :func:`auto_batch_size` finds room for on the replica's device once the wei
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import logging
-import math
-import numbers
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,29 +58,35 @@ import torch
 from rsflow.errors import ModelError, RequestError
 from rsflow.models.formats import llava_chunked_ids
 from rsflow.models.imaging import background_from_processor, expand2square
-from rsflow.models.prompts import (
-    IMAGE_TOKEN,
-    TaskPrompt,
-    build_prompt,
-    check_tasks,
-    region_prompt,
-    task_prompts,
+from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
+from rsflow.models.slots import (  # noqa: F401 - re-exported: the batch contract's names live here too
+    REGION_BOXES_COLUMN,
+    REGION_TASK,
+    ROW_PROMPTS_COLUMN,
+    ROW_PROMPTS_WHO,
+    NoopRunner,
+    _error_text,
+    _static_prompts,
+    batch_slots,
+    slot_columns,
 )
 from rsflow.models.spec import (
-    ModelSpec,
     NOOP_MODEL,
+    ModelSpec,
+    adapter_model_id,
+    describe_original_checkpoint,
+    model_card,
     model_id,
     model_input_size,
     resolve_adapter,
     resolve_adapters,
-    adapter_model_id,
-    describe_original_checkpoint,
-    model_card,
     resolve_model_dir,
     resolve_prompt_format,
 )
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_CACHE_SIZE = 4096  # token-id lists kept per actor (static prompts plus recent region boxes)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -281,50 +284,6 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     )
 
 
-REGION_BOXES_COLUMN: Final[str] = "region_boxes"
-"""Optional input column: per row a list of ``[region_id, x1, y1, x2, y2]`` (0-100 grid integers),
-or of mappings with those five keys (the form an Arrow list-of-struct column arrives in)."""
-
-_REGION_KEYS: Final[tuple[str, ...]] = ("region_id", "x1", "y1", "x2", "y2")
-
-ROW_PROMPTS_COLUMN: Final[str] = "row_prompts"
-"""Optional input column (``ModelRunner(..., row_prompts=True)``): per row a list of mappings with
-``task``, ``prompt`` (the user text) and ``key`` (copied to ``prompt_key``), asked of that row only."""
-
-_ROW_PROMPT_KEYS: Final[tuple[str, ...]] = ("task", "prompt", "key")
-
-REGION_TASK: Final[str] = "region-caption"
-"""Task name of the per-row region prompts (``prompts.region_prompt``)."""
-
-_PROMPT_CACHE_SIZE = 4096  # token-id lists kept per actor (static prompts plus recent region boxes)
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One output row: a prompt asked of one input row."""
-
-    row: int
-    """Index of the input row."""
-
-    task: str | None
-    """``TaskPrompt.task``; None for the placeholder row of an input row that has no prompt at all."""
-
-    prompt: str | None
-    """User text (``TaskPrompt.prompt``); None when a region box could not be turned into a prompt."""
-
-    key: str | None
-    """``TaskPrompt.key``; None for a placeholder row."""
-
-    region_id: str | None
-    """Region id for region-caption rows, else None."""
-
-    problem: str | None = None
-    """``"ExceptionType: message"`` when the prompt could not be built (a malformed region box)."""
-
-    adapter: str | None = None
-    """Named adapter that answers it (None: the model as loaded)."""
-
-
 @dataclass(frozen=True)
 class _Work:
     """One prompt to generate: output row index, prompt token ids, the tile's image features."""
@@ -347,137 +306,6 @@ class _Encoded:
     """``[n_image_tokens, text_hidden]`` in the model dtype, on the model device."""
 
 
-def _column(values: Any) -> np.ndarray:
-    """A batch column as a numpy array (lists become object arrays element by element)."""
-    if isinstance(values, np.ndarray):
-        return values
-    arr = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        arr[i] = v
-    return arr
-
-
-def _objects(values: Sequence[Any]) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        arr[i] = v
-    return arr
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _grid_int(value: Any) -> int:
-    """An integer box coordinate; integral floats (``10.0``) are accepted, anything else is refused."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(f"box coordinate must be an integer on the 0-100 grid, got {value!r}")
-    number = float(value)
-    if not number.is_integer():
-        raise ValueError(f"box coordinate must be an integer on the 0-100 grid, got {value!r}")
-    return int(number)
-
-
-def _region_slots(row: int, value: Any) -> list[_Slot]:
-    """The region-caption slots of one row from its ``region_boxes`` value (None, NaN or empty: none).
-
-    A malformed entry gives a slot whose ``problem`` says why, so the region still gets its output row.
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        problem = f"TypeError: region_boxes must be a list of [region_id, x1, y1, x2, y2], got {value!r}"
-        return [_Slot(row, REGION_TASK, None, "", None, problem)]
-    slots: list[_Slot] = []
-    for entry in value:
-        parts: list[Any] = []
-        region_id: str | None = None
-        if isinstance(entry, Mapping):
-            if all(key in entry for key in _REGION_KEYS):
-                parts = [entry[key] for key in _REGION_KEYS]
-            region_id = str(entry["region_id"]) if "region_id" in entry else None
-        elif isinstance(entry, Sequence | np.ndarray) and not isinstance(entry, str | bytes):
-            parts = list(entry)
-            region_id = str(parts[0]) if parts else None
-        try:
-            if len(parts) != 5:
-                raise ValueError(
-                    "a region must be [region_id, x1, y1, x2, y2] or a mapping with those keys, "
-                    f"got {entry!r}"
-                )
-            box = (_grid_int(parts[1]), _grid_int(parts[2]), _grid_int(parts[3]), _grid_int(parts[4]))
-            text = region_prompt(box)
-        except (ValueError, TypeError) as exc:
-            slots.append(_Slot(row, REGION_TASK, None, region_id or "", region_id, _error_text(exc)))
-            continue
-        rid = str(parts[0])
-        slots.append(_Slot(row, REGION_TASK, text, rid, rid))
-    return slots
-
-
-def _row_prompt_slots(row: int, value: Any) -> list[_Slot]:
-    """The slots of one row's own prompts (``row_prompts``; None, NaN or empty: none).
-
-    A malformed entry gives a slot whose ``problem`` says why, so it still gets its output row.
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    slots: list[_Slot] = []
-    for entry in value:
-        if not isinstance(entry, Mapping) or not all(k in entry for k in _ROW_PROMPT_KEYS):
-            problem = f"ValueError: a row prompt must be a mapping with task, prompt and key, got {entry!r}"
-            key = str(entry["key"]) if isinstance(entry, Mapping) and "key" in entry else ""
-            task = str(entry["task"]) if isinstance(entry, Mapping) and "task" in entry else ""
-            slots.append(_Slot(row, task, None, key, None, problem))
-            continue
-        text = entry["prompt"]
-        if not isinstance(text, str) or not text.strip():
-            slots.append(_Slot(row, str(entry["task"]), None, str(entry["key"]), None, "ValueError: no prompt text"))
-            continue
-        slots.append(_Slot(row, str(entry["task"]), text, str(entry["key"]), None))
-    return slots
-
-
-def _static_prompts(
-    prompts: Sequence[TaskPrompt] | Sequence[str], prompt_format: str, *, row_prompts: bool = False
-) -> tuple[TaskPrompt, ...]:
-    """The constructor's prompts as TaskPrompts, checked against ``prompt_format``.
-
-    An empty list is allowed only for a model of the geochat family: a region-caption-only job,
-    whose prompts all come per row from ``region_boxes``.
-
-    Raises:
-        RequestError: no prompt (and no region-caption ability), an unknown task, or a task the
-            model family cannot do (``--tasks``).
-        TypeError: a list mixing task names and TaskPrompts, or holding anything else.
-    """
-    items = list(prompts)
-    if not items and row_prompts:  # every prompt comes per row (benchmark evaluation)
-        return ()
-    if not items:
-        try:  # no prompt for every tile: a region-caption-only job, where prompts come per row
-            check_tasks([REGION_TASK], prompt_format)
-        except RequestError:
-            raise RequestError("--tasks", "give at least one task") from None
-        return ()
-    if all(isinstance(p, str) for p in items):
-        names = [str(p) for p in items]
-        return tuple(
-            TaskPrompt(task, question, key="")
-            for task in check_tasks(names, prompt_format)
-            for question in task_prompts(task, prompt_format)
-        )
-    if not all(isinstance(p, TaskPrompt) for p in items):
-        kinds = sorted({type(p).__name__ for p in items})
-        raise TypeError(f"prompts must be all task names (str) or all TaskPrompt, got {', '.join(kinds)}")
-    typed = [p for p in items if isinstance(p, TaskPrompt)]
-    check_tasks([p.task for p in typed], prompt_format)
-    for p in typed:
-        if not isinstance(p.prompt, str) or not p.prompt.strip():
-            raise RequestError("--tasks", f"a {p.task!r} prompt has no text (key {p.key!r})")
-    return tuple(typed)
-
-
 def _pooled_features(output: Any) -> list[torch.Tensor]:
     """Per-image ``[n_tokens, hidden]`` features from ``get_image_features``'s return value.
 
@@ -488,101 +316,6 @@ def _pooled_features(output: Any) -> list[torch.Tensor]:
     if isinstance(pooled, torch.Tensor):
         return list(pooled.unbind(0)) if pooled.ndim == 3 else [pooled]
     return [torch.as_tensor(t) for t in pooled]
-
-
-def batch_slots(
-    batch: dict[str, Any],
-    prompts: Sequence[TaskPrompt],
-    prompt_format: str,
-    *,
-    row_prompts: bool,
-    region_adapter: str | None,
-    who: str,
-) -> tuple[list[_Slot], list[range], np.ndarray, np.ndarray]:
-    """The output slots of an infer-stage batch, in output order: per row the static ``prompts``,
-    then the row's own prompts (``row_prompts``), then its regions; a row with nothing to ask keeps
-    one placeholder slot. Shared by every engine, so their rows line up.
-
-    Returns:
-        ``(slots, row_slots, in_status, in_error)``: ``row_slots[row]`` is the range of that row's
-        slots; the input status and error columns as arrays.
-
-    Raises:
-        ValueError: a required column is missing, or ``row_prompts`` arrive unasked (``who`` says
-            how to ask for them) — wiring bugs, not row failures.
-        RequestError: a row has region boxes but the model family cannot caption regions.
-    """
-    for name in ("tile_id", "image", "status"):
-        if name not in batch:
-            raise ValueError(f"the infer stage's batch lacks the {name!r} column (has {sorted(batch)})")
-    n_rows = len(batch["tile_id"])
-    in_status = _column(batch["status"])
-    in_error = _column(batch["error"]) if "error" in batch else _objects([None] * n_rows)
-    regions = _column(batch[REGION_BOXES_COLUMN]) if REGION_BOXES_COLUMN in batch else None
-    if ROW_PROMPTS_COLUMN in batch and not row_prompts:
-        raise ValueError(f"a {ROW_PROMPTS_COLUMN!r} column needs {who}")
-    own = _column(batch[ROW_PROMPTS_COLUMN]) if ROW_PROMPTS_COLUMN in batch else None
-    slots: list[_Slot] = []
-    row_slots: list[range] = []
-    for row in range(n_rows):
-        first = len(slots)
-        slots += [_Slot(row, p.task, p.prompt, p.key, p.region_id, adapter=p.adapter) for p in prompts]
-        if own is not None:
-            row_own = _row_prompt_slots(row, own[row])
-            tasks = sorted({slot.task for slot in row_own if slot.task and slot.prompt is not None})
-            if tasks:  # a task the family cannot do is a wiring bug here: callers check before inference
-                check_tasks(tasks, prompt_format)
-            slots += row_own
-        row_regions = _region_slots(row, regions[row]) if regions is not None else []
-        if region_adapter is not None:
-            row_regions = [dataclasses.replace(r, adapter=region_adapter) for r in row_regions]
-        if row_regions:
-            check_tasks([REGION_TASK], prompt_format)  # raises for llava/rsllava models
-        slots += row_regions
-        if len(slots) == first:  # nothing to ask (region-only job, no region here): keep the row
-            slots.append(_Slot(row, None, None, None, None))
-        row_slots.append(range(first, len(slots)))
-    return slots, row_slots, in_status, in_error
-
-
-def slot_columns(
-    batch: dict[str, Any],
-    slots: Sequence[_Slot],
-    *,
-    texts: Sequence[str | None],
-    statuses: Sequence[str],
-    errors: Sequence[str | None],
-    model_ids: Sequence[str],
-    ran: np.ndarray,
-    seconds: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The infer stage's output columns (see the module docstring), one row per slot: the input
-    columns repeated per slot (but the image and the prompt inputs, consumed here), the slot's
-    prompt, its answer and status, and ``stage`` ``"infer"`` for slots the engine worked on."""
-    n_out = len(slots)
-    row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
-    out: dict[str, np.ndarray] = {}
-    for name, values in batch.items():
-        if name in ("image", REGION_BOXES_COLUMN, ROW_PROMPTS_COLUMN):  # consumed here, not needed later
-            continue
-        out[name] = _column(values)[row_index]
-    out["task"] = _objects([slot.task for slot in slots])
-    out["prompt"] = _objects([slot.prompt for slot in slots])
-    out["prompt_key"] = _objects([slot.key for slot in slots])
-    out["region_id"] = _objects([slot.region_id for slot in slots])
-    # Position of the prompt within its tile: exactly one row per tile has 0, which is how later
-    # stages count tiles without collecting their ids.
-    first = np.r_[0, np.flatnonzero(np.diff(row_index)) + 1] if n_out else np.zeros(0, dtype=np.int64)
-    starts = np.repeat(first, np.diff(np.r_[first, n_out]))
-    out["prompt_index"] = np.arange(n_out, dtype=np.int64) - starts
-    out["text"] = _objects(list(texts))
-    out["status"] = _objects(list(statuses))
-    out["error"] = _objects(list(errors))
-    out["model_id"] = _objects(list(model_ids))
-    in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
-    out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
-    out["infer_seconds"] = np.where(ran, seconds, 0.0)
-    return out
 
 
 AUTO_BATCH_CAP_GPU = 64
@@ -699,13 +432,11 @@ class ModelRunner:
         self._region_adapter = region_adapter
         self._prompt_format = prompt_format
         self._ids_cache: dict[tuple[str, str], list[int]] = {}
+        self._noop: NoopRunner | None = None
         if spec.model == NOOP_MODEL:  # no weights: empty answers, everything else as for a model
+            self._noop = NoopRunner(spec, prompts, region_adapter=region_adapter, row_prompts=row_prompts)
             self.loaded = None
-            self._background = (0, 0, 0)
-            self._aspect = spec.image_aspect or "pad"
-            self._model_ids: dict[str | None, str] = {None: NOOP_MODEL}
             self.batch_size = spec.batch_size or AUTO_BATCH_CAP_CPU
-            logger.info("no-op model ready: %d prompt(s) per tile", len(self.prompts))
             return
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
@@ -737,9 +468,11 @@ class ModelRunner:
             ValueError: a required column is missing (a wiring bug, not a row failure).
             RequestError: a row has region boxes but the model family cannot caption regions.
         """
+        if self._noop is not None:
+            return self._noop(batch)
         slots, row_slots, in_status, in_error = batch_slots(
             batch, self.prompts, self._prompt_format, row_prompts=self._row_prompts,
-            region_adapter=self._region_adapter, who="ModelRunner(..., row_prompts=True)",
+            region_adapter=self._region_adapter, who=ROW_PROMPTS_WHO,
         )
         n_rows = len(row_slots)
         n_out = len(slots)
@@ -850,7 +583,7 @@ class ModelRunner:
     @contextlib.contextmanager
     def _adapter(self, name: str | None) -> Iterator[None]:
         """Answer with the named adapter active (None: the bare base, adapters disabled)."""
-        if self.loaded is None or not self.loaded.adapter_names:
+        if not self.loaded.adapter_names:
             yield
             return
         model = self.loaded.model
@@ -903,8 +636,6 @@ class ModelRunner:
     def _encode(self, squares: list[np.ndarray]) -> list[_Encoded]:
         """Run the image processor, the vision tower and the projector once over ``squares``."""
         loaded = self.loaded
-        if loaded is None:  # the no-op model: no features
-            return [_Encoded(torch.zeros((0, 0))) for _ in squares]
         processed = loaded.processor.image_processor(
             images=squares, return_tensors="pt", input_data_format="channels_last", **self._image_kwargs
         )
@@ -933,8 +664,6 @@ class ModelRunner:
         Raises:
             ValueError: the question holds ``<image>`` itself.
         """
-        if self.loaded is None:  # the no-op model: nothing to tokenise
-            return []
         n_features = int(encoded.features.shape[0])
         cache_key = (question, str(n_features))
         ids = self._ids_cache.get(cache_key)
@@ -994,8 +723,6 @@ class ModelRunner:
         them, so the answer is what follows column ``L``.
         """
         loaded = self.loaded
-        if loaded is None:  # the no-op model
-            return [""] * len(items)
         model = loaded.model
         pad_id = int(loaded.tokenizer.pad_token_id)
         length = max(len(item.ids) for item in items)

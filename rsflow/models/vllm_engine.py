@@ -330,7 +330,7 @@ def plan_vllm(
     Raises:
         RequestError: as ``ModelRunner`` for the prompts and adapters; see :func:`check_vllm_spec`.
     """
-    from rsflow.models.runner import _static_prompts
+    from rsflow.models.slots import _static_prompts
 
     prompt_format = resolve_prompt_format(spec)
     static = _static_prompts(prompts, prompt_format, row_prompts=row_prompts)
@@ -384,7 +384,7 @@ def expand_batch(batch: Mapping[str, Any], *, plan: VllmPlan) -> dict[str, np.nd
         ValueError: a required column is missing (a wiring bug).
         RequestError: region boxes for a model family that cannot caption regions.
     """
-    from rsflow.models.runner import _error_text, _objects, batch_slots, slot_columns
+    from rsflow.models.slots import _error_text, _objects, batch_slots, slot_columns
 
     slots, row_slots, in_status, in_error = batch_slots(
         dict(batch), plan.prompts, plan.prompt_format, row_prompts=plan.row_prompts,
@@ -477,7 +477,7 @@ def preprocess_row(row: dict[str, Any], *, plan: VllmPlan) -> dict[str, Any]:
     """
     from PIL import Image
 
-    from rsflow.models.runner import _error_text
+    from rsflow.models.slots import _error_text
 
     fields: dict[str, Any] = {_USER_PROMPT: row.get("prompt"), _IMAGE: None}
     if not bool(row.get(_RUN)):
@@ -521,7 +521,7 @@ def finish_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     Answered rows keep their ``text``; rows the engine failed (``__inference_error__`` set by Ray)
     become ``status="failed"`` with that message and no text; pass-through rows are unchanged.
     """
-    from rsflow.models.runner import _column, _objects
+    from rsflow.models.slots import _column, _objects
 
     names = list(batch)
     n = len(batch[names[0]]) if names else 0

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -167,8 +168,19 @@ def _crs_equal(src_wkt: str, tile_crs: str) -> bool:
     return bool(CRS.from_user_input(src_wkt) == CRS.from_user_input(tile_crs))
 
 
+_crs_matches: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+"""Per open dataset, whether its CRS is a tile CRS (asked once per band of every tile; the answer
+cannot change while the dataset is open)."""
+
+
 def _same_crs(src: Any, tile_crs: str) -> bool:
-    return src.crs is not None and _crs_equal(src.crs.to_wkt(), tile_crs)
+    known = _crs_matches.get(src)
+    if known is None:
+        known = _crs_matches[src] = {}
+    same = known.get(tile_crs)
+    if same is None:
+        same = known[tile_crs] = src.crs is not None and _crs_equal(src.crs.to_wkt(), tile_crs)
+    return same
 
 
 def _read_aligned(src: Any, band: int, window: Window, nodata: float | None) -> tuple[np.ndarray, np.ndarray]:

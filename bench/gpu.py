@@ -109,6 +109,20 @@ def _measure(runner: Any, bs: int, n: int, prompts_per_tile: int) -> dict[str, A
             "rows_ok": list(rows["status"]).count("ok"), "rows": len(rows["status"])}
 
 
+def _same_answers(runner: Any, prompts: Any, default_cache: str) -> str:
+    """How many of 16 greedy captions the two key/value caches answer identically, as ``"k of 16"``
+    (bf16 rounding in differently shaped attention can flip an argmax of random weights)."""
+    runner.prompts = prompts
+    set_batch_size(runner, 16)
+    texts = {}
+    for cache in KV_CACHES:
+        runner.kv_cache = cache
+        texts[cache] = list(runner(_batch(16, seed=5))["text"])
+    runner.kv_cache = default_cache
+    same = sum(a == b for a, b in zip(*texts.values(), strict=True))
+    return f"{same} of 16"
+
+
 def _best(runs: list[dict[str, Any]], attn: str) -> dict[str, Any]:
     return max((r for r in runs if r["attn"] == attn), key=lambda e: e["tiles_per_second"])
 
@@ -177,6 +191,9 @@ def run(work: Path, quick: bool) -> Section:
                 (f"{attn}, {cache} cache: 4 tasks/tile tiles/s/GPU, best batch {top_multi['batch_size']} (GPU busy)",
                  f"{top_multi['tiles_per_second']:.2f} ({top_multi['gpu_busy']})"),
             ]
+        figures["same_answers_across_caches"] = _same_answers(runner, caption_only, default_cache)
+        sec.rows.append((f"{attn}: greedy captions equal across the two caches (16 tiles, batch 16)",
+                         str(figures["same_answers_across_caches"])))
         del runner
         torch.cuda.empty_cache()
         sec.figures[attn] = figures

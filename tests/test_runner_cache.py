@@ -1,4 +1,4 @@
-"""The runner's key/value cache choice: a static cache answers exactly as the dynamic one.
+"""The runner's key/value cache choice: in float32 a static cache answers exactly as the dynamic one.
 
 ``ModelRunner.kv_cache`` picks what ``generate`` keeps the keys and values in (``default_kv_cache``
 per device; the bench times both on a GPU). Greedy decoding must not depend on it, with prompts of

@@ -378,7 +378,9 @@ def default_kv_cache(device: torch.device) -> str:
     ``generate`` call for the prompt plus ``max_new_tokens``), ``"dynamic"`` elsewhere (transformers'
     default, grown by concatenation every decode step, which copies the whole cache each step).
 
-    Both give the same greedy answers (tests/test_runner_cache.py). Measured with ``python -m bench
+    In float32 both give the same greedy answers (tests/test_runner_cache.py); in bf16 on a GPU they
+    attend through differently shaped kernels, so a near-tied argmax can flip (3 of 16 random-weight
+    captions agreed), as it can between batch sizes. Measured with ``python -m bench
     --only gpu`` (H100, LLaVA-1.5-7B architecture, bf16, SDPA, 64 new tokens, batch 64): captioning
     25.5 tiles/s static against 15.8 dynamic, 4 tasks per tile 6.7 against 3.9, GPU busy 85 % against
     77 %; on a CPU (the smoke model, one thread) the static cache was 3-9 % slower, so it stays dynamic.

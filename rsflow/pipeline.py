@@ -6,12 +6,15 @@ cluster as a streaming Ray Data pipeline::
     from_items(units) -> flat_map(plan)                     CPU tasks (a unit: an item's rows of tiles)
                       -> map_batches(read_batch)            CPU tasks (GDAL env set once per worker)
                       -> map_batches(ModelRunner)           model actor pool, num_gpus=1 when GPUs
-                                                            (--engine vllm: rsflow.models.vllm_engine)
+                                                            (--engine vllm: rsflow.models.vllm_engine;
+                                                            --model noop: NoopRunner, no torch)
                       -> map_batches(interpret_batch)       CPU tasks, then RawPartsSink (staging parts)
     read_parquet(parts) -> sort(hilbert key) -> GeoParquetDatasink   (in the driver up to 100,000 rows)
 
 Reading and inference are separate operators so that they overlap. A tile that fails in any
-stage becomes a row with ``status="failed"`` and the reason; nothing is dropped.
+stage becomes a row with ``status="failed"`` and the reason; nothing is dropped. Ray Data's
+per-operator resource reservation is off for these datasets (:func:`_unreserved`): reads take the
+CPU slots the other stages leave.
 
 Which nodes each stage runs on and how many model actors there are is decided by
 :mod:`rsflow.placement` from the cluster's resources. Imagery and outputs may be on object stores

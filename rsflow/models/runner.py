@@ -57,7 +57,7 @@ import torch
 
 from rsflow.errors import ModelError, RequestError
 from rsflow.models.formats import llava_chunked_ids
-from rsflow.models.imaging import background_from_processor, expand2square
+from rsflow.models.imaging import background_from_processor
 from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
 from rsflow.models.slots import (  # noqa: F401 - re-exported: the batch contract's names live here too
     REGION_BOXES_COLUMN,
@@ -68,6 +68,9 @@ from rsflow.models.slots import (  # noqa: F401 - re-exported: the batch contrac
     _error_text,
     _static_prompts,
     batch_slots,
+    check_adapter_names,
+    prepare_rows,
+    promptless,
     slot_columns,
 )
 from rsflow.models.spec import (
@@ -425,12 +428,7 @@ class ModelRunner:
         prompt_format = resolve_prompt_format(spec)
         self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, prompt_format, row_prompts=row_prompts)
         self._row_prompts = row_prompts
-        known = {name for name, _ in spec.adapters}
-        for wanted in {p.adapter for p in self.prompts} | {region_adapter}:
-            if wanted is not None and wanted not in known:
-                raise RequestError(
-                    "task_adapters", f"no adapter named {wanted!r}; named adapters: {sorted(known) or 'none'}"
-                )
+        check_adapter_names(spec, self.prompts, region_adapter)
         self._region_adapter = region_adapter
         self._prompt_format = prompt_format
         self._ids_cache: dict[tuple[str, str], list[int]] = {}
@@ -478,41 +476,16 @@ class ModelRunner:
         )
         n_rows = len(row_slots)
         n_out = len(slots)
-        images = batch["image"]
-
+        # 2. Pad each ok tile to a square (LLaVA-1.5's "pad" with the processor's mean colour; "crop"
+        # leaves the processor's shortest-edge resize and centre crop); rows that are not ok pass through.
+        prep = prepare_rows(slots, row_slots, in_status, in_error, batch["image"], aspect=self._aspect,
+                            background=self._background)
+        squares = prep.images
         texts: list[str | None] = [None] * n_out
-        statuses: list[str] = [""] * n_out
-        errors: list[str | None] = [None] * n_out
-        seconds = np.zeros(n_out, dtype=np.float64)
-        ran = np.zeros(n_out, dtype=bool)  # rows this stage worked on (their stage becomes "infer")
+        statuses, errors, seconds, ran = prep.statuses, prep.errors, prep.seconds, prep.ran
 
         def fail(k: int, message: str) -> None:
             statuses[k], errors[k] = "failed", message
-
-        # 2. Pad each ok tile to a square; rows that are not ok pass through.
-        squares: dict[int, np.ndarray] = {}
-        for row in range(n_rows):
-            status = str(in_status[row])
-            if status != "ok":
-                for k in row_slots[row]:
-                    statuses[k], errors[k] = status, in_error[row]
-                continue
-            span = row_slots[row]
-            for k in span:
-                statuses[k] = "ok"
-            if slots[span.start].task is None:  # the placeholder row: nothing to answer
-                continue
-            ran[span.start : span.stop] = True
-            t0 = time.perf_counter()
-            try:
-                image = np.asarray(images[row])
-                # LLaVA-1.5 pads to a square with the processor's mean colour ("pad"); "crop" leaves
-                # the processor's shortest-edge resize and centre crop (GeoChat's eval scripts).
-                squares[row] = expand2square(image, self._background) if self._aspect == "pad" else image
-            except Exception as exc:  # noqa: BLE001 - failures are data
-                for k in span:
-                    fail(k, _error_text(exc))
-            seconds[span.start : span.stop] += (time.perf_counter() - t0) / len(span)
 
         # 3-5. Per named adapter (one group for a model without them): encode each tile once, build
         # the token ids of its prompts sharing those features, generate in sub-batches of similar
@@ -540,7 +513,7 @@ class ModelRunner:
                     for k in group[row]:
                         slot = slots[k]
                         if slot.prompt is None:
-                            fail(k, slot.problem or "ValueError: no prompt")
+                            fail(k, promptless(slot))
                             continue
                         try:
                             ids = self._prompt_ids(slot.prompt, enc)

@@ -293,6 +293,76 @@ def slot_columns(
     return out
 
 
+@dataclass
+class RowPrep:
+    """What :func:`prepare_rows` found: per output slot its status, error, whether this stage works on
+    it (``ran``: its stage becomes ``"infer"``) and seconds spent; per input row to answer, its image
+    ready for the processor."""
+
+    statuses: list[str]
+    errors: list[str | None]
+    ran: np.ndarray
+    seconds: np.ndarray
+    images: dict[int, np.ndarray]
+
+
+def prepare_rows(
+    slots: Sequence[_Slot], row_slots: Sequence[range], in_status: np.ndarray, in_error: np.ndarray, images: Any,
+    *, aspect: str, background: tuple[int, int, int],
+) -> RowPrep:
+    """The step every engine takes first: a row that is not ok passes its status and error to its
+    slots; an ok row with prompts has its chip padded to a square with ``background`` (LLaVA-1.5's
+    ``aspect="pad"``; ``"crop"`` leaves it for the processor's shortest-edge resize and centre crop,
+    as GeoChat's eval scripts do) and checked to be ``H x W x 3`` uint8; an unusable chip fails the
+    row's slots with the reason. Each slot gets its share of the time spent."""
+    n_out = len(slots)
+    prep = RowPrep(statuses=[""] * n_out, errors=[None] * n_out, ran=np.zeros(n_out, dtype=bool),
+                   seconds=np.zeros(n_out, dtype=np.float64), images={})
+    for row, span in enumerate(row_slots):
+        status = str(in_status[row])
+        if status != "ok":
+            for k in span:
+                prep.statuses[k], prep.errors[k] = status, in_error[row]
+            continue
+        for k in span:
+            prep.statuses[k] = "ok"
+        if slots[span.start].task is None:  # the placeholder row: nothing to answer
+            continue
+        prep.ran[span.start : span.stop] = True
+        t0 = time.perf_counter()
+        try:
+            image = np.asarray(images[row])
+            ready = expand2square(image, background) if aspect == "pad" else image
+            if ready.ndim != 3 or ready.shape[2] != 3 or ready.dtype != np.uint8:
+                raise ValueError(f"image must be an HxWx3 uint8 array, got shape {ready.shape} dtype {ready.dtype}")
+        except Exception as exc:  # noqa: BLE001 - failures are data
+            for k in span:
+                prep.statuses[k], prep.errors[k] = "failed", _error_text(exc)
+        else:
+            prep.images[row] = ready
+        prep.seconds[span.start : span.stop] += (time.perf_counter() - t0) / len(span)
+    return prep
+
+
+def promptless(slot: _Slot) -> str:
+    """The failure of a slot whose prompt could not be built (a malformed region or row prompt)."""
+    return slot.problem or "ValueError: no prompt"
+
+
+def check_adapter_names(spec: ModelSpec, prompts: Sequence[TaskPrompt], region_adapter: str | None) -> None:
+    """Every adapter the prompts (and region-caption) name is one of ``spec``'s named adapters.
+
+    Raises:
+        RequestError: one is not.
+    """
+    known = {name for name, _ in spec.adapters}
+    for wanted in {p.adapter for p in prompts} | {region_adapter}:
+        if wanted is not None and wanted not in known:
+            raise RequestError(
+                "task_adapters", f"no adapter named {wanted!r}; named adapters: {sorted(known) or 'none'}"
+            )
+
+
 ROW_PROMPTS_WHO: Final[str] = "ModelRunner(..., row_prompts=True)"
 """How to ask for per-row prompts (the message of a ``row_prompts`` column that arrives unasked)."""
 
@@ -315,13 +385,10 @@ class NoopRunner:
     ) -> None:
         if spec.model != NOOP_MODEL:
             raise ValueError(f"NoopRunner runs the {NOOP_MODEL!r} model, not {spec.model!r}")
-        if region_adapter is not None:
-            raise RequestError("task_adapters", f"no adapter named {region_adapter!r}; named adapters: none")
         self.spec = spec
         self._prompt_format = resolve_prompt_format(spec)
         self.prompts: tuple[TaskPrompt, ...] = _static_prompts(prompts, self._prompt_format, row_prompts=row_prompts)
-        for wanted in {p.adapter for p in self.prompts} - {None}:
-            raise RequestError("task_adapters", f"no adapter named {wanted!r}; named adapters: none")
+        check_adapter_names(spec, self.prompts, region_adapter)
         self._row_prompts = row_prompts
         self._aspect = spec.image_aspect or "pad"
         logger.info("no-op model ready: %d prompt(s) per tile", len(self.prompts))
@@ -331,38 +398,14 @@ class NoopRunner:
             batch, self.prompts, self._prompt_format, row_prompts=self._row_prompts, region_adapter=None,
             who=ROW_PROMPTS_WHO,
         )
-        n_out = len(slots)
-        images = batch["image"]
-        texts: list[str | None] = [None] * n_out
-        statuses: list[str] = [""] * n_out
-        errors: list[str | None] = [None] * n_out
-        seconds = np.zeros(n_out, dtype=np.float64)
-        ran = np.zeros(n_out, dtype=bool)
-        for row, span in enumerate(row_slots):
-            status = str(in_status[row])
-            if status != "ok":
-                for k in span:
-                    statuses[k], errors[k] = status, in_error[row]
-                continue
-            for k in span:
-                statuses[k] = "ok"
-            if slots[span.start].task is None:  # the placeholder row: nothing to answer
-                continue
-            ran[span.start : span.stop] = True
-            t0 = time.perf_counter()
-            try:  # the image checks a model's runner makes (an unusable chip fails its prompts)
-                image = np.asarray(images[row])
-                if self._aspect == "pad":
-                    expand2square(image, (0, 0, 0))
-            except Exception as exc:  # noqa: BLE001 - failures are data
-                for k in span:
-                    statuses[k], errors[k] = "failed", _error_text(exc)
-            else:
-                for k in span:
-                    if slots[k].prompt is None:
-                        statuses[k], errors[k] = "failed", slots[k].problem or "ValueError: no prompt"
-                    else:
-                        texts[k] = ""
-            seconds[span.start : span.stop] = (time.perf_counter() - t0) / len(span)
-        return slot_columns(batch, slots, texts=texts, statuses=statuses, errors=errors, ran=ran, seconds=seconds,
-                            model_ids=[NOOP_MODEL] * n_out)
+        prep = prepare_rows(slots, row_slots, in_status, in_error, batch["image"], aspect=self._aspect,
+                            background=(0, 0, 0))
+        texts: list[str | None] = [None] * len(slots)
+        for row in prep.images:
+            for k in row_slots[row]:
+                if slots[k].prompt is None:
+                    prep.statuses[k], prep.errors[k] = "failed", promptless(slots[k])
+                else:
+                    texts[k] = ""
+        return slot_columns(batch, slots, texts=texts, statuses=prep.statuses, errors=prep.errors, ran=prep.ran,
+                            seconds=prep.seconds, model_ids=[NOOP_MODEL] * len(slots))

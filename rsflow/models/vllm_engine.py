@@ -96,7 +96,6 @@ from typing import Any, Final
 import numpy as np
 
 from rsflow.errors import ModelError, RequestError
-from rsflow.models.imaging import expand2square
 from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
 from rsflow.models.spec import (
     NOOP_MODEL,
@@ -384,55 +383,29 @@ def expand_batch(batch: Mapping[str, Any], *, plan: VllmPlan) -> dict[str, np.nd
         ValueError: a required column is missing (a wiring bug).
         RequestError: region boxes for a model family that cannot caption regions.
     """
-    from rsflow.models.slots import _error_text, _objects, batch_slots, slot_columns
+    from rsflow.models.slots import _objects, batch_slots, prepare_rows, promptless, slot_columns
 
     slots, row_slots, in_status, in_error = batch_slots(
         dict(batch), plan.prompts, plan.prompt_format, row_prompts=plan.row_prompts,
         region_adapter=plan.region_adapter, who="row_prompts=True",
     )
-    n_rows, n_out = len(row_slots), len(slots)
-    images = batch["image"]
-
-    statuses: list[str] = [""] * n_out
-    errors: list[str | None] = [None] * n_out
-    ran = np.zeros(n_out, dtype=bool)  # this stage worked on it: its stage becomes "infer"
+    n_out = len(slots)
+    # 2. Pad each ok tile to a square; rows that are not ok pass through (as the runner does).
+    prep = prepare_rows(slots, row_slots, in_status, in_error, batch["image"], aspect=plan.aspect,
+                        background=plan.background)
     run = np.zeros(n_out, dtype=bool)  # the engine answers it
     empty = np.zeros((0, 0, 3), dtype=np.uint8)
     squares: list[np.ndarray] = [empty] * n_out
-
-    # 2. Pad each ok tile to a square; rows that are not ok pass through.
-    for row in range(n_rows):
-        span = row_slots[row]
-        status = str(in_status[row])
-        if status != "ok":
-            for k in span:
-                statuses[k], errors[k] = status, in_error[row]
-            continue
-        for k in span:
-            statuses[k] = "ok"
-        if slots[span.start].task is None:  # the placeholder row: nothing to answer
-            continue
-        ran[span.start : span.stop] = True
-        try:
-            image = np.asarray(images[row])
-            square = expand2square(image, plan.background) if plan.aspect == "pad" else image
-            if square.ndim != 3 or square.shape[2] != 3 or square.dtype != np.uint8:
-                raise ValueError(
-                    f"image must be an HxWx3 uint8 array, got shape {square.shape} dtype {square.dtype}"
-                )
-        except Exception as exc:  # noqa: BLE001 - failures are data
-            for k in span:
-                statuses[k], errors[k] = "failed", _error_text(exc)
-            continue
-        for k in span:
+    for row, square in prep.images.items():
+        for k in row_slots[row]:
             if slots[k].prompt is None:  # a malformed region: it fails alone
-                statuses[k], errors[k] = "failed", slots[k].problem or "ValueError: no prompt"
+                prep.statuses[k], prep.errors[k] = "failed", promptless(slots[k])
             else:
                 run[k], squares[k] = True, square
 
     # 3. Columns: ModelRunner's, then the engine's.
     out = slot_columns(
-        dict(batch), slots, texts=[None] * n_out, statuses=statuses, errors=errors, ran=ran,
+        dict(batch), slots, texts=[None] * n_out, statuses=prep.statuses, errors=prep.errors, ran=prep.ran,
         seconds=np.zeros(n_out, dtype=np.float64), model_ids=[plan.model_id_for(slot.adapter) for slot in slots],
     )
     out[_RUN] = run

@@ -12,10 +12,11 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -80,6 +81,37 @@ def set_batch_size(runner: Any, bs: int) -> None:
 def default_batch_size(runner: Any) -> int:
     """The batch size a ModelRunner chose for itself (``--batch-size`` given, or auto from free memory)."""
     return int(getattr(runner, "batch_size", None) or runner.spec.batch_size)
+
+
+class PeriodicSampler:
+    """Calls :meth:`sample` in a thread every ``interval`` seconds while its ``with`` block runs (and once
+    more as it ends when ``sample_at_exit``). Subclasses keep what they read."""
+
+    sample_at_exit = True
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                if self.sample_at_exit:
+                    self.sample()
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------- machine

@@ -16,27 +16,27 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
-from bench.common import Section, Target, default_batch_size, set_batch_size
+from bench.common import PeriodicSampler, Section, Target, default_batch_size, set_batch_size
 
 MAX_NEW_TOKENS = 64
 KV_CACHES = ("dynamic", "static")
 
 
-class GpuBusy:
-    """Samples ``utilization.gpu`` (0-100) of the GPU in use every 0.2 s, in a thread."""
+class GpuBusy(PeriodicSampler):
+    """Samples ``utilization.gpu`` (0-100) of the GPU in use every 0.2 s, in a thread (not after the timed
+    call: the GPU is idle by then)."""
+
+    sample_at_exit = False
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
         self._index = visible or "0"
         self._nvml: Any = None
@@ -54,27 +54,21 @@ class GpuBusy:
         if self._nvml is not None:
             pynvml, handle = self._nvml
             return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        out = subprocess.run(["nvidia-smi", "-i", self._index, "--query-gpu=utilization.gpu",
-                              "--format=csv,noheader,nounits"], check=False, capture_output=True, text=True, timeout=5)
+        try:
+            out = subprocess.run(["nvidia-smi", "-i", self._index, "--query-gpu=utilization.gpu",
+                                  "--format=csv,noheader,nounits"], check=False, capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):  # no nvidia-smi either: no reading
+            return None
         try:
             return float(out.stdout.strip().splitlines()[0])
         except (ValueError, IndexError):
             return None
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            value = self._read()
-            if value is not None:
-                self.samples.append(value)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        value = self._read()
+        if value is not None:
+            self.samples.append(value)
 
     @property
     def fraction(self) -> float | None:
@@ -82,13 +76,9 @@ class GpuBusy:
 
 
 def _batch(n: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "tile_id": np.array([f"t{i}" for i in range(n)], dtype=object),
-        "image": rng.integers(0, 256, (n, 336, 336, 3), dtype=np.uint8),
-        "status": np.array(["ok"] * n, dtype=object),
-        "error": np.array([None] * n, dtype=object),
-    }
+    from bench.gpu_check import _batch as tiles
+
+    return tiles(n, 336, seed)
 
 
 def _measure(runner: Any, bs: int, n: int, prompts_per_tile: int) -> dict[str, Any]:

@@ -16,13 +16,12 @@ worker has touched and shared libraries. Beside it the section keeps the peak of
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import psutil
 
-from bench.common import Section, Target, run_figures, run_region, scene
+from bench.common import PeriodicSampler, Section, Target, run_figures, run_region, scene
 
 _SYSTEM_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -45,30 +44,20 @@ def _role(title: str, name: str) -> str | None:
 _RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 0}
 
 
-class RssSampler:
+class RssSampler(PeriodicSampler):
     """Samples RSS of this process and its descendants every ``interval`` seconds, in a thread."""
 
     def __init__(self, roles: dict[int, str], interval: float = 0.2) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.driver_peak = 0
         self.peaks: dict[int, int] = {}
         self.private_peaks: dict[int, int] = {}
         self.driver_private_peak = 0
         self.roles = roles  # pid -> role, shared by the samplers of one section
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
         self._me = psutil.Process()
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
+    def sample(self) -> None:
         mem = self._me.memory_info()
         self.driver_peak = max(self.driver_peak, mem.rss)
         self.driver_private_peak = max(self.driver_private_peak, mem.rss - mem.shared)
@@ -89,13 +78,6 @@ class RssSampler:
             if old is None or _RANK[role] > _RANK[old]:
                 self.roles[p.pid] = role
         self.samples += 1
-
-    def _loop(self) -> None:
-        while True:
-            self._sample()
-            if self._stop.wait(self.interval):
-                self._sample()
-                return
 
     def summary(self) -> dict[str, Any]:
         mib = 2**20

@@ -59,10 +59,7 @@ from rsflow.errors import ModelError, RequestError
 from rsflow.models.formats import llava_chunked_ids
 from rsflow.models.imaging import background_from_processor
 from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
-from rsflow.models.slots import (  # noqa: F401 - re-exported: the batch contract's names live here too
-    REGION_BOXES_COLUMN,
-    REGION_TASK,
-    ROW_PROMPTS_COLUMN,
+from rsflow.models.slots import (
     ROW_PROMPTS_WHO,
     NoopRunner,
     _error_text,

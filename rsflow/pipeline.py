@@ -13,7 +13,7 @@ cluster as a streaming Ray Data pipeline::
 
 Reading and inference are separate operators so that they overlap. A tile that fails in any
 stage becomes a row with ``status="failed"`` and the reason; nothing is dropped. Ray Data's
-per-operator resource reservation is off for these datasets (:func:`_unreserved`): reads take the
+per-operator resource reservation is off for these datasets (:func:`_configured`): reads take the
 CPU slots the other stages leave.
 
 Which nodes each stage runs on and how many model actors there are is decided by
@@ -62,7 +62,7 @@ from rsflow.models.spec import (
 )
 from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
 from rsflow.placement import StagePlacement, plan_cluster
-from rsflow.plan import plan_tiles, plan_units, tile_rows
+from rsflow.plan import plan_tiles, plan_units, tile_offsets
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
@@ -133,7 +133,7 @@ def _plan_item(
     href_policy: HrefPolicy,
     skip_tile_ids: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """flat_map UDF: one planning unit (an item and a range of its tile rows) -> its tile rows (or, for
+    """flat_map UDF: one planning unit (an item and a rectangle of its tiles) -> its tile rows (or, for
     the item's first unit, one failed row when the item cannot be planned).
 
     The item's RGB asset hrefs are checked against ``href_policy`` first (:mod:`rsflow.hrefs`); a
@@ -155,7 +155,8 @@ def _plan_item(
                 except HrefRefused as exc:
                     raise HrefRefused(f"asset {ref.asset!r} refused: {exc}") from None
         rows = tuple(row["rows"]) if row.get("rows") is not None else None
-        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open, rows=rows)
+        cols = tuple(row["cols"]) if row.get("cols") is not None else None
+        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open, rows=rows, cols=cols)
         geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
         out = []
         for t in tiles:
@@ -210,8 +211,9 @@ def _cluster_shape(model_actors: int | None, read_workers: int | None) -> tuple[
     return plan.gpus, plan.max_actors, plan.read_max
 
 
-def _unreserved(ds: Any) -> Any:
-    """``ds`` with Ray Data's per-operator resource reservation off (for it and every stage built on it).
+def _configured(ds: Any) -> Any:
+    """``ds`` with rsflow's Ray Data settings (for it and every stage built on it; other datasets keep
+    theirs): per-operator resource reservation off, and blocks of at most :data:`_MAX_BLOCK_BYTES`.
 
     With reservations on, each operator is held to its reserved share of the CPUs plus what the
     shared pool gives it: on 2 CPUs the read stage ran one task at a time, backpressured
@@ -219,13 +221,18 @@ def _unreserved(ds: Any) -> Any:
     operators each kept a share. Without them, reads take every CPU slot the other stages leave
     (`TaskPoolStrategy(size=read_max)` still caps them) and the object-store limit still
     backpressures them: 270 -> 340 tiles/s on the bench's read path (2 cores, 336 px).
+
+    A read task writes its chips out in blocks of at most :data:`_MAX_BLOCK_BYTES` as it goes,
+    instead of gathering a whole planning unit (43 MB of 336 px chips with the no-op model) into one.
     """
     ds.context.op_resource_reservation_enabled = False
+    ds.context.target_max_block_size = _MAX_BLOCK_BYTES
     return ds
 
 
 def add_read_stage(
-    ds: Any, *, max_nodata: float, size_px: int, read_max: int, resources: dict[str, float] | None = None
+    ds: Any, *, max_nodata: float, size_px: int, read_max: int, block_tiles: int,
+    resources: dict[str, float] | None = None,
 ) -> Any:
     """The read stage of the region job: tile rows -> rows with the chip as a uint8 ``image`` tensor.
 
@@ -235,16 +242,20 @@ def add_read_stage(
     """
     from ray.data import TaskPoolStrategy
 
+    batch = read_batch_tiles(size_px, block_tiles)
     return ds.map_batches(
         read_batch,
         fn_kwargs={"max_nodata": max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
-        batch_size=8,
+        # A block's worth of chips per call: each output block is then one Arrow chunk, which the
+        # model actors take as a numpy view (rows gathered from calls of 8 tiles were copied
+        # into one array there, 43 MB a block).
+        batch_size=batch,
         num_cpus=1,
         compute=TaskPoolStrategy(size=read_max),
         resources=resources or None,
         # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
         # fusing reads into the model actors: the two stages must stay separate to overlap.
-        memory=_READ_TASK_MEMORY_BYTES + 8 * 4 * size_px**2 * 3,
+        memory=_READ_TASK_MEMORY_BYTES + 2 * (batch or block_tiles) * size_px**2 * 3,
     )
 
 
@@ -350,7 +361,7 @@ def infer_images(
         return
     _ensure_ray(address)
     gpus, actors, read_max = _cluster_shape(model_actors, read_workers)
-    ds = _unreserved(ray.data.from_items(list(rows)))
+    ds = _configured(ray.data.from_items(list(rows)))
     ds = ds.map_batches(
         read_image_batch,
         batch_size=8,
@@ -438,13 +449,13 @@ def run_region(
                 " (given by the caller)" if items_given else "")
     profiles = _profiles_for(request, items)
     # Planned on the driver from metadata (proj:* fields, else file headers) before any pixel is read:
-    # the tile count for --max-tiles, and the planning units (runs of whole tile rows of about a block
-    # each) that the cluster plans again in parallel, each into one block.
+    # the tile count for --max-tiles, and the planning units (near-square rectangles of tiles of about a
+    # block each) that the cluster plans again in parallel, each into one block.
     units: list[dict[str, Any]] = []
     n_tiles, per_unit = 0, tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
     for item in items:
-        rows = tile_rows(item, profiles, tile_spec, request.aoi, rasterio.open)
-        n_tiles += sum(n for _, n in rows)
+        offsets = tile_offsets(item, profiles, tile_spec, request.aoi, rasterio.open)
+        n_tiles += len(offsets)
         if n_tiles > request.max_tiles:
             raise RequestError(
                 "--max-tiles",
@@ -452,8 +463,9 @@ def run_region(
                 "shrink the AOI or the date range, or raise --max-tiles",
             )
         item_json = json.dumps(item)
-        units += [{"item_json": item_json, "rows": list(r) if r else None, "first_unit": k == 0}
-                  for k, r in enumerate(plan_units(rows, per_unit))]
+        units += [{"item_json": item_json, "rows": list(u[0]) if u else None, "cols": list(u[1]) if u else None,
+                   "first_unit": k == 0}
+                  for k, u in enumerate(plan_units(offsets, per_unit))]
 
     resume = _resume_source(request) if request.resume else None
     if resume is not None and resume.committed and resume.failed_tiles == 0:
@@ -498,7 +510,7 @@ def run_region(
             )
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])
-            ds = _unreserved(ray.data.from_items(units, override_num_blocks=len(units)))  # a planning task per unit
+            ds = _configured(ray.data.from_items(units, override_num_blocks=len(units)))  # a planning task per unit
             ds = ds.flat_map(
                 _plan_item,
                 fn_kwargs={
@@ -514,7 +526,7 @@ def run_region(
                 num_cpus=1,
                 resources=plan.read_resources or None,  # CPU nodes only (see rsflow.placement)
             )
-            ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px,
+            ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px, block_tiles=per_unit,
                                 read_max=plan.read_max, resources=plan.read_resources)
             ds = (add_vllm_stage if request.engine == "vllm" else add_model_stage)(
                 ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=plan.min_actors,
@@ -618,9 +630,29 @@ straddled by two tile rows of different planning units): on 2 cores the read pat
 doubled."""
 
 
+_MAX_BLOCK_BYTES = 16 * 1024**2
+"""Largest block a stage of rsflow's datasets emits (Ray Data's ``target_max_block_size``; its default is
+128 MiB). A read task builds each output block in its own memory and then copies it into the object store:
+with units of 128 chips of 336 px, that was 43 MB held twice per read worker. At 16 MiB the no-op read
+worker on a 20,000 px scene peaked about 50 MiB lower, with the same number of tasks; model-run blocks (32
+chips of 336 px, 11 MB) and 64 px blocks (12.6 MB) are below it and unchanged."""
+
+
 _MODEL_TILES_PER_BLOCK = 32
 """Tiles per block when a model answers: the unit in which rows stream to the staging parts (and
 so what a killed run loses at most), and seconds of model work, far above Ray's per-task cost."""
+
+
+def read_batch_tiles(size_px: int, block_tiles: int) -> int | None:
+    """Tiles per call of the read UDF for blocks of ``block_tiles`` tiles of ``size_px``: ``None`` (each
+    block in one call) when the block's RGB chips fit in :data:`_MAX_BLOCK_BYTES`, else the fewest tiles
+    whose chips fill such a block (50 of 336 px), so that Ray Data emits each call's output as a block of
+    its own (it adds calls' outputs to a block until the block exceeds the limit). Never more than a
+    block: a larger batch would make Ray Data gather several planning units into one read task."""
+    chip = 3 * max(1, size_px) ** 2
+    if block_tiles * chip <= _MAX_BLOCK_BYTES:
+        return None
+    return max(1, min(block_tiles, math.ceil(_MAX_BLOCK_BYTES / chip)))
 
 
 def tiles_per_block(size_px: int, *, model: bool = True) -> int:

@@ -281,6 +281,7 @@ def plan_tiles(
     open_header: Any = None,
     *,
     rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
 ) -> list[Tile]:
     """All tiles of one item whose window touches the AOI.
 
@@ -292,11 +293,12 @@ def plan_tiles(
         open_header: ``href -> rasterio dataset`` used only when the item lacks ``proj:*`` fields.
         rows: only the rows of tiles whose row offset (px) lies in this inclusive range, so that one
             item can be planned in parts (:func:`plan_units`); default all.
+        cols: likewise for the columns of tiles (column offset, px).
 
     Returns:
         Tiles in row-major order of the item grid.
     """
-    sources, grid, windows = _item_windows(item, profile, spec, aoi, open_header, rows)
+    sources, grid, windows = _item_windows(item, profile, spec, aoi, open_header, rows, cols)
     size, res = int(spec.size_px or 0), abs(grid.transform[0])
     props = item.get("properties", {})
     dt = props.get("datetime") or props.get("start_datetime") or ""
@@ -340,9 +342,10 @@ def _item_windows(
     aoi: BaseGeometry,
     open_header: Any,
     rows: tuple[int, int] | None,
+    cols: tuple[int, int] | None = None,
 ) -> tuple[list[BandSource], Grid, list[tuple[int, int, BaseGeometry]]]:
     """The item's RGB sources, its tile grid, and ``(row_off, col_off, rectangle in the grid's CRS)`` of
-    every window that touches the AOI, row-major (what :func:`plan_tiles` and :func:`tile_rows` share)."""
+    every window that touches the AOI, row-major (what :func:`plan_tiles` and :func:`tile_offsets` share)."""
     if spec.size_px is None:
         raise ValueError("TileSpec.size_px must be resolved before planning")
     size, stride = spec.size_px, spec.size_px - spec.overlap_px
@@ -357,13 +360,15 @@ def _item_windows(
     # AOI bounds in grid pixels (columns grow east, rows grow south).
     px_min, px_max = (minx - x0) / res, (maxx - x0) / res
     py_min, py_max = (y0 - maxy) / res, (y0 - miny) / res
-    cols = [c for c in window_offsets(grid.width_px, size, stride) if c <= px_max and c + size >= px_min]
+    col_offsets = [c for c in window_offsets(grid.width_px, size, stride) if c <= px_max and c + size >= px_min]
     row_offsets = [r for r in window_offsets(grid.height_px, size, stride) if r <= py_max and r + size >= py_min]
     if rows is not None:
         row_offsets = [r for r in row_offsets if rows[0] <= r <= rows[1]]
+    if cols is not None:
+        col_offsets = [c for c in col_offsets if cols[0] <= c <= cols[1]]
     windows = []
     for row_off in row_offsets:
-        for col_off in cols:
+        for col_off in col_offsets:
             bx0, by1 = x0 + col_off * res, y0 - row_off * res
             rect = box(bx0, by1 - size * res, bx0 + size * res, by1)
             if aoi_native.intersects(rect):
@@ -378,10 +383,10 @@ def item_footprint(item: dict[str, Any]) -> BaseGeometry:
     return box(*item["bbox"][:4]) if item.get("bbox") else shapely.Polygon()
 
 
-def tile_rows(
+def tile_offsets(
     item: dict[str, Any], profiles: dict[str, SourceProfile], spec: TileSpec, aoi: BaseGeometry, open_header: Any = None
 ) -> list[tuple[int, int]]:
-    """``(row offset px, tiles)`` of each row of tiles the item plans over the AOI, top to bottom; ``[]``
+    """``(row offset px, column offset px)`` of every tile the item plans over the AOI, row-major; ``[]``
     for an item that cannot be planned (the pipeline records it as failed, with the reason).
 
     Counted on the driver before any pixel is read (metadata only: the item's ``proj:*`` fields, or
@@ -393,33 +398,56 @@ def tile_rows(
         _, _, windows = _item_windows(item, profile, spec, aoi, open_header, None)
     except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
         return []
-    counts: dict[int, int] = {}
-    for row_off, _, _ in windows:
-        counts[row_off] = counts.get(row_off, 0) + 1
-    return sorted(counts.items())
+    return [(row_off, col_off) for row_off, col_off, _ in windows]
 
 
-def plan_units(row_counts: list[tuple[int, int]], tiles_per_unit: int) -> list[tuple[int, int] | None]:
-    """Cut an item's rows of tiles (:func:`tile_rows`) into runs of whole rows of about
-    ``tiles_per_unit`` tiles, as inclusive row-offset ranges for ``plan_tiles(rows=...)``, so that
-    planning, and every stage after it, works on blocks of that size; ``[None]`` (the whole item, one
-    unit) for an item without tiles or that cannot be planned.
+Unit = tuple[tuple[int, int], tuple[int, int]]
+"""A planning unit: inclusive ranges of tile row offsets and of tile column offsets (px)."""
 
-    >>> plan_units([(0, 10), (64, 10), (128, 10), (192, 10)], 20)
-    [(0, 64), (128, 192)]
+
+def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int) -> list[Unit | None]:
+    """Cut an item's tiles (:func:`tile_offsets`) into rectangles of about ``tiles_per_unit`` tiles, as
+    inclusive ``(rows, cols)`` offset ranges for ``plan_tiles(rows=..., cols=...)``, so that planning,
+    and every stage after it, works on blocks of that size; ``[None]`` (the whole item, one unit) for an
+    item without tiles or that cannot be planned.
+
+    The rectangles are as near square (in tiles) as the grid allows: columns are cut into bands about
+    ``sqrt(tiles_per_unit)`` tiles wide, and each band into runs of whole rows. A read worker reads a
+    unit row by row, so the internal blocks it keeps cached while it goes down a unit span the unit's
+    width, not the scene's (a full-width unit on a 20,000 px scene needed a block cache of two block rows
+    of the whole scene, 122 MB of uint16 for three bands), and fewer internal blocks lie under the edges
+    of two units (each such block is decoded by both).
+
+    >>> plan_units([(r, c) for r in (0, 64, 128, 192) for c in (0, 64, 128, 192)], 4)
+    [((0, 64), (0, 64)), ((128, 192), (0, 64)), ((0, 64), (128, 192)), ((128, 192), (128, 192))]
+    >>> plan_units([(0, 0), (0, 64), (0, 128)], 32)
+    [((0, 0), (0, 128))]
     >>> plan_units([], 32)
     [None]
     """
-    if not row_counts:
+    if not offsets:
         return [None]
-    units: list[tuple[int, int] | None] = []
-    first, in_unit = None, 0
-    for row_off, n in row_counts:
-        first = row_off if first is None else first
-        in_unit += n
-        if in_unit >= tiles_per_unit:
-            units.append((first, row_off))
-            first, in_unit = None, 0
-    if first is not None:
-        units.append((first, row_counts[-1][0]))
+    cols = sorted({c for _, c in offsets})
+    n_bands = math.ceil(len(cols) / max(1, min(len(cols), round(math.sqrt(tiles_per_unit)))))
+    units: list[Unit | None] = []
+    for b in range(n_bands):
+        band = cols[b * len(cols) // n_bands : (b + 1) * len(cols) // n_bands]
+        c0, c1 = band[0], band[-1]
+        counts: dict[int, int] = {}
+        for r, c in offsets:
+            if c0 <= c <= c1:
+                counts[r] = counts.get(r, 0) + 1
+        total = sum(counts.values())
+        if not total:
+            continue
+        n_units = max(1, round(total / tiles_per_unit))
+        first, seen, k = None, 0, 1
+        for r in sorted(counts):
+            first = r if first is None else first
+            seen += counts[r]
+            if seen >= k * total / n_units:  # rows split as evenly as whole rows allow
+                units.append(((first, r), (c0, c1)))
+                first, k = None, k + 1
+        if first is not None:
+            units.append(((first, max(counts)), (c0, c1)))
     return units

@@ -55,11 +55,19 @@ redact_logs("rasterio")
 
 #: GDAL settings for reading cloud-optimised GeoTIFFs over HTTP(S)/S3: do not list the remote
 #: "directory" on open (one request per file instead of many), retry transient HTTP errors, merge
-#: neighbouring range requests and cache blocks. Set once per read worker. The block cache (128 MB) holds
-#: two strips of 512 px uint16 blocks of three bands across a 20,000 px scene (2 x 61 MB): a row of 336 px
-#: tiles straddles two block rows and the next row of tiles reads one of them again. At 64 MB reading a
-#: 20,000 px scene cost 3.7 ms of CPU a tile instead of 1.9 (blocks decoded twice); more than that only
-#: grows each worker.
+#: neighbouring range requests and cache blocks. Set once per read worker.
+#:
+#: The block cache (64 MB) holds two rows of internal blocks across one planning unit: units are
+#: near-square rectangles of tiles (:func:`rsflow.plan.plan_units`, at most about 3,800 px wide), read
+#: row by row, and a row of tiles straddles two block rows, the next row of tiles reading one of them
+#: again. Two rows of 1,024 px uint16 blocks (Sentinel-2's COGs) of three bands across such a unit are
+#: about 56 MB; of 512 px blocks, about 26 MB. (With units of whole rows of tiles, a 20,000 px scene needed
+#: 128 MB, and the cache grew with the scene's width.)
+#:
+#: VSI_CACHE keeps recently read byte ranges of each open file; its default of 25 MB per file handle,
+#: for three band files of every dataset a worker keeps open, took 75 MB or more of each read worker on a
+#: 20,000 px scene. 5 MB per handle (the size rio-tiler suggests for COGs) still covers a COG's header
+#: and neighbouring range requests.
 GDAL_REMOTE_OPTIONS: dict[str, str] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_HTTP_MAX_RETRY": "5",
@@ -68,7 +76,8 @@ GDAL_REMOTE_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "VSI_CACHE": "TRUE",
-    "GDAL_CACHEMAX": "128",
+    "VSI_CACHE_SIZE": "5000000",
+    "GDAL_CACHEMAX": "64",
 }
 
 

@@ -8,7 +8,7 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import box
 
-from rsflow.plan import aoi_in_crs, footprint_4326, plan_tiles, window_offsets
+from rsflow.plan import aoi_in_crs, footprint_4326, plan_tiles, plan_units, tile_offsets, window_offsets
 from rsflow.request import TileSpec
 from rsflow.sources import BandRef, SourceProfile
 
@@ -125,3 +125,30 @@ def test_grid_from_file_header_when_catalog_lacks_proj(tmp_path):
         plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20))
     tiles = plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20), rasterio.open)
     assert [(t.col_off, t.row_off) for t in tiles] == [(32, 0), (64, 0)]
+
+
+@pytest.mark.parametrize(("aoi_px", "per_unit"), [((0, 0, 2000, 2000), 128), ((0, 0, 2000, 600), 32),
+                                                  ((300, 100, 1700, 1900), 50), ((0, 0, 90, 90), 1024)])
+def test_planning_units_are_near_square_rectangles_that_split_the_tiles_exactly(aoi_px, per_unit):
+    """Units cover every tile once, are about ``per_unit`` tiles, and are as near square as the grid
+    allows (a read worker's block cache then needs two block rows of a unit's width, not the scene's)."""
+    spec, profile = TileSpec(size_px=20), _profile()
+    item, aoi = _item(width=2000, height=2000), _aoi_from_pixels(*aoi_px)
+    offsets = tile_offsets(item, {"c": profile}, spec, aoi)
+    assert offsets == [(t.row_off, t.col_off) for t in plan_tiles(item, profile, spec, aoi)]
+    units = plan_units(offsets, per_unit)
+    planned = [(t.row_off, t.col_off) for u in units
+               for t in plan_tiles(item, profile, spec, aoi, rows=u[0], cols=u[1])]
+    assert sorted(planned) == sorted(offsets)  # every tile in exactly one unit
+    n_cols = len({c for _, c in offsets})
+    for (r0, r1), (c0, c1) in units:
+        cols, rows = (c1 - c0) // 20 + 1, (r1 - r0) // 20 + 1
+        if len(offsets) >= per_unit:
+            assert 0.5 * per_unit <= cols * rows <= 1.5 * per_unit, (cols, rows)
+        assert cols <= max(1, round(per_unit**0.5)) or cols == n_cols  # a band, not the scene's width
+    if len(offsets) >= 4 * per_unit:
+        assert len({u[1] for u in units}) > 1  # more than one band of columns
+
+
+def test_an_item_without_tiles_is_one_unit():
+    assert plan_units([], 32) == [None]

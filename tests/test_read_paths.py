@@ -123,7 +123,7 @@ def test_chips_travel_to_the_model_stage_as_uint8_tensors(ray_local: Any, scene:
 
     tiles = [{**_tile(scene, c, r, 64), "status": "ok", "error": None, "stage": "plan"}
              for r, c in ((0, 0), (640, 1280), (1984, 1984))]
-    ds = add_read_stage(ray.data.from_items(tiles), max_nodata=1.0, size_px=64, read_max=1)
+    ds = add_read_stage(ray.data.from_items(tiles), max_nodata=1.0, size_px=64, read_max=1, block_tiles=3)
     column = ds.schema().base_schema.field("image")
     print("image column:", column.type)
     assert str(column.type.storage_type.value_type) == "uint8"

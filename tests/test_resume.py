@@ -57,7 +57,7 @@ def test_a_killed_driver_is_resumed_to_the_same_dataset(
             parts = list(tmp_path.glob(".run.staging-*/_parts/raw-*.parquet"))
             if parts:
                 break
-            time.sleep(0.2)
+            time.sleep(0.02)  # the parts of a short run land within a fraction of a second
     finally:
         finished_first = proc.poll() is not None
         try:

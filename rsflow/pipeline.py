@@ -72,11 +72,11 @@ from rsflow.versions import package_versions
 logger = logging.getLogger(__name__)
 
 
-#: Memory a read task asks Ray for (plus its batch's chip buffers): the read worker's own memory as Ray
-#: Data measures it (USS), which reached 418 MiB reading 336 px tiles of a 20,000 px scene (interpreter
-#: and libraries about 170 MiB, GDAL's 128 MB block cache, the chip blocks it builds), plus the quarter
-#: Ray Data's memory check adds.
-_READ_TASK_MEMORY_BYTES = 520 * 1024**2
+#: Memory a read task asks Ray for (plus its batch's chip buffers): the read worker's own memory (RSS less
+#: shared pages, as Ray counts a worker's heap), which reached 264 MiB reading 336 px tiles of a 20,000 px
+#: scene (interpreter and libraries about 130 MiB, GDAL's 64 MB block cache, 5 MB VSI caches per open
+#: file, the block being built), plus a quarter.
+_READ_TASK_MEMORY_BYTES = 336 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,8 @@ def _plan_item(
         out = []
         for t in tiles:
             r = t.to_row()
-            footprint = shapely.from_wkb(t.footprint_wkb)
             boxes = []
+            footprint = shapely.from_wkb(t.footprint_wkb) if geoms else None
             for rid, geom in geoms:
                 if geom.intersects(footprint):
                     box = region_to_box(geom, t.transform, t.crs, t.width, t.height)

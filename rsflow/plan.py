@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -117,7 +117,7 @@ class Tile:
 
     def to_row(self) -> dict[str, Any]:
         """The tile as a Ray Data row (plus the status columns every later stage carries)."""
-        row = asdict(self)
+        row = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: asdict deep-copies every list
         row.update(status="ok", error=None, stage="plan", nodata_fraction=float("nan"))
         return row
 

@@ -2,10 +2,11 @@
 
 A thread samples every 0.2 s the driver and every process under it (a local Ray's GCS, raylet, agents and
 worker processes are all descendants of the driver that started it). Each worker process is labelled by
-the titles Ray gives it while it runs (``ray::MapBatches(read_batch)``, ``ray::MapWorker(MapBatches(
-ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner or NoopRunner, else ``read tasks`` if it ever ran
-read_batch, else ``other workers`` (planning, interpret/write, sort, Ray Data's own actors). Ray's system
-processes (GCS, raylet, dashboard, agents, log monitor) are reported apart and are not "workers".
+the titles Ray gives it while it runs (``ray::FlatMap(_plan_item)->MapBatches(read_blocks)``,
+``ray::MapWorker(MapBatches(ModelRunner))``, ...): ``model actor`` if it ever ran ModelRunner or
+NoopRunner, else ``read tasks`` if it ever ran read_blocks (planning and reading, fused), else ``other
+workers`` (interpret/write, sort, Ray Data's own actors). Ray's system processes (GCS, raylet, dashboard,
+agents, log monitor) are reported apart and are not "workers".
 Ray reuses worker processes across runs, so each run's peak is the highest sample taken during that run,
 and a process is labelled by every title seen in either run (a short run may read before the first sample).
 
@@ -36,7 +37,7 @@ def _role(title: str, name: str) -> str | None:
         return "ray system"  # gcs_server, raylet, dashboard, agents, log monitor
     if "ModelRunner" in title or "NoopRunner" in title:
         return "model actor"
-    if "read_batch" in title:
+    if "read_blocks" in title:  # planning is fused into the read tasks
         return "read tasks"
     return "other workers"
 
@@ -134,9 +135,8 @@ def run(cache: Path, work: Path, quick: bool) -> Section:
             ("  by role: peak RSS (private) MiB", roles),
         ]
     if p_ratio is not None:
-        sec.rows.append(("max worker private MiB (RSS less shared pages), small / large scene",
-                         f"{a['workers_max_private_peak_mib']:.0f} / {b['workers_max_private_peak_mib']:.0f}"
-                         f" ({p_ratio:.2f}x)"))
+        private = f"{a['workers_max_private_peak_mib']:.0f} / {b['workers_max_private_peak_mib']:.0f} ({p_ratio:.2f}x)"
+        sec.rows.append(("max worker private MiB (RSS less shared pages), small / large scene", private))
     what = f"{large:,} px / {small:,} px"
     sec.targets.append(Target("memory", f"driver peak RSS, {what}", sec.figures["driver_ratio"], "<=", 1.2, "x",
                               "quick: 8,000 px" if quick else ""))

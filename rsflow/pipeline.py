@@ -3,8 +3,9 @@
 Search runs on the driver (a handful of HTTP requests). Everything per tile runs on the
 cluster as a streaming Ray Data pipeline::
 
-    from_items(units) -> flat_map(plan)                     CPU tasks (a unit: an item's rows of tiles)
-                      -> map_batches(read_batch)            CPU tasks (GDAL env set once per worker)
+    from_items(units) -> flat_map(plan)                     CPU tasks, one per unit (a near-square
+                      -> map_batches(read_blocks)            rectangle of an item's tiles): planning and
+                                                            reading fused (GDAL env set once per worker)
                       -> map_batches(ModelRunner)           model actor pool, num_gpus=1 when GPUs
                                                             (--engine vllm: rsflow.models.vllm_engine;
                                                             --model noop: NoopRunner, no torch)
@@ -63,7 +64,7 @@ from rsflow.models.spec import (
 from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
 from rsflow.placement import StagePlacement, plan_cluster
 from rsflow.plan import plan_tiles, plan_units, tile_offsets
-from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_batch
+from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_blocks
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
 from rsflow.sources import SourceProfile, check_signing, resolve_profile
@@ -236,27 +237,38 @@ def add_read_stage(
 ) -> Any:
     """The read stage of the region job: tile rows -> rows with the chip as a uint8 ``image`` tensor.
 
-    CPU tasks (at most ``read_max`` at once) running :func:`rsflow.read.read_batch`. The chip travels
+    CPU tasks (at most ``read_max`` at once) running :func:`rsflow.read.read_blocks`. The chip travels
     on to the model actors as a ``[size, size, 3]`` uint8 Arrow tensor column: never encoded to an
     image format and decoded again.
     """
+    return ds.map_batches(
+        read_blocks,
+        # A whole planning unit per task (no batch size: so that Ray Data fuses planning into it), read
+        # and yielded a block's worth of chips at a time: each output block is then one Arrow chunk,
+        # which the model actors take as a numpy view (rows gathered from calls of 8 tiles were
+        # copied into one array there, 43 MB a block).
+        fn_kwargs={"max_nodata": max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS,
+                   "tiles_per_block": read_batch_tiles(size_px, block_tiles)},
+        batch_size=None,
+        **read_task_args(size_px=size_px, block_tiles=block_tiles, read_max=read_max, resources=resources),
+    )
+
+
+def read_task_args(*, size_px: int, block_tiles: int, read_max: int, resources: dict[str, float] | None) -> dict[str, Any]:
+    """Ray arguments of a read task, which the planning step shares so that Ray Data fuses the two
+    into one task per planning unit (plan it, then read it): no planning operator holding CPU slots
+    while reads wait, and no tile rows through the object store between them."""
     from ray.data import TaskPoolStrategy
 
     batch = read_batch_tiles(size_px, block_tiles)
-    return ds.map_batches(
-        read_batch,
-        fn_kwargs={"max_nodata": max_nodata, "gdal_options": GDAL_REMOTE_OPTIONS},
-        # A block's worth of chips per call: each output block is then one Arrow chunk, which the
-        # model actors take as a numpy view (rows gathered from calls of 8 tiles were copied
-        # into one array there, 43 MB a block).
-        batch_size=batch,
-        num_cpus=1,
-        compute=TaskPoolStrategy(size=read_max),
-        resources=resources or None,
+    return {
+        "num_cpus": 1,
+        "compute": TaskPoolStrategy(size=read_max),
+        "resources": resources or None,
         # GDAL's block cache plus the batch's chip buffers. Declaring it also keeps Ray from
         # fusing reads into the model actors: the two stages must stay separate to overlap.
-        memory=_READ_TASK_MEMORY_BYTES + 2 * (batch or block_tiles) * size_px**2 * 3,
-    )
+        "memory": _READ_TASK_MEMORY_BYTES + 2 * (batch or block_tiles) * size_px**2 * 3,
+    }
 
 
 def add_model_stage(
@@ -523,8 +535,9 @@ def run_region(
                     "href_policy": HrefPolicy.for_catalog(request.stac, request.allowed_hosts),
                     "skip_tile_ids": frozenset(done_tiles),
                 },
-                num_cpus=1,
-                resources=plan.read_resources or None,  # CPU nodes only (see rsflow.placement)
+                # CPU nodes only (see rsflow.placement); fused with the read stage
+                **read_task_args(size_px=tile_spec.size_px, block_tiles=per_unit, read_max=plan.read_max,
+                                 resources=plan.read_resources),
             )
             ds = add_read_stage(ds, max_nodata=request.max_nodata, size_px=tile_spec.size_px, block_tiles=per_unit,
                                 read_max=plan.read_max, resources=plan.read_resources)

@@ -32,7 +32,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -514,3 +514,17 @@ def read_batch(
         image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
     )
     return out
+
+
+def read_blocks(
+    batch: dict[str, np.ndarray], *, tiles_per_block: int | None, max_nodata: float,
+    gdal_options: dict[str, str] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch UDF (a generator): a planning unit's tile rows -> :func:`read_batch` over runs of
+    ``tiles_per_block`` rows (all at once for ``None``), each yielded as it is read, so that a read task
+    holds one block of chips at a time and the next stage can start on the first."""
+    n = len(batch["tile_id"])
+    step = n if tiles_per_block is None else max(1, tiles_per_block)
+    for start in range(0, n, step):
+        part = batch if step >= n else {k: v[start : start + step] for k, v in batch.items()}
+        yield read_batch(part, max_nodata=max_nodata, gdal_options=gdal_options)

@@ -394,7 +394,7 @@ def test_reads_ran_on_the_cpu_kind_and_model_actors_on_the_gpu_kind(kinds_cluste
     deadline = time.monotonic() + 30  # task events reach the GCS in batches, about once a second
     while True:
         tasks, actors = _where(kinds_cluster.dashboard, run.job_id)
-        reads = set().union(*(nodes for name, nodes in tasks.items() if "read_batch" in name))
+        reads = set().union(*(nodes for name, nodes in tasks.items() if "read_blocks" in name))
         plans = set().union(*(nodes for name, nodes in tasks.items() if "_plan_item" in name))
         runners = set().union(*(nodes for name, nodes in actors.items() if "ModelRunner" in name))
         if (reads and plans and runners) or time.monotonic() > deadline:
@@ -435,7 +435,7 @@ def test_the_planted_keys_are_in_no_output_manifest_or_log(kinds_cluster, cluste
     written = {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in cluster_run.keys}
     logs = [p for p in kinds_cluster.temp_dir.rglob("*") if p.is_file() and "/logs/" in str(p)]
     assert logs, "no Ray logs found"
-    assert any(b"read_batch" in p.read_bytes() for p in logs)  # the workers' logs are among them
+    assert any(b"read_blocks" in p.read_bytes() for p in logs)  # the workers' logs are among them
     for secret in (ACCESS_KEY, SECRET_KEY):
         token = secret.encode()
         assert not [k for k, body in written.items() if token in body]  # dataset files and the manifest

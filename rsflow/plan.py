@@ -427,15 +427,18 @@ def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int) -> list[Unit
     """
     if not offsets:
         return [None]
-    cols = sorted({c for _, c in offsets})
+    rows_of: dict[int, list[int]] = {}  # column offset -> row offsets of its tiles
+    for r, c in offsets:
+        rows_of.setdefault(c, []).append(r)
+    cols = sorted(rows_of)
     n_bands = math.ceil(len(cols) / max(1, min(len(cols), round(math.sqrt(tiles_per_unit)))))
     units: list[Unit | None] = []
     for b in range(n_bands):
         band = cols[b * len(cols) // n_bands : (b + 1) * len(cols) // n_bands]
         c0, c1 = band[0], band[-1]
         counts: dict[int, int] = {}
-        for r, c in offsets:
-            if c0 <= c <= c1:
+        for c in band:
+            for r in rows_of[c]:
                 counts[r] = counts.get(r, 0) + 1
         total = sum(counts.values())
         if not total:

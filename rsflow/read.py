@@ -524,7 +524,7 @@ def read_blocks(
     ``tiles_per_block`` rows (all at once for ``None``), each yielded as it is read, so that a read task
     holds one block of chips at a time and the next stage can start on the first."""
     n = len(batch["tile_id"])
-    step = n if tiles_per_block is None else max(1, tiles_per_block)
+    step = max(1, n if tiles_per_block is None else tiles_per_block)  # a unit whose tiles were all skipped: n = 0
     for start in range(0, n, step):
         part = batch if step >= n else {k: v[start : start + step] for k, v in batch.items()}
         yield read_batch(part, max_nodata=max_nodata, gdal_options=gdal_options)

@@ -138,6 +138,14 @@ def test_a_unit_is_read_and_yielded_a_block_at_a_time(tiles_per_block, sizes):
     np.testing.assert_array_equal(blocks[-1]["image"][-1], _expected(320, 640, 64))
 
 
+@pytest.mark.parametrize("tiles_per_block", [None, 4])
+def test_a_unit_with_no_tiles_left_yields_no_block(tiles_per_block):
+    """A unit whose every tile a --resume carried over plans no rows: its read task yields nothing
+    (and does not fail on an empty batch)."""
+    batch = {k: np.array([], dtype=object) for k in ("tile_id", "status", "error", "stage", "height", "width")}
+    assert list(read_blocks(batch, tiles_per_block=tiles_per_block, max_nodata=0.5)) == []
+
+
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [

@@ -464,6 +464,16 @@ def _note_failed_source(hrefs: list[str]) -> None:
         _suspect_hrefs.popitem(last=False)
 
 
+def _as_lists(column: np.ndarray) -> np.ndarray:
+    """An object column of per-row arrays (how Ray Data hands an Arrow list column to a numpy batch) as
+    per-row lists: Ray converts lists back to an Arrow list column, but an array of arrays to pickled
+    Python objects, which every later stage then unpickles row by row ("Failed to convert column ...
+    falling back to serialize as pickled python objects")."""
+    out = np.empty(len(column), dtype=object)
+    out[:] = [None if v is None else list(v) for v in column]
+    return out
+
+
 def read_batch(
     batch: dict[str, np.ndarray], *, max_nodata: float, gdal_options: dict[str, str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -510,6 +520,8 @@ def read_batch(
         seconds[i] = time.perf_counter() - start
     # The source description is spent once the chip exists; do not carry it into the model stage.
     out = {k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS}
+    if "region_boxes" in out:  # Ray hands a list column over as arrays; see _as_lists
+        out["region_boxes"] = _as_lists(out["region_boxes"])
     out.update(
         image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
     )

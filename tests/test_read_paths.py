@@ -121,13 +121,17 @@ def test_chips_travel_to_the_model_stage_as_uint8_tensors(ray_local: Any, scene:
 
     from rsflow.pipeline import add_read_stage
 
-    tiles = [{**_tile(scene, c, r, 64), "status": "ok", "error": None, "stage": "plan"}
-             for r, c in ((0, 0), (640, 1280), (1984, 1984))]
+    boxes = [[], [{"region_id": "r1", "x1": 10.0, "y1": 10.0, "x2": 50.0, "y2": 50.0}], []]
+    tiles = [{**_tile(scene, c, r, 64), "status": "ok", "error": None, "stage": "plan", "region_boxes": b}
+             for (r, c), b in zip(((0, 0), (640, 1280), (1984, 1984)), boxes, strict=True)]
     ds = add_read_stage(ray.data.from_items(tiles), max_nodata=1.0, size_px=64, read_max=1, block_tiles=3)
-    column = ds.schema().base_schema.field("image")
-    print("image column:", column.type)
+    schema = ds.schema().base_schema
+    column = schema.field("image")
+    print("image column:", column.type, "| region_boxes:", schema.field("region_boxes").type)
     assert str(column.type.storage_type.value_type) == "uint8"
     assert tuple(column.type.shape) == (64, 64, 3)
+    # the other list column stays an Arrow list too: not pickled Python objects each later stage unpickles
+    assert str(schema.field("region_boxes").type).startswith("list<"), schema.field("region_boxes").type
     rows = sorted(ds.take_all(), key=lambda row: row["tile_id"])
     for row in rows:
         tile = next(t for t in tiles if t["tile_id"] == row["tile_id"])

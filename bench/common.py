@@ -251,6 +251,34 @@ def start_ray(num_cpus: int | None = None) -> dict[str, Any]:
     return res
 
 
+def settle(max_seconds: float = 15.0, window: float = 0.5, busy: float = 0.1) -> dict[str, float]:
+    """Wait until this process and everything under it (the local Ray included) use less than ``busy`` of a
+    core over a ``window``, for at most ``max_seconds``: after a run Ray's workers, actors and raylet stay
+    busy for a while, and a measurement started then shares the cores with them. Returns the seconds
+    waited and the last window's CPU use (in cores)."""
+    me = psutil.Process()
+
+    def cpu() -> float:
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return total
+
+    start = time.perf_counter()
+    used = float("inf")
+    while time.perf_counter() - start < max_seconds:
+        before = cpu()
+        time.sleep(window)
+        used = max(0.0, cpu() - before) / window
+        if used < busy:
+            break
+    return {"waited_s": round(time.perf_counter() - start, 2), "cores_busy": round(used, 3)}
+
+
 def run_region(items_json: Path, bbox: tuple[float, ...], out_dir: Path, *flags: str) -> dict[str, Any]:
     """One ``rsflow region`` run in this process (on the bench's Ray); returns its manifest plus
     ``_bench``: wall seconds of ``main`` and the Ray Data pass seconds.

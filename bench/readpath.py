@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Section, Target, band_paths, run_figures, run_region, scene
+from bench.common import Section, Target, band_paths, run_figures, run_region, scene, settle
 
 _SOURCES: list[Any] = []
 _PATHS: list[str] = []
@@ -88,7 +88,10 @@ def compare(cache: Path, work: Path, size_px: int, tile_px: int, rounds: int = 2
     for _ in range(rounds):
         m = run_region(items, bbox, out, "--model", "noop", "--tile-size", str(tile_px), "--max-tiles", "1000000")
         pipes.append(run_figures(m))
-        bares.append(bare_read(band_paths(items), windows_of(out), int(m["placement"]["read_max"])))
+        windows = windows_of(out)
+        quiet = settle()  # Ray's processes wind down after a run: bare reads get the cores to themselves
+        bares.append({**bare_read(band_paths(items), windows, int(m["placement"]["read_max"])), "settle": quiet})
+        settle()
     pipe = max(pipes, key=lambda f: f["tiles_read_per_second"])
     bare = max(bares, key=lambda f: f["tiles_per_second"])
     ratio = pipe["tiles_read_per_second"] / bare["tiles_per_second"]

@@ -464,22 +464,28 @@ def _note_failed_source(hrefs: list[str]) -> None:
         _suspect_hrefs.popitem(last=False)
 
 
-def _as_lists(column: np.ndarray) -> np.ndarray:
-    """An object column of per-row arrays (how Ray Data hands an Arrow list column to a numpy batch) as
-    per-row lists: Ray converts lists back to an Arrow list column, but an array of arrays to pickled
-    Python objects, which every later stage then unpickles row by row ("Failed to convert column ...
-    falling back to serialize as pickled python objects")."""
-    out = np.empty(len(column), dtype=object)
-    out[:] = [None if v is None else list(v) for v in column]
+def _lists_for_arrow(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``columns`` with every object column of per-row arrays (how Ray Data hands a variable-length Arrow
+    list column, e.g. ``region_boxes``, to a numpy batch) turned into per-row lists: Ray converts lists
+    back to an Arrow list column, but an array of arrays to pickled Python objects, which every later
+    stage then unpickles row by row ("Failed to convert column ... falling back to serialize as pickled
+    python objects")."""
+    out = dict(columns)
+    for name, column in columns.items():
+        if column.dtype == object and any(isinstance(v, np.ndarray) for v in column):
+            lists = np.empty(len(column), dtype=object)
+            lists[:] = [list(v) if isinstance(v, np.ndarray) else v for v in column]
+            out[name] = lists
     return out
 
 
 def read_batch(
     batch: dict[str, np.ndarray], *, max_nodata: float, gdal_options: dict[str, str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch UDF (CPU tasks): tile rows -> tile rows with ``image`` and read status.
+    """Tile rows -> tile rows with ``image`` and read status: one block's worth of a read task, which
+    runs :func:`read_blocks` over a planning unit.
 
-    Runs as tasks rather than actors so that read concurrency follows the free CPUs; Ray reuses
+    Read tasks are tasks rather than actors so that read concurrency follows the free CPUs; Ray reuses
     worker processes, so the GDAL options set here persist per worker.
     """
     configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)
@@ -519,9 +525,7 @@ def read_batch(
                 stage[i] = "read"
         seconds[i] = time.perf_counter() - start
     # The source description is spent once the chip exists; do not carry it into the model stage.
-    out = {k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS}
-    if "region_boxes" in out:  # Ray hands a list column over as arrays; see _as_lists
-        out["region_boxes"] = _as_lists(out["region_boxes"])
+    out = _lists_for_arrow({k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS})
     out.update(
         image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
     )

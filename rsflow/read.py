@@ -39,7 +39,8 @@ from urllib.parse import urlparse
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import Interleaving, Resampling
+from rasterio.env import get_gdal_config
 from rasterio.crs import CRS
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -57,12 +58,14 @@ redact_logs("rasterio")
 #: "directory" on open (one request per file instead of many), retry transient HTTP errors, merge
 #: neighbouring range requests and cache blocks. Set once per read worker.
 #:
-#: The block cache (64 MB) holds two rows of internal blocks across one planning unit: units are
-#: near-square rectangles of tiles (:func:`rsflow.plan.plan_units`, at most about 3,800 px wide), read
-#: row by row, and a row of tiles straddles two block rows, the next row of tiles reading one of them
-#: again. Two rows of 1,024 px uint16 blocks (Sentinel-2's COGs) of three bands across such a unit are
-#: about 56 MB; of 512 px blocks, about 26 MB. (With units of whole rows of tiles, a 20,000 px scene needed
-#: 128 MB, and the cache grew with the scene's width.)
+#: GDAL_CACHEMAX (64 MB) is the most a read worker's block cache may hold: each planning unit is
+#: read with the cache set to what its reads need (:func:`unit_block_cache_bytes`, at least
+#: :data:`_MIN_BLOCK_CACHE_BYTES`), never more than this. Units are near-square rectangles of tiles
+#: (:func:`rsflow.plan.plan_units`, at most about 3,800 px wide) read row by row, and a row of tiles
+#: straddles two block rows, the next row of tiles reading one of them again: two rows of 512 px uint16
+#: blocks of three bands across such a unit are about 28 MB, of 1,024 px blocks (Sentinel-2's COGs)
+#: about 56 MB. A cache of fixed size filled up to that size whatever the unit needed (a 2,000 px scene's
+#: unit needs 13 MB).
 #:
 #: VSI_CACHE keeps recently read byte ranges of each open file; its default of 25 MB per file handle,
 #: for three band files of every dataset a worker keeps open, took 75 MB or more of each read worker on a
@@ -532,15 +535,79 @@ def read_batch(
     return out
 
 
+_MIN_BLOCK_CACHE_BYTES = 8 * 2**20
+"""The least block cache a unit is read with: room for the blocks :func:`unit_block_cache_bytes` leaves
+out (masks, overviews, a warp's margins)."""
+
+
+def unit_block_cache_bytes(batch: dict[str, np.ndarray]) -> int | None:
+    """The decoded internal blocks a planning unit's reads keep reusing, in bytes: for each band source,
+    the block rows under one row of tiles (a row of tiles shares a block row with the next) across the
+    unit's width, counted in whole blocks and at most the source's own block rows and columns. A
+    pixel-interleaved file counts every band (GDAL caches all bands of a block it decodes).
+
+    None (keep the worker's GDAL_CACHEMAX) where it cannot be told without reading: no tile left to
+    read, a source that does not open, or a source in another CRS than the tiles.
+
+    E.g. a unit 11 tiles of 336 px wide over three uint16 COGs of 512 px blocks: 9 block columns x 2
+    block rows x 512 KiB x 3 bands = 27 MiB; a 2,000 px scene in one unit: 4 x 2 blocks per band, 12 MiB.
+    """
+    ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
+    if not ok:
+        return None
+    first = {k: v[ok[0]] for k, v in batch.items()}
+    res, height, width = float(first["res"]), int(first["height"]), int(first["width"])
+    xs = [float(batch["transform"][i][2]) for i in ok]
+    span_x, span_y = max(xs) - min(xs) + width * res, height * res  # the unit's width, one tile row's height
+    total = 0
+    for href, bands in _bands_by_href(first).items():
+        try:
+            src = _open_dataset(sign_href(href, str(first.get("signing") or "")))
+        except Exception:  # noqa: BLE001 - the read itself records why the source fails
+            return None
+        if not _same_crs(src, str(first["crs"])):
+            return None
+        if src.count > 1 and src.interleaving == Interleaving.pixel:
+            bands = list(range(1, src.count + 1))
+        for band in bands:
+            bh, bw = src.block_shapes[band - 1]
+            cols = min(math.ceil(span_x / abs(src.transform.a) / bw) + 1, math.ceil(src.width / bw))
+            rows = min(math.ceil(span_y / abs(src.transform.e) / bh) + 1, math.ceil(src.height / bh))
+            total += cols * rows * bw * bh * np.dtype(src.dtypes[band - 1]).itemsize
+    return total
+
+
+def _bands_by_href(tile: dict[str, Any]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for href, band in zip(tile["hrefs"], tile["bands"], strict=True):
+        out.setdefault(str(href), [])
+        if int(band) not in out[str(href)]:
+            out[str(href)].append(int(band))
+    return out
+
+
 def read_blocks(
     batch: dict[str, np.ndarray], *, tiles_per_block: int | None, max_nodata: float,
     gdal_options: dict[str, str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch UDF (a generator): a planning unit's tile rows -> :func:`read_batch` over runs of
     ``tiles_per_block`` rows (all at once for ``None``), each yielded as it is read, so that a read task
-    holds one block of chips at a time and the next stage can start on the first."""
+    holds one block of chips at a time and the next stage can start on the first.
+
+    The unit is read with GDAL's block cache set to what it needs (:func:`unit_block_cache_bytes`,
+    between :data:`_MIN_BLOCK_CACHE_BYTES` and the worker's GDAL_CACHEMAX), so that a read worker's
+    memory follows the unit, not the cache's ceiling.
+    """
+    configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)
     n = len(batch["tile_id"])
+    need = unit_block_cache_bytes(batch) if n else None
+    cache: dict[str, int] = {}
+    if need is not None:
+        ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
+        cache["GDAL_CACHEMAX"] = min(ceiling, max(need, _MIN_BLOCK_CACHE_BYTES))
     step = max(1, n if tiles_per_block is None else tiles_per_block)  # a unit whose tiles were all skipped: n = 0
     for start in range(0, n, step):
         part = batch if step >= n else {k: v[start : start + step] for k, v in batch.items()}
-        yield read_batch(part, max_nodata=max_nodata, gdal_options=gdal_options)
+        with rasterio.Env(**cache):  # set and restored around each block: no GDAL state across a yield
+            out = read_batch(part, max_nodata=max_nodata, gdal_options=gdal_options)
+        yield out

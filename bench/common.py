@@ -236,15 +236,19 @@ def quiet_ray_data() -> None:
 
 
 def start_ray(num_cpus: int | None = None) -> dict[str, Any]:
-    """A local Ray (``num_cpus`` logical CPUs, default: the machine's), restarted if it has another size."""
+    """A local Ray (``num_cpus`` logical CPUs, default: the machine's), restarted if it has another size;
+    with the settings rsflow gives a local Ray it starts itself."""
     import ray
+
+    from rsflow.pipeline import LOCAL_RAY_SYSTEM_CONFIG
 
     if ray.is_initialized():
         if num_cpus is None or int(ray.cluster_resources().get("CPU", 0)) == num_cpus:
             return ray.cluster_resources()
         ray.shutdown()
     t = time.perf_counter()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)  # as rsflow starts a local Ray
     quiet_ray_data()
     res = dict(ray.cluster_resources())
     print(f"  Ray started in {time.perf_counter() - t:.1f} s: {int(res.get('CPU', 0))} logical CPUs", flush=True)

@@ -183,6 +183,18 @@ def _plan_item(
     return out
 
 
+#: Ray settings of a local Ray that rsflow starts itself (a cluster's nodes get the same from
+#: cluster/Dockerfile's environment, ``RAY_free_objects_period_milliseconds``).
+#:
+#: ``free_objects_period_milliseconds``: how long the raylet gathers objects whose last reference is
+#: gone before it deletes them from the object store (Ray's default: 1,000 ms). Blocks of chips stream
+#: through at a few hundred MB/s, so for a second after they are spent their memory cannot be reused:
+#: each new block lands on fresh object-store pages, and every process that writes or reads blocks
+#: maps more of them. At 100 ms the largest read worker of a 20,000 px scene went from about 180 to 80
+#: MiB of object-store pages (bench/README.md, "memory").
+LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"free_objects_period_milliseconds": 100}
+
+
 def _ensure_ray(address: str | None) -> None:
     import ray
 
@@ -191,7 +203,7 @@ def _ensure_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     logger.info("Ray resources: %s", ray.cluster_resources())
 
 

@@ -566,17 +566,32 @@ def test_dockerfile_agrees_with_pyproject() -> None:
     assert installs and "gpu" in installs[0].split("[")[1].rstrip("]").split(","), installs
 
 
-def test_dockerfile_sets_gdal_for_cloud_optimised_reads() -> None:
-    from rsflow.read import GDAL_REMOTE_OPTIONS
-
+def _dockerfile_env() -> dict[str, str]:
     env: dict[str, str] = {}
     for instruction, args in _dockerfile():
         if instruction == "ENV":
             env.update(kv.split("=", 1) for kv in shlex.split(args))
+    return env
+
+
+def test_dockerfile_sets_gdal_for_cloud_optimised_reads() -> None:
+    from rsflow.read import GDAL_REMOTE_OPTIONS
+
+    env = _dockerfile_env()
     for key, value in GDAL_REMOTE_OPTIONS.items():
         assert env.get(key) == value, f"{key}: Dockerfile {env.get(key)!r}, rsflow.read {value!r}"
     extensions = env["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"].split(",")
     assert {".tif", ".tiff", ".jp2"} <= set(extensions)
+
+
+def test_dockerfile_gives_cluster_nodes_the_ray_settings_of_a_local_ray() -> None:
+    """A node started from the image (``ray start`` reads ``RAY_<setting>`` from its environment) runs
+    with the settings rsflow gives a local Ray it starts itself."""
+    from rsflow.pipeline import LOCAL_RAY_SYSTEM_CONFIG
+
+    env = _dockerfile_env()
+    for key, value in LOCAL_RAY_SYSTEM_CONFIG.items():
+        assert env.get(f"RAY_{key}") == str(value), f"RAY_{key}: Dockerfile {env.get(f'RAY_{key}')!r}, rsflow {value!r}"
 
 
 def _container_builder() -> tuple[list[str] | None, str]:

@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import shapely
-from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
@@ -244,33 +244,61 @@ def _to_4326(crs: str) -> Transformer:
     return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
 
 
+_FOOTPRINT_SEGMENTS = 8
+"""Segments per side of a tile footprint: its edges stay true after reprojection to EPSG:4326."""
+
+
+def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: np.ndarray, crs: str) -> np.ndarray:
+    """Window rectangles in ``crs`` as densified EPSG:4326 polygons (8 segments a side), all at once.
+
+    The rings are what ``shapely.segmentize(box(...), side / 8)`` makes (counter-clockwise from the
+    south-east corner), built as one array of vertices with one reprojection call for every tile: per
+    tile, shapely and pyproj calls cost more than the read of a small tile.
+    """
+    minx, miny, maxx, maxy = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in (minx, miny, maxx, maxy))
+    f = np.arange(_FOOTPRINT_SEGMENTS) / _FOOTPRINT_SEGMENTS
+    zero = np.zeros_like(f)
+    # the four sides of box(minx, miny, maxx, maxy): east (up), north (west), west (down), south (east)
+    xs = np.hstack([maxx + zero, maxx + (minx - maxx) * f, minx + zero, minx + (maxx - minx) * f, maxx])
+    ys = np.hstack([miny + (maxy - miny) * f, maxy + zero, maxy + (miny - maxy) * f, miny + zero, miny])
+    lon, lat = _to_4326(crs).transform(xs.ravel(), ys.ravel())
+    ring = np.stack([np.asarray(lon), np.asarray(lat)], axis=-1).reshape(xs.shape[0], xs.shape[1], 2)
+    return shapely.polygons(ring)
+
+
 def footprint_4326(bounds_crs: tuple[float, float, float, float], crs: str) -> BaseGeometry:
     """A window rectangle in ``crs`` as a densified EPSG:4326 polygon (8 segments a side)."""
-    minx, miny, maxx, maxy = bounds_crs
-    rect = shapely.segmentize(box(minx, miny, maxx, maxy), max_segment_length=(maxx - minx) / 8)
-    transformer = _to_4326(crs)  # building one costs ~1 ms: once per CRS, not once per tile
-
-    def fwd(coords: np.ndarray) -> np.ndarray:
-        x, y = transformer.transform(coords[:, 0], coords[:, 1])
-        return np.column_stack([x, y])
-
-    return shapely.transform(rect, fwd)
+    return footprints_4326(*([v] for v in bounds_crs), crs)[0]
 
 
 def tile_id(item_id: str, sources: list[BandSource], col_off: int, row_off: int, res: float, spec: TileSpec) -> str:
     """Deterministic tile id from the item, its RGB sources, the window and the tile spec."""
+    return _tile_ids(item_id, sources, res, spec)(col_off, row_off)
+
+
+def _tile_ids(item_id: str, sources: list[BandSource], res: float, spec: TileSpec) -> Callable[[int, int], str]:
+    """:func:`tile_id` for the windows of one item: the id key is JSON with sorted keys, and only its
+    window changes from tile to tile, so it is written once with a placeholder for the window."""
+    hole = "\x00window\x00"
     key = json.dumps(
         {
             "item": item_id,
             "bands": [[s.asset, s.band] for s in sources],
-            "window": [col_off, row_off, spec.size_px, spec.size_px],
+            "window": hole,
             "res": round(res, 9),
             "spec": [spec.size_px, spec.overlap_px, spec.gsd_m],
         },
         sort_keys=True,
     )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return f"{item_id}:r{row_off}c{col_off}:{digest}"
+    head, tail = key.split(json.dumps(hole))
+    size = spec.size_px
+
+    def one(col_off: int, row_off: int) -> str:
+        window = json.dumps([col_off, row_off, size, size])
+        digest = hashlib.sha1(f"{head}{window}{tail}".encode()).hexdigest()[:12]
+        return f"{item_id}:r{row_off}c{col_off}:{digest}"
+
+    return one
 
 
 def plan_tiles(
@@ -298,39 +326,29 @@ def plan_tiles(
     Returns:
         Tiles in row-major order of the item grid.
     """
-    sources, grid, windows = _item_windows(item, profile, spec, aoi, open_header, rows, cols)
-    size, res = int(spec.size_px or 0), abs(grid.transform[0])
+    sources, grid, row_offs, col_offs = _item_windows(item, profile, spec, aoi, open_header, rows, cols)
+    size, (_, _, x0, _, _, y0) = int(spec.size_px or 0), grid.transform
+    res = abs(grid.transform[0])
     props = item.get("properties", {})
     dt = props.get("datetime") or props.get("start_datetime") or ""
     nodata = sources[0].nodata
-    tiles = []
-    for row_off, col_off, rect in windows:
-        bx0, _, _, by1 = rect.bounds
-        fp = footprint_4326(rect.bounds, grid.crs)
-        tiles.append(
-            Tile(
-                tile_id=tile_id(item["id"], sources, col_off, row_off, res, spec),
-                item_id=item["id"],
-                collection=item.get("collection") or "",
-                datetime=dt,
-                crs=grid.crs,
-                transform=list(Affine(res, 0.0, bx0, 0.0, -res, by1))[:6],
-                col_off=col_off,
-                row_off=row_off,
-                width=size,
-                height=size,
-                res=res,
-                footprint_wkb=shapely.to_wkb(fp),
-                hrefs=[s.href for s in sources],
-                bands=[s.band for s in sources],
-                scale=[s.scale for s in sources],
-                offset=[s.offset for s in sources],
-                nodata=float("nan") if nodata is None else nodata,
-                stretch_lo=float(profile.stretch[0]),
-                stretch_hi=float(profile.stretch[1]),
-                signing=profile.signing or "",
-            )
-        )
+    minx, maxy = x0 + col_offs * res, y0 - row_offs * res  # as _item_windows computes each window
+    wkbs = shapely.to_wkb(footprints_4326(minx, maxy - size * res, minx + size * res, maxy, grid.crs))
+    ids = _tile_ids(item["id"], sources, res, spec)
+    shared: dict[str, Any] = {
+        "item_id": item["id"], "collection": item.get("collection") or "", "datetime": dt, "crs": grid.crs,
+        "width": size, "height": size, "res": res, "hrefs": [s.href for s in sources],
+        "bands": [s.band for s in sources], "scale": [s.scale for s in sources],
+        "offset": [s.offset for s in sources], "nodata": float("nan") if nodata is None else nodata,
+        "stretch_lo": float(profile.stretch[0]), "stretch_hi": float(profile.stretch[1]),
+        "signing": profile.signing or "",
+    }
+    tiles = [
+        Tile(tile_id=ids(c, r), transform=[res, 0.0, bx0, 0.0, -res, by1], col_off=c, row_off=r,
+             footprint_wkb=wkb, **shared)
+        for r, c, bx0, by1, wkb in zip(row_offs.tolist(), col_offs.tolist(), minx.tolist(), maxy.tolist(), wkbs,
+                                        strict=True)
+    ]
     logger.debug("item %s: %d tiles of %d px touch the AOI", item.get("id"), len(tiles), size)
     return tiles
 
@@ -343,9 +361,10 @@ def _item_windows(
     open_header: Any,
     rows: tuple[int, int] | None,
     cols: tuple[int, int] | None = None,
-) -> tuple[list[BandSource], Grid, list[tuple[int, int, BaseGeometry]]]:
-    """The item's RGB sources, its tile grid, and ``(row_off, col_off, rectangle in the grid's CRS)`` of
-    every window that touches the AOI, row-major (what :func:`plan_tiles` and :func:`tile_offsets` share)."""
+) -> tuple[list[BandSource], Grid, np.ndarray, np.ndarray]:
+    """The item's RGB sources, its tile grid, and the row and column offsets (px, two int arrays) of every
+    window that touches the AOI, row-major (what :func:`plan_tiles` and :func:`tile_offsets` share); the
+    windows are tested against the AOI all at once."""
     if spec.size_px is None:
         raise ValueError("TileSpec.size_px must be resolved before planning")
     size, stride = spec.size_px, spec.size_px - spec.overlap_px
@@ -366,14 +385,11 @@ def _item_windows(
         row_offsets = [r for r in row_offsets if rows[0] <= r <= rows[1]]
     if cols is not None:
         col_offsets = [c for c in col_offsets if cols[0] <= c <= cols[1]]
-    windows = []
-    for row_off in row_offsets:
-        for col_off in col_offsets:
-            bx0, by1 = x0 + col_off * res, y0 - row_off * res
-            rect = box(bx0, by1 - size * res, bx0 + size * res, by1)
-            if aoi_native.intersects(rect):
-                windows.append((row_off, col_off, rect))
-    return sources, grid, windows
+    rr, cc = (a.ravel() for a in np.meshgrid(np.asarray(row_offsets, dtype=np.int64),
+                                             np.asarray(col_offsets, dtype=np.int64), indexing="ij"))
+    bx0, by1 = x0 + cc * res, y0 - rr * res
+    touches = shapely.intersects(aoi_native, shapely.box(bx0, by1 - size * res, bx0 + size * res, by1))
+    return sources, grid, rr[touches], cc[touches]
 
 
 def item_footprint(item: dict[str, Any]) -> BaseGeometry:
@@ -395,10 +411,10 @@ def tile_offsets(
     if profile is None:
         return []
     try:  # the windows only: no footprints, ids or rows are built on the driver
-        _, _, windows = _item_windows(item, profile, spec, aoi, open_header, None)
+        _, _, row_offs, col_offs = _item_windows(item, profile, spec, aoi, open_header, None)
     except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
         return []
-    return [(row_off, col_off) for row_off, col_off, _ in windows]
+    return list(zip(row_offs.tolist(), col_offs.tolist(), strict=True))
 
 
 Unit = tuple[tuple[int, int], tuple[int, int]]

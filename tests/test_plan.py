@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import shapely
@@ -107,6 +110,32 @@ def test_footprint_is_the_window_in_4326():
     expected = box(X0 + 320, Y0 - 320, X0 + 640, Y0)
     assert back.symmetric_difference(expected).area < 1.0  # m^2, of 102,400 m^2
     assert footprint_4326(expected.bounds, "EPSG:32618").is_valid
+
+
+def test_tiles_planned_together_are_the_windows_densified_and_reprojected_one_by_one():
+    """Planning builds every footprint and id of an item at once; each must be what the definition gives
+    for its own window: the box densified to 8 segments a side (shapely.segmentize), reprojected vertex by
+    vertex, and tile_id of the window."""
+    from rsflow.plan import band_sources, tile_id
+
+    aoi = shapely.union(_aoi_from_pixels(3, 5, 180, 140), _aoi_from_pixels(250, 10, 290, 290))
+    spec = TileSpec(size_px=24, overlap_px=4)
+    tiles = plan_tiles(_item(300, 300), _profile(), spec, aoi)
+    assert len(tiles) > 50
+    sources = band_sources(_item(300, 300), _profile())
+    for t in tiles:
+        x0, y1 = X0 + t.col_off * RES, Y0 - t.row_off * RES
+        rect = shapely.segmentize(box(x0, y1 - 24 * RES, x0 + 24 * RES, y1), max_segment_length=24 * RES / 8)
+        lon, lat = TO_4326.transform(*shapely.get_coordinates(rect).T)
+        np.testing.assert_array_equal(shapely.get_coordinates(shapely.from_wkb(t.footprint_wkb)),
+                                      np.column_stack([lon, lat]))
+        assert t.tile_id == tile_id("item-1", sources, t.col_off, t.row_off, RES, spec)
+        assert t.transform[:6] == [RES, 0.0, x0, 0.0, -RES, y1]
+    # the id a run recorded before stays the id (--resume): sha1 of the sorted-key JSON of the window's key
+    key = json.dumps({"item": "item-1", "bands": [["red", 1], ["green", 1], ["blue", 1]], "window": [20, 40, 24, 24],
+                      "res": 10.0, "spec": [24, 4, None]}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    assert tile_id("item-1", sources, 20, 40, RES, spec) == f"item-1:r40c20:{digest}"
 
 
 def test_grid_from_file_header_when_catalog_lacks_proj(tmp_path):

@@ -39,9 +39,9 @@ from urllib.parse import urlparse
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.enums import Interleaving, Resampling
 from rasterio.env import get_gdal_config
-from rasterio.crs import CRS
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -97,6 +97,9 @@ _OPEN_MAX = 48
 _REMOTE_OPEN_SECONDS = 300.0
 """A remote dataset is reopened after this long (its signature or contents may have changed)."""
 _open_cache: OrderedDict[tuple[str, int | None], tuple[Any, Any, float]] = OrderedDict()
+_checked: set[tuple[str, int | None]] | None = None
+"""Open datasets already checked for freshness in the block :func:`read_batch` is reading: a block
+checks each file once, not once per tile and band (a ``stat`` each); None outside a block."""
 
 
 def _local_stamp(url: str) -> Any:
@@ -116,9 +119,14 @@ def _open_dataset(url: str, overview_level: int | None = None) -> Any:
     Opening a COG costs a header read (and for remote files an HTTP round trip); a worker reads many
     tiles of the same files in a row, so the datasets stay open (at most :data:`_OPEN_MAX`, least
     recently used closed first). A local file whose inode, size or mtime changed, and a remote one
-    opened more than :data:`_REMOTE_OPEN_SECONDS` ago, are reopened.
+    opened more than :data:`_REMOTE_OPEN_SECONDS` ago, are reopened (checked once per block of tiles).
     """
     key = (url, overview_level)
+    if _checked is not None and key in _checked and key in _open_cache and not _open_cache[key][0].closed:
+        _open_cache.move_to_end(key)
+        return _open_cache[key][0]
+    if _checked is not None:
+        _checked.add(key)
     stamp = _local_stamp(url)
     now = time.monotonic()
     cached = _open_cache.get(key)
@@ -491,6 +499,7 @@ def read_batch(
     Read tasks are tasks rather than actors so that read concurrency follows the free CPUs; Ray reuses
     worker processes, so the GDAL options set here persist per worker.
     """
+    global _checked
     configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)
     n = len(batch["tile_id"])
     size_h, size_w = int(batch["height"][0]), int(batch["width"][0])
@@ -502,7 +511,23 @@ def read_batch(
     stage = np.array(batch["stage"], dtype=object)
     nodata_fraction = np.full(n, np.nan)
     seconds = np.zeros(n)
-    for i in range(n):
+    _checked = set()
+    try:
+        _read_rows(batch, max_nodata, images, status, error, stage, nodata_fraction, seconds)
+    finally:
+        _checked = None
+    # The source description is spent once the chip exists; do not carry it into the model stage.
+    out = _lists_for_arrow({k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS})
+    out.update(
+        image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
+    )
+    return out
+
+
+def _read_rows(batch: dict[str, np.ndarray], max_nodata: float, images: np.ndarray, status: np.ndarray,
+               error: np.ndarray, stage: np.ndarray, nodata_fraction: np.ndarray, seconds: np.ndarray) -> None:
+    """:func:`read_batch`'s loop: each ok row's chip into ``images``, its outcome into the other arrays."""
+    for i in range(len(status)):
         if status[i] != "ok":
             continue
         tile = {k: v[i] for k, v in batch.items()}
@@ -527,12 +552,6 @@ def read_batch(
             else:
                 stage[i] = "read"
         seconds[i] = time.perf_counter() - start
-    # The source description is spent once the chip exists; do not carry it into the model stage.
-    out = _lists_for_arrow({k: v for k, v in batch.items() if k not in _SOURCE_COLUMNS})
-    out.update(
-        image=images, status=status, error=error, stage=stage, nodata_fraction=nodata_fraction, read_seconds=seconds
-    )
-    return out
 
 
 _MIN_BLOCK_CACHE_BYTES = 8 * 2**20

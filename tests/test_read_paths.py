@@ -114,6 +114,49 @@ def test_a_replaced_file_is_reopened(tmp_path: Path, scene: list[Path]) -> None:
     assert (second[..., 0] == 255).all()  # 0.2 reflectance is the top of the stretch
 
 
+def _rows(tiles: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {k: np.array([t[k] for t in tiles], dtype=object) for k in tiles[0]}
+    batch.update(status=np.array(["ok"] * len(tiles), dtype=object), error=np.array([None] * len(tiles), dtype=object),
+                 stage=np.array(["plan"] * len(tiles), dtype=object))
+    return batch
+
+
+def test_a_block_checks_each_file_once_and_the_next_block_sees_a_replaced_file(
+    tmp_path: Path, scene: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within a block of tiles an open dataset is checked for replacement once (not once per tile and
+    band); a file replaced between two blocks of a unit is read afresh in the second."""
+    import rsflow.read
+    from rsflow.read import read_blocks
+
+    hrefs = [tmp_path / f"{i}.tif" for i in range(3)]
+    for h, src in zip(hrefs, scene, strict=True):
+        h.write_bytes(src.read_bytes())
+    stamps: list[str] = []
+    real = rsflow.read._local_stamp
+
+    def counting(url: str) -> Any:
+        stamps.append(url)
+        return real(url)
+
+    monkeypatch.setattr(rsflow.read, "_local_stamp", counting)
+    unit = _rows([_tile(hrefs, c, 0, 64) for c in range(0, 384, 64)])
+    blocks = read_blocks(unit, tiles_per_block=3, max_nodata=0.5)
+    first = next(blocks)
+    # once when the unit's block cache is sized, once for the block of 3 tiles x 3 bands (not 9 times)
+    assert sorted(stamps) == sorted(str(h) for h in hrefs * 2)
+    with rasterio.open(scene[0]) as src:
+        profile = src.profile
+    replacement = tmp_path / "replacement.tif"
+    with rasterio.open(replacement, "w", **{**profile, "driver": "GTiff"}) as dst:
+        dst.write(np.full((1, profile["height"], profile["width"]), 2000, dtype=profile["dtype"]))
+    replacement.replace(hrefs[0])
+    second = next(blocks)
+    assert sorted(stamps[6:]) == sorted(str(h) for h in hrefs)
+    assert not (first["image"][..., 0] == 255).all()
+    assert (second["image"][..., 0] == 255).all()  # the replacement's 0.2 reflectance: the top of the stretch
+
+
 def test_chips_travel_to_the_model_stage_as_uint8_tensors(ray_local: Any, scene: list[Path]) -> None:
     """The read stage's output column is a raw ``[H, W, 3]`` uint8 tensor holding exactly the chip:
     no image encoding between the stages."""

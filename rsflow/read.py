@@ -92,8 +92,10 @@ def _resampling(src_res: float, dst_res: float) -> Resampling:
 
 # ------------------------------------------------------------------------------------ open datasets
 
-_OPEN_MAX = 48
-"""Datasets kept open per read worker (three per item being read, with room for neighbours)."""
+_OPEN_MAX = 6
+"""Datasets kept open per read worker: the three band files of the item being read and of one more (a
+worker given units of two items in turn). Each open file holds up to VSI_CACHE_SIZE of cached bytes
+and its header: with 48, a worker that had read 16 items kept 240 MB of them."""
 _REMOTE_OPEN_SECONDS = 300.0
 """A remote dataset is reopened after this long (its signature or contents may have changed)."""
 _open_cache: OrderedDict[tuple[str, int | None], tuple[Any, Any, float]] = OrderedDict()

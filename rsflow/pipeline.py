@@ -190,7 +190,7 @@ def _plan_item(
 #: gone before it deletes them from the object store (Ray's default: 1,000 ms). Blocks of chips stream
 #: through at a few hundred MB/s, so for a second after they are spent their memory cannot be reused:
 #: each new block lands on fresh object-store pages, and every process that writes or reads blocks
-#: maps more of them. At 100 ms the largest read worker of a 20,000 px scene went from about 180 to 80
+#: maps more of them. At 100 ms the largest read worker of a 20,000 px scene went from about 185 to 75
 #: MiB of object-store pages (bench/README.md, "memory").
 LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"free_objects_period_milliseconds": 100}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import os
@@ -343,6 +344,61 @@ def read_chip(
 
 _SOURCE_COLUMNS = ("hrefs", "bands", "scale", "offset", "nodata", "stretch_lo", "stretch_hi", "signing")
 
+_STRETCH_CHUNK = 1 << 17
+"""Pixels stretched per call when a row of tiles is read at once: one lookup over a whole 3,700 px row of
+336 px tiles (2.5 MB of uint16 in, 1.2 MB out) ran 3x slower per pixel than over a tile's 113,000."""
+
+_ROW_KEY = (*_SOURCE_COLUMNS, "crs", "res", "width", "height")
+"""What tiles read together as one row (:func:`read_row`) share, besides their row of the grid."""
+
+
+def read_row(tiles: list[dict[str, Any]]) -> list[tuple[np.ndarray, float]] | None:
+    """The chips (views of one row array) of tiles side by side on one row of the source's own pixel
+    grid (same sources, size and top edge), each band read ONCE across the row and the chips sliced
+    out of it: what :func:`read_chip` gives for each tile, bit for bit, with one GDAL read per band
+    instead of one per band and tile (whose per-call cost is most of a small tile's read).
+
+    None when the row cannot be read that way (a tile off the source's grid or past the scene's edge,
+    tiles not left to right or with a gap between them): read those tiles one by one. A read that
+    raises propagates; the caller then reads the tiles one by one, so that a failure is recorded
+    against the tiles it concerns.
+    """
+    first = tiles[0]
+    height, width = int(first["height"]), int(first["width"])
+    transform, res = Affine(*first["transform"][:6]), float(first["res"])
+    lo, hi = float(first["stretch_lo"]), float(first["stretch_hi"])
+    declared = float(first["nodata"])
+    offsets = [round((float(t["transform"][2]) - transform.c) / res) for t in tiles]
+    if any(not 0 < b - a <= width for a, b in itertools.pairwise(offsets)) or any(
+        not math.isclose(float(t["transform"][2]), transform.c + o * res, rel_tol=0, abs_tol=res * 1e-6)
+        or float(t["transform"][5]) != transform.f for t, o in zip(tiles, offsets, strict=True)
+    ):
+        return None
+    span = offsets[-1] + width
+    row = np.empty((height, span, len(first["hrefs"])), dtype=np.uint8)  # band-interleaved, as the chips
+    row_valid = np.ones((height, span), dtype=bool)
+    for i, (href, band, scale, offset) in enumerate(
+        zip(first["hrefs"], first["bands"], first["scale"], first["offset"], strict=True)
+    ):
+        src = _open_dataset(sign_href(str(href), str(first.get("signing") or "")))
+        window = _aligned_window(src, first, transform, res)
+        if window is None or window.col_off < 0 or window.row_off < 0 \
+                or window.col_off + span > src.width or window.row_off + height > src.height:
+            return None
+        nodata = declared if not math.isnan(declared) else src.nodata
+        data, valid = _read_aligned(src, int(band), Window(window.col_off, window.row_off, span, height), nodata)
+        step = max(1, _STRETCH_CHUNK // span)  # a few rows at a time: the table lookup stays in cache
+        for r in range(0, height, step):
+            row[r : r + step, :, i] = stretch(data[r : r + step], float(scale), float(offset), lo, hi)
+        row_valid &= valid
+    if not row_valid.all():  # a pixel missing in any band is black in every chip that holds it
+        row[~row_valid] = 0
+    out = []
+    for o in offsets:
+        valid = row_valid[:, o : o + width]
+        out.append((row[:, o : o + width], 1.0 - int(np.count_nonzero(valid)) / valid.size))
+    return out
+
 
 def s3_endpoint_options(environ: Mapping[str, str]) -> dict[str, str]:
     """GDAL options for a custom S3 endpoint given the AWS SDKs' way, from a process environment.
@@ -528,32 +584,92 @@ def read_batch(
 
 def _read_rows(batch: dict[str, np.ndarray], max_nodata: float, images: np.ndarray, status: np.ndarray,
                error: np.ndarray, stage: np.ndarray, nodata_fraction: np.ndarray, seconds: np.ndarray) -> None:
-    """:func:`read_batch`'s loop: each ok row's chip into ``images``, its outcome into the other arrays."""
-    for i in range(len(status)):
+    """:func:`read_batch`'s loop: each ok row's chip into ``images``, its outcome into the other arrays.
+
+    Runs of ok tiles on one row of one item's grid (planning yields a unit's tiles row by row, left to
+    right) are read together (:func:`read_row`); any other tile, and every tile of a run whose row read
+    raised, is read on its own (:func:`read_chip`), so a failure is recorded against its own tiles.
+    """
+    n = len(status)
+    i = 0
+    while i < n:
         if status[i] != "ok":
+            i += 1
             continue
-        tile = {k: v[i] for k, v in batch.items()}
+        j = i + 1
+        while j < n and status[j] == "ok" and _same_row(batch, i, j) and _next_to(batch, j - 1, j):
+            j += 1
+        tiles = [{k: v[m] for k, v in batch.items()} for m in range(i, j)]
         start = time.perf_counter()
-        hrefs = [str(h) for h in tile["hrefs"]]
-        for href in hrefs:  # it failed here before (this run or an earlier one): read it afresh
-            if href in _suspect_hrefs:
-                forget_source(href)
-        try:
-            chip, frac = read_chip(tile)
-        except Exception as exc:  # a bad tile is data, not a crash: record it, carry on
-            status[i], stage[i] = "failed", "read"
-            error[i] = read_failure_reason(exc)
-            logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
-            _note_failed_source(hrefs)
+        _forget_suspects(tiles[0])
+        chips: list[tuple[np.ndarray, float]] | None = None
+        if j - i > 1:
+            try:
+                chips = read_row(tiles)
+            except Exception:  # noqa: BLE001 - read them one by one: the failure lands on its own tiles
+                chips = None
+        if chips is not None:
+            each = (time.perf_counter() - start) / len(tiles)
+            for m, (chip, frac) in zip(range(i, j), chips, strict=True):
+                _record(m, chip, frac, max_nodata, images, status, error, stage, nodata_fraction)
+                seconds[m] = each
         else:
-            images[i] = chip
-            nodata_fraction[i] = frac
-            if frac > max_nodata:
-                status[i], stage[i] = "skipped", "read"
-                error[i] = f"nodata fraction {frac:.3f} exceeds --max-nodata {max_nodata}"
-            else:
-                stage[i] = "read"
-        seconds[i] = time.perf_counter() - start
+            for m, tile in zip(range(i, j), tiles, strict=True):
+                start = time.perf_counter()
+                _read_one(m, tile, max_nodata, images, status, error, stage, nodata_fraction)
+                seconds[m] = time.perf_counter() - start
+        i = j
+
+
+def _same_row(batch: dict[str, np.ndarray], i: int, j: int) -> bool:
+    """Whether rows ``i`` and ``j`` of a batch are tiles of the same sources, size and grid row."""
+    if float(batch["transform"][i][5]) != float(batch["transform"][j][5]):
+        return False
+    for k in _ROW_KEY:
+        a, b = batch[k][i], batch[k][j]
+        if isinstance(a, np.ndarray | list | tuple) or isinstance(b, np.ndarray | list | tuple):
+            if list(a) != list(b):
+                return False
+        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+            return False
+    return True
+
+
+def _next_to(batch: dict[str, np.ndarray], i: int, j: int) -> bool:
+    """Whether tile ``j`` starts right of tile ``i`` and touches or overlaps it (no gap to read)."""
+    step = float(batch["transform"][j][2]) - float(batch["transform"][i][2])
+    return 0 < step <= float(batch["width"][i]) * float(batch["res"][i]) * (1 + 1e-9)
+
+
+def _forget_suspects(tile: dict[str, Any]) -> None:
+    for href in (str(h) for h in tile["hrefs"]):  # it failed here before (this run or an earlier one): read it afresh
+        if href in _suspect_hrefs:
+            forget_source(href)
+
+
+def _read_one(i: int, tile: dict[str, Any], max_nodata: float, images: np.ndarray, status: np.ndarray,
+              error: np.ndarray, stage: np.ndarray, nodata_fraction: np.ndarray) -> None:
+    _forget_suspects(tile)
+    try:
+        chip, frac = read_chip(tile)
+    except Exception as exc:  # noqa: BLE001 - a bad tile is data, not a crash: record it, carry on
+        status[i], stage[i] = "failed", "read"
+        error[i] = read_failure_reason(exc)
+        logger.warning("tile %s: read failed: %s", tile["tile_id"], error[i])
+        _note_failed_source([str(h) for h in tile["hrefs"]])
+    else:
+        _record(i, chip, frac, max_nodata, images, status, error, stage, nodata_fraction)
+
+
+def _record(i: int, chip: np.ndarray, frac: float, max_nodata: float, images: np.ndarray, status: np.ndarray,
+            error: np.ndarray, stage: np.ndarray, nodata_fraction: np.ndarray) -> None:
+    images[i] = chip
+    nodata_fraction[i] = frac
+    if frac > max_nodata:
+        status[i], stage[i] = "skipped", "read"
+        error[i] = f"nodata fraction {frac:.3f} exceeds --max-nodata {max_nodata}"
+    else:
+        stage[i] = "read"
 
 
 _MIN_BLOCK_CACHE_BYTES = 8 * 2**20

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from rasterio.env import get_gdal_config
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 import rsflow.read
-from rasterio.env import get_gdal_config
 from rsflow.read import read_batch, read_blocks, read_chip, s3_endpoint_options, unit_block_cache_bytes
 from tests.read_fixtures import CountingOpener
 
@@ -223,6 +223,58 @@ def test_a_unit_is_read_with_the_block_cache_it_needs_and_the_ceiling_comes_back
     list(read_blocks(small, tiles_per_block=None, max_nodata=0.5))
     assert seen == [8 * 2**20]
     assert int(get_gdal_config("GDAL_CACHEMAX")) == ceiling
+
+
+def test_a_row_of_tiles_read_at_once_gives_each_tiles_own_chip(tmp_path):
+    """read_batch reads a run of tiles on one grid row with one GDAL read per band (read_row): every
+    chip and nodata fraction equals read_chip's for that tile alone: overlapping tiles, nodata pixels,
+    a tile past the scene's edge, a tile after a gap, and a tile of other sources in the same block."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        data = rng.integers(1, 3000, (1, 200, 300), dtype="uint16")
+        data[0, 10:14, 40 + 30 * i : 50 + 30 * i] = 0  # nodata holes, different in each band
+        path = tmp_path / f"band{i}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=300, height=200, count=1, dtype="uint16", nodata=0,
+                           crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0), tiled=True,
+                           blockxsize=64, blockysize=64) as dst:
+            dst.write(data)
+        paths.append(str(path))
+    other = [paths[2], paths[0], paths[1]]
+    rows = [_tile(c, 0, size=48, hrefs=paths) for c in (0, 32, 64, 96)]  # overlapping by 16 px
+    rows += [_tile(200, 0, size=48, hrefs=paths), _tile(248, 0, size=48, hrefs=paths)]  # a gap; past the edge
+    rows += [_tile(296, 0, size=48, hrefs=paths)]  # mostly past the edge
+    rows += [_tile(c, 48, size=48, hrefs=other) for c in (0, 48, 96)]  # another row, other band order
+    rows += [_tile(144, 48, size=48, hrefs=paths)]  # same row, other sources
+    batch = _unit(rows)
+    out = read_batch(batch, max_nodata=1.0)
+    assert list(out["status"]) == ["ok"] * len(rows)
+    for k, row in enumerate(rows):
+        chip, frac = read_chip(row)
+        np.testing.assert_array_equal(out["image"][k], chip, err_msg=f"tile {k}")
+        assert out["nodata_fraction"][k] == frac
+    assert 0 < out["nodata_fraction"][1] < 1 and out["nodata_fraction"][6] > 0.9
+
+
+def test_a_row_whose_read_fails_is_read_tile_by_tile_so_only_the_broken_tile_fails(tmp_path):
+    """One band file truncated inside its last block: reading the whole row raises, and the row is then
+    read one tile at a time, so the three tiles over intact blocks are read and only the fourth fails."""
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"band{i}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=256, height=64, count=1, dtype="uint16", nodata=0,
+                           crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0), tiled=True,
+                           blockxsize=64, blockysize=64) as dst:
+            dst.write(np.full((1, 64, 256), 1000 + i, dtype="uint16"))
+        paths.append(path)
+    with rasterio.open(paths[1]) as src:
+        last = int(src.get_tag_item("BLOCK_OFFSET_3_0", "TIFF", bidx=1))
+    paths[1].write_bytes(paths[1].read_bytes()[: last + 100])
+    rows = [_tile(c, 0, size=64, hrefs=[str(p) for p in paths]) for c in (0, 64, 128, 192)]
+    out = read_batch(_unit(rows), max_nodata=0.5)
+    assert list(out["status"]) == ["ok", "ok", "ok", "failed"]
+    assert "band1.tif" in out["error"][3]
+    assert (out["image"][:3] > 0).all()
 
 
 @pytest.mark.parametrize(

@@ -602,23 +602,33 @@ def _read_rows(batch: dict[str, np.ndarray], max_nodata: float, images: np.ndarr
         tiles = [{k: v[m] for k, v in batch.items()} for m in range(i, j)]
         start = time.perf_counter()
         _forget_suspects(tiles[0])
-        chips: list[tuple[np.ndarray, float]] | None = None
-        if j - i > 1:
-            try:
-                chips = read_row(tiles)
-            except Exception:  # noqa: BLE001 - read them one by one: the failure lands on its own tiles
-                chips = None
-        if chips is not None:
-            each = (time.perf_counter() - start) / len(tiles)
-            for m, (chip, frac) in zip(range(i, j), chips, strict=True):
-                _record(m, chip, frac, max_nodata, images, status, error, stage, nodata_fraction)
+        chips = _read_run(tiles)
+        each = (time.perf_counter() - start) / max(1, sum(c is not None for c in chips))
+        for m, tile, chip in zip(range(i, j), tiles, chips, strict=True):
+            if chip is not None:
+                _record(m, chip[0], chip[1], max_nodata, images, status, error, stage, nodata_fraction)
                 seconds[m] = each
-        else:
-            for m, tile in zip(range(i, j), tiles, strict=True):
+            else:
                 start = time.perf_counter()
                 _read_one(m, tile, max_nodata, images, status, error, stage, nodata_fraction)
                 seconds[m] = time.perf_counter() - start
         i = j
+
+
+def _read_run(tiles: list[dict[str, Any]]) -> list[tuple[np.ndarray, float] | None]:
+    """:func:`read_row` over a run of tiles, or over all but its last where the last runs past the
+    scene's right edge (the usual reason a row cannot be read at once); None for each tile to read on
+    its own (every tile of a row whose read raised)."""
+    for k in (len(tiles), len(tiles) - 1):
+        if k < 2:
+            break
+        try:
+            chips = read_row(tiles[:k])
+        except Exception:  # noqa: BLE001 - read them one by one: the failure lands on its own tiles
+            break
+        if chips is not None:
+            return [*chips, *([None] * (len(tiles) - k))]
+    return [None] * len(tiles)
 
 
 def _same_row(batch: dict[str, np.ndarray], i: int, j: int) -> bool:

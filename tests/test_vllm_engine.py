@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,35 @@ def test_models_vllm_cannot_load_are_refused_with_what_to_do(
         V.check_vllm_spec(ModelSpec(model="smoke", adapter=str(adapter)))
 
 
+def test_a_checkpoint_in_transformers_5s_layout_is_refused_and_the_llava_hf_layout_accepted(tmp_path) -> None:
+    """vLLM 0.29's LLaVA loads the CLIP tower as ``vision_tower.vision_model.*`` (the published llava-hf
+    checkpoints); transformers 5 saves it as ``vision_tower.embeddings...`` and vLLM fails when its engine
+    starts (seen on vLLM's CPU build). The driver refuses it before any work; the same weights renamed
+    to the llava-hf layout pass (and transformers loads them to the same tensors)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+
+    from rsflow.models.spec import resolve_model_dir
+
+    smoke = Path(resolve_model_dir(ModelSpec(model="smoke")))
+    with pytest.raises(RequestError, match=r"--engine: vLLM cannot load smoke: its vision tower is saved as "
+                                           r"'vision_tower\.embeddings.*llava-hf layout"):
+        V.check_vllm_spec(ModelSpec(model="smoke"))
+    hf_layout = tmp_path / "llava-hf-layout"
+    shutil.copytree(smoke, hf_layout)
+    for path in hf_layout.glob("*.safetensors"):
+        tensors = {(f"vision_tower.vision_model.{k.removeprefix('vision_tower.')}" if k.startswith("vision_tower.")
+                    else k): v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    V.check_vllm_spec(ModelSpec(model=str(hf_layout)))
+    a = LlavaForConditionalGeneration.from_pretrained(smoke, dtype=torch.float32).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(hf_layout, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_cluster_without_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     _vllm(monkeypatch, installed=True)
     with pytest.raises(RequestError, match=r"--engine: vllm runs on GPUs and this Ray cluster has none"):
@@ -120,11 +150,15 @@ def test_adapter_becomes_an_unmerged_lora_request(tmp_path) -> None:
     assert engine["enable_lora"] is True and engine["max_lora_rank"] == 16 and engine["max_loras"] == 1
     assert engine["dtype"] == "bfloat16"  # the transformers engine's choice on a GPU, not vLLM's "auto"
     assert config["concurrency"] == (2, 4) and config["should_continue_on_error"] is True
-    assert not config["chat_template_stage"] and not config["tokenize_stage"] and config["detokenize_stage"]
+    assert not config["chat_template_stage"] and not config["tokenize_stage"]
+    # the detokenizer's actors hold no CPU: with one each, engine + detokenizer held a 2-CPU Ray's CPUs and
+    # the reads never started (found running vLLM's CPU build)
+    assert config["detokenize_stage"] == {"enabled": True, "num_cpus": 0}
     assert config["placement_group_config"]["bundle_per_worker"] == {"CPU": 1, "GPU": 1, "rsflow_gpu_node": 0.001}
-    from ray.data.llm import vLLMEngineProcessorConfig
+    from ray.data.llm import DetokenizeStageConfig, vLLMEngineProcessorConfig
 
     vLLMEngineProcessorConfig(**config)  # the installed Ray accepts it
+    assert DetokenizeStageConfig(**config["detokenize_stage"]).num_cpus == 0
 
 
 def _tiles() -> dict[str, np.ndarray]:

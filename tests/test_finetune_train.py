@@ -222,6 +222,11 @@ def test_align_trains_only_the_projector(ray_local: Any, tiny_model_dir: Path, t
                  and "multi_modal_projector" in n]
         assert match and torch.equal(match[0].detach(), tensor), name
     assert json.loads((export / "model" / "rsflow.json").read_text())["stage"] == "align"
+    # the published llava-hf tensor names, which --engine vllm (vLLM 0.29) loads
+    from rsflow.models.spec import ModelSpec
+    from rsflow.models.vllm_engine import check_vllm_spec
+
+    check_vllm_spec(ModelSpec(model=str(export / "model")))
 
 
 @pytest.mark.slow

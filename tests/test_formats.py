@@ -505,6 +505,15 @@ def test_convert_then_load_equals_direct_load_geochat(originals: Originals, tmp_
     dst = tmp_path / "geochat-hf"
     info = convert(originals.geochat, dst, vision_tower=originals.clip, dtype=torch.float32)
     assert detect_format(dst) == "hf-llava"
+    # the published llava-hf tensor names (what vLLM 0.29 loads), not transformers 5's vision_tower.embeddings
+    from safetensors import safe_open
+
+    from rsflow.models.vllm_engine import check_vllm_spec
+
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        tower = [k for k in f.keys() if k.startswith("vision_tower.")]  # noqa: SIM118 - a safe_open handle is not iterable
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    check_vllm_spec(ModelSpec(model=str(dst)))
     card = json.loads((dst / "rsflow.json").read_text())
     assert card["prompt_format"] == "geochat" and card["image_size"] == GEOCHAT_IMAGE_SIZE
     assert card["source_format"] == "llava-repo" and card["suppress_token_ids"] == info["suppress_token_ids"]

@@ -105,29 +105,40 @@ def test_models_vllm_cannot_load_are_refused_with_what_to_do(
 def test_a_checkpoint_in_transformers_5s_layout_is_refused_and_the_llava_hf_layout_accepted(tmp_path) -> None:
     """vLLM 0.29's LLaVA loads the CLIP tower as ``vision_tower.vision_model.*`` (the published llava-hf
     checkpoints); transformers 5 saves it as ``vision_tower.embeddings...`` and vLLM fails when its engine
-    starts (seen on vLLM's CPU build). The driver refuses it before any work; the same weights renamed
-    to the llava-hf layout pass (and transformers loads them to the same tensors)."""
-    import shutil
-
+    starts (seen on vLLM's CPU build). The driver refuses it before any work. ``write_llava_hf_layout``
+    (what ``rsflow convert`` and stage 1's export apply) renames the tensors of a sharded save in place:
+    the folder then passes, and transformers loads it to the same tensors."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
     from transformers import LlavaForConditionalGeneration
 
+    from rsflow.models.formats import write_llava_hf_layout
     from rsflow.models.spec import resolve_model_dir
 
     smoke = Path(resolve_model_dir(ModelSpec(model="smoke")))
     with pytest.raises(RequestError, match=r"--engine: vLLM cannot load smoke: its vision tower is saved as "
                                            r"'vision_tower\.embeddings.*llava-hf layout"):
         V.check_vllm_spec(ModelSpec(model="smoke"))
-    hf_layout = tmp_path / "llava-hf-layout"
-    shutil.copytree(smoke, hf_layout)
-    for path in hf_layout.glob("*.safetensors"):
-        tensors = {(f"vision_tower.vision_model.{k.removeprefix('vision_tower.')}" if k.startswith("vision_tower.")
-                    else k): v for k, v in load_file(path).items()}
-        save_file(tensors, path, metadata={"format": "pt"})
-    V.check_vllm_spec(ModelSpec(model=str(hf_layout)))
-    a = LlavaForConditionalGeneration.from_pretrained(smoke, dtype=torch.float32).state_dict()
-    b = LlavaForConditionalGeneration.from_pretrained(hf_layout, dtype=torch.float32).state_dict()
+    model = LlavaForConditionalGeneration.from_pretrained(smoke, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="300KB")
+    for name in ("config.json", "generation_config.json"):
+        assert (sharded / name).is_file()
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    with pytest.raises(RequestError, match=r"vLLM cannot load"):
+        V.check_vllm_spec(ModelSpec(model=str(sharded)))
+    renamed = write_llava_hf_layout(sharded)
+    names = []
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:  # still a valid safetensors file
+            names += list(f.keys())
+    tower = [n for n in names if n.startswith("vision_tower.")]
+    assert renamed == len(tower) > 0 and all(n.startswith("vision_tower.vision_model.") for n in tower)
+    V.check_vllm_spec(ModelSpec(model=str(sharded)))
+    assert write_llava_hf_layout(sharded) == 0  # already in that layout
+    a = model.state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(sharded, dtype=torch.float32).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -44,20 +44,20 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import struct
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import torch
 
 from rsflow.errors import ModelError, RequestError
 from rsflow.models.prompts import IMAGE_TOKEN, PROMPT_FORMATS
-
-if TYPE_CHECKING:
-    import os
 
 logger = logging.getLogger(__name__)
 
@@ -1391,6 +1391,58 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+_TOWER = "vision_tower."
+_TOWER_HF = "vision_tower.vision_model."
+
+
+def _llava_hf_name(name: str) -> str:
+    """``vision_tower.X`` (transformers 5's saved name) -> ``vision_tower.vision_model.X`` (llava-hf's)."""
+    if name.startswith(_TOWER) and not name.startswith(_TOWER_HF):
+        return _TOWER_HF + name[len(_TOWER):]
+    return name
+
+
+def _rename_safetensors(path: Path) -> int:
+    """Rename the tensors of one safetensors file to :func:`_llava_hf_name`: only its JSON header changes
+    (data offsets are relative to the data), so the tensor bytes are copied through in chunks, never
+    loaded; the file is replaced whole. Returns how many names changed."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        renamed = {(k if k == "__metadata__" else _llava_hf_name(k)): v for k, v in header.items()}
+        changed = sum(1 for k in header if k != "__metadata__" and _llava_hf_name(k) != k)
+        if not changed:
+            return 0
+        blob = json.dumps(renamed, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section stays 8-byte aligned
+        tmp = path.with_name(f".{path.name}.renaming")
+        with tmp.open("wb") as g:
+            g.write(struct.pack("<Q", len(blob)))
+            g.write(blob)
+            shutil.copyfileobj(f, g, 16 * 2**20)
+    os.replace(tmp, path)
+    return changed
+
+
+def write_llava_hf_layout(folder: str | os.PathLike[str]) -> int:
+    """Give a saved transformers LLaVA folder the llava-hf tensor names of its CLIP tower.
+
+    transformers 5's ``save_pretrained`` names the tower's tensors ``vision_tower.embeddings...``;
+    the published llava-hf checkpoints (and vLLM 0.29's LLaVA loader, ``--engine vllm``) name them
+    ``vision_tower.vision_model.embeddings...``. transformers loads both to the same model, so the
+    folders rsflow writes (``rsflow convert``, stage 1's export) use the published names and load in
+    either engine. Renames the safetensors headers and the index in place; returns the tensors renamed.
+    """
+    root = Path(folder)
+    n = sum(_rename_safetensors(p) for p in sorted(root.glob("*.safetensors")))
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_llava_hf_name(k): v for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return n
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -1466,6 +1518,7 @@ def convert(
         _quiet(model.save_pretrained, adapter_out, safe_serialization=True, save_embedding_layers=False)
         model = model.unload()  # the base LLaVA without LoRA layers
     _quiet(model.save_pretrained, out, safe_serialization=True)
+    write_llava_hf_layout(out)  # the published checkpoints' tensor names: --engine vllm loads it too
     processor.save_pretrained(out)
     card = {
         "kind": "converted",

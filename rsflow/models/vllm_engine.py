@@ -8,8 +8,9 @@ the experiment), on a tiny random-weight LLaVA in the llava-hf layout: 6 runs of
 (float32, bfloat16, a resized tile, an unmerged LoRA against the transformers engine's merged one,
 64 new tokens with three tasks) wrote the same 162 rows, every column equal, as ``--engine
 transformers``; plain vLLM's token ids equalled ``generate``'s. What that run found is mended here: the
-detokenizer's actors held CPUs and hung a 2-CPU Ray; checkpoints saved by transformers 5 (rsflow's
-own) name the CLIP tower in a layout vLLM 0.29 cannot load (refused on the driver); vLLM 0.29 imports
+detokenizer's actors held CPUs and hung a 2-CPU Ray; checkpoints saved by transformers 5 name the CLIP
+tower in a layout vLLM 0.29 cannot load (refused on the driver; ``rsflow convert`` and stage 1's
+export now write the published llava-hf names, ``formats.write_llava_hf_layout``); vLLM 0.29 imports
 Pixtral names that transformers 5.17 removed (the ``vllm`` extra pins transformers below 5.17). Still
 different from the transformers engine: a prompt longer than the model's context fails its row with
 vLLM's reason (transformers answers it), and a tile that must be resized goes through vLLM's own
@@ -269,6 +270,8 @@ def _check_vision_tower_layout(spec: ModelSpec) -> None:
     llava-hf layout, ``vision_tower.vision_model.embeddings...``, and fails when the engine starts
     ("There is no module or parameter named 'vision_tower.embeddings'"), after the cluster has
     started its actors. Found running ``--engine vllm`` on vLLM's CPU build; hub ids are not checked.
+    ``rsflow convert`` and stage 1's export write the llava-hf names
+    (:func:`rsflow.models.formats.write_llava_hf_layout`).
     """
     model_dir = Path(resolve_model_dir(spec))
     if not model_dir.is_dir():
@@ -279,7 +282,9 @@ def _check_vision_tower_layout(spec: ModelSpec) -> None:
             "--engine",
             f"vLLM cannot load {spec.model}: its vision tower is saved as {tower[0]!r} (transformers 5's "
             "layout), and vLLM's LLaVA loads 'vision_tower.vision_model.*' (the llava-hf layout of the "
-            "published checkpoints); use --engine transformers, or a checkpoint saved in the llava-hf layout",
+            "published checkpoints, which rsflow convert and finetuning's stage-1 export write); use --engine "
+            "transformers, or rename the tower's tensors (transformers loads both layouts): "
+            "rsflow.models.formats.write_llava_hf_layout(FOLDER) does it in place",
         )
 
 

@@ -61,10 +61,10 @@ plus weights) or hub id, LoRA on the language model's linear layers only, no ``m
 (a projector trained in stage 2 cannot be served as LoRA), no DoRA; ``max_lora_rank`` is set from
 the adapters' ``r``. The row's ``model`` field names the adapter (Ray's ``vLLMEngineStage`` sends a
 ``LoRARequest`` when it differs from ``model_source``; without ``dynamic_lora_loading_path`` the name
-is the adapter's local path or hub id). vLLM must also support LoRA for
-``LlavaForConditionalGeneration`` (``SupportsLoRA``), which the vLLM sources read while writing this
-did not declare: an adapter run may fail when the engine starts. A merged checkpoint always works:
-merge the adapter (peft ``merge_and_unload`` + ``save_pretrained``) and pass the folder as ``--model``.
+is the adapter's local path or hub id). vLLM 0.29's CPU build served LoRA adapters on the language
+model of LLaVA this way, with the same answers as the merged adapter in the transformers engine. A
+merged checkpoint works too: merge the adapter (peft ``merge_and_unload`` + ``save_pretrained``, then
+:func:`rsflow.models.formats.write_llava_hf_layout` on the folder) and pass the folder as ``--model``.
 
 Failures are rows, never dropped: the processor runs with ``should_continue_on_error=True``, so a
 request that raises in vLLM comes out with ``__inference_error__`` set (Ray's ``wrap_postprocess``
@@ -205,7 +205,8 @@ def _lora_config(ref: str, flag: str) -> dict[str, Any]:
             flag,
             f"{ref!r} also trains {config['modules_to_save']} (modules_to_save, e.g. the projector), which "
             "vLLM cannot load as LoRA: merge the adapter into the base (peft merge_and_unload, "
-            "save_pretrained) and pass that folder as --model, or use --engine transformers",
+            "save_pretrained, rsflow.models.formats.write_llava_hf_layout) and pass that folder as --model, "
+            "or use --engine transformers",
         )
     targets = config.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])

@@ -282,6 +282,19 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _torch_load(path).items()
 
 
+def tensor_names(folder: str | os.PathLike[str], flag: str = "--model") -> list[str]:
+    """The tensor names of a checkpoint folder's safetensors weights (:func:`weight_files`), from the
+    files' headers: no tensor is loaded. Torch-pickled weights (``.bin``) are not listed."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for path in weight_files(folder, flag):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="np") as handle:
+                names.extend(handle.keys())
+    return names
+
+
 # ---------------------------------------------------------------------------------------- empty model
 
 _META_LOCK = threading.Lock()
@@ -1434,7 +1447,7 @@ def write_llava_hf_layout(folder: str | os.PathLike[str]) -> int:
     either engine. Renames the safetensors headers and the index in place; returns the tensors renamed.
     """
     root = Path(folder)
-    n = sum(_rename_safetensors(p) for p in sorted(root.glob("*.safetensors")))
+    n = sum(_rename_safetensors(p) for p in weight_files(root) if p.suffix == ".safetensors")
     index = root / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())

@@ -100,7 +100,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -249,20 +248,6 @@ def check_vllm_spec(spec: ModelSpec) -> None:
     _check_vision_tower_layout(spec)
 
 
-def _weight_names(model_dir: Path) -> list[str]:
-    """The tensor names of a local safetensors checkpoint (from its index, else its files' headers)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text()).get("weight_map", {}))
-    from safetensors import safe_open
-
-    names: list[str] = []
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "np") as f:
-            names.extend(f.keys())
-    return names
-
-
 def _check_vision_tower_layout(spec: ModelSpec) -> None:
     """Refuse a local checkpoint whose CLIP tower vLLM 0.29 cannot load.
 
@@ -274,10 +259,12 @@ def _check_vision_tower_layout(spec: ModelSpec) -> None:
     ``rsflow convert`` and stage 1's export write the llava-hf names
     (:func:`rsflow.models.formats.write_llava_hf_layout`).
     """
+    from rsflow.models.formats import tensor_names
+
     model_dir = Path(resolve_model_dir(spec))
     if not model_dir.is_dir():
         return
-    tower = [n for n in _weight_names(model_dir) if n.startswith("vision_tower.")]
+    tower = [n for n in tensor_names(model_dir) if n.startswith("vision_tower.")]
     if tower and not any(n.startswith("vision_tower.vision_model.") for n in tower):
         raise RequestError(
             "--engine",

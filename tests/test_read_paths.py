@@ -193,3 +193,28 @@ def test_read_batch_keeps_one_array_for_the_batch(scene: list[Path]) -> None:
     out = read_batch(batch, max_nodata=1.0)
     assert out["image"].dtype == np.uint8 and out["image"].shape == (2, 32, 32, 3)
     assert out["image"].flags["C_CONTIGUOUS"]
+
+
+def test_a_row_of_tiles_reads_the_windows_under_the_row_and_no_more(
+    scene: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_batch reads a run of tiles on one grid row as one window per band: the windows read (counted)
+    are exactly the row's span, one tile high, never the scene."""
+    import rsflow.read
+
+    windows: list[tuple[int, int, int, int]] = []
+    real = rsflow.read._read_aligned
+
+    def counting(src: Any, band: int, window: Any, nodata: Any) -> Any:
+        windows.append((int(window.col_off), int(window.row_off), int(window.width), int(window.height)))
+        return real(src, band, window, nodata)
+
+    monkeypatch.setattr(rsflow.read, "_read_aligned", counting)
+    tiles = [_tile(scene, c, 256, 128) for c in (512, 640, 768, 896)]
+    batch = {k: np.array([t[k] for t in tiles], dtype=object) for k in tiles[0]}
+    batch.update(status=np.array(["ok"] * 4, dtype=object), error=np.array([None] * 4, dtype=object),
+                 stage=np.array(["plan"] * 4, dtype=object))
+    out = read_batch(batch, max_nodata=1.0)
+    assert list(out["status"]) == ["ok"] * 4
+    assert windows == [(512, 256, 512, 128)] * 3  # one window per band across the four tiles
+    assert sum(w * h for _, _, w, h in windows) == 3 * 4 * 128 * 128 < 3 * SCENE_PX * SCENE_PX

@@ -50,3 +50,25 @@ def test_a_local_ray_reuses_the_memory_of_spent_blocks():
     assert done.returncode == 0, done.stderr[-2000:]
     grown_mib = int(done.stdout.strip().splitlines()[-1])
     assert grown_mib <= 8 * 16, f"the writer mapped {grown_mib} MiB more object-store pages over 40 blocks"
+
+
+def test_the_driver_notices_finished_ray_data_tasks_within_the_shortened_wait(ray_local):
+    """Ray Data's executor loop waits on its running tasks with ``ray.wait(..., num_returns=all,
+    timeout=WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)``: rsflow's datasets shorten that wait (0.1 s in Ray
+    2.60), which each CPU slot sat idle after every task. The loop must still read the constant by that
+    name, or the setting silently stops mattering after a Ray upgrade."""
+    import inspect
+
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    from rsflow.pipeline import RAY_DATA_TASK_WAIT_SECONDS, _configured
+
+    assert "timeout=WAIT_FOR_TASK_COMPLETION_TIMEOUT_S" in inspect.getsource(state.process_completed_tasks)
+    original = state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    try:
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = 0.1
+        ds = _configured(ray_local.data.from_items([{"x": 1}]))
+        assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == RAY_DATA_TASK_WAIT_SECONDS < 0.1
+        assert ds.context.op_resource_reservation_enabled is False
+    finally:
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = original

@@ -244,14 +244,14 @@ def test_tiny_checkpoint_layout(tiny_model_dir: Path) -> None:
 def test_ensure_smoke_model_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RSFLOW_CACHE", str(tmp_path / "cache"))
     first = ensure_smoke_model()
-    assert first == tmp_path / "cache" / "models" / "smoke-tiny-llava-v2"
+    assert first == tmp_path / "cache" / "models" / "smoke-tiny-llava-v3"
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_smoke_model() == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
     assert resolve_model_dir(ModelSpec(model="smoke")) == str(first)
     assert model_id(ModelSpec(model="smoke")).startswith("smoke-tiny-llava@")
-    assert ensure_smoke_model(tmp_path / "other") == tmp_path / "other" / "models" / "smoke-tiny-llava-v2"
+    assert ensure_smoke_model(tmp_path / "other") == tmp_path / "other" / "models" / "smoke-tiny-llava-v3"
 
 
 def test_ensure_smoke_model_concurrent_builders_agree(tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def test_ensure_smoke_model_concurrent_builders_agree(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         paths = list(pool.map(lambda _: ensure_smoke_model(tmp_path), range(3)))
     assert len(set(paths)) == 1
-    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["smoke-tiny-llava-v2"]  # losers cleaned up
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["smoke-tiny-llava-v3"]  # losers cleaned up
     reference = build_tiny_llava(tmp_path / "reference", lm_head_std=SMOKE_LM_HEAD_STD)
     assert (paths[0] / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
@@ -281,12 +281,12 @@ def test_lm_head_std_redraws_only_the_head(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_ensure_smoke_model_refuses_a_foreign_folder(tmp_path: Path) -> None:
-    target = tmp_path / "models" / "smoke-tiny-llava-v2"
+    target = tmp_path / "models" / "smoke-tiny-llava-v3"
     target.mkdir(parents=True)
     (target / "junk.txt").write_text("x")
     with pytest.raises(ModelError, match="not a complete smoke checkpoint"):
         ensure_smoke_model(tmp_path)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["smoke-tiny-llava-v2"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smoke-tiny-llava-v3"]
 
 
 # --------------------------------------------------------------------------- load_model

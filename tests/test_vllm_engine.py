@@ -116,17 +116,19 @@ def test_a_checkpoint_in_transformers_5s_layout_is_refused_and_the_llava_hf_layo
     from rsflow.models.spec import resolve_model_dir
 
     smoke = Path(resolve_model_dir(ModelSpec(model="smoke")))
-    with pytest.raises(RequestError, match=r"--engine: vLLM cannot load smoke: its vision tower is saved as "
-                                           r"'vision_tower\.embeddings.*llava-hf layout"):
-        V.check_vllm_spec(ModelSpec(model="smoke"))
+    V.check_vllm_spec(ModelSpec(model="smoke"))  # rsflow's own builds (smoke, demo) write the llava-hf names
+    V.check_vllm_spec(ModelSpec(model="demo"))
     model = LlavaForConditionalGeneration.from_pretrained(smoke, dtype=torch.float32)
+    fresh = LlavaForConditionalGeneration(model.config)  # saved as built, not as loaded: transformers 5's layout
+    fresh.load_state_dict(model.state_dict())
     sharded = tmp_path / "sharded"
-    model.save_pretrained(sharded, max_shard_size="300KB")
+    fresh.save_pretrained(sharded, max_shard_size="300KB")
     for name in ("config.json", "generation_config.json"):
         assert (sharded / name).is_file()
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
-    with pytest.raises(RequestError, match=r"vLLM cannot load"):
+    with pytest.raises(RequestError, match=r"--engine: vLLM cannot load .*sharded: its vision tower is saved as "
+                                           r"'vision_tower\.embeddings.*llava-hf layout"):
         V.check_vllm_spec(ModelSpec(model=str(sharded)))
     renamed = write_llava_hf_layout(sharded)
     names = []

@@ -228,6 +228,8 @@ def package_demo_model(
     from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    from rsflow.models.formats import write_llava_hf_layout
+
     src, out = Path(aligned_model), Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -244,6 +246,7 @@ def package_demo_model(
         merged.config.use_cache = True
         merged.config.text_config.use_cache = True
         merged.save_pretrained(tmp, safe_serialization=True)
+        write_llava_hf_layout(tmp)  # the published tensor names, which --engine vllm loads
         for name in _PROCESSOR_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 SMOKE_NAME = "smoke-tiny-llava"
 """Human name of the smoke model (``rsflow.json`` ``name``)."""
 
-SMOKE_CACHE_DIRNAME = "smoke-tiny-llava-v2"
+SMOKE_CACHE_DIRNAME = "smoke-tiny-llava-v3"
 """Folder under ``<cache>/models/``; bump the suffix whenever the build recipe changes."""
 
 SMOKE_LM_HEAD_STD = 0.16
@@ -199,8 +199,10 @@ def build_tiny_llava(
     be downloaded); ``init_device="cuda"`` initialises such a model on the GPU.
 
     Layout written to ``out_dir`` (created if missing): ``config.json``, ``generation_config.json``,
-    ``model.safetensors``, ``tokenizer.json`` + ``tokenizer_config.json``,
-    ``preprocessor_config.json`` / ``processor_config.json``, and ``rsflow.json`` (written last).
+    ``model.safetensors`` (the CLIP tower's tensors under the published llava-hf names,
+    ``vision_tower.vision_model.*``, which both transformers and vLLM load), ``tokenizer.json`` +
+    ``tokenizer_config.json``, ``preprocessor_config.json`` / ``processor_config.json``, and
+    ``rsflow.json`` (written last).
 
     Args:
         out_dir: target folder.
@@ -316,6 +318,10 @@ def build_tiny_llava(
         do_sample=False,
     )
     _quiet_save(model, out)
+    # The published llava-hf tensor names, as `rsflow convert` writes: vLLM (--engine vllm) loads only those.
+    from rsflow.models.formats import write_llava_hf_layout
+
+    write_llava_hf_layout(out)
 
     # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", like llava-hf checkpoints.
     image_processor = CLIPImageProcessorPil(
@@ -369,7 +375,7 @@ def default_cache_dir() -> Path:
 def ensure_smoke_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the cached smoke checkpoint, building it on first use.
 
-    The checkpoint lives in ``<cache>/models/smoke-tiny-llava-v1/`` with ``<cache>`` = ``cache_dir``,
+    The checkpoint lives in ``<cache>/models/smoke-tiny-llava-v3/`` with ``<cache>`` = ``cache_dir``,
     else ``$RSFLOW_CACHE``, else ``~/.cache/rsflow``. It is built in a temporary sibling folder and
     renamed into place, so concurrent processes (e.g. several Ray actors) never see a half-written
     checkpoint: the first rename wins and the others discard their copy.

@@ -9,8 +9,9 @@ the experiment), on a tiny random-weight LLaVA in the llava-hf layout: 6 runs of
 64 new tokens with three tasks) wrote the same 162 rows, every column equal, as ``--engine
 transformers``; plain vLLM's token ids equalled ``generate``'s. What that run found is mended here: the
 detokenizer's actors held CPUs and hung a 2-CPU Ray; checkpoints saved by transformers 5 name the CLIP
-tower in a layout vLLM 0.29 cannot load (refused on the driver; ``rsflow convert`` and stage 1's
-export now write the published llava-hf names, ``formats.write_llava_hf_layout``); vLLM 0.29 imports
+tower in a layout vLLM 0.29 cannot load (refused on the driver; ``rsflow convert``, stage 1's
+export and the built-in smoke and demo models now have the published llava-hf names,
+``formats.write_llava_hf_layout``); vLLM 0.29 imports
 Pixtral names that transformers 5.17 removed (the ``vllm`` extra pins transformers below 5.17). Still
 different from the transformers engine: a prompt longer than the model's context fails its row with
 vLLM's reason (transformers answers it), and a tile that must be resized goes through vLLM's own

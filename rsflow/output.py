@@ -450,9 +450,10 @@ is killed keeps what it finished here; the final pass sorts them into the datase
 
 
 class RawPartsSink(Datasink[int]):
-    """Ray Data sink: each block of result rows -> one Parquet file in ``directory`` as soon as it is
-    done (``RESULT_SCHEMA``, working columns included), written to a hidden name and renamed, so a
-    file either is complete or is not there."""
+    """Ray Data sink: the result rows of each write task (one block or several) -> one Parquet file in
+    ``directory`` as soon as the task is done (``RESULT_SCHEMA``, working columns included), written to
+    a hidden name and renamed, so a file either is complete or is not there: a task's rows, every prompt
+    of a tile among them, are kept or lost together."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory.rstrip("/")
@@ -465,18 +466,19 @@ class RawPartsSink(Datasink[int]):
     def write(self, blocks: Any, ctx: Any) -> int:
         fs, root = fsspec.core.url_to_fs(self.directory)
         fs.makedirs(root, exist_ok=True)
-        rows = 0
+        tables = []
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
-            if table.num_rows == 0:
-                continue
-            table = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
-            name = f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
-            tmp = posixpath.join(root, f".{name}.tmp")
-            pq.write_table(table, tmp, compression="zstd", filesystem=fs)
-            fs.mv(tmp, posixpath.join(root, name))
-            rows += table.num_rows
-        return rows
+            if table.num_rows:
+                tables.append(table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+        if not tables:
+            return 0
+        table = pa.concat_tables(tables)
+        name = f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = posixpath.join(root, f".{name}.tmp")
+        pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+        fs.mv(tmp, posixpath.join(root, name))
+        return table.num_rows
 
 
 def carry_over(source: ResumeSource, staging: str) -> set[str]:

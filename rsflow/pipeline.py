@@ -259,8 +259,9 @@ def shorten_task_wait() -> None:
     submits no more tasks than there are slots, so each slot idles up to 0.1 s after every task: the
     known gaps of ray-project/ray#42377 and #45934, where the maintainers' and reporters' fix is a
     shorter wait. On the bench's read path (2 cores, 20,000 px scene, a read task per planning unit of
-    about 0.4 s) each read worker sat idle about 1.5 s of a 7 s run; with 0.02 s the read path went from
-    about 520 to 560-590 tiles/s.
+    about 0.4 s) each read worker sat idle about 1.5 s of a 7 s run; with 0.02 s (and the no-op model's
+    interpret tasks already batched, :func:`interpret_batch_rows`) single runs went from about 520 to
+    560-590 tiles/s.
 
     Ray Data has no setting for it: this sets the module constant its loop reads on every step (Ray is
     pinned, and a test checks that the loop still reads it). A shorter wait costs the driver more
@@ -588,8 +589,9 @@ def run_region(
                 max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes},
-                                batch_size=interpret_batch_rows(spec))
-            # Rows land in the staging parts as their blocks finish: a killed run keeps them for --resume.
+                                batch_size=interpret_batch_rows(spec, per_unit * len(prompts)))
+            # Rows land in the staging parts as their tasks finish (with a model, a block at a time; with the
+            # no-op model, 512 rows or more), one file per task: a killed run keeps them for --resume.
             parts_sink = out.RawPartsSink(parts_dir)
             ds.write_datasink(parts_sink)
             manifest["rows_run_now"] = int(parts_sink.rows)
@@ -715,18 +717,20 @@ _NOOP_INTERPRET_ROWS = 512
 """Rows per interpret-and-write task with the no-op model (:func:`interpret_batch_rows`)."""
 
 
-def interpret_batch_rows(spec: ModelSpec) -> int | None:
+def interpret_batch_rows(spec: ModelSpec, block_rows: int) -> int | None:
     """Rows per task of the interpret-and-write step: ``None`` (each model block on its own) with a
-    model, :data:`_NOOP_INTERPRET_ROWS` with the no-op model.
+    model; with the no-op model, :data:`_NOOP_INTERPRET_ROWS` or a block's rows (``block_rows``: tiles
+    per block times prompts), whichever is more, so that a task always takes whole blocks.
 
     A model block is seconds of model work, so a task per block costs nothing that matters and each
     block's rows reach the staging parts (what ``--resume`` keeps of a killed run) as soon as they are
-    answered. The no-op model answers a block of 50 chips in milliseconds: a task per block (about 90 on the
-    bench's 20,000 px scene) then takes a CPU slot from the reads for each, plus Ray Data's wait before
-    it sees the task done. Gathering 512 rows per task cut them to 8 and took the read path from about
-    470 to 500 tiles/s (2 cores, 336 px).
+    answered. The no-op model answers a block of 50 chips of 336 px in milliseconds: a task per block
+    (about 90 on the bench's 20,000 px scene) then takes a CPU slot from the reads for each, plus Ray
+    Data's wait before it sees the task done. Gathering 512 rows per task cut them to 8 and took the
+    read path from about 470 to 500 tiles/s (2 cores, 336 px; before :func:`shorten_task_wait`). Blocks of
+    64 px tiles already hold 1,024 rows and go one to a task.
     """
-    return _NOOP_INTERPRET_ROWS if spec.model == NOOP_MODEL else None
+    return max(_NOOP_INTERPRET_ROWS, block_rows) if spec.model == NOOP_MODEL else None
 
 
 def tiles_per_block(size_px: int, *, model: bool = True) -> int:

@@ -1,7 +1,7 @@
 """``--resume``: a killed run continues where it stopped; a run with failed tiles completes them only.
 
-Rows reach the staging directory's parts as their blocks finish (renamed into place, so a part is
-whole or absent); the final pass sorts every finished row into the dataset and commits it. A driver
+Rows reach the staging directory's parts as their write tasks finish (one file per task, renamed into
+place, so a part is whole or absent); the final pass sorts every finished row into the dataset and commits it. A driver
 killed with SIGKILL leaves only the hidden staging directory: nothing that looks complete.
 """
 
@@ -133,3 +133,35 @@ def test_resume_refuses_a_different_request(ray_local: Any, sample_catalog: Path
     code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *other, "--resume", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "differs from the run being resumed in inputs" in err
+
+
+def test_a_write_task_keeps_its_rows_in_one_part(tmp_path):
+    """The parts sink writes everything one write task was given (several blocks, when the no-op model's
+    interpret tasks gather 512 rows) as ONE renamed file, so a kill can never keep some of a tile's prompt
+    rows and lose the others; a task with no rows writes nothing."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rsflow.models.spec import ModelSpec
+    from rsflow.output import RESULT_SCHEMA, RawPartsSink
+    from rsflow.pipeline import interpret_batch_rows
+
+    def rows(tile: str, prompts: int) -> pa.Table:
+        empty = {name: None for name in RESULT_SCHEMA.names}
+        return pa.Table.from_pylist([{**empty, "tile_id": tile, "prompt_index": k} for k in range(prompts)],
+                                    schema=RESULT_SCHEMA)
+
+    sink = RawPartsSink(str(tmp_path / "parts"))
+    ctx = types.SimpleNamespace(task_idx=3)
+    assert sink.write([rows("a", 2), rows("b", 3).slice(0, 0), rows("b", 3)], ctx) == 5
+    parts = sorted((tmp_path / "parts").iterdir())
+    assert [p.name.startswith("raw-00003-") and p.suffix == ".parquet" for p in parts] == [True]
+    assert pq.read_table(parts[0]).column("tile_id").to_pylist() == ["a", "a", "b", "b", "b"]
+    assert sink.write([rows("c", 1).slice(0, 0)], ctx) == 0
+    assert len(list((tmp_path / "parts").iterdir())) == 1
+    # whole blocks per task: a no-op block of 1,024 rows is not cut in two; a model's blocks go one by one
+    assert interpret_batch_rows(ModelSpec(model="noop"), 50) == 512
+    assert interpret_batch_rows(ModelSpec(model="noop"), 1024) == 1024
+    assert interpret_batch_rows(ModelSpec(model="smoke"), 32) is None

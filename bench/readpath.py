@@ -126,8 +126,11 @@ def steady_state(cache: Path, work: Path, small_px: int, large: dict[str, Any], 
     if extra_tiles <= 0 or extra_seconds <= 0:
         return {"scene_px": small_px, "error": "the larger scene's run was not longer", "small": small}
     rate = extra_tiles / extra_seconds
+    fixed = small["pipeline_seconds"] - small["tiles_read"] / rate
+    if fixed < 0:  # the runs' noise is larger than the fixed cost: no split to report
+        return {"scene_px": small_px, "error": f"fixed cost came out negative ({fixed:.3f} s)", "small": small}
     return {"scene_px": small_px, "small": small, "tiles_per_second": round(rate, 1),
-            "fixed_seconds": round(small["pipeline_seconds"] - small["tiles_read"] / rate, 3),
+            "fixed_seconds": round(fixed, 3),
             "ratio_to_bare": round(rate / large["bare"]["tiles_per_second"], 3),
             "small_seconds_each": [f["pipeline_seconds"] for f in runs]}
 

@@ -106,7 +106,7 @@ def test_a_checkpoint_in_transformers_5s_layout_is_refused_and_the_llava_hf_layo
     """vLLM 0.29's LLaVA loads the CLIP tower as ``vision_tower.vision_model.*`` (the published llava-hf
     checkpoints); transformers 5 saves it as ``vision_tower.embeddings...`` and vLLM fails when its engine
     starts (seen on vLLM's CPU build). The driver refuses it before any work. ``write_llava_hf_layout``
-    (what ``rsflow convert`` and stage 1's export apply) renames the tensors of a sharded save in place:
+    (what ``rsflow convert``, stage 1's export and the smoke and demo builds apply) renames the tensors of a sharded save in place:
     the folder then passes, and transformers loads it to the same tensors."""
     import torch
     from safetensors import safe_open

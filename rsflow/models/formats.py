@@ -1443,8 +1443,8 @@ def write_llava_hf_layout(folder: str | os.PathLike[str]) -> int:
     transformers 5's ``save_pretrained`` names the tower's tensors ``vision_tower.embeddings...``;
     the published llava-hf checkpoints (and vLLM 0.29's LLaVA loader, ``--engine vllm``) name them
     ``vision_tower.vision_model.embeddings...``. transformers loads both to the same model, so the
-    folders rsflow writes (``rsflow convert``, stage 1's export) use the published names and load in
-    either engine. Renames the safetensors headers and the index in place; returns the tensors renamed.
+    folders rsflow writes (``rsflow convert``, stage 1's export, the smoke and demo models) use the
+    published names and load in either engine. Renames the safetensors headers and the index in place; returns the tensors renamed.
     """
     root = Path(folder)
     n = sum(_rename_safetensors(p) for p in weight_files(root) if p.suffix == ".safetensors")

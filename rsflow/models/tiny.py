@@ -200,7 +200,7 @@ def build_tiny_llava(
 
     Layout written to ``out_dir`` (created if missing): ``config.json``, ``generation_config.json``,
     ``model.safetensors`` (the CLIP tower's tensors under the published llava-hf names,
-    ``vision_tower.vision_model.*``, which both transformers and vLLM load), ``tokenizer.json`` +
+    ``vision_tower.vision_model.*``, which transformers loads and vLLM 0.29 requires), ``tokenizer.json`` +
     ``tokenizer_config.json``, ``preprocessor_config.json`` / ``processor_config.json``, and
     ``rsflow.json`` (written last).
 
@@ -318,7 +318,8 @@ def build_tiny_llava(
         do_sample=False,
     )
     _quiet_save(model, out)
-    # The published llava-hf tensor names, as `rsflow convert` writes: vLLM (--engine vllm) loads only those.
+    # The published llava-hf tensor names, as `rsflow convert` writes: the only layout vLLM 0.29's LLaVA
+    # (--engine vllm) loads. (Its CPU build also refuses this model's attention head size, 16.)
     from rsflow.models.formats import write_llava_hf_layout
 
     write_llava_hf_layout(out)

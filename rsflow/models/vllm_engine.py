@@ -252,12 +252,12 @@ def check_vllm_spec(spec: ModelSpec) -> None:
 def _check_vision_tower_layout(spec: ModelSpec) -> None:
     """Refuse a local checkpoint whose CLIP tower vLLM 0.29 cannot load.
 
-    transformers 5's ``save_pretrained`` (which ``rsflow convert``, the demo model and merged
-    adapters use) writes the tower as ``vision_tower.embeddings...``; vLLM's LLaVA expects the
+    transformers 5's ``save_pretrained`` of a model built in memory (one loaded from the llava-hf layout
+    is saved back in it) writes the tower as ``vision_tower.embeddings...``; vLLM's LLaVA expects the
     llava-hf layout, ``vision_tower.vision_model.embeddings...``, and fails when the engine starts
     ("There is no module or parameter named 'vision_tower.embeddings'"), after the cluster has
     started its actors. Found running ``--engine vllm`` on vLLM's CPU build; hub ids are not checked.
-    ``rsflow convert`` and stage 1's export write the llava-hf names
+    ``rsflow convert``, stage 1's export and the smoke and demo builds write the llava-hf names
     (:func:`rsflow.models.formats.write_llava_hf_layout`).
     """
     from rsflow.models.formats import tensor_names

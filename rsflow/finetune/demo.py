@@ -228,7 +228,7 @@ def package_demo_model(
     from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from rsflow.models.formats import write_llava_hf_layout
+    from rsflow.models.formats import save_llava_hf
 
     src, out = Path(aligned_model), Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,8 +245,7 @@ def package_demo_model(
             raise ModelError(f"cannot merge {adapter} into {src}: {type(exc).__name__}: {exc}") from exc
         merged.config.use_cache = True
         merged.config.text_config.use_cache = True
-        merged.save_pretrained(tmp, safe_serialization=True)
-        write_llava_hf_layout(tmp)  # the published tensor names, which --engine vllm loads
+        save_llava_hf(merged, tmp)  # the published tensor names, which --engine vllm loads
         for name in _PROCESSOR_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)

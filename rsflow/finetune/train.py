@@ -669,10 +669,9 @@ def _export_model(model_dir: Path, model: Any, config: FinetuneConfig) -> None:
         shutil.rmtree(model_dir)
     model.config.use_cache = True
     model.config.text_config.use_cache = True
-    from rsflow.models.formats import write_llava_hf_layout
+    from rsflow.models.formats import save_llava_hf
 
-    model.save_pretrained(model_dir, safe_serialization=True)
-    write_llava_hf_layout(model_dir)  # the published checkpoints' tensor names: --engine vllm loads it too
+    save_llava_hf(model, model_dir)  # the published checkpoints' tensor names: --engine vllm loads it too
     base = Path(config.base)
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):

@@ -1443,8 +1443,9 @@ def write_llava_hf_layout(folder: str | os.PathLike[str]) -> int:
     transformers 5's ``save_pretrained`` names the tower's tensors ``vision_tower.embeddings...``;
     the published llava-hf checkpoints (and vLLM 0.29's LLaVA loader, ``--engine vllm``) name them
     ``vision_tower.vision_model.embeddings...``. transformers loads both to the same model, so the
-    folders rsflow writes (``rsflow convert``, stage 1's export, the smoke and demo models) use the
-    published names and load in either engine. Renames the safetensors headers and the index in place; returns the tensors renamed.
+    folders rsflow writes (:func:`save_llava_hf`: ``rsflow convert``, stage 1's export, the smoke and
+    demo models) use the published names and load in either engine. Renames the safetensors headers and
+    the index in place; returns the tensors renamed.
     """
     root = Path(folder)
     n = sum(_rename_safetensors(p) for p in weight_files(root) if p.suffix == ".safetensors")
@@ -1454,6 +1455,14 @@ def write_llava_hf_layout(folder: str | os.PathLike[str]) -> int:
         data["weight_map"] = {_llava_hf_name(k): v for k, v in data.get("weight_map", {}).items()}
         index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return n
+
+
+def save_llava_hf(model: Any, folder: str | os.PathLike[str]) -> None:
+    """``model.save_pretrained(folder)`` as safetensors (no progress bar), then
+    :func:`write_llava_hf_layout`: how every LLaVA folder rsflow writes is saved, so that it loads in
+    transformers and in ``--engine vllm`` alike."""
+    _quiet(model.save_pretrained, folder, safe_serialization=True)
+    write_llava_hf_layout(folder)
 
 
 def convert(
@@ -1530,8 +1539,7 @@ def convert(
         # The adapter adapts no embedding: skip peft's vocabulary check against a base not yet written.
         _quiet(model.save_pretrained, adapter_out, safe_serialization=True, save_embedding_layers=False)
         model = model.unload()  # the base LLaVA without LoRA layers
-    _quiet(model.save_pretrained, out, safe_serialization=True)
-    write_llava_hf_layout(out)  # the published checkpoints' tensor names: --engine vllm loads it too
+    save_llava_hf(model, out)
     processor.save_pretrained(out)
     card = {
         "kind": "converted",

@@ -317,12 +317,11 @@ def build_tiny_llava(
         pad_token_id=pad_token_id,
         do_sample=False,
     )
-    _quiet_save(model, out)
     # The published llava-hf tensor names, as `rsflow convert` writes: the only layout vLLM 0.29's LLaVA
     # (--engine vllm) loads. (Its CPU build also refuses this model's attention head size, 16.)
-    from rsflow.models.formats import write_llava_hf_layout
+    from rsflow.models.formats import save_llava_hf
 
-    write_llava_hf_layout(out)
+    save_llava_hf(model, out)
 
     # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", like llava-hf checkpoints.
     image_processor = CLIPImageProcessorPil(
@@ -352,19 +351,6 @@ def build_tiny_llava(
     (out / CARD_FILENAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     logger.info("built tiny LLaVA checkpoint in %s (seed %d, %d px)", out, seed, image_size)
     return out
-
-
-def _quiet_save(model: Any, out: Path) -> None:
-    """save_pretrained without transformers' progress bar (it would break one-line CLI output)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:

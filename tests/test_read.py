@@ -292,3 +292,18 @@ def test_a_row_whose_read_fails_is_read_tile_by_tile_so_only_the_broken_tile_fai
 )
 def test_the_sdk_endpoint_is_handed_on_to_gdal(environ, expected):
     assert s3_endpoint_options(environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nodata"),
+    [("uint16", 0.0), ("uint16", 65535.0), ("uint16", 70000.0), ("uint16", 4464.5), ("uint16", float("nan")),
+     ("uint8", 255.0), ("uint8", 256.0), ("int16", -9999.0), ("int16", -40000.0),
+     ("float32", -9999.0), ("float32", 0.1), ("float32", float("nan"))],
+)
+def test_nodata_is_compared_in_the_pixels_own_type_with_the_same_answer(dtype: str, nodata: float) -> None:
+    # 4464 is 70000 wrapped into uint16 and 0 is 256 wrapped into uint8: a cast that wraps out-of-range
+    # values would call those pixels missing.
+    values = {"uint16": [0, 1, 4464, 65535], "uint8": [0, 1, 255, 0], "int16": [-9999, 0, 25536, 5],
+              "float32": [-9999.0, np.float32(0.1), 0.0, np.nan]}[dtype]
+    data = np.array(values * 4, dtype=dtype).reshape(4, 4)
+    np.testing.assert_array_equal(rsflow.read.not_nodata(data, nodata), data != nodata)

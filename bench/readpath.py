@@ -53,19 +53,26 @@ def _read_windows(windows: list[tuple[int, int, int, int]]) -> int:
     return pixels
 
 
-def bare_read(paths: list[str], windows: list[tuple[int, int, int, int]], processes: int,
-              chunk: int = 8) -> dict[str, Any]:
-    """Read every window of the three bands with ``processes`` processes; tiles/s and seconds."""
+def bare_read(paths: list[str], windows: list[tuple[int, int, int, int]], processes: int) -> dict[str, Any]:
+    """Read every window of the three bands with ``processes`` processes; tiles/s and seconds.
+
+    Each process reads one contiguous run of the windows in the order given (row-major from
+    :func:`windows_of`): the scene cut into ``processes`` bands of rows, as a hand-written loop would
+    split it. Runs of a few windows handed out in turn (what this did before) put neighbouring windows
+    in different processes, so each process decoded most internal blocks again: 7.6 s of CPU for two
+    processes against 4.8 s for one on the 20,000 px scene, and a baseline 40 % slower than it can be.
+    """
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(processes + 1)
-    chunks = [windows[i : i + chunk] for i in range(0, len(windows), chunk)]
+    runs = [windows[len(windows) * k // processes : len(windows) * (k + 1) // processes] for k in range(processes)]
     with ctx.Pool(processes, initializer=_init, initargs=(paths, barrier)) as pool:
         barrier.wait()
         t = time.perf_counter()
-        pixels = sum(pool.imap_unordered(_read_windows, chunks))
+        pixels = sum(pool.imap_unordered(_read_windows, runs, chunksize=1))
         dt = time.perf_counter() - t
     return {"processes": processes, "tiles": len(windows), "seconds": round(dt, 3),
-            "tiles_per_second": round(len(windows) / dt, 3), "band_pixels_read": pixels}
+            "tiles_per_second": round(len(windows) / dt, 3), "band_pixels_read": pixels,
+            "split": "one contiguous run of row-major windows per process"}
 
 
 def windows_of(output: Path) -> list[tuple[int, int, int, int]]:

@@ -307,3 +307,18 @@ def test_nodata_is_compared_in_the_pixels_own_type_with_the_same_answer(dtype: s
               "float32": [-9999.0, np.float32(0.1), 0.0, np.nan]}[dtype]
     data = np.array(values * 4, dtype=dtype).reshape(4, 4)
     np.testing.assert_array_equal(rsflow.read.not_nodata(data, nodata), data != nodata)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int8", "int16"])
+def test_the_stretch_table_gives_the_formula_for_every_value_of_the_type(dtype: str) -> None:
+    info = np.iinfo(dtype)
+    values = np.arange(info.min, info.max + 1, dtype=np.int64)
+    data = np.random.default_rng(0).permutation(values).astype(dtype).reshape(-1, 128 if dtype.endswith("16") else 16)
+    scale, offset, lo, hi = 1e-4, -0.1, 0.03, 0.2
+    if dtype.endswith("8"):
+        scale, offset, lo, hi = 1.0, 0.0, 20.0, 100.0
+    got = rsflow.read.stretch(data, scale, offset, lo, hi)
+    want = rsflow.read._stretch_values(data, scale, offset, lo, hi)
+    assert got.dtype == np.uint8 and got.shape == data.shape
+    np.testing.assert_array_equal(got, want)
+    assert 0 < np.count_nonzero(want == 0) < want.size and np.count_nonzero(want == 255) > 0  # both clips happen

@@ -6,8 +6,9 @@ input size; also 64 px in the full run), tiles/s = tiles read (ok + skipped) / t
 GeoParquet write: everything between search and commit).
 
 Bare: the same windows (from the written GeoParquet's ``window_*`` columns) read by a ``multiprocessing``
-pool (spawn) of as many processes as the pipeline's read workers (manifest ``placement.read_max``). Each
-process opens the three band files once and calls ``src.read(1, window=...)`` per band and window: no
+pool (spawn) of as many processes as the pipeline's read workers (manifest ``placement.read_max``), each
+reading one contiguous run of the row-major windows (:func:`bare_read`). Each process opens the three band
+files once and calls ``src.read(1, window=...)`` per band and window: no
 WarpedVRT, no stretch, no Ray. Timed from the first window handed out to the last one read; the pool's
 interpreters are started (and have imported rasterio) before the clock starts.
 
@@ -16,8 +17,8 @@ the runs over the 20,000 px scene and two over the 8,000 px one (:func:`steady_s
 what a longer run approaches, printed beside the target, which is judged on whole runs.
 
 Two rounds of (pipeline run, bare reads), alternated; the ratio is the best pipeline figure over the
-best bare one, and every figure is kept. Bare reads of the same windows measured from 480 to 800 tiles/s
-on this shared 2-core machine from one hour to the next, more than either side's changes moved them.
+best bare one, and every figure is kept. On this shared 2-core machine either side can lose a run to
+other work.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def windows_of(output: Path) -> list[tuple[int, int, int, int]]:
 
 def compare(cache: Path, work: Path, size_px: int, tile_px: int, rounds: int = 2) -> dict[str, Any]:
     """``rounds`` rounds of one pipeline run then the bare reads of its windows; the ratio is of the best
-    of each side. On this shared machine bare reads of the same windows ran anywhere from 480 to 800
-    tiles/s from one hour to the next, so each side gets the same number of tries, alternated."""
+    of each side. On this shared machine either side can lose a run to other work, so each gets the same
+    number of tries, alternated."""
     items, bbox = scene(size_px, cache)
     out = work / f"read-{size_px}-{tile_px}"
     pipes, bares = [], []

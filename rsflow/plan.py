@@ -421,21 +421,25 @@ Unit = tuple[tuple[int, int], tuple[int, int]]
 """A planning unit: inclusive ranges of tile row offsets and of tile column offsets (px)."""
 
 
-def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int) -> list[Unit | None]:
-    """Cut an item's tiles (:func:`tile_offsets`) into rectangles of about ``tiles_per_unit`` tiles, as
-    inclusive ``(rows, cols)`` offset ranges for ``plan_tiles(rows=..., cols=...)``, so that planning,
-    and every stage after it, works on blocks of that size; ``[None]`` (the whole item, one unit) for an
-    item without tiles or that cannot be planned.
+def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int, unit_tiles: int | None = None) -> list[Unit | None]:
+    """Cut an item's tiles (:func:`tile_offsets`) into rectangles, as inclusive ``(rows, cols)`` offset
+    ranges for ``plan_tiles(rows=..., cols=...)``, so that planning, and every stage after it, works on
+    one rectangle per task; ``[None]`` (the whole item, one unit) for an item without tiles or that
+    cannot be planned.
 
-    The rectangles are as near square (in tiles) as the grid allows: columns are cut into bands about
-    ``sqrt(tiles_per_unit)`` tiles wide, and each band into runs of whole rows. A read worker reads a
-    unit row by row, so the internal blocks it keeps cached while it goes down a unit span the unit's
-    width, not the scene's (a full-width unit on a 20,000 px scene needed a block cache of two block rows
-    of the whole scene, 122 MB of uint16 for three bands), and fewer internal blocks lie under the edges
-    of two units (each such block is decoded by both).
+    Columns are cut into bands about ``sqrt(tiles_per_unit)`` tiles wide, and each band into runs of
+    whole rows of about ``unit_tiles`` tiles (default ``tiles_per_unit``: near-square units). A read
+    worker reads a unit row by row, so the internal blocks it keeps cached while it goes down a unit span
+    the unit's width, not the scene's (a full-width unit on a 20,000 px scene needed a block cache of two
+    block rows of the whole scene, 122 MB of uint16 for three bands). A unit's height costs no memory
+    (its chips leave in blocks as they are read), and each internal block under the edge between two
+    units is decoded twice (by each unit's reads, in different workers): taller units
+    (``unit_tiles`` above ``tiles_per_unit``) decode fewer blocks twice.
 
     >>> plan_units([(r, c) for r in (0, 64, 128, 192) for c in (0, 64, 128, 192)], 4)
     [((0, 64), (0, 64)), ((128, 192), (0, 64)), ((0, 64), (128, 192)), ((128, 192), (128, 192))]
+    >>> plan_units([(r, c) for r in (0, 64, 128, 192) for c in (0, 64, 128, 192)], 4, unit_tiles=8)
+    [((0, 192), (0, 64)), ((0, 192), (128, 192))]
     >>> plan_units([(0, 0), (0, 64), (0, 128)], 32)
     [((0, 0), (0, 128))]
     >>> plan_units([], 32)
@@ -448,6 +452,7 @@ def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int) -> list[Unit
         rows_of.setdefault(c, []).append(r)
     cols = sorted(rows_of)
     n_bands = math.ceil(len(cols) / max(1, min(len(cols), round(math.sqrt(tiles_per_unit)))))
+    per_unit = max(1, unit_tiles or tiles_per_unit)
     units: list[Unit | None] = []
     for b in range(n_bands):
         band = cols[b * len(cols) // n_bands : (b + 1) * len(cols) // n_bands]
@@ -459,7 +464,7 @@ def plan_units(offsets: list[tuple[int, int]], tiles_per_unit: int) -> list[Unit
         total = sum(counts.values())
         if not total:
             continue
-        n_units = max(1, round(total / tiles_per_unit))
+        n_units = max(1, round(total / per_unit))
         first, seen, k = None, 0, 1
         for r in sorted(counts):
             first = r if first is None else first

@@ -71,6 +71,10 @@ def test_twenty_thousand_tiles_with_bounded_driver_memory(ray_local: Any, tmp_pa
     assert counts["tiles_planned"] == TILES
     assert counts["tiles_ok"] == TILES and counts["tiles_failed"] == 0
     assert manifest["driver_max_rss_mb"] > 0
+    # Many tiles for the read slots: planning units of a few blocks each, read and yielded a block at a time.
+    planning = manifest["planning"]
+    assert planning["block_tiles"] < planning["unit_tiles"] <= 4 * planning["block_tiles"]
+    assert planning["units"] < TILES / planning["block_tiles"]
     assert growth_mb < DRIVER_GROWTH_LIMIT_MB, f"driver grew by {growth_mb:.0f} MiB for {TILES} tiles"
     frame = gpd.read_parquet(out)
     assert len(frame) == TILES and frame["tile_id"].is_unique

@@ -181,3 +181,28 @@ def test_planning_units_are_near_square_rectangles_that_split_the_tiles_exactly(
 
 def test_an_item_without_tiles_is_one_unit():
     assert plan_units([], 32) == [None]
+
+
+def _blocks_decoded(units, tile: int, block: int, size: int) -> int:
+    """Internal blocks (block x block px) under each unit's tiles, summed over units: a block under two
+    units is read, and decoded, by both."""
+    total = 0
+    for (r0, r1), (c0, c1) in units:
+        x1, y1 = min(c1 + tile, size), min(r1 + tile, size)
+        total += ((x1 - 1) // block - c0 // block + 1) * ((y1 - 1) // block - r0 // block + 1)
+    return total
+
+
+def test_taller_units_keep_the_bands_width_and_decode_fewer_blocks_twice():
+    spec, profile = TileSpec(size_px=20), _profile()
+    item, aoi = _item(width=2000, height=2000), _aoi_from_pixels(0, 0, 2000, 2000)
+    offsets = tile_offsets(item, {"c": profile}, spec, aoi)  # 100 x 100 tiles
+    square, tall = plan_units(offsets, 64), plan_units(offsets, 64, unit_tiles=256)
+    assert {u[1] for u in tall} == {u[1] for u in square}  # the same bands of columns: the same block cache
+    assert len(tall) < len(square)
+    planned = [(t.row_off, t.col_off) for u in tall for t in plan_tiles(item, profile, spec, aoi, rows=u[0], cols=u[1])]
+    assert sorted(planned) == sorted(offsets)  # every tile in exactly one unit
+    for (r0, r1), (c0, c1) in tall:
+        cols, rows = (c1 - c0) // 20 + 1, (r1 - r0) // 20 + 1
+        assert 0.5 * 256 <= cols * rows <= 1.5 * 256 and rows > cols
+    assert _blocks_decoded(tall, 20, 64, 2000) < _blocks_decoded(square, 20, 64, 2000)

@@ -723,9 +723,9 @@ def unit_tiles(per_unit: int, tiles: int, read_slots: int) -> int:
 
     Each internal block under the edge between two units is decoded twice, once by each unit's read
     task, so fewer, taller units decode less: on the 20,000 px bench scene (336 px tiles, 2 read slots,
-    512 px blocks) 12 units of 300 tiles decode 1,760 blocks per band where 29 near-square units of 128
-    decoded 1,890 (the scene has 1,600), and the read path ran at 586 instead of 515 tiles/s (medians of
-    four runs each) on 15 % less CPU. A run small for its cluster keeps units of one block.
+    512 px blocks) 12 units of 300 tiles decode 1,845 internal blocks of each band file, which has 1,600,
+    where 30 near-square units of 128 decoded 1,980, and the read path ran at 586 instead of 515 tiles/s
+    (medians of four runs each) on 15 % less CPU. A run small for its cluster keeps units of one block.
 
     >>> unit_tiles(128, 3_600, 2), unit_tiles(128, 1_089, 14), unit_tiles(32, 100_000, 2)
     (300, 128, 128)

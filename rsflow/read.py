@@ -299,6 +299,8 @@ def stretch(data: np.ndarray, scale: float, offset: float, lo: float, hi: float)
     """
     if data.dtype.kind in "ui" and data.dtype.itemsize <= 2:
         table = _stretch_table(data.dtype.str, scale, offset, lo, hi)
+        if not data.dtype.isnative:  # Arrow takes no byte-swapped indices
+            data = data.astype(data.dtype.newbyteorder("="))
         flat = np.ascontiguousarray(data).reshape(-1)
         if data.dtype.kind == "i":  # -32768 -> 0x0000, -1 -> 0x7fff, 0 -> 0x8000: value minus the minimum
             unsigned = flat.dtype.str.replace("i", "u")

@@ -322,3 +322,5 @@ def test_the_stretch_table_gives_the_formula_for_every_value_of_the_type(dtype: 
     assert got.dtype == np.uint8 and got.shape == data.shape
     np.testing.assert_array_equal(got, want)
     assert 0 < np.count_nonzero(want == 0) < want.size and np.count_nonzero(want == 255) > 0  # both clips happen
+    swapped = data.astype(data.dtype.newbyteorder(">" if data.dtype.byteorder != ">" else "<"))
+    np.testing.assert_array_equal(rsflow.read.stretch(swapped, scale, offset, lo, hi), want)  # byte order aside

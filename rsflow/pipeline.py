@@ -562,13 +562,14 @@ def run_region(
             )
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])
-            unit_size = unit_tiles(per_unit, n_tiles, plan.read_max)
+            call_tiles = read_batch_tiles(tile_spec.size_px, per_unit)
+            unit_size = unit_tiles(per_unit, n_tiles - len(done_tiles), plan.read_max, call_tiles=call_tiles)
             units = [{"item_json": item_json, "rows": list(u[0]) if u else None, "cols": list(u[1]) if u else None,
                       "first_unit": k == 0}
                      for item_json, offsets in item_offsets
                      for k, u in enumerate(plan_units(offsets, per_unit, unit_size))]
-            manifest["planning"] = {"units": len(units), "unit_tiles": unit_size,
-                                    "block_tiles": read_batch_tiles(tile_spec.size_px, per_unit)}
+            manifest["planning"] = {"units": len(units), "unit_tiles": unit_size, "block_tiles": per_unit,
+                                    "read_call_tiles": call_tiles}
             logger.info("planning: %s", manifest["planning"])
             ds = _configured(ray.data.from_items(units, override_num_blocks=len(units)))  # a planning task per unit
             ds = ds.flat_map(
@@ -686,11 +687,12 @@ def run_region(
 
 
 _BLOCK_PIXELS = 128 * 336 * 336
-"""Chip pixels per block with the no-op model: 128 LLaVA-1.5 tiles (about 43 MB of RGB chips). Bigger
-blocks mean fewer Ray tasks and fewer internal blocks decoded by two read workers (a block row
-straddled by two tile rows of different planning units): on 2 cores the read path went from 0.34x to
-0.53x of bare reads going from 32 to 128 tiles, and to 0.65x at 256, where the read workers' memory
-doubled."""
+"""Chip pixels per planning block with the no-op model: 128 LLaVA-1.5 tiles (about 43 MB of RGB chips,
+read in calls of at most :data:`_MAX_BLOCK_BYTES`). Bigger units meant fewer Ray tasks and fewer internal
+blocks decoded by two read workers (a block row straddled by two tile rows of different planning units):
+on 2 cores the read path went from 0.34x to 0.53x of bare reads going from 32 to 128 tiles, and to 0.65x
+at 256, where the read workers' memory doubled (units now also grow taller without growing wider:
+:func:`unit_tiles`)."""
 
 
 _MAX_BLOCK_BYTES = 16 * 1024**2
@@ -711,26 +713,37 @@ _UNITS_PER_READ_SLOT = 6
 work until near the end, few enough that units are taller than a block."""
 
 _MAX_UNIT_BLOCKS = 4
-"""A planning unit holds at most this many blocks of tiles: its tile rows are built at once in its read
-task, and a task that fails is retried whole."""
+"""A planning unit holds about this many blocks of tiles at most (whole rows of a band, split evenly): its
+tile rows are built at once in its read task, and a task that fails is retried whole."""
 
 
-def unit_tiles(per_unit: int, tiles: int, read_slots: int) -> int:
-    """Tiles per planning unit for a run of ``tiles`` tiles on ``read_slots`` read slots: about
-    :data:`_UNITS_PER_READ_SLOT` units per slot, at least a block (``per_unit`` tiles) and at most
-    :data:`_MAX_UNIT_BLOCKS` blocks. A unit is a band of columns as wide as a near-square block of tiles,
-    and as tall as this allows (:func:`rsflow.plan.plan_units`); its read task yields a block at a time.
+def unit_tiles(per_unit: int, tiles: int, read_slots: int, *, call_tiles: int) -> int:
+    """Tiles per planning unit for a run of ``tiles`` tiles (still to read) on ``read_slots`` read slots,
+    when a block holds ``per_unit`` tiles and a read call ``call_tiles`` (:func:`read_batch_tiles`).
 
-    Each internal block under the edge between two units is decoded twice, once by each unit's read
-    task, so fewer, taller units decode less: on the 20,000 px bench scene (336 px tiles, 2 read slots,
-    512 px blocks) 12 units of 300 tiles decode 1,845 internal blocks of each band file, which has 1,600,
-    where 30 near-square units of 128 decoded 1,980, and the read path ran at 586 instead of 515 tiles/s
-    (medians of four runs each) on 15 % less CPU. A run small for its cluster keeps units of one block.
+    Where one read call's chips fill a block by themselves (``call_tiles < per_unit``: 336 px tiles with
+    the no-op model), units aim at :data:`_UNITS_PER_READ_SLOT` per slot, between one block and about
+    :data:`_MAX_UNIT_BLOCKS` blocks of tiles: a band of columns as wide as a near-square block of tiles,
+    taller (:func:`rsflow.plan.plan_units`), whose read task yields a block at a time. Each internal
+    block under the edge between two units is decoded twice, once by each unit's read task, so fewer,
+    taller units decode less: on the 20,000 px bench scene (2 read slots, 512 px blocks) 12 units of 300
+    tiles decode 1,845 internal blocks of each band file, which has 1,600, where 30 near-square units of
+    128 decoded 1,980, and the read path ran at 586 instead of 515 tiles/s (medians of four runs each) on
+    15 % less CPU.
 
-    >>> unit_tiles(128, 3_600, 2), unit_tiles(128, 1_089, 14), unit_tiles(32, 100_000, 2)
-    (300, 128, 128)
+    Elsewhere (a model's blocks of 32 tiles, small tiles with the no-op model) units stay one block: Ray
+    Data adds a task's outputs to one block until the block exceeds its size limit, so a taller unit's
+    smaller yields would leave as one large block, once all of them were read. So does a run small for
+    its cluster.
+
+    >>> unit_tiles(128, 3_600, 2, call_tiles=50), unit_tiles(128, 1_089, 14, call_tiles=50)
+    (300, 128)
+    >>> unit_tiles(128, 100_000, 2, call_tiles=50), unit_tiles(32, 100_000, 2, call_tiles=32)
+    (512, 32)
     """
-    wanted = math.ceil(tiles / (_UNITS_PER_READ_SLOT * max(1, read_slots)))
+    if call_tiles >= per_unit:
+        return per_unit
+    wanted = math.ceil(max(0, tiles) / (_UNITS_PER_READ_SLOT * max(1, read_slots)))
     return min(_MAX_UNIT_BLOCKS * per_unit, max(per_unit, wanted))
 
 
@@ -738,8 +751,8 @@ def read_batch_tiles(size_px: int, block_tiles: int) -> int:
     """Tiles per call of the read UDF for blocks of ``block_tiles`` tiles of ``size_px``: ``block_tiles``
     when the block's RGB chips fit in :data:`_MAX_BLOCK_BYTES`, else the fewest tiles whose chips fill such
     a block (50 of 336 px), so that Ray Data emits each call's output as a block of its own (it adds
-    calls' outputs to a block until the block exceeds the limit). A planning unit of several blocks
-    (:func:`unit_tiles`) is read and yielded a block at a time."""
+    calls' outputs to a block until the block exceeds the limit). Planning units grow taller than a block
+    only in the second case (:func:`unit_tiles`), and are then read and yielded a call at a time."""
     chip = 3 * max(1, size_px) ** 2
     if block_tiles * chip <= _MAX_BLOCK_BYTES:
         return max(1, block_tiles)
@@ -769,7 +782,8 @@ def interpret_batch_rows(spec: ModelSpec, block_rows: int) -> int | None:
 def tiles_per_block(size_px: int, *, model: bool = True) -> int:
     """Tiles per block after planning.
 
-    Each block is one read task, one model-actor call and one staging file. With a model, 32 tiles
+    With a model each block is one model-actor call and one staging file (and one read task: see
+    :func:`unit_tiles`), 32 tiles
     (:data:`_MODEL_TILES_PER_BLOCK`). With the no-op model the work per tile is a read (well under a
     millisecond for small tiles), so Ray Data's per-task cost (tens of ms of scheduling on a busy
     node) would dominate: blocks then hold :data:`_BLOCK_PIXELS` worth of chips, 8 to 1024 tiles

@@ -71,12 +71,36 @@ def test_twenty_thousand_tiles_with_bounded_driver_memory(ray_local: Any, tmp_pa
     assert counts["tiles_planned"] == TILES
     assert counts["tiles_ok"] == TILES and counts["tiles_failed"] == 0
     assert manifest["driver_max_rss_mb"] > 0
-    # Many tiles for the read slots: planning units of a few blocks each, read and yielded a block at a time.
-    planning = manifest["planning"]
-    assert planning["block_tiles"] < planning["unit_tiles"] <= 4 * planning["block_tiles"]
-    assert planning["units"] < TILES / planning["block_tiles"]
+    # 32 px chips of a whole block fit in one read call: units stay one block (taller ones would leave as one
+    # large block, see test_tall_units_are_read_a_call_at_a_time).
+    assert manifest["planning"]["unit_tiles"] == manifest["planning"]["block_tiles"] == manifest["planning"]["read_call_tiles"]
     assert growth_mb < DRIVER_GROWTH_LIMIT_MB, f"driver grew by {growth_mb:.0f} MiB for {TILES} tiles"
     frame = gpd.read_parquet(out)
     assert len(frame) == TILES and frame["tile_id"].is_unique
     assert (frame["status"] == "ok").all() and (frame["text"] == "").all()
     assert frame.geometry.is_valid.all()
+
+
+def test_tall_units_are_read_a_call_at_a_time(ray_local: Any, tmp_path_factory: pytest.TempPathFactory,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a read call's chips fill a block by themselves (336 px chips with the no-op model), units grow to
+    a few blocks of tiles: here with blocks of 64 tiles of 32 px and a 64 KiB block limit (22 tiles a call),
+    so that a 2,500-tile scene plans units of about 209 tiles, each read in about ten calls."""
+    import rsflow.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_BLOCK_PIXELS", 64 * TILE_PX**2)  # driver-side settings: read when the run plans
+    monkeypatch.setattr(pipeline, "_MAX_BLOCK_BYTES", 64 * 1024)
+    items = write_synthetic_scene(tmp_path_factory.mktemp("tall-units"), 1600)
+    bbox = ",".join(f"{v:.7f}" for v in scene_bbox(items))
+    out = tmp_path / "tall"
+    code = main(["--log-level", "WARNING", "region", "--stac", str(items), f"--bbox={bbox}", "--model", "noop",
+                 "--tile-size", str(TILE_PX), "--tasks", "caption", "--no-preview", "--output", str(out)])
+    assert code == EXIT_OK
+    manifest = json.loads((out / "_manifest.json").read_text())
+    planning, tiles = manifest["planning"], (1600 // TILE_PX) ** 2
+    assert planning["read_call_tiles"] == 22 and planning["block_tiles"] == 64
+    slots = manifest["placement"]["read_max"]
+    assert planning["unit_tiles"] == min(4 * 64, -(-tiles // (6 * slots)))
+    assert planning["units"] < tiles / 64  # fewer, taller units than blocks of tiles
+    frame = gpd.read_parquet(out)
+    assert len(frame) == tiles and frame["tile_id"].is_unique and (frame["status"] == "ok").all()

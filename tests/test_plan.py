@@ -206,3 +206,17 @@ def test_taller_units_keep_the_bands_width_and_decode_fewer_blocks_twice():
         cols, rows = (c1 - c0) // 20 + 1, (r1 - r0) // 20 + 1
         assert 0.5 * 256 <= cols * rows <= 1.5 * 256 and rows > cols
     assert _blocks_decoded(tall, 20, 64, 2000) < _blocks_decoded(square, 20, 64, 2000)
+
+
+@pytest.mark.parametrize(
+    ("per_unit", "tiles", "slots", "call", "want"),
+    [(128, 3_600, 2, 50, 300),  # the 20,000 px bench scene: 12 units of 300
+     (128, 1_089, 14, 50, 128),  # a Sentinel-2 scene on a 14-slot node: units of one block
+     (128, 100_000, 2, 50, 512),  # at most four blocks
+     (128, 0, 2, 50, 128), (128, 3_600, 0, 50, 512),
+     (32, 100_000, 2, 32, 32), (1024, 100_000, 2, 1024, 1024)],  # a call's chips fit a block: one block
+)
+def test_planning_units_grow_only_where_a_read_call_fills_a_block(per_unit, tiles, slots, call, want):
+    from rsflow.pipeline import unit_tiles
+
+    assert unit_tiles(per_unit, tiles, slots, call_tiles=call) == want

@@ -46,7 +46,11 @@ _RANK = {"model actor": 3, "read tasks": 2, "other workers": 1, "ray system": 0}
 
 
 class RssSampler(PeriodicSampler):
-    """Samples RSS of this process and its descendants every ``interval`` seconds, in a thread."""
+    """Samples RSS (and CPU time) of this process and its descendants every ``interval`` seconds, in a thread.
+
+    CPU seconds are counted from the first sample (from zero for a process born later) to the last one
+    that saw the process: a process that exits loses at most its last ``interval``.
+    """
 
     def __init__(self, roles: dict[int, str], interval: float = 0.2) -> None:
         super().__init__(interval)
@@ -57,17 +61,27 @@ class RssSampler(PeriodicSampler):
         self.roles = roles  # pid -> role, shared by the samplers of one section
         self.samples = 0
         self._me = psutil.Process()
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+
+    def _cpu(self, p: psutil.Process) -> None:
+        t = p.cpu_times()
+        seconds = t.user + t.system
+        self._cpu_first.setdefault(p.pid, seconds if self.samples == 0 else 0.0)
+        self._cpu_last[p.pid] = seconds
 
     def sample(self) -> None:
         mem = self._me.memory_info()
         self.driver_peak = max(self.driver_peak, mem.rss)
         self.driver_private_peak = max(self.driver_private_peak, mem.rss - mem.shared)
+        self._cpu(self._me)
         for p in self._me.children(recursive=True):
             try:
                 mem = p.memory_info()
                 rss = mem.rss
                 cmd = p.cmdline()
                 name = p.name()
+                self._cpu(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             role = _role(" ".join(cmd) or name, name)  # an exiting process has no cmdline left
@@ -79,6 +93,15 @@ class RssSampler(PeriodicSampler):
             if old is None or _RANK[role] > _RANK[old]:
                 self.roles[p.pid] = role
         self.samples += 1
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used while sampling, by role, and ``driver`` (this process)."""
+        out: dict[str, float] = {}
+        for pid, last in self._cpu_last.items():
+            role = "driver" if pid == self._me.pid else self.roles.get(pid)
+            if role is not None:
+                out[role] = round(out.get(role, 0.0) + last - self._cpu_first[pid], 2)
+        return dict(sorted(out.items()))
 
     def summary(self) -> dict[str, Any]:
         mib = 2**20

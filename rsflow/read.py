@@ -67,8 +67,8 @@ redact_logs("rasterio")
 #: (:func:`rsflow.plan.plan_units`, at most about 3,800 px wide, as tall or taller) read row by row,
 #: and a row of tiles straddles two block rows, the next row of tiles reading one of them again: two
 #: rows of 512 px uint16 blocks of three bands across such a unit are about 28 MB, of 1,024 px blocks
-#: (Sentinel-2's COGs) about 56 MB. A cache of fixed size filled up to that size whatever the unit needed (a 2,000 px scene's
-#: unit needs 13 MB).
+#: (Sentinel-2's COGs) about 56 MB. A cache of fixed size filled up to that size whatever the unit
+#: needed (a 2,000 px scene's unit needs 13 MB).
 #:
 #: VSI_CACHE keeps recently read byte ranges of each open file; its default of 25 MB per file handle,
 #: for three band files of every dataset a worker keeps open, took 75 MB or more of each read worker on a

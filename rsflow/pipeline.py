@@ -595,7 +595,7 @@ def run_region(
                 max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes},
-                                batch_size=interpret_batch_rows(spec, per_unit * len(prompts)))
+                                batch_size=interpret_batch_rows(spec, call_tiles * len(prompts)))
             # Rows land in the staging parts as their tasks finish (with a model, a block at a time; with the
             # no-op model, 512 rows or more), one file per task: a killed run keeps them for --resume.
             parts_sink = out.RawPartsSink(parts_dir)

@@ -279,7 +279,7 @@ def _run_region(args: argparse.Namespace) -> int:
     if c["tiles_failed"] or c.get("items_failed"):
         print(
             f"rsflow region: finished with {c['tiles_failed']} failed tiles and {c.get('items_failed', 0)} "
-            f"failed items; each is listed with its reason under 'failures' in the manifest",
+            f"items that failed planning (in whole or in part); each is listed with its reason under 'failures' in the manifest",
             file=sys.stderr,
         )
         return EXIT_PARTIAL

@@ -206,7 +206,7 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
             if table.num_rows == 0:
                 continue
-            cols = table.select(["tile_id", "kind", "task", "prompt", "status", "stage", "error", "_primary",
+            cols = table.select(["tile_id", "item_id", "kind", "task", "prompt", "status", "stage", "error", "_primary",
                                  "_read_seconds", "_infer_seconds"]).to_pandas()
             tiles = cols[cols["_primary"]]
             for status, count in tiles["status"].value_counts().items():
@@ -216,8 +216,8 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
                 stats["rows_by_status"][status] = stats["rows_by_status"].get(status, 0) + int(count)
             bad = rows[rows["status"] != "ok"]
             stats["failures"].extend(
-                {"tile_id": r.tile_id, "task": r.task, "prompt": r.prompt, "status": r.status, "stage": r.stage,
-                 "error": r.error}
+                {"tile_id": r.tile_id, "item_id": r.item_id, "task": r.task, "prompt": r.prompt, "status": r.status,
+                 "stage": r.stage, "error": r.error}
                 for r in bad.itertuples()
             )
             stats["read_seconds"] += float(tiles["_read_seconds"].sum())

@@ -90,12 +90,20 @@ class RunResult:
     """The run manifest as written."""
 
 
-def _failed_plan_row(item: dict[str, Any], size: int, error: str) -> dict[str, Any]:
-    """A row standing for an item that could not be planned (so the failure is recorded)."""
+def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[list[int], list[int]] | None = None,
+                     ) -> dict[str, Any]:
+    """A row standing for an item that could not be planned, or (``unit``: its ``(rows, cols)`` offset
+    ranges) for one planning unit of it, so that the failure is recorded and ``--resume`` plans those
+    tiles again."""
     geom = item.get("geometry")
     footprint = shapely.geometry.shape(geom) if geom else shapely.box(*item.get("bbox", (0, 0, 0, 0))[:4])
+    tile_id = f"{item.get('id')}:plan-failed"
+    if unit is not None:
+        (r0, r1), (c0, c1) = unit
+        tile_id = f"{tile_id}:r{r0}-{r1}c{c0}-{c1}"
+        error = f"planning the tiles at row offsets {r0}-{r1} px, column offsets {c0}-{c1} px failed: {error}"
     return {
-        "tile_id": f"{item.get('id')}:plan-failed",
+        "tile_id": tile_id,
         "item_id": str(item.get("id")),
         "collection": item.get("collection") or "",
         "datetime": item.get("properties", {}).get("datetime") or "",
@@ -146,7 +154,7 @@ def _plan_item(
     """
     item = json.loads(row["item_json"])
     configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)  # planning opens the assets too
-    try:
+    try:  # the item as a whole: every unit of it would fail the same way, so its first unit records it once
         profile = profiles[item.get("collection") or ""]
         for ref in profile.rgb:  # a catalog is outside input: refuse hrefs it may not make us read
             href = (item.get("assets", {}).get(ref.asset) or {}).get("href")
@@ -155,8 +163,11 @@ def _plan_item(
                     href_policy.check(href)
                 except HrefRefused as exc:
                     raise HrefRefused(f"asset {ref.asset!r} refused: {exc}") from None
-        rows = tuple(row["rows"]) if row.get("rows") is not None else None
-        cols = tuple(row["cols"]) if row.get("cols") is not None else None
+    except Exception as exc:  # one bad item must not stop the others
+        return [_plan_failure(item, spec, exc)] if row.get("first_unit", True) else []
+    rows = tuple(row["rows"]) if row.get("rows") is not None else None
+    cols = tuple(row["cols"]) if row.get("cols") is not None else None
+    try:  # this unit's tiles: a failure here (a header read, a region) may be this unit's alone
         tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open, rows=rows, cols=cols)
         geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
         out = []
@@ -172,15 +183,19 @@ def _plan_item(
             r["region_boxes"] = boxes
             if (boxes or not regions_only) and r["tile_id"] not in skip_tile_ids:  # skip: done by --resume's source
                 out.append(r)
-    except Exception as exc:  # one bad item must not stop the others
-        if not row.get("first_unit", True):
-            return []  # the item's first unit records the failure, once
-        reason = redact(f"{type(exc).__name__}: {exc}")  # an href's signature must not reach a row or a log
-        logger.warning("item %s: planning failed: %s", item.get("id"), reason)
-        failed = _failed_plan_row(item, spec.size_px, reason)
-        failed["region_boxes"] = []
-        return [failed]
+    except Exception as exc:  # recorded for this unit, never dropped: the item's other units go on
+        unit = (list(rows), list(cols)) if rows is not None and cols is not None else None
+        return [_plan_failure(item, spec, exc, unit)]
     return out
+
+
+def _plan_failure(item: dict[str, Any], spec: Any, exc: Exception,
+                  unit: tuple[list[int], list[int]] | None = None) -> dict[str, Any]:
+    reason = redact(f"{type(exc).__name__}: {exc}")  # an href's signature must not reach a row or a log
+    failed = _failed_plan_row(item, spec.size_px, reason, unit)
+    logger.warning("item %s: %s", item.get("id"), failed["error"] if unit else f"planning failed: {reason}")
+    failed["region_boxes"] = []
+    return failed
 
 
 #: Ray settings of a local Ray that rsflow starts itself (a cluster's nodes get the same from
@@ -632,7 +647,7 @@ def run_region(
             preview = _write_preview(staging, title=f"rsflow: {request.output.rstrip('/').rsplit('/', 1)[-1]}")
         s = sink.summary
         tiles = s.tiles_by_status
-        plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}
+        plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}  # an item, or a unit of one
         failed_tiles = {f["tile_id"] for f in s.failures if f["status"] == "failed"} - plan_failed
         read_failed = {f["tile_id"] for f in s.failures if f["status"] == "failed" and f["stage"] == "read"}
         planned = sum(tiles.values()) - len(plan_failed)
@@ -642,7 +657,7 @@ def run_region(
             files=sorted(fs_files),
             counts={
                 "items_found": len(items),
-                "items_failed": len(plan_failed),
+                "items_failed": len({f["item_id"] for f in s.failures if f["stage"] == "plan"}),
                 "tiles_planned": planned,
                 "tiles_read": planned - len(read_failed),
                 "tiles_skipped": tiles.get("skipped", 0),

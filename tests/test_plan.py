@@ -220,3 +220,71 @@ def test_planning_units_grow_only_where_a_read_call_fills_a_block(per_unit, tile
     from rsflow.pipeline import unit_tiles
 
     assert unit_tiles(per_unit, tiles, slots, call_tiles=call) == want
+
+
+def _units_planned_by_workers(tmp_path, monkeypatch, fail_unit: int | None, refuse: bool = False):
+    """The worker-side planning (``rsflow.pipeline._plan_item``) of an item without ``proj:*`` fields,
+    unit by unit; while planning unit ``fail_unit`` every file header read fails (an HTTP 503)."""
+    import json
+    import types
+
+    import rasterio
+    from rasterio.transform import from_origin
+
+    import rsflow.pipeline as pipeline
+    from rsflow.hrefs import HrefPolicy
+
+    path = tmp_path / "b.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=400, height=400, count=1, dtype="uint16", nodata=0,
+                       crs="EPSG:32618", transform=from_origin(X0, Y0, RES, RES)) as dst:
+        dst.write(np.ones((1, 400, 400), dtype="uint16"))
+    item = _item(width=400, height=400, with_proj=False)
+    for a in item["assets"].values():
+        a["href"] = str(path)
+    spec, aoi, profiles = TileSpec(size_px=64), _aoi_from_pixels(0, 0, 400, 400), {"c": _profile()}
+    offsets = tile_offsets(item, profiles, spec, aoi, rasterio.open)
+    units = plan_units(offsets, 16)
+    state = {"failing": False}
+
+    def header(href):
+        if state["failing"]:
+            raise rasterio.errors.RasterioIOError("HTTP response code: 503")
+        return rasterio.open(href)
+
+    monkeypatch.setattr(pipeline, "rasterio", types.SimpleNamespace(open=header))
+    policy = HrefPolicy.for_catalog("https://stac.example/api" if refuse else str(tmp_path / "catalog.json"))
+    out = []
+    for k, (rows, cols) in enumerate(units):
+        state["failing"] = k == fail_unit
+        out.append(pipeline._plan_item(
+            {"item_json": json.dumps(item), "rows": list(rows), "cols": list(cols), "first_unit": k == 0},
+            profiles=profiles, spec=spec, aoi_wkb=shapely.to_wkb(aoi), regions=[], regions_only=False,
+            href_policy=policy,
+        ))
+    return offsets, units, out
+
+
+def test_a_unit_that_fails_planning_is_recorded_and_the_others_are_planned(tmp_path, monkeypatch):
+    """A failure in one planning unit (its header reads, here) is a failed row for that unit, naming its
+    tiles' offsets and the reason: its tiles are neither dropped in silence nor taken down with the item."""
+    offsets, units, planned = _units_planned_by_workers(tmp_path, monkeypatch, fail_unit=1)
+    assert len(units) >= 3
+    failed = planned[1]
+    assert len(failed) == 1 and failed[0]["status"] == "failed" and failed[0]["stage"] == "plan"
+    (r0, r1), (c0, c1) = units[1]
+    assert failed[0]["tile_id"] == f"item-1:plan-failed:r{r0}-{r1}c{c0}-{c1}"
+    assert f"row offsets {r0}-{r1} px, column offsets {c0}-{c1} px" in failed[0]["error"]
+    assert "503" in failed[0]["error"]
+    others = [r for k, rows in enumerate(planned) if k != 1 for r in rows]
+    assert all(r["status"] == "ok" for r in others)
+    in_failed_unit = [(r, c) for r, c in offsets if r0 <= r <= r1 and c0 <= c <= c1]
+    assert sorted((r["row_off"], r["col_off"]) for r in others) == sorted(set(offsets) - set(in_failed_unit))
+
+
+def test_an_item_refused_as_a_whole_is_recorded_once(tmp_path, monkeypatch):
+    """A failure of the item itself (here a local href under a remote catalog) is one row, from its first
+    unit: every unit would fail the same way."""
+    _, units, planned = _units_planned_by_workers(tmp_path, monkeypatch, fail_unit=None, refuse=True)
+    assert len(planned[0]) == 1 and planned[0][0]["tile_id"] == "item-1:plan-failed"
+    assert "refused" in planned[0][0]["error"]
+    assert all(rows == [] for rows in planned[1:]) and len(units) > 1

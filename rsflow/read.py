@@ -236,8 +236,12 @@ def not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
 
     Numpy compares uint16 pixels with a Python float by casting every pixel to float64 first: five
     times the time of comparing with ``np.uint16(0)``, a sixth of the stretch's cost per pixel. A value
-    the type cannot hold exactly (70000 or 0.5 for uint16, NaN, 0.1 for float32) is compared as before.
+    the type cannot hold exactly (70000 or 0.5 for uint16, 0.1 for float32) is compared as before. A NaN
+    nodata marks the NaN pixels of float data (``data != nan`` would be true for every pixel) and none of
+    integer data.
     """
+    if math.isnan(nodata):
+        return ~np.isnan(data) if data.dtype.kind in "fc" else np.ones(data.shape, dtype=bool)
     with np.errstate(invalid="ignore", over="ignore"):  # out-of-range casts are caught below
         try:
             native = data.dtype.type(nodata)
@@ -277,7 +281,8 @@ def _read_warped(src: Any, band: int, tile: dict[str, Any], transform: Affine, r
 
 def _stretch_values(values: np.ndarray, scale: float, offset: float, lo: float, hi: float) -> np.ndarray:
     physical = values.astype(np.float64) * scale + offset
-    return np.rint(np.clip((physical - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+    stretched = np.rint(np.clip((physical - lo) / (hi - lo), 0.0, 1.0) * 255.0)
+    return np.nan_to_num(stretched, nan=0.0).astype(np.uint8)  # NaN (float nodata) is masked black anyway
 
 
 @functools.lru_cache(maxsize=64)

@@ -306,7 +306,31 @@ def test_nodata_is_compared_in_the_pixels_own_type_with_the_same_answer(dtype: s
     values = {"uint16": [0, 1, 4464, 65535], "uint8": [0, 1, 255, 0], "int16": [-9999, 0, 25536, 5],
               "float32": [-9999.0, np.float32(0.1), 0.0, np.nan]}[dtype]
     data = np.array(values * 4, dtype=dtype).reshape(4, 4)
-    np.testing.assert_array_equal(rsflow.read.not_nodata(data, nodata), data != nodata)
+    want = data != nodata
+    if np.isnan(nodata):  # a NaN nodata marks NaN pixels (data != nan holds for every pixel, NaN ones too)
+        want = ~np.isnan(data)
+        assert want.all() != dtype.startswith("float")
+    np.testing.assert_array_equal(rsflow.read.not_nodata(data, nodata), want)
+
+
+def test_float_pixels_that_are_nan_nodata_are_missing_on_every_read_path(tmp_path) -> None:
+    """A float band whose nodata is NaN: its NaN pixels count as missing (black, in the nodata fraction)
+    whether the tile is read on the source's grid, with its row, or warped."""
+    path = tmp_path / "nan.tif"
+    data = np.full((1, 64, 128), 0.1, dtype="float32")
+    data[:, :, 32:64] = np.nan  # the right half of the first 64 px tile
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=64, count=1, dtype="float32",
+                       nodata=float("nan"), crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+        dst.write(data)
+    tiles = [dict(_tile(c, 0, hrefs=[str(path)] * 3, nodata=float("nan")), scale=[1.0] * 3) for c in (0, 64)]
+    chip, frac = read_chip(tiles[0])
+    assert frac == 0.5 and not chip[:, 32:].any() and chip[:, :32].all()
+    row = rsflow.read.read_row(tiles)
+    assert [f for _, f in row] == [0.5, 0.0]
+    np.testing.assert_array_equal(row[0][0], chip)
+    shifted = dict(tiles[0], transform=[10.0, 0.0, X0 + 5.0, 0.0, -10.0, Y0])  # half a pixel off: warped
+    _, frac = read_chip(shifted)
+    assert 0.45 < frac < 0.55
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int8", "int16"])

@@ -608,3 +608,17 @@ def test_lora_round_trip_through_peft_gives_the_same_tensors(originals: Original
     )
     pixels = _pixels(CLIP_IMAGE_SIZE)
     assert torch.equal(_logits(again, ids, pixels), _logits(first, ids, pixels))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_original_files_run_with_the_attention_kernel_asked_for(originals: Originals, attn: str) -> None:
+    """``--attn-implementation`` reaches a model built from original files, on its vision tower and its
+    language model, as it does a transformers-format one: what the runner reports is what runs."""
+    from rsflow.models.runner import load_model
+
+    loaded = load_model(ModelSpec(model=str(originals.llava15), attn_implementation=attn), device="cpu")
+    model = loaded.model
+    assert loaded.attn_implementation == attn
+    assert model.config._attn_implementation == attn
+    assert model.config.vision_config._attn_implementation == attn
+    assert model.config.text_config._attn_implementation == attn

@@ -221,6 +221,9 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
             image_size=spec.image_size,
             prompt_format=spec.prompt_format,
         )
+        # load_original builds the model with transformers' default kernel: set the one resolved above
+        # (on the vision tower and the language model alike), as from_pretrained does below.
+        model.set_attn_implementation(attn)
         adapter = None  # merged above
     else:
         try:

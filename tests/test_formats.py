@@ -622,3 +622,19 @@ def test_original_files_run_with_the_attention_kernel_asked_for(originals: Origi
     assert model.config._attn_implementation == attn
     assert model.config.vision_config._attn_implementation == attn
     assert model.config.text_config._attn_implementation == attn
+
+
+@pytest.mark.parametrize(("value", "want"), [("pad", "pad"), ("square", "crop"), ("crop", "crop"), (None, "crop")])
+def test_only_pad_pads_an_original_checkpoints_tiles(originals: Originals, tmp_path: Path, value, want) -> None:
+    """LLaVA's builder pads to a square only for ``image_aspect_ratio: "pad"``; any other value, or none,
+    goes straight to the processor (resize and centre crop): rsflow reads the config the same way."""
+    from rsflow.models.spec import model_card
+
+    folder = tmp_path / "llava"
+    shutil.copytree(originals.llava15, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("image_aspect_ratio", None)
+    if value is not None:
+        config["image_aspect_ratio"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    assert model_card(ModelSpec(model=str(folder)))["image_aspect_ratio"] == want

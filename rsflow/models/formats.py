@@ -885,7 +885,7 @@ def _assemble(
     info: dict[str, Any] = {
         "image_size": image_size,
         "n_image_tokens": n_image_tokens,
-        "image_aspect_ratio": config.get("image_aspect_ratio") or "pad",
+        "image_aspect_ratio": _aspect_of(config),
         "original_vocab_size": original_vocab,
         "suppress_token_ids": suppress,
         "image_token_id": image_id,
@@ -957,7 +957,7 @@ def load_llava_repo(
         ``(model, processor, info)``: a ``LlavaForConditionalGeneration`` in eval mode, a
         ``LlavaProcessor`` (tokenizer padding on the left), and a dict with ``format``,
         ``prompt_format`` (``"geochat"`` for model_type geochat, else ``"llava"``), ``image_size``,
-        ``n_image_tokens``, ``image_aspect_ratio`` (config, default ``"pad"``),
+        ``n_image_tokens``, ``image_aspect_ratio`` (:func:`_aspect_of`),
         ``original_vocab_size``, ``suppress_token_ids``, ``image_token_id``, ``pad_token_id``,
         ``vision_tower``, ``source``, ``ignored_keys``, ``text_arch``.
 
@@ -1292,7 +1292,7 @@ def describe_original(
     Returns:
         None when neither folder is in an original format (a transformers LLaVA, a PEFT adapter, a hub
         id); else ``format``, ``image_size`` (504 for GeoChat: 3/2 of the CLIP's grid; else the CLIP's),
-        ``prompt_format`` (the loaders' rules) and ``image_aspect_ratio`` (config, default ``"pad"``).
+        ``prompt_format`` (the loaders' rules) and ``image_aspect_ratio`` (:func:`_aspect_of`).
 
     Raises:
         RequestError: the folders are incomplete, or the vision tower cannot be found (``--vision-tower``).
@@ -1330,8 +1330,15 @@ def describe_original(
         "format": fmt,
         "image_size": _scaled_grid(size, patch) * patch if geochat else size,
         "prompt_format": prompt,
-        "image_aspect_ratio": str(config.get("image_aspect_ratio") or "pad"),
+        "image_aspect_ratio": _aspect_of(config),
     }
+
+
+def _aspect_of(config: Mapping[str, Any]) -> str:
+    """How an original checkpoint's tiles reach the processor: ``"pad"`` (padded to a square first) only
+    where its config says ``image_aspect_ratio: "pad"``; LLaVA's builder hands any other value, or none,
+    straight to the processor, whose shortest-edge resize and centre crop is ``"crop"``."""
+    return "pad" if config.get("image_aspect_ratio") == "pad" else "crop"
 
 
 def load_original(

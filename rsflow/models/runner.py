@@ -441,7 +441,7 @@ class ModelRunner:
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
         card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
-        self._aspect = spec.image_aspect or ("crop" if card_aspect == "crop" else "pad")
+        self._aspect = spec.image_aspect or ("pad" if card_aspect == "pad" else "crop")  # as LLaVA's builder
         size = self.loaded.image_size
         self._image_kwargs: dict[str, Any] = {
             "size": {"shortest_edge": size},

@@ -98,8 +98,9 @@ class ModelSpec:
         default=None, metadata={"help": "pad tiles to square with the mean colour, or centre-crop"}
     )
     """``"pad"``: pad to square with the image processor's mean colour (LLaVA-1.5 ``image_aspect_ratio``
-    pad); ``"crop"``: the processor's shortest-edge resize and centre crop; None: the checkpoint's
-    ``rsflow.json`` ``image_aspect_ratio``, else pad."""
+    pad); ``"crop"``: the processor's shortest-edge resize and centre crop; None: as the checkpoint's
+    ``image_aspect_ratio`` (``rsflow.json``, or an original checkpoint's config) makes LLaVA's builder
+    do, pad only for ``"pad"``; pad where the checkpoint has neither (a transformers-format folder)."""
 
     prompt_format: PromptFormat | None = field(
         default=None,

@@ -386,7 +386,7 @@ def plan_vllm(
             )
     model_dir = resolve_model_dir(spec)
     card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
-    aspect = spec.image_aspect or ("crop" if card_aspect == "crop" else "pad")
+    aspect = spec.image_aspect or ("pad" if card_aspect == "pad" else "crop")  # as LLaVA's builder
     adapter = resolve_adapter(spec)
     named = resolve_adapters(spec)
     loras: list[tuple[str | None, str]] = [(None, adapter or model_dir)]

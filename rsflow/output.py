@@ -408,11 +408,15 @@ class ResumeSource:
     """The run's request JSON (from ``_resume.json`` or the committed manifest)."""
     failed_tiles: int = 0
     """Committed runs: failed tiles and items recorded in the manifest."""
+    replaces_committed: bool = False
+    """Interrupted runs: the run was to replace a committed output (``--overwrite``, or a ``--resume`` of a
+    committed run), so its continuation commits over that output too."""
 
 
 def find_resumable(output: str) -> ResumeSource | None:
-    """The most recent interrupted run of ``output`` (a staging directory holding ``_resume.json``), else
-    the committed run itself when its manifest is complete; None when there is neither."""
+    """The most recent interrupted run of ``output`` (a staging directory holding ``_resume.json``) unless
+    the committed run is newer, else the committed run itself when its manifest is complete; None when
+    there is neither."""
     fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
     parent, name = posixpath.split(root)
     candidates = []
@@ -421,20 +425,31 @@ def find_resumable(output: str) -> ResumeSource | None:
             base = posixpath.basename(path.rstrip("/"))
             if base.startswith(f".{name}.staging-") and fs.exists(posixpath.join(path, RESUME_NAME)):
                 candidates.append(path)
-    if candidates:
-        newest = max(candidates)  # staging names end in the run id, which starts with the UTC time
-        with fs.open(posixpath.join(newest, RESUME_NAME), "r") as fh:
-            info = json.load(fh)
-        return ResumeSource(directory=_unstrip(output, newest), committed=False, request=info["request"])
-    manifest = posixpath.join(root, MANIFEST_NAME)
-    if fs.exists(manifest):
-        with fs.open(manifest, "r") as fh:
+    manifest_path = posixpath.join(root, MANIFEST_NAME)
+    committed = None
+    if fs.exists(manifest_path):
+        with fs.open(manifest_path, "r") as fh:
             m = json.load(fh)
         if m.get("status") == "complete":
-            counts = m.get("counts", {})
-            return ResumeSource(directory=output.rstrip("/"), committed=True, request=m.get("request", {}),
-                                failed_tiles=int(counts.get("tiles_failed", 0)) + int(counts.get("items_failed", 0)))
+            committed = m
+    # Staging names end in the run id, which starts with the UTC time: an interrupted run older than the
+    # committed one was superseded by it (e.g. an --overwrite run that finished afterwards).
+    newest = max(candidates, default=None)
+    if newest is not None and (committed is None or _run_id(newest) > str(committed.get("run_id", ""))):
+        with fs.open(posixpath.join(newest, RESUME_NAME), "r") as fh:
+            info = json.load(fh)
+        return ResumeSource(directory=_unstrip(output, newest), committed=False, request=info["request"],
+                            replaces_committed=bool(info.get("replaces_committed", False)))
+    if committed is not None:
+        counts = committed.get("counts", {})
+        return ResumeSource(directory=output.rstrip("/"), committed=True, request=committed.get("request", {}),
+                            failed_tiles=int(counts.get("tiles_failed", 0)) + int(counts.get("items_failed", 0)))
     return None
+
+
+def _run_id(staging: str) -> str:
+    """The run id a staging directory is named after (:func:`staging_path`)."""
+    return posixpath.basename(staging.rstrip("/")).rsplit(".staging-", 1)[-1]
 
 
 def _unstrip(output: str, path: str) -> str:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import posixpath
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -557,10 +558,14 @@ def run_region(
         "versions": package_versions(),
         "columns": out.RESULT_COLUMNS,
     }
+    finished = False
     try:
         t_pipe = time.perf_counter()
         sink = out.GeoParquetDatasink(staging, split_objects=request.merge_iou is not None)
-        _write_resume_file(staging, run_id, request)
+        # A run that replaces a committed output (--overwrite, or --resume of a committed run, directly or
+        # through an interrupted --resume of one) may commit over it; a --resume of this run may too.
+        replaces = request.overwrite or (resume is not None and (resume.committed or resume.replaces_committed))
+        _write_resume_file(staging, run_id, request, replaces_committed=replaces)
         parts_dir = f"{staging.rstrip('/')}/{out.PARTS_DIR}"
         done_tiles: set[str] = set()
         if resume is not None:
@@ -691,14 +696,36 @@ def run_region(
         out.write_manifest(staging, manifest)
         fs, root = fsspec.core.url_to_fs(staging)
         fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")
-        out.commit(staging, request.output, overwrite=request.overwrite or (resume is not None and resume.committed))
+        finished = True  # from here on, staging holds the complete result
+        out.commit(staging, request.output, overwrite=replaces)
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
         logger.info("committed %s in %.2f s", request.output, time.perf_counter() - t_commit)
-    except BaseException:
-        out.discard(staging)
+    except BaseException as exc:
+        # commit's FileExistsError says the complete result is left in staging: it stays there
+        _keep_or_discard(staging, result_left=finished and isinstance(exc, FileExistsError))
         raise
     return RunResult(output=request.output, manifest=manifest)
+
+
+def _keep_or_discard(staging: str, *, result_left: bool) -> None:
+    """After a run failed or was interrupted (Ctrl-C included): keep its staging directory where it holds
+    work, else delete it. A complete result whose output appeared meanwhile stays where the error says
+    (``result_left``); rows the stages finished (``_parts/``, until the final pass) stay for ``--resume``,
+    which continues from them. Nothing there is read as a result: a dataset exists only once committed."""
+    if result_left:
+        return
+    try:
+        fs, root = fsspec.core.url_to_fs(staging)
+        parts = f"{root.rstrip('/')}/{out.PARTS_DIR}"
+        kept = fs.exists(f"{root.rstrip('/')}/{out.RESUME_NAME}") and fs.exists(parts) and any(
+            posixpath.basename(p).startswith("raw-") for p in fs.find(parts))
+    except Exception:  # noqa: BLE001 - cleanup must never hide the run's own error
+        kept = False
+    if kept:
+        logger.warning("the run stopped with finished rows in %s: `--resume` continues from them", staging)
+    else:
+        out.discard(staging)
 
 
 _BLOCK_PIXELS = 128 * 336 * 336
@@ -826,11 +853,12 @@ def _max_rss_mb() -> float:
     return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
-def _write_resume_file(staging: str, run_id: str, request: RegionRequest) -> None:
+def _write_resume_file(staging: str, run_id: str, request: RegionRequest, *, replaces_committed: bool) -> None:
     fs, root = fsspec.core.url_to_fs(staging)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root.rstrip('/')}/{out.RESUME_NAME}", "w") as fh:
-        json.dump({"run_id": run_id, "request": request.to_json()}, fh, sort_keys=True, default=str)
+        json.dump({"run_id": run_id, "request": request.to_json(), "replaces_committed": replaces_committed}, fh,
+                  sort_keys=True, default=str)
 
 
 def _resume_source(request: RegionRequest) -> out.ResumeSource:

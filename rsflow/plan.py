@@ -32,6 +32,7 @@ from pyproj import CRS, Transformer
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
+from rsflow.errors import RequestError
 from rsflow.request import TileSpec
 from rsflow.sources import SourceProfile, band_scaling
 
@@ -188,28 +189,46 @@ def asset_grid(item: dict[str, Any], asset_key: str, open_header: Any = None) ->
 
 
 def item_grid(grids: list[Grid], gsd_m: float | None) -> Grid:
-    """The tile grid of an item: its finest band's grid, or that extent at ``gsd_m``.
+    """The tile grid of an item: its finest band's grid, or that band's extent on square pixels of
+    ``gsd_m`` metres (in the CRS's units), or, for a band whose pixels are not square, of the finer of its
+    two pixel sizes (tiles are square; those bands are then read through a warp).
 
     Raises:
         ValueError: rotated grids, or bands in different CRSs.
+        RequestError: (``--gsd``) ``gsd_m`` for a CRS that does not measure in metres or feet (degrees).
     """
     if len({g.crs for g in grids}) != 1:
         raise ValueError(f"RGB bands are in different CRSs: {sorted({g.crs for g in grids})}")
     for g in grids:
         if g.transform[1] != 0 or g.transform[3] != 0 or g.transform[4] >= 0:
             raise ValueError(f"grid {g.transform} is rotated or not north-up; not supported")
-    finest = min(grids, key=lambda g: abs(g.transform[0]))
-    if gsd_m is None:
-        return finest
+    finest = min(grids, key=lambda g: min(abs(g.transform[0]), abs(g.transform[4])))
     a, _, c, _, e, f = finest.transform
+    square = math.isclose(abs(a), abs(e), rel_tol=1e-9)
+    if gsd_m is None and square:
+        return finest
+    res = min(abs(a), abs(e)) if gsd_m is None else gsd_m / _metres_per_unit(finest.crs)
     width_crs = finest.width_px * abs(a)
     height_crs = finest.height_px * abs(e)
     return Grid(
         crs=finest.crs,
-        transform=(gsd_m, 0.0, c, 0.0, -gsd_m, f),
-        width_px=max(1, math.ceil(width_crs / gsd_m - 1e-9)),
-        height_px=max(1, math.ceil(height_crs / gsd_m - 1e-9)),
+        transform=(res, 0.0, c, 0.0, -res, f),
+        width_px=max(1, math.ceil(width_crs / res - 1e-9)),
+        height_px=max(1, math.ceil(height_crs / res - 1e-9)),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _metres_per_unit(crs: str) -> float:
+    """Metres in one unit of a projected CRS's x axis (1 for metres, 0.3048... for feet), for ``--gsd``."""
+    parsed = CRS.from_user_input(crs)
+    axis = parsed.axis_info[0] if parsed.axis_info else None
+    if parsed.is_geographic or axis is None or not axis.unit_conversion_factor or axis.unit_name in ("degree",
+                                                                                                  "radian"):
+        unit = axis.unit_name if axis is not None else "unknown units"
+        raise RequestError("--gsd", f"is in metres, but the imagery's CRS {crs} measures in {unit}s; "
+                                    "leave --gsd out to tile on the imagery's own grid")
+    return float(axis.unit_conversion_factor)
 
 
 def window_offsets(length_px: int, size_px: int, stride_px: int) -> list[int]:
@@ -286,7 +305,7 @@ def _tile_ids(item_id: str, sources: list[BandSource], res: float, spec: TileSpe
             "bands": [[s.asset, s.band] for s in sources],
             "window": hole,
             "res": round(res, 9),
-            "spec": [spec.size_px, spec.overlap_px, spec.gsd_m],
+            "spec": [spec.size_px, spec.overlap_px, None if spec.gsd_m is None else float(spec.gsd_m)],
         },
         sort_keys=True,
     )
@@ -412,6 +431,8 @@ def tile_offsets(
         return []
     try:  # the windows only: no footprints, ids or rows are built on the driver
         _, _, row_offs, col_offs = _item_windows(item, profile, spec, aoi, open_header, None)
+    except RequestError:  # the request cannot work for this imagery (e.g. --gsd on degrees): say so first
+        raise
     except Exception:  # noqa: BLE001 - the pipeline records the failure with its reason
         return []
     return list(zip(row_offs.tolist(), col_offs.tolist(), strict=True))

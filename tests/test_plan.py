@@ -103,6 +103,50 @@ def test_overlap_and_gsd():
     assert coarse[0].res == 20.0 and coarse[0].transform[0] == 20.0
 
 
+def test_gsd_in_metres_follows_the_crs_units_and_is_refused_on_degrees():
+    """--gsd is in metres: on a CRS in US survey feet a 20 m grid is 65.6 ft; on a geographic CRS there is
+    no such grid, and the request is refused before any pixel is read, naming --gsd."""
+    from rsflow.errors import RequestError
+
+    def on_grid(crs, x0, y0, res):
+        item = _item(res=res)
+        item["properties"]["proj:code"] = crs
+        for asset in item["assets"].values():
+            asset["proj:transform"] = [res, 0, x0, 0, -res, y0, 0, 0, 1]
+        to_4326 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        (lon0, lon1), (lat0, lat1) = to_4326.transform([x0, x0 + 100 * res], [y0 - 100 * res, y0])
+        return item, box(lon0, lat0, lon1, lat1)
+
+    feet, aoi = on_grid("EPSG:2263", 1_000_000.0, 200_000.0, 10.0)  # NAD83 / New York Long Island (ftUS)
+    tiles = plan_tiles(feet, _profile(), TileSpec(size_px=8, gsd_m=20.0), aoi)
+    assert tiles and tiles[0].res == pytest.approx(20.0 / 0.3048006096, rel=1e-9)
+    degrees, aoi = on_grid("EPSG:4326", -75.70, 37.66, 0.0001)
+    for plan in (plan_tiles, lambda *a: tile_offsets(a[0], {"c": a[1]}, *a[2:])):
+        with pytest.raises(RequestError, match=r"^--gsd: is in metres, but the imagery's CRS EPSG:4326 measures in degree"):
+            plan(degrees, _profile(), TileSpec(size_px=32, gsd_m=20.0), aoi)
+    assert plan_tiles(degrees, _profile(), TileSpec(size_px=32), aoi)  # its own grid is fine
+
+
+def test_non_square_pixels_are_tiled_on_square_pixels_over_the_whole_scene():
+    """A band of 10 m x 20 m pixels: tiles of 10 m pixels cover all of it (the reads warp), not half."""
+    item = _item(width=100, height=50)
+    for asset in item["assets"].values():
+        asset["proj:transform"] = [RES, 0, X0, 0, -2 * RES, Y0, 0, 0, 1]
+    aoi = shapely.transform(box(X0, Y0 - 50 * 2 * RES, X0 + 100 * RES, Y0),
+                            lambda c: np.column_stack(TO_4326.transform(c[:, 0], c[:, 1])))
+    tiles = plan_tiles(item, _profile(), TileSpec(size_px=32), aoi)
+    assert {t.res for t in tiles} == {RES} and all(t.transform[4] == -RES for t in tiles)
+    assert max(t.row_off for t in tiles) + 32 >= 100  # rows of 10 m down to the scene's bottom, 1,000 m below
+    assert sorted({t.row_off for t in tiles}) == [0, 32, 64, 96]
+
+
+def test_tile_ids_do_not_depend_on_how_the_gsd_was_written():
+    aoi = _aoi_from_pixels(0, 0, 100, 100)
+    as_int = plan_tiles(_item(), _profile(), TileSpec(size_px=32, gsd_m=20), aoi)
+    as_float = plan_tiles(_item(), _profile(), TileSpec(size_px=32, gsd_m=20.0), aoi)
+    assert [t.tile_id for t in as_int] == [t.tile_id for t in as_float]
+
+
 def test_footprint_is_the_window_in_4326():
     tiles = plan_tiles(_item(), _profile(), TileSpec(size_px=32), _aoi_from_pixels(40, 10, 70, 20))
     fp = shapely.from_wkb(tiles[0].footprint_wkb)

@@ -564,3 +564,37 @@ def test_clean_answer() -> None:
     assert _clean_answer("  A harbor with ships.</s>  ") == "A harbor with ships."
     assert _clean_answer(" Yes </s>") == "Yes"
     assert _clean_answer("</s>") == ""
+
+
+def test_rows_past_the_tokenizer_and_the_image_token_are_never_generated(tiny_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """A transformers-format checkpoint whose embeddings have rows no token has (llava-hf pads them to
+    32,064 with random draws) and whose generation config suppresses nothing: those rows and <image>
+    are kept out of greedy decoding, so the answers are the model's own. Here the extra rows are made
+    to win every step (+-1000x the EOS row: one of them tops any other logit)."""
+    from transformers import LlavaForConditionalGeneration
+
+    folder = tmp_path / "padded"
+    shutil.copytree(tiny_model_dir, folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    n_tokens = int(model.get_output_embeddings().weight.shape[0])
+    model.resize_token_embeddings(n_tokens + 8, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        eos_row = head[int(model.generation_config.eos_token_id)]
+        head[n_tokens : n_tokens + 4] = 1000 * eos_row
+        head[n_tokens + 4 :] = -1000 * eos_row
+        head[int(model.config.image_token_index)] = 2000 * eos_row  # <image> too, were it allowed
+    model.generation_config.suppress_tokens = None
+    model.save_pretrained(folder)
+
+    spec = ModelSpec(model=str(folder), max_new_tokens=8, batch_size=4)
+    loaded = load_model(spec, device="cpu")
+    suppressed = set(loaded.model.generation_config.suppress_tokens)
+    assert {*range(n_tokens, n_tokens + 8), int(loaded.model.config.image_token_index)} <= suppressed
+    assert int(loaded.model.generation_config.eos_token_id) not in suppressed
+    images = _images(2)
+    want = ModelRunner(ModelSpec(model=str(tiny_model_dir), max_new_tokens=8, batch_size=4), PROMPTS)(
+        _batch(images, ["ok", "ok"]))
+    got = ModelRunner(spec, PROMPTS)(_batch(images, ["ok", "ok"]))
+    assert list(got["text"]) == list(want["text"]) and all(t for t in want["text"])

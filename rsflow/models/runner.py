@@ -158,6 +158,21 @@ def _resolve_attn(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
     return spec.attn_implementation
 
 
+def _suppress_unspeakable(model: Any, tokenizer: Any) -> None:
+    """Keep greedy decoding off ids no answer can hold: ``<image>``, ``<pad>`` and the rows past the
+    tokenizer's vocabulary (llava-hf's conversions pad the embeddings to 32,064 rows with random draws
+    around the mean, rows LLaVA never had: reference models.md 5.3). Added to the checkpoint's own
+    ``suppress_tokens`` (``rsflow convert`` writes the same list); end-of-sequence ids are never
+    suppressed, even where the pad token is one."""
+    config = model.generation_config
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
+    image_id = getattr(model.config, "image_token_index", None) or getattr(model.config, "image_token_id", None)
+    ids = {*(config.suppress_tokens or []), *range(len(tokenizer), vocab), image_id, tokenizer.pad_token_id}
+    config.suppress_tokens = sorted(int(i) for i in ids - eos_ids - {None} if 0 <= int(i) < vocab) or None
+
+
 def _load_named_adapters(model: Any, named: tuple[tuple[str, str], ...]) -> Any:
     """Wrap ``model`` in a PeftModel holding every named adapter, unmerged: switching is
     ``set_adapter(name)``, the bare base is ``disable_adapter()``, and the base weights exist once."""
@@ -272,6 +287,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         raise ModelError(f"the tokenizer of {model_dir!r} has no pad token; batched generation needs one")
+    _suppress_unspeakable(model, tokenizer)
 
     return LoadedModel(
         model=model,

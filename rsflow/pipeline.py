@@ -120,7 +120,7 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
         "bands": [0, 0, 0],
         "scale": [1.0, 1.0, 1.0],
         "offset": [0.0, 0.0, 0.0],
-        "nodata": float("nan"),
+        "nodata": [float("nan")] * 3,
         "stretch_lo": 0.0,
         "stretch_hi": 1.0,
         "signing": "",

@@ -107,8 +107,8 @@ class Tile:
     """Per-band scale."""
     offset: list[float]
     """Per-band offset."""
-    nodata: float
-    """Source nodata DN (NaN when the source declares none)."""
+    nodata: list[float]
+    """Per-band nodata DN as the catalog states it (NaN where it states none: the file's own is used)."""
     stretch_lo: float
     """Physical value mapped to 0."""
     stretch_hi: float
@@ -350,7 +350,6 @@ def plan_tiles(
     res = abs(grid.transform[0])
     props = item.get("properties", {})
     dt = props.get("datetime") or props.get("start_datetime") or ""
-    nodata = sources[0].nodata
     minx, maxy = x0 + col_offs * res, y0 - row_offs * res  # as _item_windows computes each window
     wkbs = shapely.to_wkb(footprints_4326(minx, maxy - size * res, minx + size * res, maxy, grid.crs))
     ids = _tile_ids(item["id"], sources, res, spec)
@@ -358,7 +357,8 @@ def plan_tiles(
         "item_id": item["id"], "collection": item.get("collection") or "", "datetime": dt, "crs": grid.crs,
         "width": size, "height": size, "res": res, "hrefs": [s.href for s in sources],
         "bands": [s.band for s in sources], "scale": [s.scale for s in sources],
-        "offset": [s.offset for s in sources], "nodata": float("nan") if nodata is None else nodata,
+        "offset": [s.offset for s in sources],
+        "nodata": [float("nan") if s.nodata is None else float(s.nodata) for s in sources],
         "stretch_lo": float(profile.stretch[0]), "stretch_hi": float(profile.stretch[1]),
         "signing": profile.signing or "",
     }

@@ -315,6 +315,15 @@ def stretch(data: np.ndarray, scale: float, offset: float, lo: float, hi: float)
     return _stretch_values(data, scale, offset, lo, hi)
 
 
+def declared_nodata(tile: Mapping[str, Any]) -> list[float]:
+    """The tile's nodata DN per band (:attr:`rsflow.plan.Tile.nodata`; one number for every band is
+    taken too), NaN where the catalog states none."""
+    value = tile["nodata"]
+    if isinstance(value, np.ndarray | list | tuple):
+        return [float(v) for v in value]
+    return [float(value)] * len(tile["hrefs"])
+
+
 def read_chip(
     tile: dict[str, Any],
     *,
@@ -341,7 +350,7 @@ def read_chip(
     transform = Affine(*tile["transform"][:6])
     res = float(tile["res"])
     lo, hi = float(tile["stretch_lo"]), float(tile["stretch_hi"])
-    declared = float(tile["nodata"])
+    declared = declared_nodata(tile)
     chip = np.zeros((height, width, 3), dtype=np.uint8)
     valid = np.ones((height, width), dtype=bool)
     for i, (href, band, scale, offset) in enumerate(
@@ -359,7 +368,7 @@ def read_chip(
                     return _open_dataset(url, level)
 
                 src = _open_dataset(url)
-            nodata = declared if not math.isnan(declared) else src.nodata
+            nodata = declared[i] if not math.isnan(declared[i]) else src.nodata
             window = _aligned_window(src, tile, transform, res)
             if window is not None:
                 data, band_valid = _read_aligned(src, int(band), window, nodata)
@@ -398,7 +407,7 @@ def read_row(tiles: list[dict[str, Any]]) -> list[tuple[np.ndarray, float]] | No
     height, width = int(first["height"]), int(first["width"])
     transform, res = Affine(*first["transform"][:6]), float(first["res"])
     lo, hi = float(first["stretch_lo"]), float(first["stretch_hi"])
-    declared = float(first["nodata"])
+    declared = declared_nodata(first)
     offsets = [round((float(t["transform"][2]) - transform.c) / res) for t in tiles]
     if any(not 0 < b - a <= width for a, b in itertools.pairwise(offsets)) or any(
         not math.isclose(float(t["transform"][2]), transform.c + o * res, rel_tol=0, abs_tol=res * 1e-6)
@@ -416,7 +425,7 @@ def read_row(tiles: list[dict[str, Any]]) -> list[tuple[np.ndarray, float]] | No
         if window is None or window.col_off < 0 or window.row_off < 0 \
                 or window.col_off + span > src.width or window.row_off + height > src.height:
             return None
-        nodata = declared if not math.isnan(declared) else src.nodata
+        nodata = declared[i] if not math.isnan(declared[i]) else src.nodata
         data, valid = _read_aligned(src, int(band), Window(window.col_off, window.row_off, span, height), nodata)
         step = max(1, _STRETCH_CHUNK // span)  # a few rows at a time: the table lookup stays in cache
         for r in range(0, height, step):
@@ -669,11 +678,15 @@ def _same_row(batch: dict[str, np.ndarray], i: int, j: int) -> bool:
     for k in _ROW_KEY:
         a, b = batch[k][i], batch[k][j]
         if isinstance(a, np.ndarray | list | tuple) or isinstance(b, np.ndarray | list | tuple):
-            if list(a) != list(b):
+            if len(a) != len(b) or any(x != y and not (_is_nan(x) and _is_nan(y)) for x, y in zip(a, b, strict=True)):
                 return False
         elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
             return False
     return True
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float | np.floating) and math.isnan(value)
 
 
 def _next_to(batch: dict[str, np.ndarray], i: int, j: int) -> bool:

@@ -332,3 +332,11 @@ def test_an_item_refused_as_a_whole_is_recorded_once(tmp_path, monkeypatch):
     assert len(planned[0]) == 1 and planned[0][0]["tile_id"] == "item-1:plan-failed"
     assert "refused" in planned[0][0]["error"]
     assert all(rows == [] for rows in planned[1:]) and len(units) > 1
+
+
+def test_each_band_keeps_the_nodata_its_asset_declares():
+    item = _item()
+    item["assets"]["green"]["raster:bands"] = [{"nodata": 65535}]
+    item["assets"]["blue"]["raster:bands"] = [{"nodata": None}]  # stated: none
+    (tile, *_) = plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(0, 0, 10, 10))
+    assert tile.nodata[:2] == [0.0, 65535.0] and np.isnan(tile.nodata[2])

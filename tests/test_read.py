@@ -348,3 +348,25 @@ def test_the_stretch_table_gives_the_formula_for_every_value_of_the_type(dtype: 
     assert 0 < np.count_nonzero(want == 0) < want.size and np.count_nonzero(want == 255) > 0  # both clips happen
     swapped = data.astype(data.dtype.newbyteorder(">" if data.dtype.byteorder != ">" else "<"))
     np.testing.assert_array_equal(rsflow.read.stretch(swapped, scale, offset, lo, hi), want)  # byte order aside
+
+
+def test_each_band_is_masked_with_its_own_nodata(tmp_path) -> None:
+    """Bands in separate files may declare different nodata values: each band's own marks its missing
+    pixels (the red band's value used to stand for all three)."""
+    paths = []
+    for name, value, rows in (("red", 0, slice(None)), ("green", 65535, slice(0, 16)), ("blue", 7, slice(0))):
+        data = np.full((1, 64, 128), 1000, dtype="uint16")
+        data[:, rows, :16] = value  # red: the first 16 columns; green: their top quarter; blue: none
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=128, height=64, count=1, dtype="uint16",
+                           crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+            dst.write(data)
+        paths.append(str(path))
+    tiles = [dict(_tile(c, 0, hrefs=paths), nodata=[0.0, 65535.0, float("nan")]) for c in (0, 64)]
+    chip, frac = read_chip(tiles[0])
+    assert frac == 16 * 64 / 64**2 and not chip[:, :16].any() and chip[:, 16:].all()
+    green_only = dict(tiles[0], nodata=[float("nan"), 65535.0, float("nan")])  # red's 0s are data now
+    assert read_chip(green_only)[1] == 16 * 16 / 64**2
+    row = rsflow.read.read_row(tiles)
+    assert [f for _, f in row] == [frac, 0.0]
+    np.testing.assert_array_equal(row[0][0], chip)

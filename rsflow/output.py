@@ -306,12 +306,20 @@ def merge_object_files(
         for r, poly in zip(rows, polys, strict=True)
     ]
     merged = merge_detections(detections, iou_threshold, metric_crs=metric_crs)
+    # A row carried over by --resume from a committed run is already a merged object: it stands for its
+    # own source tiles and detections, which the merge adds up with the new detections it joins.
+    carried = table.select(["source_tile_ids", "n_merged"]).to_pylist()
     keep, tile_ids, counts = [], [], []
     for m in merged:
         rep = next(i for i in m.member_indices if polys[i].equals(m.polygon_4326))
         keep.append(rep)
-        tile_ids.append(m.tile_ids)
-        counts.append(m.n_merged)
+        tiles, n = set(), 0
+        for i in m.member_indices:
+            sources = carried[i]["source_tile_ids"]
+            tiles.update(sources or [rows[i]["tile_id"]])
+            n += int(carried[i]["n_merged"] or 1) if sources else 1
+        tile_ids.append(sorted(tiles))
+        counts.append(n)
     out = table.take(pa.array(keep, type=pa.int64()))
     out = out.set_column(out.schema.get_field_index("source_tile_ids"), "source_tile_ids",
                          pa.array(tile_ids, type=pa.list_(pa.string())))

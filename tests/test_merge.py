@@ -143,3 +143,34 @@ def test_threshold_one_is_allowed() -> None:
 def test_detection_needs_a_polygon() -> None:
     with pytest.raises(ValueError, match="non-empty Polygon"):
         Detection("t1", "i", "ship", Polygon())
+
+
+def test_a_resumed_merge_keeps_the_provenance_of_objects_carried_over(tmp_path) -> None:
+    """--resume of a committed --merge-iou run carries its merged objects into the merge pass again: an
+    object that three tiles saw stays three tiles' object, and a new detection that joins it adds up."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    from rsflow.output import RAW_OBJECTS_DIR, WRITTEN_SCHEMA, merge_object_files
+
+    carried, joining, apart = _det("t1", 0.0), _det("t4", 2.0), _det("t5", 5000.0)
+    rows = [
+        {"tile_id": "t1", "source_tile_ids": ["t1", "t2", "t3"], "n_merged": 3, "det": carried},
+        {"tile_id": "t4", "source_tile_ids": ["t4"], "n_merged": 1, "det": joining},
+        {"tile_id": "t5", "source_tile_ids": ["t5"], "n_merged": 1, "det": apart},
+    ]
+    columns = {f.name: [None] * len(rows) for f in WRITTEN_SCHEMA}
+    columns.update(
+        tile_id=[r["tile_id"] for r in rows], kind=["object"] * 3, item_id=["item-a"] * 3, label=["ship"] * 3,
+        task=["detect"] * 3, source_tile_ids=[r["source_tile_ids"] for r in rows],
+        n_merged=[r["n_merged"] for r in rows],
+        geometry=[shapely.to_wkb(r["det"].polygon_4326) for r in rows],
+    )
+    (tmp_path / RAW_OBJECTS_DIR).mkdir()
+    pq.write_table(pa.table(columns, schema=WRITTEN_SCHEMA), tmp_path / RAW_OBJECTS_DIR / "part.parquet")
+    names, n = merge_object_files(str(tmp_path), 0.5)
+    merged = pq.read_table(tmp_path / names[0]).to_pylist()
+    assert n == 2
+    assert sorted((r["source_tile_ids"], r["n_merged"]) for r in merged) == [
+        (["t1", "t2", "t3", "t4"], 4), (["t5"], 1)]

@@ -24,6 +24,7 @@ from rsflow.errors import (
     SourceError,
 )
 from rsflow.evaluate.cli import add_eval_parser, run_eval_command
+from rsflow.hrefs import RedactingFilter, redact
 from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
 
@@ -331,7 +332,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 #: DEBUG. They stay at INFO or above whatever ``--log-level`` says: credentials must never reach a log.
 _CREDENTIAL_LOGGERS = (
     "botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "urllib3", "gcsfs", "google.auth", "adlfs",
-    "azure", "rasterio.env", "rasterio.session", "rasterio._env",
+    "azure", "rasterio.env", "rasterio.session", "rasterio._env", "pystac_client",
 )
 
 
@@ -346,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _keep_credentials_out_of_logs(args.log_level)
+    for handler in logging.getLogger().handlers:  # every record this process prints, whichever logger: a
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):  # --stac URL's token, a signed href
+            handler.addFilter(RedactingFilter())
     try:
         if args.command == "region":
             return _run_region(args)
@@ -365,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             print(ensure_sample_catalog(Path(args.cache_dir) if args.cache_dir else None))
             return 0
     except RequestError as exc:
-        print(f"rsflow {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rsflow {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SourceError as exc:
-        print(f"rsflow {args.command}: could not start: {exc}", file=sys.stderr)
+        print(f"rsflow {args.command}: could not start: {redact(str(exc))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except RsflowError:
         logger.exception("rsflow %s failed", args.command)

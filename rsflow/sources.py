@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple, cast
 import yaml
 
 from rsflow.errors import RequestError, SourceError
+from rsflow.hrefs import redact
 
 logger = logging.getLogger(__name__)
 
@@ -333,12 +334,12 @@ def resolve_profile(
     if len(by_url) > 1:
         raise RequestError(
             "--profile",
-            f"several profiles match {stac} and {collection!r}: {_describe_list(by_url)}; name one",
+            f"several profiles match {redact(stac)} and {collection!r}: {_describe_list(by_url)}; name one",
         )
     if len(for_collection) == 1:
         logger.info(
             "no profile URL pattern matches %s; using %s, the only profile for %r",
-            stac,
+            redact(stac),
             for_collection[0].name,
             collection,
         )
@@ -346,7 +347,7 @@ def resolve_profile(
     if for_collection:
         raise RequestError(
             "--profile",
-            f"collection {collection!r} has several profiles and none matches {stac}: "
+            f"collection {collection!r} has several profiles and none matches {redact(stac)}: "
             f"{_describe_list(for_collection)}; pass --profile NAME",
         )
     raise RequestError(

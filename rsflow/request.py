@@ -271,24 +271,42 @@ def parse_bbox(value: str | tuple[float, ...] | list[float]) -> BaseGeometry:
     if minx == maxx:
         raise RequestError("--bbox", f"minx and maxx are equal ({minx}): the box is empty")
     if minx > maxx:
-        # Crosses the antimeridian: west part up to 180, east part from -180.
-        return shapely.MultiPolygon([box(minx, miny, 180.0, maxy), box(-180.0, miny, maxx, maxy)])
+        # Crosses the antimeridian: west part up to 180, east part from -180 (a part of no width, where an
+        # edge is the antimeridian itself, is left out).
+        parts = [b for b in (box(minx, miny, 180.0, maxy), box(-180.0, miny, maxx, maxy)) if b.area > 0]
+        if not parts:
+            raise RequestError("--bbox", f"minx {minx} and maxx {maxx} are both on the antimeridian: the box is empty")
+        return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
     return box(minx, miny, maxx, maxy)
 
 
 def _geometry_from_geojson(obj: Any) -> BaseGeometry:
+    """A GeoJSON geometry, Feature or FeatureCollection (the union of its features, each made valid
+    first) -> a geometry; anything malformed is a RequestError naming ``--intersects``."""
     kind = obj.get("type") if isinstance(obj, dict) else None
-    if kind == "FeatureCollection":
-        geoms = [shape(f["geometry"]) for f in obj.get("features", []) if f.get("geometry")]
-        if not geoms:
-            raise RequestError("--intersects", "the FeatureCollection has no geometries")
-        return shapely.union_all(geoms)
-    if kind == "Feature":
-        if not obj.get("geometry"):
-            raise RequestError("--intersects", "the Feature has no geometry")
-        return shape(obj["geometry"])
-    if kind in {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon", "GeometryCollection"}:
-        return shape(obj)
+    try:
+        if kind == "FeatureCollection":
+            features = obj.get("features") or []
+            geoms = [(i, shape(f["geometry"])) for i, f in enumerate(features)
+                     if isinstance(f, dict) and f.get("geometry")]
+            if not geoms:
+                raise RequestError("--intersects", "the FeatureCollection has no geometries")
+            for i, g in geoms:
+                if not g.is_valid:  # the union of an invalid polygon fails, or is wrong
+                    raise RequestError("--intersects", f"feature {i}: invalid geometry ({shapely.is_valid_reason(g)}); "
+                                                       "fix it, e.g. with shapely.make_valid")
+            return shapely.union_all([g for _, g in geoms])
+        if kind == "Feature":
+            if not obj.get("geometry"):
+                raise RequestError("--intersects", "the Feature has no geometry")
+            return shape(obj["geometry"])
+        if kind in {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+                    "GeometryCollection"}:
+            return shape(obj)
+    except RequestError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, shapely.errors.ShapelyError) as exc:
+        raise RequestError("--intersects", f"invalid GeoJSON geometry: {exc}") from None
     raise RequestError("--intersects", f"not a GeoJSON geometry, Feature or FeatureCollection (type {kind!r})")
 
 
@@ -317,20 +335,20 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
                     "(e.g. ogr2ogr -simplify 0.001, or shapely's simplify) or give --bbox",
                 )
             try:
-                text = Path(text).expanduser().read_text()
+                text = Path(text).expanduser().read_text(encoding="utf-8-sig")  # a byte-order mark is allowed
             except OSError as exc:
                 raise RequestError("--intersects", f"cannot read {value}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise RequestError("--intersects", f"{value} is not a text file; give GeoJSON or WKT (convert "
+                                   "a shapefile or GeoPackage with e.g. ogr2ogr -f GeoJSON aoi.geojson IN)") from None
+        elif text.lower().endswith((".json", ".geojson", ".wkt", ".shp", ".gpkg", ".kml")) and "\n" not in text and not text.startswith("{"):
+            raise RequestError("--intersects", f"no such file: {value}")
         if text.lstrip().startswith("{"):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise RequestError("--intersects", f"invalid GeoJSON: {exc.msg} at line {exc.lineno}") from None
-            try:
-                geom = _geometry_from_geojson(obj)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                if isinstance(exc, RequestError):
-                    raise
-                raise RequestError("--intersects", f"invalid GeoJSON geometry: {exc}") from None
+            geom = _geometry_from_geojson(obj)
         else:
             try:
                 geom = shapely.from_wkt(text)
@@ -366,6 +384,8 @@ def search_geometry(aoi: BaseGeometry, max_vertices: int = SEARCH_MAX_VERTICES) 
     while True:
         cover = aoi.buffer(tolerance, quad_segs=2).simplify(tolerance, preserve_topology=True)
         if shapely.get_num_coordinates(cover) <= max_vertices or tolerance > 10:
+            # the buffer must not cross the antimeridian or a pole that the AOI touches
+            cover = shapely.clip_by_rect(cover if cover.is_valid else shapely.make_valid(cover), -180, -90, 180, 90)
             return cover if cover.is_valid else shapely.make_valid(cover)
         tolerance *= 2
 
@@ -393,7 +413,7 @@ def parse_datetime(value: str | None) -> str | None:
 def _read_text(path: str | Path, flag: str) -> tuple[str, Path]:
     p = Path(path).expanduser()
     try:
-        return p.read_text(), p
+        return p.read_text(encoding="utf-8-sig"), p
     except FileNotFoundError:
         raise RequestError(flag, f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -434,6 +454,8 @@ def parse_regions(path: str | Path, aoi: BaseGeometry | None = None) -> tuple[Re
         raise RequestError("--regions", f"{path} is not a GeoJSON FeatureCollection, Feature or geometry")
     regions: list[Region] = []
     for i, feature in enumerate(features):
+        if not isinstance(feature, dict):
+            raise RequestError("--regions", f"feature {i} of {path} is not a GeoJSON Feature")
         props = feature.get("properties") or {}
         rid = feature.get("id", props.get("id", props.get("name", f"region-{i}")))
         rid = str(rid).strip()

@@ -17,6 +17,7 @@ from rsflow.request import (
     parse_bbox,
     parse_datetime,
     parse_intersects,
+    parse_regions,
     parse_request,
     search_geometry,
 )
@@ -71,6 +72,11 @@ def test_bbox_forms():
     am = parse_bbox("170,-10,-170,10")
     assert am.geom_type == "MultiPolygon"
     assert am.area == pytest.approx(20 * 20)
+    # an edge on the antimeridian itself: the box up to it, valid, no part of no width
+    for text in ("170,0,-180,10", "170,0,180,10"):
+        edge = parse_bbox(text)
+        assert edge.is_valid and edge.bounds == (170, 0, 180, 10)
+    assert parse_bbox("180,0,-170,10").bounds == (-180, 0, -170, 10)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +90,7 @@ def test_bbox_forms():
         ("0,-95,10,10", "latitude"),
         ("435730,4159990,455060,4179460", "look like metres"),
         ("nan,0,1,1", "finite"),
+        ("180,0,-180,10", "both on the antimeridian"),
     ],
 )
 def test_bbox_errors(text, match):
@@ -112,12 +119,54 @@ def test_intersects_spellings(tmp_path):
         ("{not json", "invalid GeoJSON"),
         ("hello", "neither a GeoJSON file"),
         ('{"type": "Feature", "geometry": null}', "no geometry"),
+        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}', "invalid GeoJSON geometry: A linearring"),
+        ('{"type": "Polygon", "coordinates": "x"}', "invalid GeoJSON geometry"),
+        ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
+         '"coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}', r"feature 0: invalid geometry \(Self-int"),
+        ("missing-aoi.geojson", "no such file: missing-aoi.geojson"),
     ],
 )
 def test_intersects_errors(value, match):
     with pytest.raises(RequestError, match=match) as err:
         parse_intersects(value)
     assert err.value.field == "--intersects"
+
+
+def test_aoi_files_that_are_not_geojson_text_are_refused_and_a_bom_is_read(tmp_path):
+    shp = tmp_path / "aoi.shp"
+    shp.write_bytes(b"\x00\x00\x27\x0a\xff\xfe" * 20)  # a shapefile's binary header
+    with pytest.raises(RequestError, match="is not a text file; give GeoJSON or WKT") as err:
+        parse_intersects(str(shp))
+    assert err.value.field == "--intersects"
+    bom = tmp_path / "aoi.geojson"
+    bom.write_text(json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}),
+                   encoding="utf-8-sig")
+    assert parse_intersects(str(bom)).equals(shapely.box(0, 0, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("features", "match"),
+    [
+        (["not a feature"], "feature 0 of .* is not a GeoJSON Feature"),
+        ([{"type": "Feature", "id": "a", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}],
+         "region 'a': invalid GeoJSON geometry"),
+    ],
+)
+def test_region_files_with_broken_features_are_refused(tmp_path, features, match):
+    path = tmp_path / "regions.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(RequestError, match=match) as err:
+        parse_regions(path)
+    assert err.value.field == "--regions"
+
+
+def test_a_detailed_aoi_on_the_antimeridian_is_searched_within_lon_lat_bounds():
+    half_disc = shapely.Point(180, -17).buffer(5, quad_segs=800).intersection(shapely.box(170, -90, 180, 90))
+    assert shapely.get_num_coordinates(half_disc) > SEARCH_MAX_VERTICES
+    cover = search_geometry(half_disc)
+    assert cover.is_valid and cover.contains(half_disc)
+    minx, miny, maxx, maxy = cover.bounds
+    assert -180 <= minx and maxx <= 180 and -90 <= miny and maxy <= 90
 
 
 def test_tile_spec_checks():

@@ -504,3 +504,37 @@ def test_change_report_lists_exactly_the_tiles_whose_water_answer_flipped(scenar
     assert payload["changes_by_kind"] == {"answer_flipped": len(water)} and payload["tiles_changed"] == len(
         water
     )
+
+
+def test_items_beyond_max_items_are_processed_by_the_next_runs(scene, tmp_path, ray_local):
+    """Searches keep the newest ``max_items`` items: the runs after one that hit the bound search the older
+    part of its window (up to the oldest item found, which is searched again: more items may share its
+    time), until every item is done, then move on from the watermark (five dates, max_items 3)."""
+    import copy
+
+    from rsflow.monitor.ledger import load_ledger
+
+    source = scene.items[ITEM_IDS[0]]
+    days = ["2024-05-01", "2024-05-06", "2024-05-11", "2024-05-16", "2024-05-21"]
+    features = []
+    for day in days:
+        item = copy.deepcopy(source)
+        item["id"], item["properties"]["datetime"] = f"item-{day}", f"{day}T15:50:00Z"
+        features.append(item)
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    out = tmp_path / "out"
+    doc = {"name": "bounded", "aoi": {"bbox": list(scene.bbox)}, "stac": str(catalog),
+           "collections": [source["collection"]], "start": "2024-04-01", "lookback": "2d", "max_items": 3,
+           "tasks": {"questions": [WATER_QUESTION]}, "tile": {"size_px": TILE_PX}, "model": {"model": "noop"},
+           "output": str(out), "lock": {"expiry": "2m"}}
+    config_path = tmp_path / "bounded.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    done_by_run = []
+    for _ in range(3):
+        result = run_monitor(load_monitor_config(config_path))
+        done_by_run.append(sorted(result.items_done))
+    assert done_by_run == [[f"item-{d}" for d in days[2:]], [f"item-{d}" for d in days[:2]], []]
+    ledger = load_ledger(str(out), "bounded")
+    assert sorted(ledger.items) == sorted(f"item-{d}" for d in days)
+    assert ledger.backfill is None and ledger.watermark == "2024-05-21T15:50:00Z"

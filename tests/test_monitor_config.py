@@ -583,3 +583,15 @@ def test_monitor_run_exit_code_says_whether_items_failed(
     path = _write(tmp_path, _config(tmp_path))
     assert main(["monitor", "run", "--config", str(path)]) == expected
     assert "1 items done" in capsys.readouterr().out
+
+
+def test_backfill_reaches_back_from_the_oldest_item_found_and_moves_past_a_crowded_instant():
+    from rsflow.monitor.run import next_backfill
+
+    items = [{"properties": {"datetime": t}} for t in ("2024-05-21T15:50:00Z", "2024-05-16T15:50:00Z")]
+    assert next_backfill("2024-04-01T00:00:00Z", items, False, None) is None  # the search got every item
+    first = next_backfill("2024-04-01T00:00:00Z", items, True, None)
+    assert first == {"start": "2024-04-01T00:00:00Z", "before": "2024-05-16T15:50:00Z"}
+    # more items at 05-16 15:50 than max_items: the same oldest time again moves one microsecond back
+    crowded = [{"properties": {"datetime": "2024-05-16T15:50:00Z"}}] * 2
+    assert next_backfill("2024-04-01T00:00:00Z", crowded, True, first)["before"] == "2024-05-16T15:49:59.999999Z"

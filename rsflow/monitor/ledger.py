@@ -88,6 +88,10 @@ class Ledger:
     items: dict[str, ItemRecord] = field(default_factory=dict)
     runs: list[RunRecord] = field(default_factory=list)
     format: int = LEDGER_FORMAT
+    backfill: dict[str, str] | None = None
+    """``{"start", "before"}`` (UTC, ISO 8601) while a search stopped at ``max_items``: searches keep the
+    newest items, so the older ones of that window, up to ``before`` (the oldest item it returned), are
+    what the next runs search, before the window moves on from the watermark again."""
 
     def committed_files(self) -> set[str]:
         """Every file a committed run added (relative to the output root)."""
@@ -105,6 +109,7 @@ class Ledger:
             "format": self.format,
             "monitor": self.monitor,
             "watermark": self.watermark,
+            "backfill": self.backfill,
             "items": {k: asdict(v) for k, v in sorted(self.items.items())},
             "runs": [asdict(r) for r in self.runs],
         }
@@ -116,6 +121,7 @@ class Ledger:
         return cls(
             monitor=value["monitor"],
             watermark=value.get("watermark"),
+            backfill=value.get("backfill"),
             items={k: ItemRecord(**v) for k, v in value.get("items", {}).items()},
             runs=[RunRecord(**r) for r in value.get("runs", [])],
             format=value["format"],

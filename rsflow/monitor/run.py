@@ -44,7 +44,7 @@ import logging
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -163,7 +163,11 @@ def _run_locked(
     ledger = load_ledger(root, config.name)
     removed = remove_leftovers(root, ledger)
 
-    window = normalize_datetime(f"{_iso(search_start(config, ledger, started))}/..")
+    if ledger.backfill:  # the older part of a window whose search stopped at max_items
+        start_iso, end_iso = ledger.backfill["start"], ledger.backfill["before"]
+    else:
+        start_iso, end_iso = _iso(search_start(config, ledger, started)), ".."
+    window = normalize_datetime(f"{start_iso}/{end_iso}")
     request = config.request
     found = search_items(
         SearchQuery(
@@ -175,11 +179,14 @@ def _run_locked(
             max_items=request.max_items,
         )
     )
-    if found.reached_max_items:
+    backfill = next_backfill(start_iso, found.items, found.reached_max_items, ledger.backfill)
+    if backfill is not None:
         logger.warning(
-            "monitor %s: the search hit max_items %d; items beyond it are not seen by this run",
+            "monitor %s: the search hit max_items %d; the next runs search the older items of %s, up to %s",
             config.name,
             request.max_items,
+            window,
+            backfill["before"],
         )
     pending = [i for i in found.items if _is_pending(ledger.items.get(str(i["id"])))]
     skipped = len(found.items) - len(pending)
@@ -192,6 +199,10 @@ def _run_locked(
         len(pending),
     )
     if not pending:
+        if backfill != ledger.backfill:
+            ledger.backfill = backfill
+            lock.check()
+            save_ledger(root, ledger)
         ensure_changes_report(config, ledger)
         return MonitorRunResult(
             run_id=run_id,
@@ -248,6 +259,7 @@ def _run_locked(
             rows=info["rows"],
         )
     advance_watermark(ledger)
+    ledger.backfill = backfill
     record_name = posixpath.join(RUNS_DIR, f"{run_id}.json")
     run_record = {
         "run_id": run_id,
@@ -344,6 +356,28 @@ def search_start(config: MonitorConfig, ledger: Ledger, now: datetime) -> dateti
         if record.state == "failed" and when is not None and when < begin:
             begin = when
     return begin
+
+
+def next_backfill(
+    start: str, items: list[dict[str, Any]], reached_max_items: bool, previous: dict[str, str] | None
+) -> dict[str, str] | None:
+    """What the next run searches before moving on: the window's older part, ``start`` up to the oldest
+    item found, when the search stopped at ``max_items`` (searches keep the newest items); None once a
+    search of the window got every item. One microsecond earlier when that is where the previous
+    backfill already stopped (more items at one instant than ``max_items``), so that runs move on."""
+    times = [parse_time(_item_time(i)) for i in items]
+    times = [t for t in times if t is not None]
+    if not reached_max_items or not times:
+        return None
+    before = min(times)
+    if previous is not None and parse_time(previous.get("before")) == before:
+        before -= timedelta(microseconds=1)
+    return {"start": start, "before": _iso(before)}
+
+
+def _item_time(item: dict[str, Any]) -> str | None:
+    props = item.get("properties") or {}
+    return props.get("datetime") or props.get("start_datetime")
 
 
 def _is_pending(record: ItemRecord | None) -> bool:

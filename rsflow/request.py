@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import shapely
 from shapely.geometry import box, mapping, shape
@@ -725,14 +726,30 @@ def parse_request(
     if not stac or not stac.strip():
         raise RequestError("--stac", "is empty")
     stac = stac.strip()
-    if stac.startswith(("http://", "https://")):
+    scheme, sep, rest = stac.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        stac = f"{scheme.lower()}://{rest}"  # HTTPS://... is a URL too
+        if not urlparse(stac).hostname:
+            raise RequestError("--stac", f"{redact(stac)} has no host; give the STAC API's URL, e.g. "
+                                         "https://earth-search.aws.element84.com/v1")
         if not cols:
-            raise RequestError("--collections", f"is required when searching a STAC API ({stac})")
+            raise RequestError("--collections", f"is required when searching a STAC API ({redact(stac)})")
     elif stac != "sample":
         local = Path(stac.removeprefix("file://")).expanduser()
         if not local.exists():
             raise RequestError("--stac", f"{stac} is neither a STAC API URL (http/https), 'sample', nor an existing file")
+        if local.is_dir():
+            raise RequestError("--stac", f"{stac} is a directory; give its catalog.json (or an items .json/.parquet file)")
         stac = str(local.resolve())
+    if profile is not None:
+        from rsflow.sources import load_profiles
+
+        known_profiles = load_profiles()
+        if profile not in known_profiles:
+            raise RequestError("--profile", f"unknown profile {profile!r}; known: {', '.join(sorted(known_profiles))}")
+        if cols and known_profiles[profile].collection not in cols:
+            raise RequestError("--profile", f"profile {profile!r} reads collection "
+                                            f"{known_profiles[profile].collection!r}, which --collections does not name")
     task_list = _parse_list(tasks)
     if task_file:
         # a path, or what parse_task_file / parse_task_mapping already made of one (a monitor's tasks)

@@ -304,8 +304,15 @@ def search_items(
         found = _search_local(_local_path(stac), query)
         kind = "local"
 
+    if found.unknown_collections:
+        has = f"; it has: {', '.join(found.known_collections)}" if found.known_collections else ""
+        raise RequestError(
+            "--collections",
+            f"{redact(stac)} has no collection {', '.join(map(repr, found.unknown_collections))}{has}",
+        )
     items, n_duplicates, n_skipped = _screen(found.items)
     kept, n_cloud = _filter_cloud(items, query.max_cloud)
+    n_cloud += found.n_cloud_filtered
     kept.sort(key=_sort_key)
     if n_duplicates:
         logger.info("dropped %d duplicate items (same id) from %s", n_duplicates, redact(stac))
@@ -336,6 +343,12 @@ class _Found:
     items: list[dict[str, Any]]
     reached_max_items: bool
     cloud_on_server: bool = False
+    unknown_collections: tuple[str, ...] = ()
+    """Requested collections the source does not have (a typo finds nothing, and must not pass for it)."""
+    known_collections: tuple[str, ...] | None = None
+    """The collections a local source has (named in the error), None for an API."""
+    n_cloud_filtered: int = 0
+    """Items a local source dropped for ``max_cloud`` before it applied ``max_items``."""
 
 
 def _search_api(
@@ -375,6 +388,17 @@ def _search_api(
             query={"eo:cloud_cover": {"lte": query.max_cloud}} if use_query else None,
         )
         items = list(search.items_as_dicts())
+        unknown = []
+        for collection in sorted(set(query.collections) - {str(i.get("collection")) for i in items}):
+            try:  # no item from it: does it exist at all?
+                if client.get_collection(collection) is None:  # pystac-client's answer to a 404 on some APIs
+                    unknown.append(collection)
+            except APIError as err:
+                if getattr(err, "status_code", None) != 404:
+                    raise
+                unknown.append(collection)
+            except (KeyError, ValueError):  # pystac-client's "not found" on some APIs
+                unknown.append(collection)
     except APIError as err:
         status = getattr(err, "status_code", None)
         raise SourceError(
@@ -393,7 +417,8 @@ def _search_api(
         STACError,
     ) as err:  # requests errors are OSErrors; bad JSON ValueError
         raise SourceError(f"STAC API {redact(url)} could not be searched: {_short(str(err))}") from err
-    return _Found(items=items, reached_max_items=len(items) >= query.max_items, cloud_on_server=use_query)
+    return _Found(items=items, reached_max_items=len(items) >= query.max_items, cloud_on_server=use_query,
+                  unknown_collections=tuple(unknown))
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -429,12 +454,16 @@ def _search_local(path: Path, query: SearchQuery) -> _Found:
         for item in items
         if (not wanted or item.get("collection") in wanted) and _intersects(item, aoi) and _in_time(item, start, end)
     ]
+    # Cloud first, as an API with the query extension filters before it pages.
+    matching, n_cloud = _filter_cloud(matching, query.max_cloud)
     # Mirror the APIs' newest-first paging: with more matches than max_items, keep the newest.
     reached = len(matching) > query.max_items
     if reached:
         matching.sort(key=_sort_key, reverse=True)
         matching = matching[: query.max_items]
-    return _Found(items=matching, reached_max_items=reached)
+    known = {str(item.get("collection")) for item in items if item.get("collection")}
+    return _Found(items=matching, reached_max_items=reached, n_cloud_filtered=n_cloud,
+                  unknown_collections=tuple(sorted(wanted - known)), known_collections=tuple(sorted(known)))
 
 
 def _read_local_items(path: Path) -> list[dict[str, Any]]:

@@ -209,12 +209,23 @@ def test_a_token_in_the_stac_url_stays_out_of_the_request_record(tmp_path):
         ({"intersects": "POLYGON ((0 0, 1 0, 1 1, 0 0))"}, "--intersects"),
         ({"bbox": None}, "--bbox"),
         ({"model_actors": 0}, "--model-actors"),
+        ({"stac": "https://", "collections": "sentinel-2-l2a"}, "--stac"),
+        ({"profile": "earth-search-sentinel-2-l2b"}, "--profile"),
+        ({"profile": "earth-search-sentinel-2-l2a", "collections": "landsat-c2-l2"}, "--profile"),
     ],
 )
 def test_parse_request_errors(tmp_path, kw, flag):
     with pytest.raises(RequestError) as err:
         _req(tmp_path, **kw)
     assert err.value.field == flag
+
+
+def test_stac_spellings_are_checked_before_the_search(tmp_path):
+    assert _req(tmp_path, stac="HTTPS://stac.example/v1", collections="c").stac == "https://stac.example/v1"
+    catalog_dir = tmp_path / "catalog"
+    catalog_dir.mkdir()
+    with pytest.raises(RequestError, match=r"^--stac: .* is a directory; give its catalog.json"):
+        _req(tmp_path, stac=str(catalog_dir))
 
 
 def test_output_checks(tmp_path):

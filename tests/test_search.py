@@ -53,7 +53,6 @@ CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "year-miss": ({"datetime": normalize_datetime("2017")}, []),
     "collection-l8": ({"collections": (L8_COLLECTION_ID,)}, [L8_ITEM_ID]),
     "collection-s2-aoi-l8": ({"collections": (S2_COLLECTION_ID,), "intersects": AOI_L8}, []),
-    "collection-unknown": ({"collections": ("sentinel-2-l2a",)}, []),
     "cloud-5": ({"max_cloud": 5.0}, [S2_ITEM_ID]),
     "cloud-100": ({"max_cloud": 100.0}, [L8_ITEM_ID, S2_ITEM_ID]),
     "cloud-0": ({"max_cloud": 0}, [S2_ITEM_ID]),
@@ -129,6 +128,32 @@ def test_local_search_gives_the_api_ids(stac_api: str, local_source: str, case: 
     local = search_items(query(local_source, **overrides))
     assert local.source_kind == "local"
     assert ids(local) == expected == ids(search_items(query(stac_api, **overrides)))
+
+
+def test_a_collection_the_source_does_not_have_is_refused_not_an_empty_result(
+    stac_api: str, local_source: str  # noqa: F811
+) -> None:
+    """A typo in --collections finds nothing; it is refused, naming the flag, not run as an empty AOI."""
+    for source in (stac_api, local_source):
+        with pytest.raises(RequestError, match=r"^--collections: .* has no collection 'sentinel-2-l2z'") as err:
+            search_items(query(source, collections=(S2_COLLECTION_ID, "sentinel-2-l2z")))
+        if source == local_source:
+            assert f"it has: {L8_COLLECTION_ID}, {S2_COLLECTION_ID}" in str(err.value)
+    # a collection that exists but has nothing in the AOI is an empty result, as before
+    assert ids(search_items(query(stac_api, collections=(S2_COLLECTION_ID,), intersects=AOI_L8))) == []
+
+
+def test_local_cloud_filter_applies_before_max_items(tmp_path: Path) -> None:
+    """As an API with the query extension: the clear scenes are kept even when cloudy ones are newer."""
+    features = [_feature(f"i{k:02d}", properties={"datetime": f"2024-05-{k + 1:02d}T00:00:00Z",
+                                                   "eo:cloud_cover": 90.0 if k >= 5 else 1.0})
+                for k in range(10)]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    result = search_items(query(str(path), collections=("c",), intersects=mapping(box(0, 0, 1, 1)), max_cloud=10.0,
+                                max_items=5))
+    assert ids(result) == [f"i{k:02d}" for k in range(5)] and not result.reached_max_items
+    assert result.n_cloud_filtered == 5
 
 
 def test_local_assets_have_absolute_hrefs(local_source: str) -> None:

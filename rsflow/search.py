@@ -63,7 +63,7 @@ def normalize_datetime(value: str | datetime | None) -> str | None:
     """Normalise a datetime or interval to ``START/END`` in RFC 3339 UTC (``..`` for an open end).
 
     Spellings (the meanings of pystac-client): ``"2024"`` is the whole year, ``"2024-03"`` the whole
-    month, ``"2024-03-05"`` the whole day (each from 00:00:00 to 23:59:59 UTC); a full timestamp is an
+    month, ``"2024-03-05"`` the whole day (each from 00:00:00 to 23:59:59.999999 UTC); a full timestamp is an
     instant (``"t/t"``); naive timestamps count as UTC, others are converted to UTC; ``"A/B"`` joins two
     spellings (the start of A to the end of B); ``".."`` or an empty side leaves that end open.
 
@@ -71,7 +71,7 @@ def normalize_datetime(value: str | datetime | None) -> str | None:
         value: the user's ``--datetime`` value, a :class:`datetime`, or None.
 
     Returns:
-        e.g. ``"2024-01-01T00:00:00Z/2024-03-31T23:59:59Z"``, ``"2024-01-01T00:00:00Z/.."``, or None.
+        e.g. ``"2024-01-01T00:00:00Z/2024-03-31T23:59:59.999999Z"``, ``"2024-01-01T00:00:00Z/.."``, or None.
 
     Raises:
         RequestError: ``--datetime`` for an unreadable value, an interval open at both ends, or start > end.
@@ -108,20 +108,27 @@ _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
 def _parse_period(text: str) -> tuple[datetime, datetime]:
-    """First and last second of a year, month or day spelling; an instant gives (t, t)."""
+    """First and last microsecond of a year, month or day spelling (an item at 23:59:59.5 is in its day);
+    an instant gives (t, t)."""
     text = text.strip()
+    last_us = timedelta(days=1, microseconds=-1)
     try:
         if _YEAR.match(text):
             year = int(text)
-            return datetime(year, 1, 1, tzinfo=UTC), datetime(year, 12, 31, 23, 59, 59, tzinfo=UTC)
+            return datetime(year, 1, 1, tzinfo=UTC), datetime(year, 12, 31, tzinfo=UTC) + last_us
         if match := _MONTH.match(text):
             year, month = int(match[1]), int(match[2])
             last = monthrange(year, month)[1]
-            return datetime(year, month, 1, tzinfo=UTC), datetime(year, month, last, 23, 59, 59, tzinfo=UTC)
+            return datetime(year, month, 1, tzinfo=UTC), datetime(year, month, last, tzinfo=UTC) + last_us
         if _DAY.match(text):
             day = datetime.fromisoformat(text).replace(tzinfo=UTC)
-            return day, day + timedelta(hours=23, minutes=59, seconds=59)
+            return day, day + last_us
+        if not _INSTANT.match(text):  # ISO basic (20240305) or week (2024-W10) forms read as other instants
+            raise ValueError("not one of the spellings below")
         instant = _as_utc(datetime.fromisoformat(text.replace("z", "Z")))
         return instant, instant
     except ValueError as err:
@@ -555,14 +562,18 @@ def _absolute_assets(item: dict[str, Any], base: Path) -> dict[str, Any]:
 def _screen(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
     """Drop repeated ids and items without geometry or assets. Returns (kept, n_duplicates, n_skipped)."""
     kept: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     n_duplicates = n_skipped = 0
     for item in items:
         item_id = str(item.get("id"))
         if item_id in seen:
             n_duplicates += 1
+            if (other := str(item.get("collection") or "")) != seen[item_id]:
+                # rsflow keys items by id (tile ids, the monitor's ledger, the results' item_id)
+                logger.warning("skipping item %s of collection %r: an item of %r has the same id", item_id, other,
+                               seen[item_id])
             continue
-        seen.add(item_id)
+        seen[item_id] = str(item.get("collection") or "")
         if not item.get("geometry"):
             logger.warning("skipping item %s: it has no geometry", item_id)
             n_skipped += 1

@@ -33,13 +33,13 @@ def _req(tmp_path, **kw):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("2017", "2017-01-01T00:00:00Z/2017-12-31T23:59:59Z"),
-        ("2024-02", "2024-02-01T00:00:00Z/2024-02-29T23:59:59Z"),
-        ("2024-06-01", "2024-06-01T00:00:00Z/2024-06-01T23:59:59Z"),
-        ("2024-01-01/2024-03-31", "2024-01-01T00:00:00Z/2024-03-31T23:59:59Z"),
+        ("2017", "2017-01-01T00:00:00Z/2017-12-31T23:59:59.999999Z"),
+        ("2024-02", "2024-02-01T00:00:00Z/2024-02-29T23:59:59.999999Z"),
+        ("2024-06-01", "2024-06-01T00:00:00Z/2024-06-01T23:59:59.999999Z"),
+        ("2024-01-01/2024-03-31", "2024-01-01T00:00:00Z/2024-03-31T23:59:59.999999Z"),
         ("2024-01-01/..", "2024-01-01T00:00:00Z/.."),
-        ("../2024-03-31", "../2024-03-31T23:59:59Z"),
-        ("/2024-03-31", "../2024-03-31T23:59:59Z"),
+        ("../2024-03-31", "../2024-03-31T23:59:59.999999Z"),
+        ("/2024-03-31", "../2024-03-31T23:59:59.999999Z"),
         ("2024-06-01T10:00:00", "2024-06-01T10:00:00Z/2024-06-01T10:00:00Z"),  # naive = UTC
         ("2024-06-01T12:00:00+02:00/2024-06-02T00:00:00Z", "2024-06-01T10:00:00Z/2024-06-02T00:00:00Z"),
     ],
@@ -56,6 +56,8 @@ def test_datetime_spellings(text, expected):
         ("2024-13", "cannot read"),
         ("yesterday", "cannot read"),
         ("2024-01-01/2024-02-01/2024-03-01", "more than one '/'"),
+        ("20240305", "cannot read"),  # ISO basic: Python reads it as midnight, an instant
+        ("2024-W10", "cannot read"),  # ISO week: Python reads it as its Monday, an instant
     ],
 )
 def test_datetime_errors_name_the_flag(text, match):
@@ -184,7 +186,7 @@ def test_tile_spec_checks():
 def test_parse_request_normal_form(tmp_path):
     r = _req(tmp_path, collections="a, b,a", tasks="caption", datetime="2024-06")
     assert r.collections == ("a", "b")
-    assert r.datetime == "2024-06-01T00:00:00Z/2024-06-30T23:59:59Z"
+    assert r.datetime == "2024-06-01T00:00:00Z/2024-06-30T23:59:59.999999Z"
     assert r.output == str((tmp_path / "out").resolve())
     assert json.loads(json.dumps(r.to_json()))["tasks"] == ["caption"]
 

@@ -143,6 +143,16 @@ def test_a_collection_the_source_does_not_have_is_refused_not_an_empty_result(
     assert ids(search_items(query(stac_api, collections=(S2_COLLECTION_ID,), intersects=AOI_L8))) == []
 
 
+def test_an_item_in_the_last_second_of_a_day_is_in_that_day(tmp_path: Path) -> None:
+    features = [_feature("late", properties={"datetime": "2024-01-10T23:59:59.500Z"}),
+                _feature("next", properties={"datetime": "2024-01-11T00:00:00Z"})]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    result = search_items(query(str(path), collections=("c",), intersects=mapping(box(0, 0, 1, 1)),
+                                datetime=normalize_datetime("2024-01-10")))
+    assert ids(result) == ["late"]
+
+
 def test_local_cloud_filter_applies_before_max_items(tmp_path: Path) -> None:
     """As an API with the query extension: the clear scenes are kept even when cloudy ones are newer."""
     features = [_feature(f"i{k:02d}", properties={"datetime": f"2024-05-{k + 1:02d}T00:00:00Z",
@@ -207,7 +217,7 @@ def test_local_time_ranges_overlap(tmp_path: Path) -> None:
         properties={
             "datetime": None,
             "start_datetime": "2024-01-01T00:00:00Z",
-            "end_datetime": "2024-01-31T23:59:59Z",
+            "end_datetime": "2024-01-31T23:59:59.999999Z",
         },
     )
     path = tmp_path / "items.json"
@@ -391,18 +401,18 @@ def test_503_without_retries_keeps_the_status(flaky_api: type[_FlakyProxy]) -> N
     "value, expected",
     [
         (None, None),
-        ("2024", "2024-01-01T00:00:00Z/2024-12-31T23:59:59Z"),
-        ("2024-02", "2024-02-01T00:00:00Z/2024-02-29T23:59:59Z"),
-        ("2023-02", "2023-02-01T00:00:00Z/2023-02-28T23:59:59Z"),
-        ("2024-01-15", "2024-01-15T00:00:00Z/2024-01-15T23:59:59Z"),
+        ("2024", "2024-01-01T00:00:00Z/2024-12-31T23:59:59.999999Z"),
+        ("2024-02", "2024-02-01T00:00:00Z/2024-02-29T23:59:59.999999Z"),
+        ("2023-02", "2023-02-01T00:00:00Z/2023-02-28T23:59:59.999999Z"),
+        ("2024-01-15", "2024-01-15T00:00:00Z/2024-01-15T23:59:59.999999Z"),
         ("2024-01-15T10:30:00Z", "2024-01-15T10:30:00Z/2024-01-15T10:30:00Z"),
         ("2024-01-15T10:30:00", "2024-01-15T10:30:00Z/2024-01-15T10:30:00Z"),  # naive = UTC
         ("2024-01-15T10:30:00+02:00", "2024-01-15T08:30:00Z/2024-01-15T08:30:00Z"),
-        ("2024-01/2024-03", "2024-01-01T00:00:00Z/2024-03-31T23:59:59Z"),
+        ("2024-01/2024-03", "2024-01-01T00:00:00Z/2024-03-31T23:59:59.999999Z"),
         ("2024-01-01T00:00:00Z/..", "2024-01-01T00:00:00Z/.."),
-        ("../2024", "../2024-12-31T23:59:59Z"),
-        ("/2024", "../2024-12-31T23:59:59Z"),
-        ("2024-01-01T00:00:00Z/2024-03-31T23:59:59Z", "2024-01-01T00:00:00Z/2024-03-31T23:59:59Z"),
+        ("../2024", "../2024-12-31T23:59:59.999999Z"),
+        ("/2024", "../2024-12-31T23:59:59.999999Z"),
+        ("2024-01-01T00:00:00Z/2024-03-31T23:59:59.999999Z", "2024-01-01T00:00:00Z/2024-03-31T23:59:59.999999Z"),
     ],
 )
 def test_normalize_datetime_spellings(value: str | None, expected: str | None) -> None:
@@ -454,5 +464,5 @@ def test_query_checks_name_the_flag(overrides: dict[str, Any], flag: str) -> Non
 
 
 def test_unnormalised_datetime_error_gives_the_normalised_form() -> None:
-    with pytest.raises(RequestError, match="2024-01-01T00:00:00Z/2024-12-31T23:59:59Z"):
+    with pytest.raises(RequestError, match="2024-01-01T00:00:00Z/2024-12-31T23:59:59.999999Z"):
         query("sample", datetime="2024")

@@ -393,6 +393,22 @@ def test_change_kinds():
     assert (flip.before_value, flip.after_value) == ("no", "yes")
 
 
+def test_observations_at_one_instant_are_not_a_change_from_each_other():
+    """Two items over the cell at the same time (a reprocessed scene, two granules of one pass): each is
+    compared with the earlier observation, never with the other; the next time compares with one of them."""
+    q = "Is there water?"
+    rows = pd.DataFrame([
+        _row("a", "2024-05-01", "vqa", q, answer="no"),
+        _row("b0", "2024-05-11", "vqa", q, answer="no"),
+        _row("b1", "2024-05-11", "vqa", q, answer="yes"),
+        _row("c", "2024-05-21", "vqa", q, answer="yes"),
+    ])
+    changes = detect_changes(rows, ChangeRules())
+    got = list(zip(changes["change"], changes["before_item_id"], changes["after_item_id"], strict=True))
+    assert got == [("answer_flipped", "a", "b1")]
+    assert (changes["before_datetime"] < changes["after_datetime"]).all()
+
+
 # --- scheduling files ------------------------------------------------------------------------------
 
 

@@ -221,11 +221,16 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
 
 
 def _consecutive(obs: list[Observation]) -> Iterable[tuple[Observation, Observation]]:
-    for a, b in itertools.pairwise(obs):
-        if (a.cell_id, a.task, a.prompt_key, a.prompt) == (b.cell_id, b.task, b.prompt_key, b.prompt) and (
-            a.item_id != b.item_id
-        ):
-            yield a, b
+    """Pairs to compare: per cell and prompt, each observation with the last one at an earlier time.
+    Observations at one instant (two granules of one pass over the cell, a scene reprocessed under a
+    new id) are not a change from one another: each is compared with what came before them."""
+    for _, series in itertools.groupby(obs, key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt)):
+        earlier: Observation | None = None
+        for _, at_once in itertools.groupby(series, key=lambda o: o.datetime):
+            same_time = list(at_once)
+            if earlier is not None:
+                yield from ((earlier, b) for b in same_time if b.item_id != earlier.item_id)
+            earlier = same_time[-1]
 
 
 def _row(kind: str, before: Observation, after: Observation, **values: Any) -> dict[str, Any]:

@@ -297,7 +297,8 @@ def resolve_profile(
 ) -> SourceProfile:
     """Pick the profile for a STAC source and collection.
 
-    Order: the profile called ``name``; else the one whose ``url_patterns`` match ``stac`` and whose
+    Order: the profile called ``name`` (for its own collection, and for items without one); else the one
+    whose ``url_patterns`` match ``stac`` and whose
     collection is ``collection``; else the only profile for ``collection`` (whatever the URL, e.g. the
     sample collections served by a local test API).
 
@@ -319,14 +320,14 @@ def resolve_profile(
         if name not in known:
             raise RequestError("--profile", f"unknown profile {name!r}; known profiles: {_describe(known)}")
         chosen = known[name]
-        if chosen.collection != collection:
-            raise RequestError(
-                "--profile",
-                f"profile {name!r} reads collection {chosen.collection!r}, not {collection!r}; "
-                f"pick one of: {_describe_list(_for_collection(known, collection)) or 'none'}",
-            )
-        return chosen
+        # The named profile reads its own collection, and items that name none (a static catalog's); the
+        # other collections of a multi-collection search are resolved as without it.
+        if chosen.collection == collection or not collection:
+            return chosen
 
+    if not collection:
+        raise RequestError("--profile", f"items of {redact(stac)} name no collection; pass --profile NAME to say "
+                                        f"how to read them ({_describe(known)})")
     for_collection = _for_collection(known, collection)
     by_url = [p for p in for_collection if _matches(stac, p.url_patterns)]
     if len(by_url) == 1:

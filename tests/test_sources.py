@@ -179,11 +179,19 @@ def test_resolve_by_explicit_name_wins_over_the_url() -> None:
     assert chosen.name == "planetary-computer-sentinel-2-l2a"
 
 
-def test_an_explicit_name_for_another_collection_is_refused() -> None:
-    with pytest.raises(
-        RequestError, match="--profile: profile 'planetary-computer-naip' reads collection 'naip'"
-    ):
-        resolve_profile(PLANETARY_COMPUTER, "sentinel-2-l2a", "planetary-computer-naip")
+def test_an_explicit_name_reads_its_own_collection_and_items_without_one() -> None:
+    """In a search of several collections, --profile picks the profile of its own collection (one with
+    several profiles, on a URL none of them names) and the others are resolved as without it; items
+    that name no collection (a static catalog's) use it too. A name for a collection the request does
+    not search is refused by the request check (tests/test_request.py)."""
+    mirror = "https://stac.mirror.example/v1"
+    assert resolve_profile(mirror, "sentinel-2-l2a", "earth-search-sentinel-2-l2a").name == "earth-search-sentinel-2-l2a"
+    assert resolve_profile(mirror, "landsat-c2-l2", "earth-search-sentinel-2-l2a").name == "earth-search-landsat-c2-l2"
+    assert resolve_profile(mirror, "", "sample-sentinel-2").name == "sample-sentinel-2"
+    with pytest.raises(RequestError, match="--profile: collection 'sentinel-2-l2a' has several profiles"):
+        resolve_profile(mirror, "sentinel-2-l2a", "planetary-computer-naip")
+    with pytest.raises(RequestError, match="--profile: items of .* name no collection; pass --profile NAME"):
+        resolve_profile(mirror, "")
 
 
 def test_an_unknown_profile_name_lists_the_known_ones() -> None:

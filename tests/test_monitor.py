@@ -538,3 +538,38 @@ def test_items_beyond_max_items_are_processed_by_the_next_runs(scene, tmp_path, 
     ledger = load_ledger(str(out), "bounded")
     assert sorted(ledger.items) == sorted(f"item-{d}" for d in days)
     assert ledger.backfill is None and ledger.watermark == "2024-05-21T15:50:00Z"
+
+
+def test_changes_a_stopped_run_committed_but_never_sent_are_sent_by_the_next_run(
+    scenario, scene, hook, tmp_path, monkeypatch
+):
+    """The run commits, then stops before its webhook call (killed, or the delivery failed): the ledger
+    says its changes are owed, and the next run (nothing new; the broken item's retry fails again)
+    sends them, once."""
+    import rsflow.monitor.run as monitor_run
+    from rsflow.monitor.ledger import load_ledger
+
+    out = tmp_path / "owed"
+    doc = monitor_doc(scene, scenario.doc["stac"], out, tasks={"questions": [WATER_QUESTION]},
+                      model={"model": "demo", "max_new_tokens": 4},
+                      webhook={"url": hook.url, "secret_env": SECRET_ENV})
+    config_path = write_config(tmp_path / "owed.yaml", doc)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the run is killed right after its commit
+
+    with monkeypatch.context() as m:
+        m.setattr(monitor_run, "send_webhook", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_monitor(load_monitor_config(config_path))
+    ledger = load_ledger(str(out), doc["name"])
+    assert [r.notified for r in ledger.runs] == [False] and ledger.runs[0].items_done == list(ITEM_IDS)
+
+    calls_before = len(hook.calls)
+    run_monitor(load_monitor_config(config_path))  # nothing new but the broken item's retry
+    (call,) = hook.calls[calls_before:]
+    payload = json.loads(call["body"])
+    assert payload["changes_by_kind"] == {"answer_flipped": len(list(scene.water_tile_origins()))}
+    assert all(r.notified for r in load_ledger(str(out), doc["name"]).runs)
+    run_monitor(load_monitor_config(config_path))
+    assert len(hook.calls) == calls_before + 1  # sent once

@@ -75,6 +75,9 @@ class RunRecord:
     request_fingerprint: str
     """Hash of what was asked of every tile (tasks, prompts, model, tile spec): a change means the
     results of earlier runs answer other questions."""
+    notified: bool | None = None
+    """With a webhook: False from the commit until its changes are delivered (a run stopped in between,
+    or a delivery that failed, leaves it False and the next run sends them); None without one."""
 
 
 @dataclass

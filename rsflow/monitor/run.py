@@ -203,6 +203,9 @@ def _run_locked(
             ledger.backfill = backfill
             lock.check()
             save_ledger(root, ledger)
+        if any(r.notified is False for r in ledger.runs):  # changes an earlier run committed but never sent
+            changes = ensure_changes_report(config, ledger, force=True)
+            _notify(config, ledger, lock, run_id, changes, set(), [], [])
         ensure_changes_report(config, ledger)
         return MonitorRunResult(
             run_id=run_id,
@@ -289,6 +292,7 @@ def _run_locked(
             items_given_up=given_up,
             files=[*files, record_name],
             request_fingerprint=request_fingerprint(region.manifest),
+            notified=False if config.webhook is not None else None,
         )
     )
     _warn_if_request_changed(config.name, ledger)
@@ -307,19 +311,7 @@ def _run_locked(
 
     changes = ensure_changes_report(config, ledger, force=True)
     done_ids = {str(i["id"]) for i in done}
-    new = (
-        changes[changes["after_item_id"].isin(done_ids) | changes["before_item_id"].isin(done_ids)]
-        if len(changes)
-        else changes
-    )
-    by_kind = (
-        {str(k): int(v) for k, v in new["change"].value_counts().sort_index().items()} if len(new) else {}
-    )
-    hook = None
-    if len(new) and config.webhook is not None:
-        hook = send_webhook(
-            config.webhook, webhook_payload(config, run_id, new, by_kind, done_ids, failed, given_up, ledger)
-        )
+    new, by_kind, hook = _notify(config, ledger, lock, run_id, changes, done_ids, failed, given_up)
     store.remove(scratch, recursive=True)
     return MonitorRunResult(
         run_id=run_id,
@@ -356,6 +348,37 @@ def search_start(config: MonitorConfig, ledger: Ledger, now: datetime) -> dateti
         if record.state == "failed" and when is not None and when < begin:
             begin = when
     return begin
+
+
+def _notify(
+    config: MonitorConfig, ledger: Ledger, lock: MonitorLock, run_id: str, changes: pd.DataFrame,
+    done_ids: set[str], failed: list[str], given_up: list[str],
+) -> tuple[pd.DataFrame, dict[str, int], WebhookResult | None]:
+    """The changes that concern ``done_ids`` and the items of committed runs whose changes were never
+    delivered (``RunRecord.notified`` False), sent to the webhook; those runs are then marked notified
+    (a second ledger write) unless the delivery failed. Returns (those changes, counts by kind, the
+    delivery)."""
+    owed = [r for r in ledger.runs if r.notified is False]
+    items = done_ids | {i for r in owed for i in r.items_done}
+    new = (
+        changes[changes["after_item_id"].isin(items) | changes["before_item_id"].isin(items)]
+        if len(changes)
+        else changes
+    )
+    by_kind = (
+        {str(k): int(v) for k, v in new["change"].value_counts().sort_index().items()} if len(new) else {}
+    )
+    hook = None
+    if len(new) and config.webhook is not None:
+        hook = send_webhook(
+            config.webhook, webhook_payload(config, run_id, new, by_kind, items, failed, given_up, ledger)
+        )
+    if owed and (hook is None or hook.delivered):
+        for record in owed:
+            record.notified = True
+        lock.check()
+        save_ledger(config.output, ledger)
+    return new, by_kind, hook
 
 
 def next_backfill(

@@ -539,6 +539,18 @@ def test_items_beyond_max_items_are_processed_by_the_next_runs(scene, tmp_path, 
     assert sorted(ledger.items) == sorted(f"item-{d}" for d in days)
     assert ledger.backfill is None and ledger.watermark == "2024-05-21T15:50:00Z"
 
+    # A look-back that holds more than max_items done items: a search still stops at the bound, but its
+    # items reach back to the watermark, so there is nothing older to fetch: each new item is done in the
+    # run it arrives in.
+    config_path.write_text(yaml.safe_dump({**doc, "lookback": "30d"}))
+    for day in ("2024-05-26", "2024-05-31"):
+        item = copy.deepcopy(source)
+        item["id"], item["properties"]["datetime"] = f"item-{day}", f"{day}T15:50:00Z"
+        features.append(item)
+        catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        result = run_monitor(load_monitor_config(config_path))
+        assert result.items_done == [f"item-{day}"] and load_ledger(str(out), "bounded").backfill is None
+
 
 def test_changes_a_stopped_run_committed_but_never_sent_are_sent_by_the_next_run(
     scenario, scene, hook, tmp_path, monkeypatch

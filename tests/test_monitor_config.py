@@ -611,3 +611,7 @@ def test_backfill_reaches_back_from_the_oldest_item_found_and_moves_past_a_crowd
     # more items at 05-16 15:50 than max_items: the same oldest time again moves one microsecond back
     crowded = [{"properties": {"datetime": "2024-05-16T15:50:00Z"}}] * 2
     assert next_backfill("2024-04-01T00:00:00Z", crowded, True, first)["before"] == "2024-05-16T15:49:59.999999Z"
+    # a forward search whose items reach back to the watermark left no gap, however many it stopped at
+    at = datetime(2024, 5, 16, 15, 50, tzinfo=UTC)
+    assert next_backfill("2024-04-01T00:00:00Z", items, True, None, covered=at) is None
+    assert next_backfill("2024-04-01T00:00:00Z", items, True, None, covered=at - timedelta(days=1)) == first

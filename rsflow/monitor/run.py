@@ -179,7 +179,8 @@ def _run_locked(
             max_items=request.max_items,
         )
     )
-    backfill = next_backfill(start_iso, found.items, found.reached_max_items, ledger.backfill)
+    backfill = next_backfill(start_iso, found.items, found.reached_max_items, ledger.backfill,
+                             covered=None if ledger.backfill else parse_time(ledger.watermark))
     if backfill is not None:
         logger.warning(
             "monitor %s: the search hit max_items %d; the next runs search the older items of %s, up to %s",
@@ -382,15 +383,18 @@ def _notify(
 
 
 def next_backfill(
-    start: str, items: list[dict[str, Any]], reached_max_items: bool, previous: dict[str, str] | None
+    start: str, items: list[dict[str, Any]], reached_max_items: bool, previous: dict[str, str] | None,
+    *, covered: datetime | None = None,
 ) -> dict[str, str] | None:
     """What the next run searches before moving on: the window's older part, ``start`` up to the oldest
-    item found, when the search stopped at ``max_items`` (searches keep the newest items); None once a
-    search of the window got every item. One microsecond earlier when that is where the previous
-    backfill already stopped (more items at one instant than ``max_items``), so that runs move on."""
+    item found, when the search stopped at ``max_items`` (searches keep the newest items) short of
+    ``covered`` (the watermark earlier runs reached: a forward search whose items reach back to it left
+    no gap, however many older items its window holds); None once a search got every item. One
+    microsecond earlier when that is where the previous backfill already stopped (more items at one
+    instant than ``max_items``), so that runs move on."""
     times = [parse_time(_item_time(i)) for i in items]
     times = [t for t in times if t is not None]
-    if not reached_max_items or not times:
+    if not reached_max_items or not times or (covered is not None and min(times) <= covered):
         return None
     before = min(times)
     if previous is not None and parse_time(previous.get("before")) == before:

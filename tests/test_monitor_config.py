@@ -407,6 +407,10 @@ def test_observations_at_one_instant_are_not_a_change_from_each_other():
     got = list(zip(changes["change"], changes["before_item_id"], changes["after_item_id"], strict=True))
     assert got == [("answer_flipped", "a", "b1")]
     assert (changes["before_datetime"] < changes["after_datetime"]).all()
+    # the same with the ids of the two simultaneous items the other way round in sort order
+    renamed = rows.replace({"item_id": {"b0": "b9"}})
+    again = detect_changes(renamed, ChangeRules())
+    assert list(zip(again["change"], again["before_item_id"], again["after_item_id"], strict=True)) == got
 
 
 # --- scheduling files ------------------------------------------------------------------------------

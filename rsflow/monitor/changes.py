@@ -204,12 +204,18 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
     obs = observations(rows)
     objects = _index_objects(rows[(rows["kind"] == "object") & (rows["status"] == "ok")])
     changes: list[dict[str, Any]] = []
-    for before, after in _consecutive(obs):
-        if before.task not in _COMPARED_TASKS:
+    for earlier, after in _consecutive(obs):
+        if after.task not in _COMPARED_TASKS:
             continue
-        changes.extend(_compare(before, after, rules))
-        if before.task in ("detect", "refer"):
-            changes.extend(_compare_objects(before, after, objects, rules))
+        found = []
+        for before in earlier:
+            pair = _compare(before, after, rules)
+            if after.task in ("detect", "refer"):
+                pair += _compare_objects(before, after, objects, rules)
+            found.append(pair)
+        # several observations at the earlier instant: a change only where ``after`` differs from all
+        everywhere = set.intersection(*({c["change"] for c in pair} for pair in found))
+        changes.extend(c for c in found[0] if c["change"] in everywhere)
     frame = pd.DataFrame(changes, columns=list(CHANGE_COLUMNS))
     if len(frame):
         frame = frame.sort_values(
@@ -220,17 +226,20 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
     return frame
 
 
-def _consecutive(obs: list[Observation]) -> Iterable[tuple[Observation, Observation]]:
-    """Pairs to compare: per cell and prompt, each observation with the last one at an earlier time.
-    Observations at one instant (two granules of one pass over the cell, a scene reprocessed under a
-    new id) are not a change from one another: each is compared with what came before them."""
+def _consecutive(obs: list[Observation]) -> Iterable[tuple[list[Observation], Observation]]:
+    """What to compare: per cell and prompt, each observation with the observations of the instant
+    before its own. Observations at one instant (two granules of one pass over the cell, a scene
+    reprocessed under a new id) are not a change from one another; the next instant is compared with
+    all of them (:func:`detect_changes` keeps a change found against every one)."""
     for _, series in itertools.groupby(obs, key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt)):
-        earlier: Observation | None = None
+        earlier: list[Observation] = []
         for _, at_once in itertools.groupby(series, key=lambda o: o.datetime):
             same_time = list(at_once)
-            if earlier is not None:
-                yield from ((earlier, b) for b in same_time if b.item_id != earlier.item_id)
-            earlier = same_time[-1]
+            for after in same_time:
+                before = [a for a in earlier if a.item_id != after.item_id]
+                if before:
+                    yield before, after
+            earlier = same_time
 
 
 def _row(kind: str, before: Observation, after: Observation, **values: Any) -> dict[str, Any]:

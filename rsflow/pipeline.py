@@ -871,12 +871,20 @@ def _resume_source(request: RegionRequest) -> out.ResumeSource:
     if source is None:
         raise RequestError("--resume", f"{request.output} holds no interrupted run and no finished one to complete")
     now = json.loads(json.dumps(request.to_json(), sort_keys=True, default=str))
-    differs = [k for k in _RESUME_KEYS if now.get(k) != source.request.get(k)]
+    differs = [k for k in _RESUME_KEYS if _resume_value(k, now.get(k)) != _resume_value(k, source.request.get(k))]
     if differs:
         raise RequestError(
             "--resume", f"the request differs from the run being resumed in {', '.join(differs)}; repeat its flags"
         )
     return source
+
+
+def _resume_value(key: str, value: Any) -> Any:
+    """A request value as ``--resume`` compares it: a day, month or year written by an earlier rsflow
+    ended at its last second (``...T23:59:59Z``), now at its last microsecond; the same period either way."""
+    if key == "datetime" and isinstance(value, str) and value.endswith("T23:59:59Z"):
+        return value[: -len("Z")] + ".999999Z"
+    return value
 
 
 def _write_preview(directory: str, *, title: str) -> str | None:

@@ -396,7 +396,11 @@ def _search_api(
         )
         items = list(search.items_as_dicts())
         unknown = []
-        for collection in sorted(set(query.collections) - {str(i.get("collection")) for i in items}):
+        # An API without the collections endpoint cannot say; there, no items is just no items.
+        missing = set(query.collections) - {str(i.get("collection")) for i in items}
+        if not client.conforms_to(ConformanceClasses.COLLECTIONS):
+            missing = set()
+        for collection in sorted(missing):
             try:  # no item from it: does it exist at all?
                 if client.get_collection(collection) is None:  # pystac-client's answer to a 404 on some APIs
                     unknown.append(collection)

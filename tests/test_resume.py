@@ -235,3 +235,21 @@ def test_a_write_task_keeps_its_rows_in_one_part(tmp_path):
     assert interpret_batch_rows(ModelSpec(model="noop"), 50) == 512
     assert interpret_batch_rows(ModelSpec(model="noop"), 1024) == 1024
     assert interpret_batch_rows(ModelSpec(model="smoke"), 32) is None
+
+
+def test_a_run_written_before_periods_ended_at_their_last_microsecond_is_resumed(tmp_path: Path) -> None:
+    """Its request says --datetime 2024-03 ended at 23:59:59Z; the same flag now ends at 23:59:59.999999Z."""
+    from rsflow.models.spec import ModelSpec
+    from rsflow.pipeline import _resume_source
+    from rsflow.request import parse_request
+
+    out = tmp_path / "out"
+    request = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(out), model=ModelSpec(model="noop"),
+                            tasks="caption", datetime="2024-03", resume=True)
+    stored = json.loads(json.dumps(request.to_json(), default=str))
+    assert stored["datetime"].endswith("T23:59:59.999999Z")
+    stored["datetime"] = stored["datetime"].replace(".999999Z", "Z")
+    staging = tmp_path / ".out.staging-20261127T100000Z-aaaaaa"
+    staging.mkdir()
+    (staging / "_resume.json").write_text(json.dumps({"run_id": "20261127T100000Z-aaaaaa", "request": stored}))
+    assert _resume_source(request).directory == str(staging)

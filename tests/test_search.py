@@ -466,3 +466,42 @@ def test_query_checks_name_the_flag(overrides: dict[str, Any], flag: str) -> Non
 def test_unnormalised_datetime_error_gives_the_normalised_form() -> None:
     with pytest.raises(RequestError, match="2024-01-01T00:00:00Z/2024-12-31T23:59:59.999999Z"):
         query("sample", datetime="2024")
+
+
+class _ItemSearchOnly(BaseHTTPRequestHandler):
+    """A STAC API of core and item search only (no collections endpoint) whose search finds nothing."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, body: dict[str, Any], code: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # http.server's name
+        base = f"http://127.0.0.1:{self.server.server_port}"
+        if self.path.split("?")[0] == "/":
+            links = [{"rel": rel, "href": f"{base}/"} for rel in ("self", "root")]
+            links += [{"rel": "search", "href": f"{base}/search", "method": m} for m in ("GET", "POST")]
+            return self._send({"type": "Catalog", "id": "x", "description": "x", "stac_version": "1.0.0",
+                               "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                                              "https://api.stacspec.org/v1.0.0/item-search"], "links": links})
+        if self.path.startswith("/search"):
+            return self._send({"type": "FeatureCollection", "features": [], "links": []})
+        return self._send({"code": "NotFound"}, 404)
+
+    do_POST = do_GET
+
+
+def test_an_api_without_collections_endpoint_gives_an_empty_result_not_an_unknown_collection() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ItemSearchOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = search_items(query(f"http://127.0.0.1:{server.server_port}/", collections=("sentinel-2-l2a",)))
+    finally:
+        server.shutdown()
+    assert result.items == []

@@ -68,7 +68,7 @@ from rsflow.plan import plan_tiles, plan_units, tile_offsets
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_blocks
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
-from rsflow.sources import SourceProfile, check_signing, resolve_profile
+from rsflow.sources import SourceProfile, check_signing, load_profiles, resolve_profile
 from rsflow.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -447,9 +447,12 @@ def infer_images(
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
     """One profile per collection present, resolved before any tile work (a missing one is a
     user error)."""
-    profiles = {
-        c: resolve_profile(request.stac, c, request.profile) for c in sorted({i.get("collection") or "" for i in items})
-    }
+    collections = sorted({i.get("collection") or "" for i in items})
+    profiles = {c: resolve_profile(request.stac, c, request.profile) for c in collections}
+    if request.profile is not None and items and request.profile not in {p.name for p in profiles.values()}:
+        raise RequestError("--profile", f"profile {request.profile!r} reads collection "
+                                        f"{load_profiles()[request.profile].collection!r}, which none of the "
+                                        f"{len(items)} items found is in ({', '.join(collections)})")
     for profile in profiles.values():
         check_signing(profile)
     return profiles
@@ -524,8 +527,13 @@ def run_region(
     # (rectangles of tiles, a read task each) that the cluster plans again in parallel.
     item_offsets: list[tuple[str, list[tuple[int, int]]]] = []
     n_tiles, per_unit = 0, tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
+    refused: list[RequestError] = []
     for item in items:
-        offsets = tile_offsets(item, profiles, tile_spec, request.aoi, rasterio.open)
+        try:
+            offsets = tile_offsets(item, profiles, tile_spec, request.aoi, rasterio.open)
+        except RequestError as exc:  # e.g. --gsd on an item in degrees: that item fails (planning says why)
+            refused.append(exc)
+            offsets = []
         n_tiles += len(offsets)
         if n_tiles > request.max_tiles:
             raise RequestError(
@@ -534,6 +542,8 @@ def run_region(
                 "shrink the AOI or the date range, or raise --max-tiles",
             )
         item_offsets.append((json.dumps(item), offsets))
+    if refused and len(refused) == len(items):  # the request cannot work for any of them: say so first
+        raise refused[0]
 
     resume = _resume_source(request) if request.resume else None
     if resume is not None and resume.committed and resume.failed_tiles == 0:

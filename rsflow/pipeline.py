@@ -164,7 +164,7 @@ def _plan_item(
                     href_policy.check(href)
                 except HrefRefused as exc:
                     raise HrefRefused(f"asset {ref.asset!r} refused: {exc}") from None
-    except Exception as exc:  # one bad item must not stop the others
+    except Exception as exc:  # noqa: BLE001 - one bad item must not stop the others
         return [_plan_failure(item, spec, exc)] if row.get("first_unit", True) else []
     rows = tuple(row["rows"]) if row.get("rows") is not None else None
     cols = tuple(row["cols"]) if row.get("cols") is not None else None
@@ -184,7 +184,7 @@ def _plan_item(
             r["region_boxes"] = boxes
             if (boxes or not regions_only) and r["tile_id"] not in skip_tile_ids:  # skip: done by --resume's source
                 out.append(r)
-    except Exception as exc:  # recorded for this unit, never dropped: the item's other units go on
+    except Exception as exc:  # noqa: BLE001 - recorded for this unit, never dropped: its item's other units go on
         unit = (list(rows), list(cols)) if rows is not None and cols is not None else None
         return [_plan_failure(item, spec, exc, unit)]
     return out

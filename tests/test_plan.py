@@ -275,7 +275,7 @@ def _units_planned_by_workers(tmp_path, monkeypatch, fail_unit: int | None, refu
     import rasterio
     from rasterio.transform import from_origin
 
-    import rsflow.pipeline as pipeline
+    from rsflow import pipeline
     from rsflow.hrefs import HrefPolicy
 
     path = tmp_path / "b.tif"

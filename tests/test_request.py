@@ -123,8 +123,8 @@ def test_intersects_spellings(tmp_path):
         ('{"type": "Feature", "geometry": null}', "no geometry"),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}', "invalid GeoJSON geometry: A linearring"),
         ('{"type": "Polygon", "coordinates": "x"}', "invalid GeoJSON geometry"),
-        ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
-         '"coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}', r"feature 0: invalid geometry \(Self-int"),
+        (('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
+          '"coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}'), r"feature 0: invalid geometry \(Self-int"),
         ("missing-aoi.geojson", "no such file: missing-aoi.geojson"),
     ],
 )

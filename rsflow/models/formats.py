@@ -49,7 +49,7 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -686,6 +686,14 @@ class _Plan:
     """Flag named in errors about ``weights``."""
 
 
+def unspeakable_ids(first_unused: int, rows: int, *special: int | None, keep: Iterable[int] = ()) -> list[int]:
+    """Token ids greedy decoding must never pick (``generation_config.suppress_tokens``): the embedding
+    rows from ``first_unused`` (the tokenizer's, or the original vocabulary's, size) up to ``rows``, and
+    the ``special`` ids (``<image>``, ``<pad>``); ``keep`` (end-of-sequence ids) excepted."""
+    ids = {*range(first_unused, rows), *(i for i in special if i is not None)} - set(keep)
+    return sorted(int(i) for i in ids if 0 <= i < rows)
+
+
 def _assemble(
     plan: _Plan,
     *,
@@ -741,7 +749,7 @@ def _assemble(
         )
     image_id, pad_id = _add_llava_tokens(tokenizer)
     vocab_size = max(original_vocab, len(tokenizer))
-    suppress = sorted({*range(original_vocab, vocab_size), image_id, pad_id})
+    suppress = unspeakable_ids(original_vocab, vocab_size, image_id, pad_id)
 
     llava_config = LlavaConfig(
         vision_config=vision_config,

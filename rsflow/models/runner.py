@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from rsflow.errors import ModelError, RequestError
-from rsflow.models.formats import llava_chunked_ids
+from rsflow.models.formats import llava_chunked_ids, unspeakable_ids
 from rsflow.models.imaging import background_from_processor
 from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
 from rsflow.models.slots import (
@@ -75,7 +75,7 @@ from rsflow.models.spec import (
     ModelSpec,
     adapter_model_id,
     describe_original_checkpoint,
-    model_card,
+    image_aspect,
     model_id,
     model_input_size,
     resolve_adapter,
@@ -169,8 +169,8 @@ def _suppress_unspeakable(model: Any, tokenizer: Any) -> None:
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
     image_id = getattr(model.config, "image_token_index", None) or getattr(model.config, "image_token_id", None)
-    ids = {*(config.suppress_tokens or []), *range(len(tokenizer), vocab), image_id, tokenizer.pad_token_id}
-    config.suppress_tokens = sorted(int(i) for i in ids - eos_ids - {None} if 0 <= int(i) < vocab) or None
+    config.suppress_tokens = unspeakable_ids(len(tokenizer), vocab, image_id, tokenizer.pad_token_id,
+                                             *(config.suppress_tokens or []), keep=eos_ids) or None
 
 
 def _load_named_adapters(model: Any, named: tuple[tuple[str, str], ...]) -> Any:
@@ -456,8 +456,7 @@ class ModelRunner:
             return
         self.loaded = load_model(spec)
         self._background = background_from_processor(self.loaded.processor.image_processor)
-        card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
-        self._aspect = spec.image_aspect or ("pad" if card_aspect == "pad" else "crop")  # as LLaVA's builder
+        self._aspect = image_aspect(spec)
         size = self.loaded.image_size
         self._image_kwargs: dict[str, Any] = {
             "size": {"shortest_edge": size},

@@ -381,6 +381,16 @@ def model_card(spec: ModelSpec) -> dict[str, Any]:
     return describe_original_checkpoint(spec) or {}
 
 
+
+def image_aspect(spec: ModelSpec) -> Literal["pad", "crop"]:
+    """How tiles reach the image processor: ``--image-aspect``; else as the checkpoint's
+    ``image_aspect_ratio`` makes LLaVA's builder do (pad to a square only for ``"pad"``, any other value
+    centre-crops); pad where the checkpoint says nothing (a transformers-format folder)."""
+    if spec.image_aspect is not None:
+        return spec.image_aspect
+    return "pad" if model_card(spec).get("image_aspect_ratio", "pad") == "pad" else "crop"
+
+
 def resolve_prompt_format(spec: ModelSpec) -> str:
     """``spec.prompt_format``, else the card's ``prompt_format``, else ``"llava"``.
 

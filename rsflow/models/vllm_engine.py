@@ -46,9 +46,12 @@ Parity with ``ModelRunner`` (what the transformers engine feeds the model, fed t
   ``generation_config.json`` ``repetition_penalty`` when it sets one (vLLM does not take it from
   the checkpoint for explicit sampling params); the answer is decoded by Ray's detokenize stage
   (the checkpoint's HF tokenizer, ``skip_special_tokens=True``, as the runner decodes) and cleaned
-  with the runner's ``_clean_answer``. ``generation_config.suppress_tokens`` (written by
-  ``rsflow convert`` for ``<image>``/``<pad>``) is not applied by vLLM; those rows of ``lm_head`` are
-  the mean of the vocabulary's, so their logit is the mean logit and greedy decoding cannot pick them.
+  with the runner's ``_clean_answer``. ``generation_config.suppress_tokens`` is not applied by vLLM.
+  In checkpoints ``rsflow convert`` writes, the rows of ``<image>``/``<pad>`` are the mean of the
+  vocabulary's, so their logit is the mean logit and greedy decoding cannot pick them; llava-hf's own
+  conversions fill their 64 extra rows with random draws around that mean, which the transformers
+  engine suppresses (``runner._suppress_unspeakable``) and vLLM does not: unverified whether vLLM ever
+  picks one.
 - dtype: ``--dtype auto`` is bfloat16 (what the transformers engine uses on a GPU), not vLLM's
   ``auto`` (the checkpoint's dtype, float16 for llava-hf checkpoints).
 
@@ -117,7 +120,7 @@ from rsflow.models.spec import (
     _read_json,
     adapter_model_id,
     describe_original_checkpoint,
-    model_card,
+    image_aspect,
     model_id,
     resolve_adapter,
     resolve_adapters,
@@ -385,8 +388,7 @@ def plan_vllm(
                 "task_adapters", f"no adapter named {wanted!r}; named adapters: {sorted(known) or 'none'}"
             )
     model_dir = resolve_model_dir(spec)
-    card_aspect = model_card(spec).get("image_aspect_ratio", "pad")
-    aspect = spec.image_aspect or ("pad" if card_aspect == "pad" else "crop")  # as LLaVA's builder
+    aspect = image_aspect(spec)
     adapter = resolve_adapter(spec)
     named = resolve_adapters(spec)
     loras: list[tuple[str | None, str]] = [(None, adapter or model_dir)]

@@ -146,7 +146,30 @@ def pixel_polygon_to_crs(poly_px: Polygon, transform6: Transform6 | list[float])
     return cast(Polygon, shapely.transform(poly_px, fwd))
 
 
-def to_epsg4326(poly: Polygon, crs: str, *, max_segment: float | None = None) -> Polygon:
+def split_at_antimeridian(geom: BaseGeometry) -> BaseGeometry:
+    """A polygon reprojected vertex by vertex whose ring jumps across the antimeridian (its longitudes
+    span more than 180 degrees: a tile of a UTM zone 1 or 60 scene, say) as the MultiPolygon of its
+    parts west and east of it, each counter-clockwise; any other geometry as it is. Unsplit, such a ring
+    is a valid polygon about 360 degrees wide, which every reader and spatial filter takes at its word."""
+    if geom.is_empty or not isinstance(geom, Polygon):
+        return geom
+    minx, _, maxx, _ = geom.bounds
+    if maxx - minx <= 180.0:
+        return geom
+
+    def eastward(coords: np.ndarray) -> np.ndarray:  # -179.99 -> 180.01: the ring continuous across 180
+        return np.column_stack([np.where(coords[:, 0] < 0, coords[:, 0] + 360.0, coords[:, 0]), coords[:, 1]])
+
+    shifted = shapely.transform(geom, eastward)
+    west = shapely.clip_by_rect(shifted, -180.0, -90.0, 180.0, 90.0)
+    east = shapely.transform(shapely.clip_by_rect(shifted, 180.0, -90.0, 540.0, 90.0),
+                             lambda coords: coords - np.array([360.0, 0.0]))
+    parts = [orient(p, sign=1.0) for part in (west, east) for p in shapely.get_parts(part)
+             if isinstance(p, Polygon) and not p.is_empty]
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def to_epsg4326(poly: Polygon, crs: str, *, max_segment: float | None = None) -> BaseGeometry:
     """Reproject a polygon from ``crs`` to EPSG:4326 ``(lon, lat)``, vertex by vertex.
 
     Args:
@@ -156,7 +179,8 @@ def to_epsg4326(poly: Polygon, crs: str, *, max_segment: float | None = None) ->
             so that straight edges in ``crs`` stay (nearly) true after reprojection.
 
     Returns:
-        The polygon in EPSG:4326 with a counter-clockwise exterior ring (GeoJSON's winding).
+        The polygon in EPSG:4326 with a counter-clockwise exterior ring (GeoJSON's winding); a
+        MultiPolygon of its two sides where it crosses the antimeridian (:func:`split_at_antimeridian`).
 
     Raises:
         ValueError: ``max_segment`` is not positive, or a vertex does not project (see
@@ -167,7 +191,7 @@ def to_epsg4326(poly: Polygon, crs: str, *, max_segment: float | None = None) ->
             raise ValueError(f"max_segment must be > 0, got {max_segment}")
         poly = cast(Polygon, shapely.segmentize(poly, max_segment_length=max_segment))
     out = cast(Polygon, transform_geometry(poly, crs, "EPSG:4326"))
-    return orient(out, sign=1.0)
+    return split_at_antimeridian(orient(out, sign=1.0))
 
 
 def box_to_map(

@@ -33,6 +33,7 @@ from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
+from rsflow.georef import split_at_antimeridian
 from rsflow.request import TileSpec
 from rsflow.sources import SourceProfile, band_scaling
 
@@ -272,7 +273,8 @@ def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: 
 
     The rings are what ``shapely.segmentize(box(...), side / 8)`` makes (counter-clockwise from the
     south-east corner), built as one array of vertices with one reprojection call for every tile: per
-    tile, shapely and pyproj calls cost more than the read of a small tile.
+    tile, shapely and pyproj calls cost more than the read of a small tile. A window across the
+    antimeridian is the MultiPolygon of its two sides (:func:`rsflow.georef.split_at_antimeridian`).
     """
     minx, miny, maxx, maxy = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in (minx, miny, maxx, maxy))
     f = np.arange(_FOOTPRINT_SEGMENTS) / _FOOTPRINT_SEGMENTS
@@ -282,7 +284,11 @@ def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: 
     ys = np.hstack([miny + (maxy - miny) * f, maxy + zero, maxy + (miny - maxy) * f, miny + zero, miny])
     lon, lat = _to_4326(crs).transform(xs.ravel(), ys.ravel())
     ring = np.stack([np.asarray(lon), np.asarray(lat)], axis=-1).reshape(xs.shape[0], xs.shape[1], 2)
-    return shapely.polygons(ring)
+    polygons = shapely.polygons(ring)
+    bounds = shapely.bounds(polygons)
+    for i in np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180.0):  # rings across the antimeridian
+        polygons[i] = split_at_antimeridian(polygons[i])
+    return polygons
 
 
 def footprint_4326(bounds_crs: tuple[float, float, float, float], crs: str) -> BaseGeometry:

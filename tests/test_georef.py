@@ -245,3 +245,23 @@ def test_region_errors_and_invalid_input() -> None:
         for x, y in [(8, 8), (56, 56), (56, 8), (8, 56)]
     )
     assert region_to_box(Polygon([a, b, c, d]), S2_TILE, S2_CRS, 64, 64) is not None
+
+
+def test_a_tile_and_a_box_across_the_antimeridian_are_split_there_not_wrapped_round_the_globe():
+    """A 640 m tile of a UTM zone 60 scene centred on 180 E, 17 S (Fiji): its footprint and an object box
+    on it are the two small pieces either side of the antimeridian, not a ring 360 degrees wide."""
+    from rsflow.georef import box_to_map
+    from rsflow.models.parse import Box
+    from rsflow.plan import footprint_4326
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32660", always_xy=True).transform(180.0, -17.0)
+    foot = footprint_4326((x - 320, y - 320, x + 320, y + 320), "EPSG:32660")
+    *_, obj = box_to_map(Box(0, 0, 100, 100, 0), [10, 0, x - 320, 0, -10, y + 320], "EPSG:32660", 64, 64)
+    for geom in (foot, obj):
+        assert geom.geom_type == "MultiPolygon" and geom.is_valid
+        assert geom.area == pytest.approx(0.0061 * 0.0059, rel=0.1)  # about 640 m square, in degrees
+        west, east = sorted(geom.geoms, key=lambda p: p.bounds[0])
+        assert east.bounds[2] == pytest.approx(180.0) and west.bounds[0] == pytest.approx(-180.0)
+        assert all(shapely.is_ccw(p.exterior) for p in geom.geoms)  # GeoJSON winding
+    inland = footprint_4326((x - 5000, y - 320, x - 4360, y + 320), "EPSG:32660")  # 5 km west of it
+    assert inland.geom_type == "Polygon" and inland.bounds[2] - inland.bounds[0] < 0.01

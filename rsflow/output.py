@@ -455,6 +455,23 @@ def find_resumable(output: str) -> ResumeSource | None:
     return None
 
 
+def discard_superseded(output: str, run_id: str) -> list[str]:
+    """Delete the staging directories of ``output`` from runs older than ``run_id``, the run that just
+    committed it: interrupted runs it superseded (``--resume`` continues only a run newer than the
+    committed one, :func:`find_resumable`), which would otherwise stay beside the output for good.
+    Returns the directories deleted."""
+    fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
+    parent, name = posixpath.split(root)
+    gone = []
+    if fs.exists(parent):
+        for path in fs.ls(parent, detail=False):
+            base = posixpath.basename(path.rstrip("/"))
+            if base.startswith(f".{name}.staging-") and _run_id(base) < run_id:
+                discard(_unstrip(output, path))
+                gone.append(_unstrip(output, path))
+    return gone
+
+
 def _run_id(staging: str) -> str:
     """The run id a staging directory is named after (:func:`staging_path`)."""
     return posixpath.basename(staging.rstrip("/")).rsplit(".staging-", 1)[-1]

@@ -253,3 +253,17 @@ def test_a_run_written_before_periods_ended_at_their_last_microsecond_is_resumed
     staging.mkdir()
     (staging / "_resume.json").write_text(json.dumps({"run_id": "20261127T100000Z-aaaaaa", "request": stored}))
     assert _resume_source(request).directory == str(staging)
+
+
+def test_a_committed_run_removes_the_interrupted_runs_it_supersedes(tmp_path: Path) -> None:
+    from rsflow.output import discard_superseded
+
+    out = tmp_path / "out"
+    older = [tmp_path / f".out.staging-20261127T0{h}0000Z-aaaaaa" for h in (8, 9)]
+    newer = tmp_path / ".out.staging-20261127T120000Z-cccccc"
+    other = tmp_path / ".other.staging-20261127T080000Z-dddddd"  # another output's
+    for path in (*older, newer, other):
+        (path / "_parts").mkdir(parents=True)
+    gone = discard_superseded(str(out), "20261127T100000Z-bbbbbb")
+    assert sorted(gone) == sorted(str(p) for p in older)
+    assert not any(p.exists() for p in older) and newer.exists() and other.exists()

@@ -710,8 +710,11 @@ def run_region(
         out.commit(staging, request.output, overwrite=replaces)
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
-        for stale in out.discard_superseded(request.output, run_id):
-            logger.info("removed %s, an interrupted run this one supersedes", stale)
+        try:  # tidying after the commit: the run has succeeded whatever happens here
+            for stale in out.discard_superseded(request.output, run_id):
+                logger.info("removed %s, an interrupted run this one supersedes", stale)
+        except OSError as exc:
+            logger.warning("could not remove the superseded staging directories of %s: %s", request.output, exc)
         logger.info("committed %s in %.2f s", request.output, time.perf_counter() - t_commit)
     except BaseException as exc:
         # commit's FileExistsError says the complete result is left in staging: it stays there

@@ -161,12 +161,28 @@ def split_at_antimeridian(geom: BaseGeometry) -> BaseGeometry:
         return np.column_stack([np.where(coords[:, 0] < 0, coords[:, 0] + 360.0, coords[:, 0]), coords[:, 1]])
 
     shifted = shapely.transform(geom, eastward)
+    if shifted.bounds[2] - shifted.bounds[0] > 180.0:  # still wide: a ring round a pole, not across 180
+        return geom
     west = shapely.clip_by_rect(shifted, -180.0, -90.0, 180.0, 90.0)
     east = shapely.transform(shapely.clip_by_rect(shifted, 180.0, -90.0, 540.0, 90.0),
                              lambda coords: coords - np.array([360.0, 0.0]))
     parts = [orient(p, sign=1.0) for part in (west, east) for p in shapely.get_parts(part)
              if isinstance(p, Polygon) and not p.is_empty]
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def centroid_lonlat(geom: BaseGeometry) -> tuple[float, float]:
+    """The centroid ``(lon, lat)`` of an EPSG:4326 geometry, taken across the antimeridian for one split
+    there (the plain centroid of its two sides lies near longitude 0)."""
+    minx, _, maxx, _ = geom.bounds
+    if maxx - minx > 180.0:
+        shifted = shapely.transform(geom, lambda c: np.column_stack([np.where(c[:, 0] < 0, c[:, 0] + 360.0, c[:, 0]),
+                                                                    c[:, 1]]))
+        if shifted.bounds[2] - shifted.bounds[0] <= 180.0:
+            point = shifted.centroid
+            return ((point.x + 180.0) % 360.0) - 180.0, point.y
+    point = geom.centroid
+    return point.x, point.y
 
 
 def to_epsg4326(poly: Polygon, crs: str, *, max_segment: float | None = None) -> BaseGeometry:

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
-from shapely.geometry import Polygon
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from rsflow.errors import RequestError
-from rsflow.georef import transform_geometry
+from rsflow.georef import centroid_lonlat, transform_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class Detection:
     """``detect`` or ``refer`` (detections of different tasks are never merged)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.polygon_4326, Polygon) or self.polygon_4326.is_empty:
+        if not isinstance(self.polygon_4326, Polygon | MultiPolygon) or self.polygon_4326.is_empty:
+            # a MultiPolygon: a box across the antimeridian, split there (rsflow.georef.split_at_antimeridian)
             raise ValueError(f"detection on tile {self.tile_id!r} needs a non-empty Polygon")
 
 
@@ -139,10 +140,10 @@ def _metric_crs_for(item_id: str, group: list[Detection], metric_crs: str | Mapp
         return metric_crs
     if metric_crs is not None and item_id in metric_crs:
         return metric_crs[item_id]
-    centroids = [d.polygon_4326.centroid for d in group]
-    return local_metric_crs(
-        float(np.mean([c.x for c in centroids])), float(np.mean([c.y for c in centroids]))
-    )
+    centroids = np.array([centroid_lonlat(d.polygon_4326) for d in group])
+    lon = np.radians(centroids[:, 0])  # the circular mean: boxes either side of the antimeridian average there
+    mean_lon = math.degrees(math.atan2(float(np.mean(np.sin(lon))), float(np.mean(np.cos(lon)))))
+    return local_metric_crs(mean_lon, float(np.mean(centroids[:, 1])))
 
 
 def _merge(members: list[int], objects: Sequence[Detection], areas: dict[int, float]) -> MergedDetection:

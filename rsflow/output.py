@@ -456,20 +456,27 @@ def find_resumable(output: str) -> ResumeSource | None:
 
 
 def discard_superseded(output: str, run_id: str) -> list[str]:
-    """Delete the staging directories of ``output`` from runs older than ``run_id``, the run that just
-    committed it: interrupted runs it superseded (``--resume`` continues only a run newer than the
-    committed one, :func:`find_resumable`), which would otherwise stay beside the output for good.
-    Returns the directories deleted."""
+    """After a ``--resume`` of the interrupted run ``run_id`` committed ``output``: delete the staging
+    directories of interrupted runs older than it (``_resume.json``, no manifest), which ``--resume``
+    passed over for it (it continues the newest) and can never continue now. A complete result left in
+    staging (it has its manifest) and newer directories are kept. Returns the directories deleted."""
     fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
     parent, name = posixpath.split(root)
     gone = []
     if fs.exists(parent):
         for path in fs.ls(parent, detail=False):
             base = posixpath.basename(path.rstrip("/"))
-            if base.startswith(f".{name}.staging-") and _run_id(base) < run_id:
+            if not base.startswith(f".{name}.staging-") or _run_id(base) >= run_id:
+                continue
+            if fs.exists(posixpath.join(path, RESUME_NAME)) and not fs.exists(posixpath.join(path, MANIFEST_NAME)):
                 discard(_unstrip(output, path))
                 gone.append(_unstrip(output, path))
     return gone
+
+
+def run_id_of(staging: str) -> str:
+    """The run id a staging directory is named after (:func:`staging_path`)."""
+    return _run_id(staging)
 
 
 def _run_id(staging: str) -> str:

@@ -449,7 +449,10 @@ def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[s
     user error)."""
     collections = sorted({i.get("collection") or "" for i in items})
     profiles = {c: resolve_profile(request.stac, c, request.profile) for c in collections}
-    if request.profile is not None and items and request.profile not in {p.name for p in profiles.values()}:
+    # With --collections the request check has the profile read one of them; without, it must fit an item.
+    if request.profile is not None and items and not request.collections and request.profile not in {
+        p.name for p in profiles.values()
+    }:
         raise RequestError("--profile", f"profile {request.profile!r} reads collection "
                                         f"{load_profiles()[request.profile].collection!r}, which none of the "
                                         f"{len(items)} items found is in ({', '.join(collections)})")
@@ -711,7 +714,8 @@ def run_region(
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
         try:  # tidying after the commit: the run has succeeded whatever happens here
-            for stale in out.discard_superseded(request.output, run_id):
+            for stale in (out.discard_superseded(request.output, out.run_id_of(resume.directory))
+                          if resume is not None and not resume.committed else []):
                 logger.info("removed %s, an interrupted run this one supersedes", stale)
         except OSError as exc:
             logger.warning("could not remove the superseded staging directories of %s: %s", request.output, exc)

@@ -398,7 +398,7 @@ def _search_api(
         unknown = []
         # An API without the collections endpoint cannot say; there, no items is just no items.
         missing = set(query.collections) - {str(i.get("collection")) for i in items}
-        if not client.conforms_to(ConformanceClasses.COLLECTIONS):
+        if not (client.conforms_to(ConformanceClasses.COLLECTIONS) or client.conforms_to(ConformanceClasses.FEATURES)):
             missing = set()
         for collection in sorted(missing):
             try:  # no item from it: does it exist at all?

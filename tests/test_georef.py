@@ -265,3 +265,10 @@ def test_a_tile_and_a_box_across_the_antimeridian_are_split_there_not_wrapped_ro
         assert all(shapely.is_ccw(p.exterior) for p in geom.geoms)  # GeoJSON winding
     inland = footprint_4326((x - 5000, y - 320, x - 4360, y + 320), "EPSG:32660")  # 5 km west of it
     assert inland.geom_type == "Polygon" and inland.bounds[2] - inland.bounds[0] < 0.01
+
+
+def test_a_ring_round_a_pole_is_not_split_as_if_it_crossed_the_antimeridian():
+    from rsflow.georef import split_at_antimeridian
+
+    ring = Polygon([(lon, 89.6) for lon in np.linspace(-179.0, 179.0, 36)])
+    assert split_at_antimeridian(ring) is ring

@@ -174,3 +174,21 @@ def test_a_resumed_merge_keeps_the_provenance_of_objects_carried_over(tmp_path) 
     assert n == 2
     assert sorted((r["source_tile_ids"], r["n_merged"]) for r in merged) == [
         (["t1", "t2", "t3", "t4"], 4), (["t5"], 1)]
+
+
+def test_boxes_across_the_antimeridian_merge_in_their_own_utm_zone() -> None:
+    """Two tiles' boxes of one object on 180 E (split there into MultiPolygons): they merge, measured in
+    UTM zone 60 or 1, not in zone 31 where the plain centroid of the two halves (longitude 0) would put it."""
+    from pyproj import Transformer
+
+    from rsflow.georef import centroid_lonlat, to_epsg4326
+    from rsflow.merge import _metric_crs_for
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32660", always_xy=True).transform(180.0, -17.0)
+    a = Detection("t1", "item-a", "ship", to_epsg4326(box(x - 50, y - 25, x + 50, y + 25), "EPSG:32660"))
+    b = Detection("t2", "item-a", "ship", to_epsg4326(box(x - 48, y - 25, x + 52, y + 25), "EPSG:32660"))
+    assert a.polygon_4326.geom_type == "MultiPolygon"
+    assert abs(abs(centroid_lonlat(a.polygon_4326)[0]) - 180.0) < 0.01
+    assert _metric_crs_for("item-a", [a, b], None) in ("EPSG:32760", "EPSG:32701")
+    (merged,) = merge_detections([a, b], 0.5)
+    assert merged.tile_ids == ["t1", "t2"] and merged.n_merged == 2

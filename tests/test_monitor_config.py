@@ -413,6 +413,35 @@ def test_observations_at_one_instant_are_not_a_change_from_each_other():
     assert list(zip(again["change"], again["before_item_id"], again["after_item_id"], strict=True)) == got
 
 
+def test_an_object_seen_by_either_granule_of_an_instant_has_not_appeared_later():
+    d = "ship"
+    x, z = box(-74.999, 37.001, -74.998, 37.002), box(-74.996, 37.004, -74.995, 37.005)
+    rows = pd.DataFrame([
+        _row("a", "2024-05-11", "detect", d, count=1),  # two granules at one instant: a saw z, b saw x
+        _row("a", "2024-05-11", "detect", d, kind="object", label=d, geometry=z),
+        _row("b", "2024-05-11", "detect", d, count=1),
+        _row("b", "2024-05-11", "detect", d, kind="object", label=d, geometry=x),
+        _row("c", "2024-05-21", "detect", d, count=2),  # later: both, each seen before by one granule
+        _row("c", "2024-05-21", "detect", d, kind="object", label=d, geometry=x),
+        _row("c", "2024-05-21", "detect", d, kind="object", label=d, geometry=z),
+    ])
+    changes = detect_changes(rows, ChangeRules(min_count_change=5, object_iou=0.3))
+    assert "object_appeared" not in set(changes["change"])  # b had x, a had z
+
+
+def test_a_failed_item_older_than_the_watermark_keeps_a_capped_search_reaching_back_to_it():
+    from rsflow.monitor.run import _covered, next_backfill
+
+    ledger = Ledger(monitor="m", watermark="2024-05-21T15:50:00Z")
+    assert _covered(ledger) == datetime(2024, 5, 21, 15, 50, tzinfo=UTC)
+    ledger.items["old"] = ItemRecord(id="old", collection="c", datetime="2024-05-01T15:50:00Z", state="failed",
+                                     attempts=1, run_id="r")
+    assert _covered(ledger) == datetime(2024, 5, 1, 15, 50, tzinfo=UTC)
+    found = [{"properties": {"datetime": f"2024-05-{day}T15:50:00Z"}} for day in ("26", "21", "16")]
+    backfill = next_backfill("2024-05-01T15:50:00Z", found, True, None, covered=_covered(ledger))
+    assert backfill == {"start": "2024-05-01T15:50:00Z", "before": "2024-05-16T15:50:00Z"}
+
+
 # --- scheduling files ------------------------------------------------------------------------------
 
 

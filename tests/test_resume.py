@@ -255,15 +255,22 @@ def test_a_run_written_before_periods_ended_at_their_last_microsecond_is_resumed
     assert _resume_source(request).directory == str(staging)
 
 
-def test_a_committed_run_removes_the_interrupted_runs_it_supersedes(tmp_path: Path) -> None:
+def test_a_committed_resume_removes_the_interrupted_runs_it_passed_over(tmp_path: Path) -> None:
+    """--resume continues the newest interrupted run; once it commits, the older interrupted runs can never
+    be continued and are removed. A complete result left in staging (its manifest written, the commit
+    refused) and newer directories stay."""
     from rsflow.output import discard_superseded
 
     out = tmp_path / "out"
     older = [tmp_path / f".out.staging-20261127T0{h}0000Z-aaaaaa" for h in (8, 9)]
+    left = tmp_path / ".out.staging-20261127T083000Z-eeeeee"  # a complete result a commit refused
     newer = tmp_path / ".out.staging-20261127T120000Z-cccccc"
     other = tmp_path / ".other.staging-20261127T080000Z-dddddd"  # another output's
-    for path in (*older, newer, other):
+    for path in (*older, left, newer, other):
         (path / "_parts").mkdir(parents=True)
+        (path / "_resume.json").write_text("{}")
+    (left / "_resume.json").unlink()
+    (left / "_manifest.json").write_text("{}")
     gone = discard_superseded(str(out), "20261127T100000Z-bbbbbb")
     assert sorted(gone) == sorted(str(p) for p in older)
-    assert not any(p.exists() for p in older) and newer.exists() and other.exists()
+    assert not any(p.exists() for p in older) and left.exists() and newer.exists() and other.exists()

@@ -471,6 +471,9 @@ def test_unnormalised_datetime_error_gives_the_normalised_form() -> None:
 class _ItemSearchOnly(BaseHTTPRequestHandler):
     """A STAC API of core and item search only (no collections endpoint) whose search finds nothing."""
 
+    conforms: ClassVar[list[str]] = ["https://api.stacspec.org/v1.0.0/core",
+                                     "https://api.stacspec.org/v1.0.0/item-search"]
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -488,8 +491,7 @@ class _ItemSearchOnly(BaseHTTPRequestHandler):
             links = [{"rel": rel, "href": f"{base}/"} for rel in ("self", "root")]
             links += [{"rel": "search", "href": f"{base}/search", "method": m} for m in ("GET", "POST")]
             return self._send({"type": "Catalog", "id": "x", "description": "x", "stac_version": "1.0.0",
-                               "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
-                                              "https://api.stacspec.org/v1.0.0/item-search"], "links": links})
+                               "conformsTo": self.conforms, "links": links})
         if self.path.startswith("/search"):
             return self._send({"type": "FeatureCollection", "features": [], "links": []})
         return self._send({"code": "NotFound"}, 404)
@@ -505,3 +507,19 @@ def test_an_api_without_collections_endpoint_gives_an_empty_result_not_an_unknow
     finally:
         server.shutdown()
     assert result.items == []
+
+
+class _FeaturesApi(_ItemSearchOnly):
+    """The same with OGC API Features: ``/collections/{id}`` exists (and answers 404 for an unknown id)."""
+
+    conforms: ClassVar[list[str]] = [*_ItemSearchOnly.conforms, "https://api.stacspec.org/v1.0.0/ogcapi-features"]
+
+
+def test_an_ogc_features_api_names_an_unknown_collection() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FeaturesApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RequestError, match="^--collections: .* has no collection 'no-such-collection'"):
+            search_items(query(f"http://127.0.0.1:{server.server_port}/", collections=("no-such-collection",)))
+    finally:
+        server.shutdown()

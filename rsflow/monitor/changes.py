@@ -213,9 +213,9 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
             if after.task in ("detect", "refer"):
                 pair += _compare_objects(before, after, objects, rules)
             found.append(pair)
-        # several observations at the earlier instant: a change only where ``after`` differs from all
-        everywhere = set.intersection(*({c["change"] for c in pair} for pair in found))
-        changes.extend(c for c in found[0] if c["change"] in everywhere)
+        # several observations at the earlier instant: a change only where ``after`` differs from all of
+        # them (the same kind, and for an object the same object, found against each)
+        changes.extend(c for c in found[0] if all(any(_same_change(c, o) for o in pair) for pair in found[1:]))
     frame = pd.DataFrame(changes, columns=list(CHANGE_COLUMNS))
     if len(frame):
         frame = frame.sort_values(
@@ -224,6 +224,15 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
             na_position="first",
         ).reset_index(drop=True)
     return frame
+
+
+def _same_change(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a["change"] != b["change"]:
+        return False
+    if a["change"] in ("object_appeared", "object_vanished"):
+        return a.get("geometry") is not None and b.get("geometry") is not None and bool(
+            shapely.equals(a["geometry"], b["geometry"]))
+    return True
 
 
 def _consecutive(obs: list[Observation]) -> Iterable[tuple[list[Observation], Observation]]:

@@ -180,7 +180,7 @@ def _run_locked(
         )
     )
     backfill = next_backfill(start_iso, found.items, found.reached_max_items, ledger.backfill,
-                             covered=None if ledger.backfill else parse_time(ledger.watermark))
+                             covered=None if ledger.backfill else _covered(ledger))
     if backfill is not None:
         logger.warning(
             "monitor %s: the search hit max_items %d; the next runs search the older items of %s, up to %s",
@@ -400,6 +400,15 @@ def next_backfill(
     if previous is not None and parse_time(previous.get("before")) == before:
         before -= timedelta(microseconds=1)
     return {"start": start, "before": _iso(before)}
+
+
+def _covered(ledger: Ledger) -> datetime | None:
+    """How far back earlier runs have every item: the watermark, or the oldest item still to retry when
+    that is older (its search must reach it again)."""
+    times = [parse_time(ledger.watermark)]
+    times += [parse_time(r.datetime) for r in ledger.items.values() if r.state == "failed"]
+    known = [t for t in times if t is not None]
+    return min(known) if known and times[0] is not None else None
 
 
 def _item_time(item: dict[str, Any]) -> str | None:

@@ -421,18 +421,23 @@ class ResumeSource:
     committed run), so its continuation commits over that output too."""
 
 
+def _stagings(output: str) -> tuple[Any, str, list[str]]:
+    """``(filesystem, output's path, its staging directories)``: the hidden siblings :func:`staging_path`
+    names, oldest run first."""
+    fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
+    parent, name = posixpath.split(root)
+    if not fs.exists(parent):
+        return fs, root, []
+    paths = [p for p in fs.ls(parent, detail=False) if posixpath.basename(p.rstrip("/")).startswith(f".{name}.staging-")]
+    return fs, root, sorted(paths, key=run_id_of)
+
+
 def find_resumable(output: str) -> ResumeSource | None:
     """The most recent interrupted run of ``output`` (a staging directory holding ``_resume.json``) unless
     the committed run is newer, else the committed run itself when its manifest is complete; None when
     there is neither."""
-    fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
-    parent, name = posixpath.split(root)
-    candidates = []
-    if fs.exists(parent):
-        for path in fs.ls(parent, detail=False):
-            base = posixpath.basename(path.rstrip("/"))
-            if base.startswith(f".{name}.staging-") and fs.exists(posixpath.join(path, RESUME_NAME)):
-                candidates.append(path)
+    fs, root, stagings = _stagings(output)
+    candidates = [p for p in stagings if fs.exists(posixpath.join(p, RESUME_NAME))]
     manifest_path = posixpath.join(root, MANIFEST_NAME)
     committed = None
     if fs.exists(manifest_path):
@@ -442,8 +447,8 @@ def find_resumable(output: str) -> ResumeSource | None:
             committed = m
     # Staging names end in the run id, which starts with the UTC time: an interrupted run older than the
     # committed one was superseded by it (e.g. an --overwrite run that finished afterwards).
-    newest = max(candidates, default=None)
-    if newest is not None and (committed is None or _run_id(newest) > str(committed.get("run_id", ""))):
+    newest = candidates[-1] if candidates else None
+    if newest is not None and (committed is None or run_id_of(newest) > str(committed.get("run_id", ""))):
         with fs.open(posixpath.join(newest, RESUME_NAME), "r") as fh:
             info = json.load(fh)
         return ResumeSource(directory=_unstrip(output, newest), committed=False, request=info["request"],
@@ -460,26 +465,17 @@ def discard_superseded(output: str, run_id: str) -> list[str]:
     directories of interrupted runs older than it (``_resume.json``, no manifest), which ``--resume``
     passed over for it (it continues the newest) and can never continue now. A complete result left in
     staging (it has its manifest) and newer directories are kept. Returns the directories deleted."""
-    fs, root = fsspec.core.url_to_fs(output.rstrip("/"))
-    parent, name = posixpath.split(root)
+    fs, _, stagings = _stagings(output)
     gone = []
-    if fs.exists(parent):
-        for path in fs.ls(parent, detail=False):
-            base = posixpath.basename(path.rstrip("/"))
-            if not base.startswith(f".{name}.staging-") or _run_id(base) >= run_id:
-                continue
-            if fs.exists(posixpath.join(path, RESUME_NAME)) and not fs.exists(posixpath.join(path, MANIFEST_NAME)):
-                discard(_unstrip(output, path))
-                gone.append(_unstrip(output, path))
+    for path in stagings:
+        if run_id_of(path) < run_id and fs.exists(posixpath.join(path, RESUME_NAME)) \
+                and not fs.exists(posixpath.join(path, MANIFEST_NAME)):
+            discard(_unstrip(output, path))
+            gone.append(_unstrip(output, path))
     return gone
 
 
 def run_id_of(staging: str) -> str:
-    """The run id a staging directory is named after (:func:`staging_path`)."""
-    return _run_id(staging)
-
-
-def _run_id(staging: str) -> str:
     """The run id a staging directory is named after (:func:`staging_path`)."""
     return posixpath.basename(staging.rstrip("/")).rsplit(".staging-", 1)[-1]
 

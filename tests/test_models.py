@@ -30,6 +30,7 @@ from rsflow.models import (
 from rsflow.models.prompts import TaskPrompt, build_prompt
 from rsflow.models.runner import LoadedModel, ModelRunner, _clean_answer, load_model
 from rsflow.models.tiny import SMOKE_LM_HEAD_STD, build_tiny_llava, ensure_smoke_model
+from tests.model_fixtures import padded_embeddings_copy
 
 RGB = (122, 116, 104)
 
@@ -575,22 +576,7 @@ def test_rows_past_the_tokenizer_and_the_image_token_are_never_generated(tiny_mo
     32,064 with random draws) and whose generation config suppresses nothing: those rows and <image>
     are kept out of greedy decoding, so the answers are the model's own. Here the extra rows are made
     to win every step (+-1000x the EOS row: one of them tops any other logit)."""
-    from transformers import LlavaForConditionalGeneration
-
-    folder = tmp_path / "padded"
-    shutil.copytree(tiny_model_dir, folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder)
-    n_tokens = int(model.get_output_embeddings().weight.shape[0])
-    model.resize_token_embeddings(n_tokens + 8, mean_resizing=False)
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        eos_row = head[int(model.generation_config.eos_token_id)]
-        head[n_tokens : n_tokens + 4] = 1000 * eos_row
-        head[n_tokens + 4 :] = -1000 * eos_row
-        head[int(model.config.image_token_index)] = 2000 * eos_row  # <image> too, were it allowed
-    model.generation_config.suppress_tokens = None
-    model.save_pretrained(folder)
-
+    folder, n_tokens = padded_embeddings_copy(tiny_model_dir, tmp_path / "padded", extra=8)
     spec = ModelSpec(model=str(folder), max_new_tokens=8, batch_size=4)
     loaded = load_model(spec, device="cpu")
     suppressed = set(loaded.model.generation_config.suppress_tokens)

@@ -26,6 +26,7 @@ from rsflow.models.prompts import IMAGE_TOKEN, TaskPrompt, build_prompt
 from rsflow.models.runner import ModelRunner
 from rsflow.models.slots import _objects
 from rsflow.models.spec import ModelSpec
+from tests.model_fixtures import padded_embeddings_copy
 
 _real_find_spec = importlib.util.find_spec
 
@@ -225,7 +226,10 @@ def test_preprocess_feeds_the_prompts_and_padded_images_the_transformers_runner_
         for t in ids:
             spliced += [t] * n_features if t == plan.image_token_id else [t]
         assert spliced == llava_chunked_ids(tokenizer, text, plan.image_token_id, n_features)
-        assert fields["sampling_params"] == {"temperature": 0.0, "max_tokens": spec.max_new_tokens, "detokenize": False}
+        suppressed = {i: V.SUPPRESS_BIAS for i in V.suppressed_ids(plan.model_source)}
+        assert plan.image_token_id in suppressed
+        assert fields["sampling_params"] == {"temperature": 0.0, "max_tokens": spec.max_new_tokens, "detokenize": False,
+                                             "logit_bias": suppressed}
         assert fields["model"] == plan.model_source  # no adapter: not a LoRA request
     # The malformed region fails alone; the skipped tile and the image-less row do not reach the engine.
     by_key = {(r, k): i for i, (r, k) in enumerate(zip(rows["tile_id"], rows["prompt_key"], strict=True))}
@@ -275,3 +279,30 @@ def test_output_columns_and_rows_are_those_of_model_runner() -> None:
     assert np.all(finished["infer_seconds"][ok & (finished["stage"] == "infer")] == 0.5)
     assert np.all(finished["infer_seconds"][~ok] == 0.0)
     assert IMAGE_TOKEN not in "".join(str(p) for p in finished["prompt"])  # the user text, not the template
+
+
+def test_vllm_requests_keep_out_the_ids_the_transformers_engine_suppresses(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint whose embeddings have rows no token has (llava-hf's 32,064) and a generation config
+    that suppresses nothing: each vLLM request carries a logit_bias at vLLM's floor on exactly the ids
+    the transformers engine suppresses (<image>, <pad>, the extra rows), never on end-of-sequence. With
+    more than vLLM's GPU runner takes, none is sent (a request would fail) and the run says so."""
+    from rsflow.models.runner import load_model
+
+    folder, n_tokens = padded_embeddings_copy(tiny_model_dir, tmp_path / "padded", extra=8)
+    spec = ModelSpec(model=str(folder))
+    runner_side = set(load_model(spec, device="cpu").model.generation_config.suppress_tokens)
+    plan = V.plan_vllm(spec, _PROMPTS)
+    bias = dict(dict(plan.sampling_params)["logit_bias"])
+    assert set(bias) == runner_side and set(bias.values()) == {-100.0}
+    assert {*range(n_tokens, n_tokens + 8), plan.image_token_id} <= set(bias)
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert eos not in bias
+
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["vocab_size"] = n_tokens + V.MAX_LOGIT_BIAS_TOKENS  # a vocabulary padded far past it
+    (folder / "config.json").write_text(json.dumps(config))
+    caplog.set_level("WARNING", logger=V.__name__)
+    assert "logit_bias" not in dict(V.plan_vllm(spec, _PROMPTS).sampling_params)
+    assert "are not suppressed" in caplog.text

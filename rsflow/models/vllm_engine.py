@@ -46,12 +46,17 @@ Parity with ``ModelRunner`` (what the transformers engine feeds the model, fed t
   ``generation_config.json`` ``repetition_penalty`` when it sets one (vLLM does not take it from
   the checkpoint for explicit sampling params); the answer is decoded by Ray's detokenize stage
   (the checkpoint's HF tokenizer, ``skip_special_tokens=True``, as the runner decodes) and cleaned
-  with the runner's ``_clean_answer``. ``generation_config.suppress_tokens`` is not applied by vLLM.
-  In checkpoints ``rsflow convert`` writes, the rows of ``<image>``/``<pad>`` are the mean of the
-  vocabulary's, so their logit is the mean logit and greedy decoding cannot pick them; llava-hf's own
-  conversions fill their 64 extra rows with random draws around that mean, which the transformers
-  engine suppresses (``runner._suppress_unspeakable``) and vLLM does not: unverified whether vLLM ever
-  picks one.
+  with the runner's ``_clean_answer``.
+- suppressed ids: the ones the transformers engine keeps out of greedy decoding
+  (``runner._suppress_unspeakable``): ``<image>``, ``<pad>``, the embedding rows past the tokenizer
+  (llava-hf's conversions pad to 32,064 rows with random draws around the mean) and the checkpoint's
+  ``generation_config.suppress_tokens``, end-of-sequence excepted (:func:`suppressed_ids`). vLLM takes
+  them as ``logit_bias`` of -100 (its floor; the transformers engine sets -inf): greedy decoding
+  picks one only where it tops the best token by more than 100. On vLLM's CPU build, with a tiny
+  checkpoint whose 64 extra rows were made to win (5x and 30x the EOS row), plain vLLM answered
+  with them and rsflow's requests gave the transformers engine's token ids, 4 of 4 sequences; at
+  1000x they still won. vLLM's GPU model runner takes at most :data:`MAX_LOGIT_BIAS_TOKENS` of
+  them; a checkpoint with more is run without them, with a warning.
 - dtype: ``--dtype auto`` is bfloat16 (what the transformers engine uses on a GPU), not vLLM's
   ``auto`` (the checkpoint's dtype, float16 for llava-hf checkpoints).
 
@@ -352,8 +357,44 @@ def _image_token_id(model_dir: str) -> int:
     return token_id
 
 
+MAX_LOGIT_BIAS_TOKENS: Final[int] = 1024
+"""Most ``logit_bias`` entries a request may carry on vLLM's GPU model runner (V2,
+``MAX_NUM_LOGIT_BIAS_TOKENS``); a request with more fails there."""
+
+SUPPRESS_BIAS: Final[float] = -100.0
+"""The ``logit_bias`` of a suppressed id: vLLM clamps biases to [-100, 100]."""
+
+
+def suppressed_ids(model_dir: str) -> list[int]:
+    """The ids the transformers engine suppresses for this checkpoint (``runner._suppress_unspeakable``),
+    from its files: ``<image>``, the tokenizer's ``<pad>``, the embedding rows from the tokenizer's size
+    up to ``config.json``'s vocabulary (what vLLM sizes its logits by) and ``generation_config.json``'s
+    ``suppress_tokens``; its end-of-sequence ids (or the tokenizer's) are never suppressed."""
+    from rsflow.models.formats import unspeakable_ids
+
+    config = _read_json(model_dir, "config.json") or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tokenizer = _tokenizer(model_dir)
+    rows = text.get("vocab_size") or config.get("vocab_size") or len(tokenizer)
+    generation = _read_json(model_dir, "generation_config.json") or {}
+    eos = generation.get("eos_token_id")
+    eos = tokenizer.eos_token_id if eos is None else eos
+    keep = {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}
+    extra = [int(i) for i in generation.get("suppress_tokens") or [] if isinstance(i, int)]
+    return unspeakable_ids(len(tokenizer), int(rows), _image_token_id(model_dir), tokenizer.pad_token_id, *extra,
+                           keep=keep)
+
+
 def _sampling_params(spec: ModelSpec, model_dir: str) -> dict[str, Any]:
     params: dict[str, Any] = {"temperature": 0.0, "max_tokens": spec.max_new_tokens, "detokenize": False}
+    suppressed = suppressed_ids(model_dir)
+    if len(suppressed) > MAX_LOGIT_BIAS_TOKENS:
+        logger.warning("vllm engine: %s has %d ids to keep out of the answers (<image>, <pad>, embedding rows "
+                       "past its tokenizer), more than the %d vLLM's GPU runner takes: they are not suppressed, "
+                       "and answers may differ from --engine transformers", model_dir, len(suppressed),
+                       MAX_LOGIT_BIAS_TOKENS)
+    elif suppressed:  # pairs here (the plan is frozen); preprocess_row hands vLLM the dict
+        params["logit_bias"] = tuple((i, SUPPRESS_BIAS) for i in suppressed)
     generation = _read_json(model_dir, "generation_config.json") or {}
     penalty = generation.get("repetition_penalty")
     if isinstance(penalty, int | float) and float(penalty) != 1.0:
@@ -512,7 +553,7 @@ def preprocess_row(row: dict[str, Any], *, plan: VllmPlan) -> dict[str, Any]:
         "prompt": text,
         "tokenized_prompt": list(ids),
         "multimodal_data": {"image": image},
-        "sampling_params": dict(plan.sampling_params),
+        "sampling_params": {k: dict(v) if k == "logit_bias" else v for k, v in plan.sampling_params},
         "model": str(row.get(_LORA) or plan.model_source),
     }
 

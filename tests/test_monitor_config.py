@@ -567,11 +567,16 @@ def test_an_output_root_of_another_monitor_is_refused(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("flock", [True, False], ids=["flock", "no-flock"])
 @pytest.mark.parametrize("stale", [False, True], ids=["free", "expired"])
-def test_of_many_runs_starting_at_once_exactly_one_gets_the_lock(stale, tmp_path):
+def test_of_many_runs_starting_at_once_exactly_one_gets_the_lock(stale, flock, tmp_path, monkeypatch):
+    """Also where the filesystem has no flock (the hard-linked mutex file instead)."""
     import threading
 
     import rsflow.monitor.lock as lock_module
+
+    if not flock:
+        monkeypatch.setattr(lock_module, "_flocked", lambda path, deadline: None)
 
     root = str(tmp_path)
     if stale:
@@ -603,7 +608,52 @@ def test_of_many_runs_starting_at_once_exactly_one_gets_the_lock(stale, tmp_path
         t.join()
     assert len(winners) == 1 and len(refused) == 7
     assert read_lock(root).run_id == f"run-{winners[0]}"
-    assert [p.name for p in (tmp_path / "_monitor").iterdir()] == ["lock.json"]  # no temporaries left
+    # no temporaries left; the flock file stays (removing it could let two processes lock two files)
+    assert sorted(p.name for p in (tmp_path / "_monitor").iterdir()) == ["lock.json", "lock.json.flock"][: 1 + flock]
+
+
+def test_a_process_killed_inside_the_lock_mutex_does_not_hold_up_the_next_run(tmp_path):
+    """The mutex that serialises changes to lock.json is the kernel's: a process killed while it holds
+    it (here, SIGKILLed inside the critical section) leaves nothing the next run must wait out. A file
+    left behind used to hold every run up for 30 s, and two runs clearing it at once could both go on."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import rsflow.monitor.lock as lock_module
+
+    lock_file = lock_module.lock_path(str(tmp_path))
+    (tmp_path / "_monitor").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from rsflow.monitor.lock import _local_mutex\n"
+         f"with _local_mutex({lock_file!r}):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        entered = []
+
+        def enter() -> None:
+            with lock_module._local_mutex(lock_file):
+                entered.append(time.monotonic())
+
+        waiter = threading.Thread(target=enter, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert not entered  # held: nobody else gets in
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        waiter.join(10)
+        assert entered and entered[0] - killed < 5
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize(

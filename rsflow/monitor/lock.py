@@ -8,12 +8,16 @@ lock expires and the next run takes it over. A second run that finds a live lock
 
 Taking, renewing, taking over and releasing the lock:
 
-- local directories: every change to ``lock.json`` happens while holding a short-lived mutex,
-  ``lock.json.mutex``, created whole with a hard link from a temporary file (``link`` fails when the
-  target exists, so exactly one process holds it; nobody reads it half-written). Under the mutex a
-  run reads the lock and either creates it (none), refuses (live), or replaces it (expired), so of
-  many runs starting at once exactly one holds the lock. The mutex is held for milliseconds; one
-  left by a process killed inside that window is removed after ``_MUTEX_STALE_SECONDS``.
+- local directories: every change to ``lock.json`` happens while holding a short-lived mutex. Under
+  the mutex a run reads the lock and either creates it (none), refuses (live), or replaces it
+  (expired), so of many runs starting at once exactly one holds the lock. The mutex is an exclusive
+  ``flock`` on ``lock.json.flock`` (the file stays; the kernel drops the lock of a process that dies,
+  so a run killed inside the critical section leaves nothing to clear). Where the filesystem has no
+  ``flock`` (some network or FUSE filesystems, Windows), it is ``lock.json.mutex``, created whole
+  with a hard link from a temporary file (``link`` fails when the target exists, so exactly one
+  process holds it; nobody reads it half-written), held for milliseconds; one left by a process
+  killed inside that window is removed after ``_MUTEX_STALE_SECONDS``. That removal can race: two
+  runs that find the same stale file at the same instant may both go on.
 - object stores (no exclusive create in fsspec): written, then read back after a short pause; the
   holder is whoever's write is there. Good enough behind a scheduler that never starts two runs
   at once (a CronJob with ``concurrencyPolicy: Forbid``), which is what the lock backs up.
@@ -26,6 +30,7 @@ commits over the new holder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -302,17 +307,67 @@ def _create_exclusive(path: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
+_NO_FLOCK_ERRNOS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP})
+
+
 @contextlib.contextmanager
 def _local_mutex(lock_file: str) -> Iterator[None]:
-    """Hold ``<lock_file>.mutex`` for the duration of the block (see the module docstring).
+    """Hold the local mutex of ``lock_file`` for the duration of the block: an exclusive ``flock`` on
+    ``<lock_file>.flock``, or ``<lock_file>.mutex`` where the filesystem has no ``flock`` (see the
+    module docstring).
 
     Raises:
         TimeoutError: another process held it for ``_MUTEX_WAIT_SECONDS`` (it is only ever held for
             milliseconds, so something is wrong with the filesystem).
     """
+    deadline = time.monotonic() + _MUTEX_WAIT_SECONDS
+    fd = _flocked(f"{lock_file}.flock", deadline)
+    if fd is None:
+        with _link_mutex(lock_file, deadline):
+            yield
+        return
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor drops the flock
+
+
+def _flocked(path: str, deadline: float) -> int | None:
+    """A descriptor of ``path`` holding an exclusive ``flock``, or None where the platform or the
+    filesystem has no ``flock``.
+
+    Raises:
+        TimeoutError: another process held it until ``deadline``.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise TimeoutError(f"{path} stayed locked for {_MUTEX_WAIT_SECONDS} s") from None
+            time.sleep(0.005)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_FLOCK_ERRNOS:
+                return None
+            raise
+
+
+@contextlib.contextmanager
+def _link_mutex(lock_file: str, deadline: float) -> Iterator[None]:
+    """Hold ``<lock_file>.mutex``, created whole with a hard link (filesystems without ``flock``)."""
     mutex = f"{lock_file}.mutex"
     owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}\n".encode()
-    deadline = time.monotonic() + _MUTEX_WAIT_SECONDS
     while True:
         try:
             _create_exclusive(mutex, owner)

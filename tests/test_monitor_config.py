@@ -626,15 +626,14 @@ def test_a_process_killed_inside_the_lock_mutex_does_not_hold_up_the_next_run(tm
 
     lock_file = lock_module.lock_path(str(tmp_path))
     (tmp_path / "_monitor").mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from rsflow.monitor.lock import _local_mutex\n"
-         f"with _local_mutex({lock_file!r}):\n"
-         "    print('held', flush=True)\n"
-         "    time.sleep(60)\n"],
-        stdout=subprocess.PIPE, text=True,
+    code = (
+        "import time\n"
+        "from rsflow.monitor.lock import _local_mutex\n"
+        f"with _local_mutex({lock_file!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
     )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         entered = []

@@ -809,3 +809,4 @@ def read_blocks(
         with rasterio.Env(**cache):  # set and restored around each block: no GDAL state across a yield
             out = read_batch(part, max_nodata=max_nodata, gdal_options=gdal_options)
         yield out
+        del out, part  # the consumer has the block: its chips must not stay alive through the next read

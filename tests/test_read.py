@@ -140,6 +140,37 @@ def test_a_unit_is_read_and_yielded_a_block_at_a_time(tiles_per_block, sizes):
     np.testing.assert_array_equal(blocks[-1]["image"][-1], _expected(320, 640, 64))
 
 
+def test_a_read_task_lets_go_of_a_block_once_it_is_handed_on(monkeypatch):
+    """While the generator reads the next block, the one it yielded lives only as long as its consumer
+    keeps it (Ray Data has stored it by then): a read worker holds one block of chips, not two."""
+    import gc
+    import weakref
+
+    import rsflow.read as read_module
+
+    alive_during_read = []
+    chips = None
+
+    def watched(part, **kwargs):
+        gc.collect()
+        alive_during_read.append(chips is not None and chips() is not None)
+        return original(part, **kwargs)
+
+    original = read_module.read_batch
+    monkeypatch.setattr(read_module, "read_batch", watched)
+    rows = [_tile(0, 0), _tile(640, 320), _tile(320, 640)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    batch["status"] = np.array(["ok"] * 3, dtype=object)
+    batch["error"] = np.array([None] * 3, dtype=object)
+    batch["stage"] = np.array(["plan"] * 3, dtype=object)
+    blocks = read_blocks(batch, tiles_per_block=1, max_nodata=0.5)
+    first = next(blocks)
+    chips = weakref.ref(first["image"])
+    del first
+    second = next(blocks)
+    assert alive_during_read == [False, False] and second["image"].shape == (1, 64, 64, 3)
+
+
 @pytest.mark.parametrize("tiles_per_block", [None, 4])
 def test_a_unit_with_no_tiles_left_yields_no_block(tiles_per_block):
     """A unit whose every tile a --resume carried over plans no rows: its read task yields nothing

@@ -93,9 +93,9 @@ def _finetune_cli() -> Any:
 
 def test_get_lr_warms_up_linearly_then_decays_on_a_cosine() -> None:
     config = FinetuneConfig(lr=1.0, warmup_ratio=0.1, max_steps=20)
-    # warmup = ceil(0.1 * 20) = 2 steps: 1/2, 2/2; then cosine over the 18 remaining steps
-    assert get_lr(0, config) == pytest.approx(0.5)
-    assert get_lr(1, config) == pytest.approx(1.0)
+    # warmup = ceil(0.1 * 20) = 2 steps: 0/2, 1/2; then cosine over the 18 remaining steps
+    assert get_lr(0, config) == pytest.approx(0.0)
+    assert get_lr(1, config) == pytest.approx(0.5)
     assert get_lr(2, config) == pytest.approx(1.0)
     assert get_lr(11, config) == pytest.approx(0.5)  # half way: (11 - 2) / 18
     assert get_lr(19, config) == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
@@ -103,6 +103,26 @@ def test_get_lr_warms_up_linearly_then_decays_on_a_cosine() -> None:
     assert get_lr(0, FinetuneConfig(lr=2e-4, warmup_ratio=0.0), total_steps=10) == pytest.approx(2e-4)
     decay = [get_lr(s, config) for s in range(2, 20)]
     assert decay == sorted(decay, reverse=True)
+
+
+@pytest.mark.parametrize(("warmup_ratio", "total"), [(0.03, 100), (0.1, 20), (0.0, 7), (0.03, 1)])
+def test_get_lr_is_the_hugging_face_trainers_cosine_schedule(warmup_ratio, total) -> None:
+    """The learning rate of every optimizer step equals the one LLaVA's and GeoChat's Trainer used
+    (``lr_scheduler_type cosine``, warmup steps ``ceil(ratio * total)``, stepped after each step)."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    lr = 2e-4
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    theirs = []
+    for _ in range(total):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    config = FinetuneConfig(lr=lr, warmup_ratio=warmup_ratio)
+    assert [get_lr(k, config, total_steps=total) for k in range(total)] == pytest.approx(theirs, rel=1e-9, abs=1e-15)
 
 
 def test_collate_pads_right_and_turns_failed_rows_into_silent_fillers() -> None:

@@ -132,10 +132,12 @@ class FinetuneResult:
 
 
 def get_lr(step: int, config: FinetuneConfig, total_steps: int | None = None) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to 0.
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to 0, as the
+    Hugging Face Trainer that LLaVA and GeoChat trained with sets it (``lr_scheduler_type cosine``:
+    ``get_cosine_schedule_with_warmup``, stepped after each optimizer step).
 
-    ``warmup = ceil(warmup_ratio * total)`` (HF ``get_cosine_schedule_with_warmup`` rounding);
-    ``lr * (step + 1) / warmup`` for ``step < warmup``, else
+    ``warmup = ceil(warmup_ratio * total)``; ``lr * step / warmup`` for ``step < warmup`` (so the first
+    step of a warmup runs at 0, as theirs did), else
     ``lr * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``, which is ``lr`` right after
     warmup and stays above 0 up to the last step ``total - 1``.
 
@@ -152,7 +154,7 @@ def get_lr(step: int, config: FinetuneConfig, total_steps: int | None = None) ->
         raise ValueError("total_steps must be >= 1 (give it, or set config.max_steps)")
     warmup = math.ceil(config.warmup_ratio * total)
     if step < warmup:
-        return config.lr * (step + 1) / warmup
+        return config.lr * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 

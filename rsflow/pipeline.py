@@ -68,7 +68,7 @@ from rsflow.plan import plan_tiles, plan_units, tile_offsets
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_blocks
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
-from rsflow.sources import SourceProfile, check_signing, load_profiles, resolve_profile
+from rsflow.sources import SourceProfile, check_signing, load_profiles, resolve_profile, sign_href
 from rsflow.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,8 @@ def _plan_item(
     rows = tuple(row["rows"]) if row.get("rows") is not None else None
     cols = tuple(row["cols"]) if row.get("cols") is not None else None
     try:  # this unit's tiles: a failure here (a header read, a region) may be this unit's alone
-        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), rasterio.open, rows=rows, cols=cols)
+        tiles = plan_tiles(item, profile, spec, shapely.from_wkb(aoi_wkb), header_opener(profile, href_policy),
+                           rows=rows, cols=cols)
         geoms = [(rid, shapely.from_wkb(wkb)) for rid, wkb in regions]
         out = []
         for t in tiles:
@@ -188,6 +189,19 @@ def _plan_item(
         unit = (list(rows), list(cols)) if rows is not None and cols is not None else None
         return [_plan_failure(item, spec, exc, unit)]
     return out
+
+
+def header_opener(profile: SourceProfile, href_policy: HrefPolicy) -> Any:
+    """``href -> rasterio dataset`` for planning's header reads (items without ``proj:*`` fields), on the
+    driver and in the read tasks alike: the href is checked against the catalog's policy first (a
+    remote catalog's href to a loopback or metadata address is never opened; :class:`HrefRefused`)
+    and signed as the item's profile says (Planetary Computer hrefs are private until signed)."""
+
+    def open_header(href: str) -> Any:
+        href_policy.check(href)
+        return rasterio.open(sign_href(href, profile))
+
+    return open_header
 
 
 def _plan_failure(item: dict[str, Any], spec: Any, exc: Exception,
@@ -531,9 +545,12 @@ def run_region(
     item_offsets: list[tuple[str, list[tuple[int, int]]]] = []
     n_tiles, per_unit = 0, tiles_per_block(tile_spec.size_px, model=spec.model != NOOP_MODEL)
     refused: list[RequestError] = []
+    href_policy = HrefPolicy.for_catalog(request.stac, request.allowed_hosts)
     for item in items:
-        try:
-            offsets = tile_offsets(item, profiles, tile_spec, request.aoi, rasterio.open)
+        profile = profiles.get(item.get("collection") or "")
+        opener = header_opener(profile, href_policy) if profile is not None else None
+        try:  # an item that cannot be planned here gets no offsets: its read task records why
+            offsets = tile_offsets(item, profiles, tile_spec, request.aoi, opener)
         except RequestError as exc:  # e.g. --gsd on an item in degrees: that item fails (planning says why)
             refused.append(exc)
             offsets = []
@@ -614,7 +631,7 @@ def run_region(
                     "aoi_wkb": shapely.to_wkb(request.aoi),
                     "regions": regions,
                     "regions_only": set(request.tasks) == {"region-caption"},
-                    "href_policy": HrefPolicy.for_catalog(request.stac, request.allowed_hosts),
+                    "href_policy": href_policy,
                     "skip_tile_ids": frozenset(done_tiles),
                 },
                 # CPU nodes only (see rsflow.placement); fused with the read stage

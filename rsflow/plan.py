@@ -439,7 +439,7 @@ def item_datetime(item: dict[str, Any]) -> str:
     import pandas as pd
 
     if not isinstance(value, str):
-        raise ValueError(f"item datetime {value!r} is not a string (RFC 3339)")
+        raise ValueError(f"item datetime {value!r} is not a string (RFC 3339)")  # noqa: TRY004 - planning records ValueErrors
     try:
         pd.Timestamp(value)
     except (ValueError, TypeError, OverflowError) as exc:

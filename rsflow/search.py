@@ -345,6 +345,12 @@ def search_items(
     return result
 
 
+#: Without the query extension, ``--max-cloud`` is applied here to at most this many times ``--max-items``
+#: items of the API's answer (newest first), so that a search where few pass does not page through an
+#: entire catalog; stopping there counts as reaching ``--max-items``.
+_CLIENT_FILTER_SCAN = 20
+
+
 @dataclass(frozen=True)
 class _Found:
     items: list[dict[str, Any]]
@@ -355,7 +361,8 @@ class _Found:
     known_collections: tuple[str, ...] | None = None
     """The collections a local source has (named in the error), None for an API."""
     n_cloud_filtered: int = 0
-    """Items a local source dropped for ``max_cloud`` before it applied ``max_items``."""
+    """Items dropped for ``max_cloud`` before ``max_items`` was applied (a local source, or an API
+    without the query extension)."""
 
 
 def _search_api(
@@ -386,15 +393,32 @@ def _search_api(
                 "%s does not conform to the STAC API query extension; filtering eo:cloud_cover here",
                 redact(url),
             )
+        filter_here = query.max_cloud is not None and not use_query
         search = client.search(
             collections=list(query.collections),
             intersects=query.intersects,
             datetime=query.datetime,
-            max_items=query.max_items,
+            # Filtering here, the cap applies to the items that pass, as the query extension's would
+            # (and as a local source does): the API's first max_items could all be too cloudy.
+            max_items=_CLIENT_FILTER_SCAN * query.max_items if filter_here else query.max_items,
             limit=min(query.max_items, 100),
             query={"eo:cloud_cover": {"lte": query.max_cloud}} if use_query else None,
         )
-        items = list(search.items_as_dicts())
+        n_cloud, reached = 0, False
+        if filter_here:
+            items = []
+            for item in search.items_as_dicts():
+                passed, dropped = _filter_cloud([item], query.max_cloud)
+                items += passed
+                n_cloud += dropped
+                if len(items) >= query.max_items:
+                    reached = True
+                    break
+            else:  # the scan stopped at its own cap: more items may pass further on
+                reached = len(items) + n_cloud >= _CLIENT_FILTER_SCAN * query.max_items
+        else:
+            items = list(search.items_as_dicts())
+            reached = len(items) >= query.max_items
         unknown = []
         # An API without the collections endpoint cannot say; there, no items is just no items.
         missing = set(query.collections) - {str(i.get("collection")) for i in items}
@@ -428,8 +452,8 @@ def _search_api(
         STACError,
     ) as err:  # requests errors are OSErrors; bad JSON ValueError
         raise SourceError(f"STAC API {redact(url)} could not be searched: {_short(str(err))}") from err
-    return _Found(items=items, reached_max_items=len(items) >= query.max_items, cloud_on_server=use_query,
-                  unknown_collections=tuple(unknown))
+    return _Found(items=items, reached_max_items=reached, cloud_on_server=use_query,
+                  unknown_collections=tuple(unknown), n_cloud_filtered=n_cloud)
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -153,17 +153,38 @@ def test_an_item_in_the_last_second_of_a_day_is_in_that_day(tmp_path: Path) -> N
     assert ids(result) == ["late"]
 
 
-def test_local_cloud_filter_applies_before_max_items(tmp_path: Path) -> None:
-    """As an API with the query extension: the clear scenes are kept even when cloudy ones are newer."""
+@pytest.mark.parametrize("source", ["local", "api"])
+def test_the_cloud_filter_applies_before_max_items(source: str, tmp_path: Path) -> None:
+    """As an API with the query extension: the clear scenes are kept even when cloudy ones are newer, from
+    a local catalog and from an API without the extension (rustac serve), where rsflow filters them itself."""
     features = [_feature(f"i{k:02d}", properties={"datetime": f"2024-05-{k + 1:02d}T00:00:00Z",
                                                    "eo:cloud_cover": 90.0 if k >= 5 else 1.0})
-                for k in range(10)]
+                for k in reversed(range(10))]  # newest first, as APIs page (rustac: in this order)
     path = tmp_path / "items.json"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    result = search_items(query(str(path), collections=("c",), intersects=mapping(box(0, 0, 1, 1)), max_cloud=10.0,
-                                max_items=5))
-    assert ids(result) == [f"i{k:02d}" for k in range(5)] and not result.reached_max_items
-    assert result.n_cloud_filtered == 5
+
+    def search(stac: str, **changes: Any) -> SearchResult:
+        return search_items(query(stac, collections=("c",), intersects=mapping(box(0, 0, 1, 1)), max_cloud=10.0,
+                                  **changes))
+
+    if source == "local":
+        result = search(str(path), max_items=5)
+        assert ids(result) == [f"i{k:02d}" for k in range(5)] and not result.reached_max_items
+        assert result.n_cloud_filtered == 5
+        return
+    collection = tmp_path / "c.json"
+    collection.write_text(json.dumps({
+        "type": "Collection", "stac_version": "1.1.0", "id": "c", "description": "clouds", "license": "other",
+        "links": [], "extent": {"spatial": {"bbox": [[0, 0, 1, 1]]},
+                                "temporal": {"interval": [["2024-05-01T00:00:00Z", None]]}},
+    }))
+    with serve_stac([collection, path], tmp_path / "serve.log") as url:
+        result = search(url, max_items=5)
+        assert not result.cloud_filter_on_server
+        assert ids(result) == [f"i{k:02d}" for k in range(5)] and result.reached_max_items
+        assert result.n_cloud_filtered == 5  # the five newer, cloudy ones, seen before the clear ones
+        fewer = search(url, max_items=2)  # the newest two that pass
+        assert ids(fewer) == ["i03", "i04"] and fewer.reached_max_items
 
 
 def test_local_assets_have_absolute_hrefs(local_source: str) -> None:

@@ -25,6 +25,7 @@ from rsflow.errors import (
 )
 from rsflow.evaluate.cli import add_eval_parser, run_eval_command
 from rsflow.hrefs import RedactingFilter, redact
+from rsflow.models.spec import DEFAULT_MAX_NEW_TOKENS
 from rsflow.monitor.cli import add_monitor_parser, run_monitor_command
 from rsflow.preview import add_preview_parser, run_preview
 
@@ -122,7 +123,11 @@ def region_arguments() -> argparse.ArgumentParser:
         "--attn-implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
         help="attention kernel (auto: flash-attention 2 on a GPU with flash-attn, else SDPA)",
     )
-    model.add_argument("--max-new-tokens", type=_whole, default=64)
+    model.add_argument(
+        "--max-new-tokens", type=_whole, default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"most tokens generated per answer (default {DEFAULT_MAX_NEW_TOKENS}, as GeoChat's evaluation); an "
+             "answer that reaches it says so in parse_error",
+    )
     model.add_argument(
         "--engine", choices=["transformers", "vllm"], default="transformers",
         help="inference engine: transformers (default) or vllm (Ray Data's vLLM processor; GPUs only, "

@@ -20,6 +20,7 @@ import shapely
 
 from rsflow.georef import box_to_map, box_to_pixels
 from rsflow.models.parse import match_class, normalize_vqa, parse_boxes
+from rsflow.models.slots import ANSWER_CUT_COLUMN
 from rsflow.output import RESULT_SCHEMA, hilbert_key
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,17 @@ def interpret_row(row: dict[str, Any], *, classes: tuple[str, ...] = ()) -> list
             errors.append("no box in the answer")
         base.update(object_count=len(objects), parse_error="; ".join(errors) or None)
         out.extend(objects)
+    if _is_true(row.get(ANSWER_CUT_COLUMN)):  # e.g. boxes past the cut were never written: a lower count
+        base["parse_error"] = "; ".join(e for e in (base.get("parse_error"), ANSWER_CUT_NOTE) if e)
     return out
+
+
+ANSWER_CUT_NOTE = "the answer reached --max-new-tokens before it ended: it may be cut short"
+"""``parse_error`` of an answer generation stopped at the token limit (the infer stage's ``answer_cut``)."""
+
+
+def _is_true(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_) and bool(value)
 
 
 def interpret_batch(batch: pd.DataFrame, *, classes: tuple[str, ...] = ()) -> pa.Table:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shapely
 import torch
 
 from rsflow.errors import ModelError, RequestError
@@ -120,7 +121,7 @@ def test_spec_defaults_and_frozen() -> None:
     assert (spec.dtype, spec.attn_implementation, spec.max_new_tokens, spec.batch_size) == (
         "auto",
         "auto",
-        64,
+        256,  # GeoChat's evaluation: one box is about 20 LLaMA tokens
         None,  # chosen by each replica from its device's free memory (tests/test_auto_batch.py)
     )
     with pytest.raises(AttributeError):
@@ -409,6 +410,7 @@ def test_runner_rows_statuses_and_passthrough(runner: ModelRunner) -> None:
         "stage",
         "infer_seconds",
         "prompt_index",
+        "answer_cut",
     }
     assert all(len(v) == 4 * n_prompts for v in out.values())
     # rows the model ran are marked "infer"; passed-through rows keep no stage of their own here
@@ -568,6 +570,33 @@ def test_clean_answer() -> None:
     assert _clean_answer("  A harbor with ships.</s>  ") == "A harbor with ships."
     assert _clean_answer(" Yes </s>") == "Yes"
     assert _clean_answer("</s>") == ""
+
+
+@pytest.mark.parametrize("ends", [True, False], ids=["ends", "runs-on"])
+def test_an_answer_stopped_by_max_new_tokens_is_marked_cut(ends: bool, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``answer_cut`` says whether generation stopped at ``max_new_tokens`` rather than at end-of-sequence,
+    and the result row's parse_error says it may be cut short (a detection's later boxes never written).
+    The checkpoint's generation config leaves end-of-sequence as the only choice, or suppresses it."""
+    from rsflow.interpret import ANSWER_CUT_NOTE, interpret_row
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    vocab = int(config["text_config"]["vocab_size"])
+    eos = int(generation["eos_token_id"])
+    generation["suppress_tokens"] = [i for i in range(vocab) if i != eos] if ends else [eos]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+    out = ModelRunner(ModelSpec(model=str(folder), max_new_tokens=4, batch_size=4), PROMPTS)(_batch(_images(2), ["ok", "ok"]))
+    assert out["answer_cut"].dtype == bool and list(out["answer_cut"]) == [not ends] * 6
+    assert all(t == "" for t in out["text"]) if ends else all(t for t in out["text"])
+    row = {k: v[1] for k, v in out.items()}
+    row.update(crs="EPSG:32618", col_off=0, row_off=0, width=64, height=64, res=10.0, collection="c",
+               transform=[10.0, 0.0, 500000.0, 0.0, -10.0, 4200000.0], nodata_fraction=0.0,
+               footprint_wkb=shapely.to_wkb(shapely.box(-75.0, 37.0, -74.99, 37.01)))
+    note = interpret_row(row)[0]["parse_error"]
+    assert (note is not None and ANSWER_CUT_NOTE in note) is (not ends)
 
 
 def test_rows_past_the_tokenizer_and_the_image_token_are_never_generated(tiny_model_dir: Path,

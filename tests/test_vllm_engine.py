@@ -245,7 +245,9 @@ def test_output_columns_and_rows_are_those_of_model_runner() -> None:
     reference = ModelRunner(ModelSpec(model="noop"), _PROMPTS)(dict(batch))  # empty answers, geochat family
     plan = V.plan_vllm(ModelSpec(model="smoke", prompt_format="geochat"), _PROMPTS)
     preprocess = wrap_preprocess(functools.partial(V.preprocess_row, plan=plan), "__data")
-    postprocess = wrap_postprocess(V.postprocess_row, "__data", include_error_column=True)
+    postprocess = wrap_postprocess(functools.partial(V.postprocess_row, plan=plan), "__data", include_error_column=True)
+    limit = dict(plan.sampling_params)["max_tokens"]
+    assert 5 not in plan.eos_token_ids
     expanded = V.expand_batch(dict(batch), plan=plan)
     out_rows = []
     for i in range(len(expanded["tile_id"])):
@@ -255,6 +257,8 @@ def test_output_columns_and_rows_are_those_of_model_runner() -> None:
                 data.pop(key)
             if data["tile_id"] == "t3" and data["prompt_key"] == "r2":
                 data.update(generated_text="", time_taken_llm=-1, __inference_error__="RuntimeError: CUDA error")
+            elif data["tile_id"] == "t1" and data["prompt_key"] == "":  # stopped by max_tokens, not by EOS
+                data.update(generated_text="", generated_tokens=[5] * limit, time_taken_llm=0.5, __inference_error__="")
             else:
                 data.update(generated_text="", generated_tokens=[2], time_taken_llm=0.5, __inference_error__="")
         out_rows.append(postprocess({"__data": data}))
@@ -262,8 +266,11 @@ def test_output_columns_and_rows_are_those_of_model_runner() -> None:
     finished = V.finish_batch({k: _objects([r.get(k) for r in out_rows]) for k in keys})
 
     assert set(finished) == set(reference)
+    cut = [(t, k) for t, k, c in zip(finished["tile_id"], finished["prompt_key"], finished["answer_cut"], strict=True)
+           if c]
+    assert cut == [("t1", "")] and finished["answer_cut"].dtype == bool
     for column in reference:
-        if column in ("model_id", "infer_seconds"):
+        if column in ("model_id", "infer_seconds", "answer_cut"):
             continue
         got, want = list(finished[column]), list(reference[column])
         if column == "status" or column == "error" or column == "text":

@@ -497,6 +497,7 @@ class ModelRunner:
                             background=self._background)
         squares = prep.images
         texts: list[str | None] = [None] * n_out
+        cut = [False] * n_out
         statuses, errors, seconds, ran = prep.statuses, prep.errors, prep.seconds, prep.ran
 
         def fail(k: int, message: str) -> None:
@@ -549,14 +550,14 @@ class ModelRunner:
                     for item, answer, failure in results:
                         seconds[item.out_index] += share
                         if failure is None:
-                            texts[item.out_index] = answer
+                            texts[item.out_index], cut[item.out_index] = answer
                         else:
                             fail(item.out_index, _error_text(failure))
 
         # 6. Columns.
         out = slot_columns(
             batch, slots, texts=texts, statuses=statuses, errors=errors, ran=ran, seconds=seconds,
-            model_ids=[self._model_ids.get(slot.adapter, self._model_ids[None]) for slot in slots],
+            model_ids=[self._model_ids.get(slot.adapter, self._model_ids[None]) for slot in slots], cut=cut,
         )
         n_failed = sum(1 for s in statuses if s == "failed")
         logger.debug(
@@ -671,7 +672,7 @@ class ModelRunner:
 
     def _generate_with_fallback(
         self, items: list[_Work]
-    ) -> list[tuple[_Work, str | None, BaseException | None]]:
+    ) -> list[tuple[_Work, tuple[str, bool] | None, BaseException | None]]:
         """Generate a sub-batch; if it raises, retry item by item so one bad item fails alone."""
         try:
             answers = self._generate(items)
@@ -687,7 +688,7 @@ class ModelRunner:
                 _error_text(exc),
             )
         self._release_memory()
-        results: list[tuple[_Work, str | None, BaseException | None]] = []
+        results: list[tuple[_Work, tuple[str, bool] | None, BaseException | None]] = []
         for item in items:
             try:
                 results.append((item, self._generate([item])[0], None))
@@ -701,8 +702,9 @@ class ModelRunner:
         if self.loaded is not None and self.loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _generate(self, items: list[_Work]) -> list[str]:
-        """Greedy answers for prompts whose image features are already computed.
+    def _generate(self, items: list[_Work]) -> list[tuple[str, bool]]:
+        """Greedy answers for prompts whose image features are already computed, each with whether it
+        was cut: ``max_new_tokens`` generated and no end-of-sequence token among them.
 
         The prompts are left-padded with the pad token (as the processor pads), embedded with the
         language model's input embeddings, and each prompt's ``<image>`` positions are overwritten
@@ -744,7 +746,11 @@ class ModelRunner:
             )
         new_tokens = output[:, length:]
         decoded = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [_clean_answer(text) for text in decoded]
+        eos = model.generation_config.eos_token_id
+        eos = loaded.tokenizer.eos_token_id if eos is None else eos
+        ended = torch.isin(new_tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=new_tokens.device))
+        cut = (~ended.any(dim=1)) & (new_tokens.shape[1] >= self.spec.max_new_tokens)
+        return [(_clean_answer(text), bool(c)) for text, c in zip(decoded, cut.tolist(), strict=True)]
 
 
 MAX_ANSWER_CHARS = 16_384

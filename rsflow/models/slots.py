@@ -263,10 +263,12 @@ def slot_columns(
     model_ids: Sequence[str],
     ran: np.ndarray,
     seconds: np.ndarray,
+    cut: Sequence[bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """The infer stage's output columns (see the module docstring), one row per slot: the input
     columns repeated per slot (but the image and the prompt inputs, consumed here), the slot's
-    prompt, its answer and status, and ``stage`` ``"infer"`` for slots the engine worked on."""
+    prompt, its answer and status, ``answer_cut`` (the answer reached ``max_new_tokens`` without
+    ending: it may be cut short) and ``stage`` ``"infer"`` for slots the engine worked on."""
     n_out = len(slots)
     row_index = np.fromiter((slot.row for slot in slots), dtype=np.int64, count=n_out)
     out: dict[str, np.ndarray] = {}
@@ -290,7 +292,13 @@ def slot_columns(
     in_stage = out["stage"] if "stage" in out else _objects([None] * n_out)
     out["stage"] = _objects(["infer" if r else st for r, st in zip(ran, in_stage, strict=True)])
     out["infer_seconds"] = np.where(ran, seconds, 0.0)
+    out[ANSWER_CUT_COLUMN] = np.zeros(n_out, dtype=bool) if cut is None else np.asarray(cut, dtype=bool)
     return out
+
+
+ANSWER_CUT_COLUMN: Final[str] = "answer_cut"
+"""Infer-stage column: True where generation stopped at ``max_new_tokens`` rather than at an
+end-of-sequence token (the result row's ``parse_error`` says so)."""
 
 
 @dataclass

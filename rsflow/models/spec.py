@@ -56,6 +56,11 @@ AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DTYPES: Final[tuple[str, ...]] = get_args(DType)
 ATTN_IMPLEMENTATIONS: Final[tuple[str, ...]] = get_args(AttnImplementation)
 
+DEFAULT_MAX_NEW_TOKENS: Final[int] = 256
+"""Default ``max_new_tokens``: GeoChat's evaluation scripts'. Generation ends at the end-of-sequence
+token; the limit only cuts long answers: a LLaMA tokenizer spells every digit apart, so one GeoChat
+box ``{<16><55><24><63>|<11>}`` is about 20 tokens, and the earlier default of 64 held three boxes."""
+
 MAX_NEW_TOKENS_LIMIT: Final[int] = 8192
 """Upper bound for ``max_new_tokens`` (LLaVA-family models have 2048-4096 positions)."""
 
@@ -127,7 +132,7 @@ class ModelSpec:
     """Attention kernel; ``"auto"``: ``flash_attention_2`` on CUDA when ``flash_attn`` imports,
     else ``sdpa``."""
 
-    max_new_tokens: int = field(default=64, metadata={"help": "most tokens generated per answer"})
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "most tokens generated per answer"})
     """Generation budget per answer, in tokens (greedy decoding stops earlier at ``</s>``)."""
 
     batch_size: int | None = field(

@@ -317,6 +317,8 @@ class VllmPlan:
     """vLLM ``SamplingParams`` of every request."""
     lora_rank: int | None = None
     """``max_lora_rank`` for the engine; None: no LoRA."""
+    eos_token_ids: frozenset[int] = frozenset()
+    """The checkpoint's end-of-sequence ids (an answer that ends on none at ``max_tokens`` was cut)."""
 
     def lora_for(self, adapter: str | None) -> str:
         loras = dict(self.loras)
@@ -377,12 +379,16 @@ def suppressed_ids(model_dir: str) -> list[int]:
     tokenizer = _tokenizer(model_dir)
     rows = text.get("vocab_size") or config.get("vocab_size") or len(tokenizer)
     generation = _read_json(model_dir, "generation_config.json") or {}
-    eos = generation.get("eos_token_id")
-    eos = tokenizer.eos_token_id if eos is None else eos
-    keep = {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}
     extra = [int(i) for i in generation.get("suppress_tokens") or [] if isinstance(i, int)]
     return unspeakable_ids(len(tokenizer), int(rows), _image_token_id(model_dir), tokenizer.pad_token_id, *extra,
-                           keep=keep)
+                           keep=eos_ids(model_dir))
+
+
+def eos_ids(model_dir: str) -> frozenset[int]:
+    """The checkpoint's end-of-sequence ids: ``generation_config.json``'s, else the tokenizer's."""
+    eos = (_read_json(model_dir, "generation_config.json") or {}).get("eos_token_id")
+    eos = _tokenizer(model_dir).eos_token_id if eos is None else eos
+    return frozenset(int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
 
 
 def _sampling_params(spec: ModelSpec, model_dir: str) -> dict[str, Any]:
@@ -454,6 +460,7 @@ def plan_vllm(
         model_ids=tuple(ids),
         sampling_params=tuple(sorted(_sampling_params(spec, model_dir).items())),
         lora_rank=lora_rank,
+        eos_token_ids=eos_ids(model_dir),
     )
 
 
@@ -558,15 +565,20 @@ def preprocess_row(row: dict[str, Any], *, plan: VllmPlan) -> dict[str, Any]:
     }
 
 
-def postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
+def postprocess_row(row: dict[str, Any], *, plan: VllmPlan) -> dict[str, Any]:
     """The processor's postprocess (answered rows only; Ray returns error rows as they are): the
-    generated text through the runner's ``_clean_answer``, the request's engine time as ``infer_seconds``."""
+    generated text through the runner's ``_clean_answer``, the request's engine time as ``infer_seconds``,
+    and ``answer_cut`` as the runner sets it (all ``max_tokens`` generated, the last not end-of-sequence)."""
     from rsflow.models.runner import _clean_answer
+    from rsflow.models.slots import ANSWER_CUT_COLUMN
 
     seconds = row.get("time_taken_llm")
     out = {k: v for k, v in row.items() if not _engine_key(k)}
     out["prompt"] = row.get(_USER_PROMPT)
     out["text"] = _clean_answer(str(row.get("generated_text") or ""))
+    tokens = [int(t) for t in (row.get("generated_tokens") if row.get("generated_tokens") is not None else [])]
+    limit = int(dict(plan.sampling_params)["max_tokens"])
+    out[ANSWER_CUT_COLUMN] = len(tokens) >= limit and tokens[-1] not in plan.eos_token_ids
     out["infer_seconds"] = float(seconds) if isinstance(seconds, int | float) and seconds > 0 else 0.0
     return out
 
@@ -582,7 +594,7 @@ def finish_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     Answered rows keep their ``text``; rows the engine failed (``__inference_error__`` set by Ray)
     become ``status="failed"`` with that message and no text; pass-through rows are unchanged.
     """
-    from rsflow.models.slots import _column, _objects
+    from rsflow.models.slots import ANSWER_CUT_COLUMN, _column, _objects
 
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
@@ -613,6 +625,10 @@ def finish_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out["status"] = _objects(status)
     out["error"] = _objects(error)
     out["infer_seconds"] = seconds
+    # Rows Ray returned as they were never ran into the limit.
+    cut = out.get(ANSWER_CUT_COLUMN)
+    out[ANSWER_CUT_COLUMN] = np.array([bool(c) if isinstance(c, bool | np.bool_) else False
+                                       for c in (cut if cut is not None else [False] * n)], dtype=bool)
     order = [k for k in names if k in out] + [k for k in out if k not in names]
     return {k: out[k] for k in order}
 
@@ -704,7 +720,7 @@ def add_vllm_stage(
     processor = build_processor(
         config,
         preprocess=functools.partial(preprocess_row, plan=plan),
-        postprocess=postprocess_row,
+        postprocess=functools.partial(postprocess_row, plan=plan),
     )
     logger.info("vllm engine: %s on %d-%d engine actor(s), LoRA: %s", plan.model_source, actors,
                 max(actors, max_actors or actors), dict(plan.loras) if plan.lora_rank else "none")

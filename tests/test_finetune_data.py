@@ -245,6 +245,24 @@ def test_truncation_after_image_expansion(tiny_tokenizer: Any) -> None:
     assert len(tiny.input_ids) == start + 3 and tiny.n_supervised == 0
 
 
+def test_geochat_truncation_counts_the_text_only(tiny_tokenizer: Any) -> None:
+    """GeoChat's copy of LLaVA cuts the text (the image one position) at model_max_length and splices the
+    image features in afterwards, with no second cut: a sample whose text fits keeps every answer token
+    even where the expanded sequence is longer than max_length; a longer text is cut at max_length text
+    positions, the image still expanded in full."""
+    kwargs: dict[str, Any] = {"template": "v1", "image_token_id": IMAGE_ID, "n_image_tokens": N_IMAGE}
+    full = tokenize_with_labels(TWO_TURNS, tiny_tokenizer, max_length=4096, **kwargs)
+    n_text = len(full.input_ids) - N_IMAGE + 1  # the image as one position
+    fits = tokenize_with_labels(TWO_TURNS, tiny_tokenizer, max_length=n_text, truncation="text", **kwargs)
+    assert (fits.input_ids, fits.labels, fits.truncated) == (full.input_ids, full.labels, False)
+    assert tokenize_with_labels(TWO_TURNS, tiny_tokenizer, max_length=n_text, **kwargs).truncated  # final LLaVA's cut
+    cut = tokenize_with_labels(TWO_TURNS, tiny_tokenizer, max_length=n_text - 4, truncation="text", **kwargs)
+    assert cut.truncated and len(cut.input_ids) == n_text - 4 + N_IMAGE - 1
+    assert (cut.input_ids, cut.labels) == (full.input_ids[: len(cut.input_ids)], full.labels[: len(cut.labels)])
+    with pytest.raises(ValueError, match="truncation"):
+        tokenize_with_labels(TWO_TURNS, tiny_tokenizer, max_length=64, truncation="images", **kwargs)
+
+
 def test_mismatch_masks_everything(tiny_tokenizer: Any) -> None:
     """An answer containing " ASSISTANT: " breaks LLaVA's round split: its safety check fires."""
     conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "x ASSISTANT: y"}]
@@ -448,7 +466,12 @@ def test_prepare_batch_without_ray(tiny_model_dir: Path, tmp_path: Path) -> None
     assert prepare.tokenizer.decode(caption.tolist()).strip() == "A field."
     # A too-short max_length leaves nothing to learn: refused with a reason.
     short = PrepareBatch(str(tiny_model_dir), template="v1", max_length=20)(_batch(rows[:1]))
-    assert reason_code(short["reason"][0]) == "no_supervised_tokens"
+    assert reason_code(short["reason"][0]) == "no_supervised_tokens" and not short["truncated"][0]
+    # One that cuts the answer short keeps the row and says so (the training loop counts it).
+    n = len(out["input_ids"][0])
+    part = PrepareBatch(str(tiny_model_dir), template="v1", max_length=n - 2)(_batch(rows[:1]))
+    assert part["ok"].tolist() == [True] and part["truncated"].tolist() == [True]
+    assert not out["truncated"][0]
     with pytest.raises(RequestError, match="image_size"):
         PrepareBatch(str(tiny_model_dir), template="v1", max_length=256, image_size=128)
 

@@ -40,15 +40,16 @@ def _layout(base: Path) -> tuple[int, int, int]:
     return int(config.image_token_index), int(config.image_seq_length), int(config.vision_config.image_size)
 
 
-def _synthetic_rows(base: Path, n: int, *, failed: int = 0, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image)."""
+def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image); the
+    first ``truncated`` are marked as cut by ``max_length`` (``PrepareBatch``'s ``truncated``)."""
     image_token, n_image, size = _layout(base)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         if i >= n - failed:
             rows.append({"input_ids": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
-                         "pixel_values": np.zeros((3, size, size), np.float32), "ok": False})
+                         "pixel_values": np.zeros((3, size, size), np.float32), "ok": False, "truncated": False})
             continue
         bright = bool(i % 2)
         pixels = rng.normal(0.8 if bright else -0.8, 0.3, (3, size, size)).astype(np.float32)
@@ -57,7 +58,7 @@ def _synthetic_rows(base: Path, n: int, *, failed: int = 0, seed: int = 0) -> li
         ids = np.array([1, *[image_token] * n_image, *prompt, *answer], dtype=np.int64)
         labels = ids.copy()
         labels[: len(ids) - len(answer)] = -100  # only the answer (and </s>) is supervised
-        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "ok": True})
+        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "ok": True, "truncated": i < truncated})
     return rows
 
 
@@ -258,7 +259,7 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
     import torch
     from safetensors.torch import load_file
 
-    rows = _synthetic_rows(tiny_model_dir, 160, failed=2)
+    rows = _synthetic_rows(tiny_model_dir, 160, failed=2, truncated=3)
     dataset = ray.data.from_items(rows, override_num_blocks=8)
     # 160 rows / (2 per worker x 2 workers x 2 accumulated) = 20 steps per epoch; 2 epochs
     config = _config(tiny_model_dir, tmp_path, "instruct", train_projector=True, projector_lr=2e-3,
@@ -312,6 +313,7 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
         assert len(in_epoch) == 20
         assert sum(int(r["rows_digest"]) for r in in_epoch) == all_rows
         assert sum(int(r["failed_rows"]) for r in in_epoch) == 2
+        assert sum(int(r["truncated_rows"]) for r in in_epoch) == 3
 
     # the loss goes down on the learnable target
     losses = [float(r["loss"]) for r in steps]

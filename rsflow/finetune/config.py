@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 Stage = Literal["align", "instruct"]
 Strategy = Literal["ddp", "fsdp"]
 Schedule = Literal["cosine"]
+Truncation = Literal["expanded", "text"]
 
 LLAMA_PROJECTIONS: Final[tuple[str, ...]] = (
     "q_proj",
@@ -127,6 +128,13 @@ class FinetuneConfig:
     """Truncation length of a tokenized sample (LLaVA ``model_max_length``), applied by the data stage
     (``PrepareBatch(max_length=...)``), not by the training loop."""
 
+    truncation: Truncation = field(
+        default="expanded", metadata={"help": "where max_length counts: expanded (final LLaVA) or text (GeoChat)"}
+    )
+    """``"expanded"``: ``max_length`` counts the image features too (final LLaVA's second cut after
+    splicing); ``"text"``: it counts the text with the image as one position (GeoChat's copy of LLaVA,
+    whose sequences reach ``max_length - 1 + 1296``). See ``rsflow.finetune.data.Truncation``."""
+
     shuffle: bool = field(
         default=True, metadata={"help": "shuffle the records once, seeded, before preparing them"}
     )
@@ -185,6 +193,7 @@ class FinetuneConfig:
         _check_choice("stage", self.stage, get_args(Stage))
         _check_choice("strategy", self.strategy, get_args(Strategy))
         _check_choice("schedule", self.schedule, get_args(Schedule))
+        _check_choice("truncation", self.truncation, get_args(Truncation))
         for name in ("workers", "per_worker_batch", "grad_accum", "global_batch", "checkpoint_every",
                      "keep_checkpoints", "max_length"):
             if getattr(self, name) < 1:

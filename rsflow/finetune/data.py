@@ -56,6 +56,12 @@ tuning (``conv_vicuna_v1``, LLaVA's ``--version v1``)."""
 TEMPLATES: Final[tuple[str, ...]] = get_args(Template)
 
 BoundaryFix = Literal["measured", "llava"]
+Truncation = Literal["expanded", "text"]
+"""Where ``max_length`` counts (``tokenize_with_labels``): ``"expanded"``, the sequence with its image
+features spliced in (final LLaVA: ``tokenizer_model_max_length``); ``"text"``, the text with the image
+as one position, expanded afterwards without a second cut (GeoChat's copy of LLaVA: its collator's
+cut only, so a 2048 limit leaves 2047 text positions beside 1296 image features)."""
+TRUNCATIONS: Final[tuple[str, ...]] = get_args(Truncation)
 """How the length of a round that follows ``</s>`` is corrected (see ``tokenize_with_labels``)."""
 
 HUMAN: Final[str] = "human"
@@ -552,7 +558,7 @@ class TokenizedSample:
     mismatch: bool
     """LLaVA's "tokenization mismatch": the label arithmetic did not add up; every label is -100."""
     truncated: bool = False
-    """``max_length`` cut the expanded sequence."""
+    """``max_length`` cut the sequence (answer tokens may be lost; ``PrepareBatch`` reports it)."""
 
     @property
     def n_supervised(self) -> int:
@@ -645,6 +651,7 @@ def tokenize_with_labels(
     n_image_tokens: int,
     system: str = SYSTEM_VICUNA_V1,
     boundary_fix: BoundaryFix = "measured",
+    truncation: Truncation = "expanded",
 ) -> TokenizedSample:
     """Token ids and training labels of one conversation, exactly as LLaVA masks them.
 
@@ -676,20 +683,23 @@ def tokenize_with_labels(
          ``ids != pad`` with ``pad = unk``; here there is no padding yet and byte-fallback tokenizers
          emit no ``unk``, so the sequence length is used.
 
-    3. Replace the placeholder by ``n_image_tokens`` copies of ``image_token_id`` (labels -100), then
+    3. Replace the placeholder by ``n_image_tokens`` copies of ``image_token_id`` (labels -100) and
        truncate ids and labels to ``max_length``. LLaVA's collator truncates the UNEXPANDED ids to
-       ``model_max_length`` and final LLaVA truncates again after splicing the image features; since
-       the image sits in the first few positions, both equal one cut of the expanded sequence.
+       ``model_max_length``; final LLaVA truncates again after splicing the image features, and since
+       the image sits in the first few positions both equal one cut of the expanded sequence
+       (``truncation="expanded"``). GeoChat's older copy has no second cut: ``truncation="text"``
+       cuts the unexpanded ids, then expands.
 
     Args:
         conversations: alternating human/gpt turns, human first, ``<image>`` in the first human turn.
         tokenizer: the model's transformers tokenizer (adds a BOS, knows ``</s>`` as a special token).
         template: ``"plain"`` (stage 1) or ``"v1"`` (stage 2).
-        max_length: longest sequence kept, counted after image expansion (LLaVA: 2048).
+        max_length: longest sequence kept (LLaVA: 2048), counted as ``truncation`` says.
         image_token_id: the id ``LlavaForConditionalGeneration`` fills with image features.
         n_image_tokens: image features per image (576 at 336 px, 1296 for GeoChat at 504 px).
         system: v1 system sentence (``SYSTEM_VICUNA_V1``, what LLaVA and GeoChat trained with).
         boundary_fix: ``"measured"`` or ``"llava"`` (see step 2).
+        truncation: ``"expanded"`` (final LLaVA) or ``"text"`` (GeoChat; see step 3).
 
     Returns:
         The sample; ``mismatch`` samples have every label -100.
@@ -702,6 +712,8 @@ def tokenize_with_labels(
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if max_length < 1 or n_image_tokens < 1:
         raise ValueError(f"max_length ({max_length}) and n_image_tokens ({n_image_tokens}) must be >= 1")
     prompt = render_plain(conversations) if template == "plain" else render_v1(conversations, system)
@@ -720,6 +732,9 @@ def tokenize_with_labels(
     else:
         labels, mismatch = _v1_labels(prompt, ids, tokenizer, max_length, boundary_fix)
 
+    cut_text = truncation == "text" and len(ids) > max_length
+    if truncation == "text":
+        ids, labels = ids[:max_length], labels[:max_length]
     out_ids: list[int] = []
     out_labels: list[int] = []
     for token, label in zip(ids, labels, strict=True):
@@ -729,6 +744,8 @@ def tokenize_with_labels(
         else:
             out_ids.append(token)
             out_labels.append(label)
+    if truncation == "text":
+        return TokenizedSample(out_ids, out_labels, mismatch, cut_text)
     truncated = len(out_ids) > max_length
     return TokenizedSample(out_ids[:max_length], out_labels[:max_length], mismatch, truncated)
 
@@ -865,14 +882,17 @@ class PrepareBatch:
       ``IMAGE_DECODE_ERROR``, ``TOKENIZATION_MISMATCH``, ``NO_SUPERVISED_TOKENS`` (``reason_code``).
       Through Ray Data a ``reason`` column that is None in every row of a block comes back as float
       NaN; ``reason_code`` and ``rows_from_batch`` read that as None.
+    - ``truncated``: bool, an ok row that ``max_length`` cut (trained on what is left; the training
+      loop counts them per step in ``steps.csv``).
 
     Args:
         model_dir: a transformers LLaVA folder (its processor, tokenizer and config are read).
         template: ``"plain"`` (stage 1) or ``"v1"`` (stage 2).
-        max_length: longest sequence after image expansion, tokens.
+        max_length: longest sequence, tokens, counted as ``truncation`` says.
         image_size: expected input side in pixels; None: the vision tower's.
         system: v1 system sentence.
         boundary_fix: see ``tokenize_with_labels``.
+        truncation: see ``tokenize_with_labels`` (``"text"`` for GeoChat's recipe).
 
     Raises:
         RequestError: unknown template, ``max_length`` < 1, or ``image_size`` not the tower's.
@@ -887,6 +907,7 @@ class PrepareBatch:
         image_size: int | None = None,
         system: str = SYSTEM_VICUNA_V1,
         boundary_fix: BoundaryFix = "measured",
+        truncation: Truncation = "expanded",
     ) -> None:
         from transformers import AutoConfig, AutoProcessor
 
@@ -900,6 +921,9 @@ class PrepareBatch:
         self.max_length = int(max_length)
         self.system = system
         self.boundary_fix: BoundaryFix = boundary_fix
+        if truncation not in TRUNCATIONS:
+            raise RequestError("truncation", f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+        self.truncation: Truncation = truncation
         processor = AutoProcessor.from_pretrained(model_dir, backend="pil")  # type: ignore[no-untyped-call]
         self.tokenizer: Any = processor.tokenizer
         self.image_processor: Any = processor.image_processor
@@ -940,6 +964,7 @@ class PrepareBatch:
         input_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_rows
         labels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_rows
         reasons: list[str | None] = [None] * n_rows
+        truncated = np.zeros(n_rows, dtype=bool)
         squares: dict[int, np.ndarray] = {}
 
         for row in range(n_rows):
@@ -971,6 +996,7 @@ class PrepareBatch:
                     n_image_tokens=self.layout.n_image_tokens,
                     system=self.system,
                     boundary_fix=self.boundary_fix,
+                    truncation=self.truncation,
                 )
             except ValueError as exc:
                 reasons[row] = f"{BAD_TURNS}: {exc}"
@@ -984,6 +1010,7 @@ class PrepareBatch:
                 reasons[row] = f"{NO_SUPERVISED_TOKENS}: max_length {self.max_length} cuts every answer token"
                 continue
             squares[row] = expand2square(image, self.background)
+            truncated[row] = sample.truncated
             input_ids[row] = np.asarray(sample.input_ids, dtype=np.int64)
             labels[row] = np.asarray(sample.labels, dtype=np.int64)
 
@@ -1010,6 +1037,7 @@ class PrepareBatch:
             "pixel_values": pixel_values,
             "ok": ok,
             "reason": _objects(reasons),
+            "truncated": truncated & ok,
         }
 
 

@@ -79,6 +79,7 @@ STEPS_COLUMNS: Final[tuple[str, ...]] = (
     "projector_lr",  # learning rate of the projector group (empty when it is frozen)
     "rows_digest",  # sum of row_digest over the step's rows, all workers
     "failed_rows",  # rows with ok == False in the step (no loss from them)
+    "truncated_rows",  # rows max_length cut in the step (trained on what is left)
     "attempt",  # 1 for the first launch, +1 for every restart or relaunch
     "seconds",  # wall time of the step on rank 0
 )
@@ -516,7 +517,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         skip = done_in_epoch * config.grad_accum  # this worker's micro-batches consumed before a restart
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, supervised micro-batches, rows digest, failed rows
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, supervised micro-batches, rows digest, failed rows, cut rows
         micro = 0
         started = time.perf_counter()
         batches = shard.iter_batches(batch_size=config.per_worker_batch, batch_format="numpy", drop_last=True)
@@ -545,7 +546,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 (loss / config.grad_accum).backward()
             digest = sum(row_digest(r["input_ids"]) for r in rows)
             failed = sum(not bool(r.get("ok", True)) for r in rows)
-            sums += torch.tensor([float(loss.detach()), float(supervised), float(digest), float(failed)],
+            cut = sum(bool(r.get("truncated", False)) for r in rows)
+            sums += torch.tensor([float(loss.detach()), float(supervised), float(digest), float(failed), float(cut)],
                                  dtype=torch.float64)
             micro += 1
             if not last_micro:
@@ -626,6 +628,7 @@ def _step_row(
         "projector_lr": f"{lrs['projector']:.6g}" if "projector" in lrs else "",
         "rows_digest": int(sums[2]),
         "failed_rows": int(sums[3]),
+        "truncated_rows": int(sums[4]),
         "attempt": attempt,
         "seconds": f"{time.perf_counter() - started:.3f}",
     }
@@ -734,7 +737,8 @@ def prepare_dataset(config: FinetuneConfig, data_actors: int = 1) -> tuple[ray.d
         items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
     dataset = ray.data.from_items(items).map_batches(
         PrepareBatch,
-        fn_constructor_kwargs={"model_dir": config.base, "template": template, "max_length": config.max_length},
+        fn_constructor_kwargs={"model_dir": config.base, "template": template, "max_length": config.max_length,
+                               "truncation": config.truncation},
         compute=ray.data.ActorPoolStrategy(size=data_actors),
         batch_size=max(1, config.per_worker_batch),
     )

@@ -57,7 +57,7 @@ def test_detection_becomes_an_object_row_with_a_map_polygon():
 def test_unparseable_boxes_keep_the_text_and_say_why():
     [tile] = interpret_row(_row("detect", "I see two ships near the pier", key="ship"))
     assert tile["object_count"] == 0 and tile["parse_error"] and tile["text"].startswith("I see")
-    rows = interpret_row(_row("refer", "{<10><10><20><20>|<5>}{<90><10><20><20>|<0>}", key="the pier"))
+    rows = interpret_row(_row("refer", "{<10><10><20><20>|<5>}{<90><10><120><20>|<0>}", key="the pier"))
     assert rows[0]["object_count"] == 1 and "box 2" in rows[0]["parse_error"]
 
 

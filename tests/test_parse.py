@@ -148,8 +148,6 @@ def test_missing_angle_among_angled_boxes_is_kept_and_noted() -> None:
         ("{<1><2><3><4>|<5><6>}", "box 1 {<1><2><3><4>|<5><6>}: expected 4 or 5 numbers, found 6"),
         ("{<10><20><130><40>|<0>}", "box 1 {<10><20><130><40>|<0>}: coordinate outside [0, 100]"),
         ("{<-2><20><30><40>|<0>}", "box 1 {<-2><20><30><40>|<0>}: coordinate outside [0, 100]"),
-        ("{<30><20><30><40>|<0>}", "box 1 {<30><20><30><40>|<0>}: x2 <= x1 or y2 <= y1"),
-        ("{<10><40><30><20>|<0>}", "box 1 {<10><40><30><20>|<0>}: x2 <= x1 or y2 <= y1"),
         ("{<ab><cd>|<ef>}", "box 1 {<ab><cd>|<ef>}: expected 4 or 5 numbers, found 0"),
         ("<<<}}}{{{", "no box found; unterminated box at the end (reply cut off?)"),
     ],
@@ -158,6 +156,21 @@ def test_malformed_never_raises(text: str, error: str) -> None:
     out = parse_boxes(text)
     assert out.boxes == []
     assert out.parse_error == error
+
+
+def test_corners_in_either_order_are_one_box_and_a_zero_edge_is_one_grid_step() -> None:
+    """As GeoChat's box -> polygon helper reads them (centre, |x2 - x1|, |y2 - y1|): reversed corners are the
+    same box; an object under 1 % of the tile written with equal edges is kept, one grid step wide, with a
+    note (at the grid's far edge it steps inwards)."""
+    reversed_corners = parse_boxes("{<24><55><16><63>|<0>}{<10><40><30><20>|<0>}")
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in reversed_corners.boxes] == [(16, 55, 24, 63), (10, 20, 30, 40)]
+    assert reversed_corners.parse_error is None
+    thin = parse_boxes("{<30><20><30><40>|<0>}{<100><100><100><100>|<0>}")
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in thin.boxes] == [(30, 20, 31, 40), (99, 99, 100, 100)]
+    assert thin.parse_error == (
+        "box 1 {<30><20><30><40>|<0>}: zero width or height, widened to one grid step; "
+        "box 2 {<100><100><100><100>|<0>}: zero width or height, widened to one grid step"
+    )
 
 
 def test_good_boxes_survive_bad_ones() -> None:

@@ -52,15 +52,16 @@ PUBLISHED: Final[dict[str, tuple[list[PublishedRow], str]]] = {
             PublishedRow(
                 "avg. accuracy (presence, comparison, rural/urban; over all their questions)",
                 "accuracy_reported_types",
-                {GEOCHAT: 90.70, LLAVA15: 62.77, RSLLAVA: 88.13},
+                {GEOCHAT: 90.70, LLAVA15: 62.77},
             ),
-            PublishedRow("mean of the three type accuracies", "average_accuracy_reported_types", {}),
+            PublishedRow("mean of the three type accuracies", "average_accuracy_reported_types", {RSLLAVA: 88.13}),
         ],
         (
             "GeoChat's LRBEN is the LR test split, presence/comparison/rural-urban. Its 'Avg. Accuracy' (90.70) "
             "is not the mean of its three type accuracies (91.81), so it is compared with the accuracy over all "
-            "questions of those types (unconfirmed). RS-LLaVA: 88.56 single-task, 88.13 joint (third-party "
-            "summary, unconfirmed)."
+            "questions of those types (unconfirmed). RS-LLaVA: 'average accuracy' 88.56 single-task, 88.13 joint "
+            "(third-party summary, unconfirmed), compared with the mean of the per-type accuracies, the "
+            "benchmark's average accuracy (AA)."
         ),
     ),
     "rsvqa-hr": (
@@ -100,7 +101,9 @@ PUBLISHED: Final[dict[str, tuple[list[PublishedRow], str]]] = {
         ],
         (
             "GeoChat's ROUGE/METEOR tooling is unconfirmed (users could not reproduce it, GeoChat issue #40); "
-            "here ROUGE-L and METEOR are pycocoevalcap's, ROUGE-1 the unigram F1 on the same tokens."
+            "here ROUGE-L and METEOR are pycocoevalcap's (its ROUGE-L is an F-measure with beta 1.2, weighted "
+            "towards recall), ROUGE-1 the unigram F1 (beta 1) on the same tokens: the two are not the same "
+            "kind of F, and third-party GeoChat scorers use the rouge_score package's F1 for both."
         ),
     ),
     **{

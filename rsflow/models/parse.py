@@ -255,8 +255,10 @@ class ParsedBoxes:
     """Every ``<p>...</p>`` phrase, stripped, in the order written (also those without a box)."""
     parse_error: str | None = None
     """What was wrong or noteworthy (problems joined by ``"; "``), else None. Set when no box was found, for
-    each dropped box (wrong count of numbers, a coordinate outside [0, 100], x2 <= x1 or y2 <= y1), for a box
-    without angle among boxes with angles (kept, angle 0), and for an unterminated ``{`` at the end."""
+    each dropped box (wrong count of numbers, a coordinate outside [0, 100]), for a box with an edge of zero
+    length (kept, widened to one grid step), for a box without angle among boxes with angles (kept, angle
+    0), and for an unterminated ``{`` at the end. Corners in reverse order are read as the same box, as
+    GeoChat's box-to-polygon helper does."""
 
 
 def _read_box(index: int, content: str, phrase: str | None) -> tuple[Box | None, str | None]:
@@ -267,11 +269,21 @@ def _read_box(index: int, content: str, phrase: str | None) -> tuple[Box | None,
     x1, y1, x2, y2 = numbers[:4]
     if not all(0 <= v <= 100 for v in (x1, y1, x2, y2)):
         return None, f"box {index} {raw}: coordinate outside [0, 100]"
-    if x2 <= x1 or y2 <= y1:
-        return None, f"box {index} {raw}: x2 <= x1 or y2 <= y1"
+    # GeoChat's own box -> polygon helper takes the centre and |x2 - x1|, |y2 - y1|: corners in either
+    # order are the same box. An edge of zero length is an object under one grid step (1 % of the tile):
+    # widened to one step, with a note, instead of losing the detection.
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    note = None
+    if x1 == x2 or y1 == y2:
+        if x1 == x2:
+            x1, x2 = (x1, x1 + 1) if x1 < 100 else (99.0, 100.0)
+        if y1 == y2:
+            y1, y2 = (y1, y1 + 1) if y1 < 100 else (99.0, 100.0)
+        note = f"box {index} {raw}: zero width or height, widened to one grid step"
     if len(numbers) == 5:
-        return Box(x1, y1, x2, y2, numbers[4], phrase, has_angle=True), None
-    return Box(x1, y1, x2, y2, 0.0, phrase, has_angle=False), None
+        return Box(x1, y1, x2, y2, numbers[4], phrase, has_angle=True), note
+    return Box(x1, y1, x2, y2, 0.0, phrase, has_angle=False), note
 
 
 def parse_boxes(text: str) -> ParsedBoxes:

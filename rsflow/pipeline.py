@@ -95,9 +95,15 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
                      ) -> dict[str, Any]:
     """A row standing for an item that could not be planned, or (``unit``: its ``(rows, cols)`` offset
     ranges) for one planning unit of it, so that the failure is recorded and ``--resume`` plans those
-    tiles again."""
+    tiles again. It has no pixel grid: its geometry is the item's footprint (made valid), its CRS
+    empty, its transform zeros and its window the tile size at offset 0."""
     geom = item.get("geometry")
-    footprint = shapely.geometry.shape(geom) if geom else shapely.box(*item.get("bbox", (0, 0, 0, 0))[:4])
+    try:  # the item's footprint, made valid (a catalog's geometry can self-intersect), else its bbox
+        footprint = shapely.make_valid(shapely.geometry.shape(geom)) if geom else None
+    except Exception:  # noqa: BLE001 - a malformed geometry: the bbox stands in
+        footprint = None
+    if footprint is None or footprint.is_empty:
+        footprint = shapely.box(*item.get("bbox", (0, 0, 0, 0))[:4])
     tile_id = f"{item.get('id')}:plan-failed"
     if unit is not None:
         (r0, r1), (c0, c1) = unit

@@ -340,3 +340,19 @@ def test_each_band_keeps_the_nodata_its_asset_declares():
     item["assets"]["blue"]["raster:bands"] = [{"nodata": None}]  # stated: none
     (tile, *_) = plan_tiles(item, _profile(), TileSpec(size_px=32), _aoi_from_pixels(0, 0, 10, 10))
     assert tile.nodata[:2] == [0.0, 65535.0] and np.isnan(tile.nodata[2])
+
+
+def test_a_failed_planning_row_has_a_valid_geometry_and_the_items_time():
+    """A catalog footprint that crosses itself (a bow tie) becomes a valid geometry in the failed row; a
+    range item's row carries its start_datetime, as its tiles would."""
+    from rsflow import pipeline
+
+    item = {"id": "bowtie", "collection": "c", "bbox": [0, 0, 1, 1],
+            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]},
+            "properties": {"datetime": None, "start_datetime": "2024-05-01T00:00:00Z"}}
+    row = pipeline._failed_plan_row(item, 64, "ValueError: boom")
+    footprint = shapely.from_wkb(row["footprint_wkb"])
+    assert footprint.is_valid and footprint.area > 0 and row["datetime"] == "2024-05-01T00:00:00Z"
+    assert row["status"] == "failed" and row["stage"] == "plan" and row["tile_id"] == "bowtie:plan-failed"
+    item["geometry"] = None
+    assert shapely.from_wkb(pipeline._failed_plan_row(item, 64, "x")["footprint_wkb"]).equals(shapely.box(0, 0, 1, 1))

@@ -12,7 +12,9 @@ with the block's first key, so name order is spatial order and every file covers
 
 Atomic commit: everything is written into a hidden staging directory beside the output
 (``.NAME.staging-RUNID``), the manifest last; on a local filesystem the staging directory is then
-renamed onto OUTPUT in one ``rename``. On object stores, where there is no rename, the files are
+renamed onto OUTPUT in one ``rename`` (with ``--overwrite``, swapped with the old OUTPUT in one
+``renameat2(RENAME_EXCHANGE)`` where Linux and the filesystem have it, the old one deleted after; elsewhere
+the old OUTPUT is first moved aside). On object stores, where there is no rename, the files are
 moved and ``_manifest.json`` (with ``"status": "complete"``) is written last: a dataset without a
 complete manifest is not a finished run. A failed run deletes its staging directory; a killed
 one leaves only the hidden staging directory, never something at OUTPUT.
@@ -369,6 +371,9 @@ def commit(staging: str, output: str, *, overwrite: bool) -> None:
     if fs.exists(dst):
         if not overwrite and fs.ls(dst):
             raise FileExistsError(f"{output} appeared while the run was going; the result is left in {staging}")
+        if local and _exchange(src, dst):  # the new dataset at OUTPUT, the old one at the staging path
+            fs.rm(src, recursive=True)
+            return
         trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
         fs.mv(dst, trash, recursive=True)
     else:
@@ -386,6 +391,34 @@ def commit(staging: str, output: str, *, overwrite: bool) -> None:
             fs.rm(src, recursive=True)
     if trash is not None:
         fs.rm(trash, recursive=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so that
+    ``--overwrite`` never leaves a moment with nothing at OUTPUT; False where the platform or the
+    filesystem cannot (then OUTPUT is moved aside to ``OUTPUT.old-*`` and the new one renamed in).
+
+    Raises:
+        OSError: the swap failed for another reason (e.g. permissions).
+    """
+    import ctypes
+    import errno
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def discard(staging: str) -> None:

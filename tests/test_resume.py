@@ -276,3 +276,30 @@ def test_a_committed_resume_removes_the_interrupted_runs_it_passed_over(tmp_path
     gone = discard_superseded(str(out), "20261127T100000Z-bbbbbb")
     assert sorted(gone) == sorted(str(p) for p in older)
     assert not any(p.exists() for p in older) and left.exists() and newer.exists() and other.exists()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["swap", "move-aside"])
+def test_an_overwrite_commit_swaps_the_new_dataset_in(exchange: bool, tmp_path: Path, monkeypatch) -> None:
+    """--overwrite puts the new dataset at OUTPUT in one atomic swap where Linux has renameat2: there is
+    never a moment without a dataset at OUTPUT (no intermediate move of the old one). Elsewhere the old one
+    is moved aside first. Either way nothing is left behind but the new dataset."""
+    import fsspec.implementations.local
+
+    from rsflow import output as out
+
+    output, staging = tmp_path / "out", tmp_path / ".out.staging-new"
+    output.mkdir()
+    (output / "part-old.parquet").write_text("old")
+    staging.mkdir()
+    (staging / "part-new.parquet").write_text("new")
+    (staging / out.MANIFEST_NAME).write_text("{}")
+    if exchange:
+        def no_move(self, *args, **kwargs):  # the swap needs no move
+            raise AssertionError("the old dataset was moved aside")
+
+        monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "mv", no_move)
+    else:
+        monkeypatch.setattr(out, "_exchange", lambda a, b: False)
+    out.commit(str(staging), str(output), overwrite=True)
+    assert sorted(p.name for p in output.iterdir()) == [out.MANIFEST_NAME, "part-new.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

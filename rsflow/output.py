@@ -284,7 +284,8 @@ def merge_object_files(
     """The merge pass: ``_objects_raw/`` -> merged object rows written into ``directory``.
 
     Detections of the same item, task and label whose rotated polygons overlap at ``iou_threshold``
-    or more (IoU in the item's native CRS) become one object: the row of the largest member, with
+    or more (IoU in metres: in ``metric_crs[item_id]`` where given, else in the UTM zone of each group's
+    centroid, which is what the region job uses) become one object: the row of the largest member, with
     ``source_tile_ids`` listing every tile that saw it and ``n_merged`` their count. Runs on the
     driver over the object rows only (tile rows never pass through it).
 

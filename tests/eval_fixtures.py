@@ -209,3 +209,30 @@ def write_region_captioning(root: Path, *, n: int = 20) -> list[dict[str, Any]]:
                       "type": "region", "dataset": "SOTA", "obj_ids": [i], "size_group": "small"})
     (root / "region_captioning.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return lines
+
+
+def write_geochat_scenes(root: Path, *, dataset: str, n_classes: int = 4, per_class: int = 5) -> dict[str, Any]:
+    """GeoChat-Bench's ``UCmerced.jsonl`` (``dataset="ucmerced"``) or ``aid.jsonl`` (``"aid"``) over images
+    laid out as the archives unpack. Every other image of each class is listed (GeoChat-Bench's own list,
+    not the whole dataset); the prompt is the line's ``text``. As in the published ``aid.jsonl``, its
+    ``image`` names a ``.png`` where AID's file is a ``.jpg``, and ``ground_truth`` ends in ``gt``.
+
+    Returns:
+        ``{"references": {question_id: display class}, "prompts": {question_id: text}}``.
+    """
+    classes = UCMERCED_CLASSES if dataset == "ucmerced" else AID_CLASSES
+    write = write_ucmerced if dataset == "ucmerced" else write_aid
+    files = write(root, n_classes=n_classes, per_class=per_class)
+    names = ", ".join(c.lower() for c in classes)
+    lines, references, prompts = [], {}, {}
+    for k, (rel, display) in enumerate(sorted(files.items())):
+        if k % 2:
+            continue
+        image = rel if dataset == "ucmerced" else rel.rsplit(".", 1)[0] + ".png"
+        text = f"Classify the image within one of the given classes: {names}.\nAnswer with one word or short phrase."
+        truth = display.replace(" ", "").lower() if dataset == "ucmerced" else display.replace(" ", "") + "gt"
+        lines.append({"question_id": rel, "image": image, "text": text, "ground_truth": truth})
+        references[rel], prompts[rel] = display, text
+    name = "UCmerced.jsonl" if dataset == "ucmerced" else "aid.jsonl"
+    (root / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {"references": references, "prompts": prompts}

@@ -151,10 +151,32 @@ def test_demo_set_records(tmp_path: Path) -> None:
 def test_registry_names_and_errors(tmp_path: Path) -> None:
     assert set(BENCHMARKS) == {
         "rsvqa-lr", "rsvqa-hr", "ucm-captions", "sydney-captions", "rsicd", "ucmerced", "aid",
-        "geochat-referring", "geochat-region-captioning", "rsflow-demo",
+        "geochat-ucmerced", "geochat-aid", "geochat-referring", "geochat-region-captioning", "rsflow-demo",
     }
     with pytest.raises(RequestError, match=r"^--benchmark: unknown benchmark 'rsvqa'; choose from rsvqa-lr"):
         get_benchmark("rsvqa")
     fx.write_ucmerced(tmp_path)
     with pytest.raises(RequestError, match=r"--question-types: only the RSVQA"):
         get_benchmark("ucmerced").load(LoadRequest(tmp_path, "llava", question_types=("presence",)))
+
+
+@pytest.mark.parametrize("dataset", ["ucmerced", "aid"])
+def test_geochat_bench_scene_files_are_read_as_its_scorer_reads_them(dataset: str, tmp_path: Path) -> None:
+    """GeoChat-Bench's own image list and prompts: the line's text is the prompt, the class is the folder
+    its question_id starts with (not aid.jsonl's 'MediumResidentialgt' ground truth), and aid.jsonl's
+    '.png' names are read as AID's '.jpg' files."""
+    written = fx.write_geochat_scenes(tmp_path, dataset=dataset)
+    name = f"geochat-{dataset}"
+    samples = get_benchmark(name).load(LoadRequest(data=tmp_path, split=None, images=None, prompt_format="llava"))
+    assert {s.sample_id: s.references[0] for s in samples} == written["references"]
+    assert {s.sample_id: s.prompt for s in samples} == written["prompts"]
+    assert all(Path(s.image_path).is_file() and s.task == "classify" for s in samples)
+    assert len(samples) < len(list(tmp_path.rglob("*.jpg" if dataset == "aid" else "*.tif")))  # its list, not all
+
+    jsonl = tmp_path / ("UCmerced.jsonl" if dataset == "ucmerced" else "aid.jsonl")
+    lines = jsonl.read_text().splitlines()
+    row = json.loads(lines[1])
+    row["question_id"] = "Volcano/volcano_1.jpg"
+    jsonl.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    with pytest.raises(RequestError, match=r"line 2: 'Volcano' .* is not a class"):
+        get_benchmark(name).load(LoadRequest(data=tmp_path, split=None, images=None, prompt_format="llava"))

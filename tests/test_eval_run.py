@@ -40,6 +40,8 @@ _WRITERS: dict[str, tuple[Callable[[Path], Any], list[str]]] = {
     "rsicd": (lambda d: fx.write_karpathy(d, flavour="rsicd"), _NO_JAVA_CAPTIONS),
     "ucmerced": (lambda d: fx.write_ucmerced(d), []),
     "aid": (lambda d: fx.write_aid(d), []),
+    "geochat-ucmerced": (lambda d: fx.write_geochat_scenes(d, dataset="ucmerced", per_class=10), []),
+    "geochat-aid": (lambda d: fx.write_geochat_scenes(d, dataset="aid", per_class=10), []),
     "geochat-referring": (lambda d: fx.write_referring(d), ["--prompt-format", "geochat"]),
     "geochat-region-captioning": (
         lambda d: fx.write_region_captioning(d),

@@ -10,6 +10,8 @@ name                           distributed as                             task  
 ``rsicd``                      Karpathy JSON (dataset_rsicd.json)        caption       BLEU/METEOR/ROUGE-L/CIDEr
 ``ucmerced``                   UCMerced_LandUse/Images/<class>/          classify      accuracy, confusion
 ``aid``                        AID/<Class>/                              classify      accuracy, confusion
+``geochat-ucmerced``           GeoChat-Bench UCmerced.jsonl + UCMerced   classify      accuracy, confusion
+``geochat-aid``                GeoChat-Bench aid.jsonl + AID images      classify      accuracy, confusion
 ``geochat-referring``          GeoChat-Bench referring.jsonl + PNGs      refer         acc@0.5 (rotated IoU)
 ``geochat-region-captioning``  GeoChat-Bench region_captioning.jsonl     region-caption ROUGE-1/L, METEOR
 ``rsflow-demo``                rsflow's demo set (demo_data)             vqa           accuracy per question
@@ -28,7 +30,7 @@ from rsflow.evaluate.captions import SPLITS as CAPTION_SPLITS
 from rsflow.evaluate.captions import load_captions
 from rsflow.evaluate.demo import SPLIT_FILES as DEMO_SPLITS
 from rsflow.evaluate.demo import load_demo
-from rsflow.evaluate.geochat_bench import load_referring, load_region_captions
+from rsflow.evaluate.geochat_bench import load_referring, load_region_captions, load_scene_jsonl
 from rsflow.evaluate.metrics import demo_normal_form, geochat_normal_form
 from rsflow.evaluate.rsvqa import REPORTED_TYPES, load_rsvqa
 from rsflow.evaluate.samples import Sample
@@ -119,6 +121,16 @@ def _scenes(classes: tuple[str, ...], dataset: str) -> Callable[[LoadRequest], l
     return load
 
 
+def _geochat_scenes(file: str, classes: tuple[str, ...], dataset: str) -> Callable[[LoadRequest], list[Sample]]:
+    def load(req: LoadRequest) -> list[Sample]:
+        _no_extra(req)
+        if req.split is not None:
+            raise RequestError("--split", f"GeoChat-Bench's {file} has no split; leave --split out")
+        return load_scene_jsonl(req.data, file=file, classes=classes, dataset=dataset, images=req.images)
+
+    return load
+
+
 def _no_split(load_fn: Callable[..., list[Sample]], name: str) -> Callable[[LoadRequest], list[Sample]]:
     def load(req: LoadRequest) -> list[Sample]:
         _no_extra(req)
@@ -148,6 +160,10 @@ _ALL: Final[tuple[Benchmark, ...]] = (
     Benchmark("ucmerced", "UC Merced Land Use (21 classes)", "classify", "classify",
               _scenes(UCMERCED_CLASSES, "UCMerced_LandUse"), classes=UCMERCED_CLASSES),
     Benchmark("aid", "AID (30 classes)", "classify", "classify", _scenes(AID_CLASSES, "AID"), classes=AID_CLASSES),
+    Benchmark("geochat-ucmerced", "GeoChat-Bench UCMerced (its images and prompts)", "classify", "classify",
+              _geochat_scenes("UCmerced.jsonl", UCMERCED_CLASSES, "UCMerced_LandUse"), classes=UCMERCED_CLASSES),
+    Benchmark("geochat-aid", "GeoChat-Bench AID (its images and prompts)", "classify", "classify",
+              _geochat_scenes("aid.jsonl", AID_CLASSES, "AID"), classes=AID_CLASSES),
     Benchmark("geochat-referring", "GeoChat-Bench referring and grounding", "boxes", "refer",
               _no_split(load_referring, "geochat-referring")),
     Benchmark("geochat-region-captioning", "GeoChat-Bench region captioning", "caption", "region-caption",

@@ -7,6 +7,9 @@ Layout (``reference/benchmarks.md`` 4)::
     DATA/region_captioning.jsonl      image_id, question (a box string), ground_truth (a phrase), ...
     DATA/<image_id>.png               GeoChat_Instruct's images (or under images/, final_images_llava/,
                                       share/softwares/kartik/GeoChat_finetuning/final_images_llava/)
+    DATA/UCmerced.jsonl, aid.jsonl    scene classification: question_id (``<class>/<file>``), image (a path
+                                      under the dataset's image root), text (the prompt, classes included),
+                                      ground_truth; images: UCMerced_LandUse/Images/..., AID/... (--images)
 
 Referring ground truth is one 4-point polygon ``[[x, y], ...]`` per object, in pixels of the image
 (a flat list of 8 numbers is accepted too). Prompts (``reference/models.md`` 3.4, 7 item 16):
@@ -24,6 +27,7 @@ from typing import Any, Final
 from rsflow.errors import RequestError
 from rsflow.evaluate.samples import Sample, polygon_json
 from rsflow.models.prompts import IDENTIFY_PREFIX, REFER_PREFIX, REFER_SUFFIX
+from rsflow.presets import scene_normal_form
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +157,70 @@ def load_region_captions(data: Path, *, images: Path | None = None) -> list[Samp
             )
         )
     return samples
+
+
+_SCENE_ROOTS: Final[tuple[str, ...]] = (".", "Images", "UCMerced_LandUse/Images", "AID", "images")
+
+
+def load_scene_jsonl(
+    data: Path, *, file: str, classes: tuple[str, ...], dataset: str, images: Path | None = None
+) -> list[Sample]:
+    """GeoChat-Bench's scene classification file (``UCmerced.jsonl``, ``aid.jsonl``) -> one classify sample
+    per line, in file order, as ``batch_geochat_scene.py`` reads it (``reference/benchmarks.md`` 4.2):
+    the prompt is the line's ``text`` (its class list and instruction included), the sample id its
+    ``question_id``, and the label the class folder that ``question_id`` starts with (the official
+    scorer's ``question_id.split('/')[0]``; ``aid.jsonl``'s ``ground_truth`` strings carry a stray
+    ``gt``). Images are ``image`` under ``--images`` or the first folder of ``DATA`` that holds the first
+    one; an ``image`` whose extension is not the file's (``aid.jsonl``; AID's files are ``.jpg``) is read
+    as the ``.jpg`` beside it.
+
+    Raises:
+        RequestError: (``--data``) the file is missing or malformed, a line's class folder is not a class
+            of ``dataset``, or no folder holds the first image.
+    """
+    path = data / file
+    rows = _read_jsonl(path)
+    by_norm = {scene_normal_form(c): c for c in classes}
+    for number, row in rows:
+        _require(path, number, row, ("question_id", "image", "text"))
+    first = str(rows[0][1]["image"])
+    if images is not None:
+        root = images.resolve()
+    else:
+        found = [data / rel for rel in _SCENE_ROOTS if _scene_image(data / rel, first) is not None]
+        if not found:
+            raise RequestError(
+                "--data",
+                f"no folder under {data} holds {first} (looked in {', '.join(_SCENE_ROOTS)}); "
+                f"give {dataset}'s image folder with --images",
+            )
+        root = found[0].resolve()
+    samples = []
+    for number, row in rows:
+        question_id, image = str(row["question_id"]), str(row["image"])
+        folder = question_id.split("/")[0] if "/" in question_id else image.split("/")[0]
+        label = by_norm.get(scene_normal_form(folder))
+        if label is None:
+            raise RequestError(
+                "--data", f"{path.name} line {number}: {folder!r} (question_id {question_id!r}) is not a class of "
+                          f"{dataset} ({', '.join(classes)})",
+            )
+        samples.append(
+            Sample(
+                sample_id=question_id,
+                image_path=str(_scene_image(root, image) or root / image),
+                task="classify",
+                prompt=str(row["text"]).strip(),
+                references=(label,),
+            )
+        )
+    return samples
+
+
+def _scene_image(root: Path, image: str) -> Path | None:
+    """``root/image``, else the ``.jpg`` of the same name (aid.jsonl names AID's .jpg files otherwise)."""
+    path = root / image
+    if path.is_file():
+        return path
+    jpg = path.with_suffix(".jpg")
+    return jpg if jpg.is_file() else None

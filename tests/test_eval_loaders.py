@@ -118,7 +118,14 @@ def test_geochat_referring_and_region_captioning(tmp_path: Path) -> None:
     rc = load_region_captions(tmp_path)
     assert [s.prompt for s in rc] == [f"[identify] What is the object present at {x['question']}" for x in rc_lines]
     assert [s.references for s in rc] == [(x["ground_truth"],) for x in rc_lines]
+    assert [s.sample_id for s in rc] == [x["question_id"] for x in rc_lines]
     assert Path(rc[0].image_path).parent.name == "images"
+    # question_ids that repeat (the file's per-line keys are unconfirmed) do not refuse the benchmark
+    for x in rc_lines:
+        x["question_id"] = "0"
+    (tmp_path / "region_captioning.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rc_lines))
+    renamed = load_region_captions(tmp_path)
+    assert [s.sample_id for s in renamed] == [f"{x['image_id']}:{k}" for k, x in enumerate(rc_lines, start=1)]
 
 
 def test_geochat_referring_refuses_bad_ground_truth(tmp_path: Path) -> None:

@@ -132,7 +132,8 @@ def load_referring(data: Path, *, images: Path | None = None) -> list[Sample]:
 def load_region_captions(data: Path, *, images: Path | None = None) -> list[Sample]:
     """``region_captioning.jsonl`` -> one ``[identify]`` sample per line, in file order.
 
-    The sample id is ``question_id`` where the line has one, else ``<image_id>:<line number>``.
+    The sample id is ``question_id`` where every line has one and no two share it (the file's per-line keys
+    are unconfirmed), else ``<image_id>:<line number>`` for every line.
 
     Raises:
         RequestError: (``--data``) the file is missing or malformed, or no image folder holds the images.
@@ -142,9 +143,13 @@ def load_region_captions(data: Path, *, images: Path | None = None) -> list[Samp
     for number, row in rows:
         _require(path, number, row, ("image_id", "question", "ground_truth"))
     folder = _image_dir(data, images, str(rows[0][1]["image_id"]))
+    ids = [str(row["question_id"]) for _, row in rows if "question_id" in row]
+    by_question = len(ids) == len(rows) and len(set(ids)) == len(ids)
+    if ids and not by_question:
+        logger.warning("%s: question_id is missing or repeated; samples are named <image_id>:<line>", path.name)
     samples = []
     for number, row in rows:
-        sid = str(row["question_id"]) if "question_id" in row else f"{row['image_id']}:{number}"
+        sid = str(row["question_id"]) if by_question else f"{row['image_id']}:{number}"
         samples.append(
             Sample(
                 sample_id=sid,

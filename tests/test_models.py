@@ -165,6 +165,19 @@ def _json_only_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_a_hub_id_of_an_original_llava_checkpoint_says_how_to_run_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GeoChat's published repository is in the LLaVA repository's layout, which rsflow reads from a local
+    folder beside its CLIP: the hub id is refused with how to get there, not with a --image-size hint that
+    leads nowhere."""
+    import rsflow.models.spec as spec_module
+
+    config = {"model_type": "geochat", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+              "mm_projector_type": "mlp2x_gelu"}
+    monkeypatch.setattr(spec_module, "_read_json", lambda ref, name: config if name == "config.json" else None)
+    with pytest.raises(ModelError, match=r"LLaVA-repository checkpoint \(model_type 'geochat'\).*--vision-tower CLIP_DIR"):
+        model_input_size(ModelSpec(model="MBZUAI/geochat-7B"))
+
+
 def test_model_input_size_reads_config_only(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = _json_only_copy(tiny_model_dir, tmp_path / "cfg")  # no weights at all
     assert not list(folder.glob("*.safetensors"))

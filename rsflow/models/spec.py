@@ -360,6 +360,13 @@ def model_input_size(spec: ModelSpec) -> int:
     vision = config.get("vision_config")
     if isinstance(vision, dict) and isinstance(vision.get("image_size"), int):
         return int(vision["image_size"])
+    if not Path(ref).is_dir() and (config.get("mm_vision_tower") or config.get("mm_projector_type")):
+        raise ModelError(
+            f"{ref!r} is a LLaVA-repository checkpoint (model_type {config.get('model_type')!r}), which rsflow "
+            "reads from a local folder with its CLIP beside it: download both (e.g. `hf download "
+            f"{ref} --local-dir DIR` and `hf download {config.get('mm_vision_tower') or 'openai/clip-vit-large-patch14-336'}"
+            " --local-dir CLIP_DIR`) and pass --model DIR --vision-tower CLIP_DIR, or `rsflow convert` it once"
+        )
     raise ModelError(f"cannot tell the input image size of {ref!r}; pass --image-size")
 
 

@@ -307,6 +307,43 @@ def test_webhook_signature_is_hmac_sha256_of_the_body():
     assert sign(body, "k") == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
 
 
+def test_a_webhook_behind_a_redirect_is_not_counted_as_delivered():
+    """urllib would follow a 302 with a GET without the body, which the receiver answers 200: the summary
+    never arrives, and the run must not mark it delivered. The redirect is named instead."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rsflow.monitor.config import WebhookConfig
+    from rsflow.monitor.webhook import send_webhook
+
+    seen = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(("POST", self.path))
+            self.send_response(302)
+            self.send_header("Location", "/moved")
+            self.end_headers()
+
+        def do_GET(self):
+            seen.append(("GET", self.path))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        result = send_webhook(WebhookConfig(url=url), {"changes": 1}, backoff_seconds=0.0)
+    finally:
+        server.shutdown()
+    assert not result.delivered and result.status == 302 and "redirect to" in result.error
+    assert seen == [("POST", "/hook")]
+
+
 # --- change rules on hand-made rows -----------------------------------------------------------------
 
 _T = (10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)

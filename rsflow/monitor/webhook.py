@@ -48,6 +48,14 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib turns a redirected POST into a GET without its body, which the
+    receiver answers with 200 while the summary never arrived."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
 def send_webhook(
     config: WebhookConfig, payload: dict[str, Any], *, attempts: int = 3, backoff_seconds: float = 1.0
 ) -> WebhookResult:
@@ -70,15 +78,22 @@ def send_webhook(
     where = _redact_url(config.url)
     status: int | None = None
     error: str | None = None
+    opener = urllib.request.build_opener(_NoRedirect)
     for attempt in range(1, attempts + 1):
         request = urllib.request.Request(config.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=config.timeout_seconds) as response:
+            with opener.open(request, timeout=config.timeout_seconds) as response:
                 status = int(response.status)
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+                break
             logger.info("webhook %s answered HTTP %d", where, status)
             return WebhookResult(delivered=True, status=status, attempts=attempt)
         except urllib.error.HTTPError as exc:
             status, error = exc.code, f"HTTP {exc.code}"
+            if 300 <= exc.code < 400:
+                error += f" (a redirect to {_redact_url(exc.headers.get('Location') or '?')}: give that URL)"
+                break
             if exc.code not in _RETRY_STATUS:
                 break
         except (urllib.error.URLError, OSError) as exc:

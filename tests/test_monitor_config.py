@@ -363,6 +363,7 @@ def _row(
     col=0,
     geometry=None,
     status="ok",
+    model="demo",
 ):
     tr = list(_T)
     tr[2] += col * 640
@@ -370,6 +371,7 @@ def _row(
         "tile_id": f"{item}:c{col}",
         "kind": kind,
         "item_id": item,
+        "model_id": model,
         "datetime": pd.Timestamp(day, tz="UTC"),
         "task": task,
         "prompt": key,
@@ -428,6 +430,28 @@ def test_change_kinds():
     assert shapely.equals(appeared.geometry, obj_b)
     flip = changes[changes["change"] == "answer_flipped"].iloc[0]
     assert (flip.before_value, flip.after_value) == ("no", "yes")
+
+
+def test_an_unparsed_answer_neither_hides_nor_makes_a_change_and_two_models_are_not_compared():
+    """no -> (unparsed) -> yes is a flip, as with a failed tile between; an unparsed answer in one granule of
+    an instant does not veto what the next instant changed; and after the config moved to another model,
+    its answers are not changes from the old model's."""
+    q = "Is there water?"
+    rows = pd.DataFrame(
+        [
+            _row("i1", "2024-05-01", "vqa", q, answer="no"),
+            _row("i2", "2024-05-11", "vqa", q, answer=None),  # ok tile, answer that did not parse
+            _row("i3", "2024-05-21", "vqa", q, answer="yes"),
+            _row("j1", "2024-05-01", "vqa", q, answer="no", col=1),
+            _row("j2", "2024-05-01", "vqa", q, answer=None, col=1),  # the other granule of that instant
+            _row("j3", "2024-05-11", "vqa", q, answer="yes", col=1),
+            _row("k1", "2024-05-01", "vqa", q, answer="no", col=2),
+            _row("k2", "2024-05-11", "vqa", q, answer="yes", col=2, model="geochat-lora"),
+        ]
+    )
+    changes = detect_changes(rows, ChangeRules())
+    got = sorted(zip(changes["change"], changes["before_item_id"], changes["after_item_id"], strict=True))
+    assert got == [("answer_flipped", "i1", "i3"), ("answer_flipped", "j1", "j3")]
 
 
 def test_observations_at_one_instant_are_not_a_change_from_each_other():

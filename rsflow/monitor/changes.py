@@ -19,8 +19,10 @@ compared:
 ``object_vanished``       the same, backwards
 ========================  =====================================================================
 
-Answers that did not parse (null ``answer`` / ``label`` / ``object_count``) are not compared, and
-captions and region captions (free text that always differs) are not compared.
+Answers that did not parse (null ``answer`` / ``label`` / ``object_count``) are not observations (the
+observations before and after them are compared), answers of different models (``model_id``: another
+checkpoint or adapter, after the config changed) are never compared with each other, and captions and
+region captions (free text that always differs) are not compared.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ RESULT_COLUMNS_USED = (
     "tile_id",
     "kind",
     "item_id",
+    "model_id",
     "datetime",
     "task",
     "prompt",
@@ -133,6 +136,8 @@ class Observation:
     number: float | None
     """The vqa answer as a number, or the object count."""
     geometry: BaseGeometry | None = field(default=None, compare=False)
+    model_id: str = ""
+    """The model (with its adapter) that answered: answers of two models are never compared."""
 
 
 def observations(rows: pd.DataFrame) -> list[Observation]:
@@ -154,9 +159,10 @@ def observations(rows: pd.DataFrame) -> list[Observation]:
                 value=value,
                 number=number,
                 geometry=r.geometry,
+                model_id=_text(getattr(r, "model_id", None)) or "",
             )
         )
-    out.sort(key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt, o.datetime, o.item_id))
+    out.sort(key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt, o.model_id, o.datetime, o.item_id))
     return out
 
 
@@ -201,7 +207,9 @@ def detect_changes(rows: pd.DataFrame, rules: ChangeRules) -> pd.DataFrame:
         EPSG:4326), sorted by later time, cell, task, prompt, kind and values.
     """
     rows = add_cells(rows)
-    obs = observations(rows)
+    # An answer that did not parse is no observation: it must not stand between two that did (no -> ? -> yes
+    # is a flip), nor, beside another granule of its instant, veto what the next instant changed.
+    obs = [o for o in observations(rows) if o.value is not None]
     objects = _index_objects(rows[(rows["kind"] == "object") & (rows["status"] == "ok")])
     changes: list[dict[str, Any]] = []
     for earlier, after in _consecutive(obs):
@@ -240,7 +248,7 @@ def _consecutive(obs: list[Observation]) -> Iterable[tuple[list[Observation], Ob
     before its own. Observations at one instant (two granules of one pass over the cell, a scene
     reprocessed under a new id) are not a change from one another; the next instant is compared with
     all of them (:func:`detect_changes` keeps a change found against every one)."""
-    for _, series in itertools.groupby(obs, key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt)):
+    for _, series in itertools.groupby(obs, key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt, o.model_id)):
         earlier: list[Observation] = []
         for _, at_once in itertools.groupby(series, key=lambda o: o.datetime):
             same_time = list(at_once)

@@ -43,6 +43,7 @@ import yaml
 from rsflow.cli import main
 from rsflow.monitor import load_monitor_config, run_monitor
 from rsflow.monitor.webhook import SIGNATURE_HEADER
+from rsflow.monitor.run import INTERRUPTED
 from tests.monitor_fixtures import (
     BROKEN_ID,
     DATES,
@@ -373,7 +374,13 @@ _KILL_AT_COMMIT = """
 import os, signal, sys
 import rsflow.monitor.run as run
 
+real_save = run.save_ledger
+saves = []
+
 def die_at_commit(*args, **kwargs):  # the driver is killed right at its commit, after every write before it
+    saves.append(1)
+    if len(saves) == 1:  # the first save counts the attempts of the items it is about to process
+        return real_save(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 
 run.save_ledger = die_at_commit
@@ -408,10 +415,17 @@ def test_a_killed_run_changes_nothing_and_the_next_redoes_only_the_unfinished_it
     )
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    # the killed run wrote its date-3 partition and run record, but did not commit: the ledger and its
-    # watermark are byte for byte what they were
+    # the killed run wrote its date-3 partition and run record, but did not commit: the ledger's watermark,
+    # runs and done items are what they were; the items it was processing have one more attempt, marked
+    # as a run that did not finish
     after_kill = snapshot(root)
-    assert after_kill["_monitor/ledger.json"] == before["_monitor/ledger.json"]
+    was, now = json.loads(before["_monitor/ledger.json"]), json.loads(after_kill["_monitor/ledger.json"])
+    assert (now["watermark"], now["runs"]) == (was["watermark"], was["runs"])
+    interrupted = {k for k, v in now["items"].items() if v["error"] == INTERRUPTED}
+    assert interrupted == {ITEM_IDS[2], BROKEN_ID}
+    assert all(now["items"][k]["attempts"] == was["items"].get(k, {}).get("attempts", 0) + 1 for k in interrupted)
+    assert {k: v for k, v in now["items"].items() if k not in interrupted} == {
+        k: v for k, v in was["items"].items() if k not in interrupted}
     orphans = sorted(k for k in after_kill if k not in before and k.startswith(("results/", "runs/")))
     assert [k.split("/")[0] for k in orphans] == ["results", "runs"], orphans
     killed_lock = json.loads(after_kill["_monitor/lock.json"])
@@ -441,7 +455,7 @@ def test_a_killed_run_changes_nothing_and_the_next_redoes_only_the_unfinished_it
     last = json.loads((root / "_monitor" / "last_run.json").read_text())
     assert last["took_over_lock_of"] == killed_lock["run_id"] and last["outcome"] == "processed"
     ledger = json.loads((root / "_monitor" / "ledger.json").read_text())
-    assert ledger["watermark"] == DATES[2] and ledger["items"][ITEM_IDS[2]]["attempts"] == 1
+    assert ledger["watermark"] == DATES[2] and ledger["items"][ITEM_IDS[2]]["attempts"] == 2  # the killed run's too
 
     gdf = _results(root)
     tiles = gdf[gdf["kind"] == "tile"]
@@ -550,6 +564,57 @@ def test_items_beyond_max_items_are_processed_by_the_next_runs(scene, tmp_path, 
         catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
         result = run_monitor(load_monitor_config(config_path))
         assert result.items_done == [f"item-{day}"] and load_ledger(str(out), "bounded").backfill is None
+
+
+def test_an_item_that_kills_every_run_is_isolated_and_given_up_while_the_others_go_on(
+    scene, tmp_path, ray_local, monkeypatch
+):
+    """A scene whose processing brings the run down (here the pipeline raises whenever it is among the
+    items; an OOM-killed worker or a GDAL crash look the same to the monitor): each run counts its
+    attempt before the pipeline starts, the items of two crashed runs are then tried one at a time, oldest
+    first, and the culprit is given up after max_attempts, while the other scene is done. It used to count
+    no attempt, so the same crash came back every run and no new scene was ever processed."""
+    import copy
+
+    import rsflow.pipeline
+    from rsflow.monitor.ledger import load_ledger
+
+    source = scene.items[ITEM_IDS[0]]
+    features = []
+    for item_id, day in (("poison", "2024-05-01"), ("fine", "2024-05-06")):
+        item = copy.deepcopy(source)
+        item["id"], item["properties"]["datetime"] = item_id, f"{day}T15:50:00Z"
+        features.append(item)
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    out = tmp_path / "out"
+    doc = {"name": "crashy", "aoi": {"bbox": list(scene.bbox)}, "stac": str(catalog),
+           "collections": [source["collection"]], "start": "2024-04-01", "lookback": "2d",
+           "tasks": {"questions": [WATER_QUESTION]}, "tile": {"size_px": TILE_PX}, "model": {"model": "noop"},
+           "retry": {"max_attempts": 3}, "output": str(out), "lock": {"expiry": "2m"}}
+    config_path = tmp_path / "crashy.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    real = rsflow.pipeline.run_region
+    given = []
+
+    def crashing(request, *, address=None, items=None):
+        given.append(sorted(str(i["id"]) for i in items))
+        if any(str(i["id"]) == "poison" for i in items):
+            raise RuntimeError("worker died (simulated)")
+        return real(request, address=address, items=items)
+
+    monkeypatch.setattr(rsflow.pipeline, "run_region", crashing)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="simulated"):
+            run_monitor(load_monitor_config(config_path))
+    with pytest.raises(RuntimeError, match="simulated"):  # now alone: the oldest of the two first
+        run_monitor(load_monitor_config(config_path))
+    result = run_monitor(load_monitor_config(config_path))
+    assert given == [["fine", "poison"], ["fine", "poison"], ["poison"], ["fine"]]
+    assert result.items_done == ["fine"] and result.items_given_up == ["poison"]
+    ledger = load_ledger(str(out), "crashy")
+    assert (ledger.items["poison"].state, ledger.items["poison"].attempts) == ("given_up", 3)
+    assert (ledger.items["fine"].state, ledger.items["fine"].attempts) == ("done", 3)
 
 
 def test_changes_a_stopped_run_committed_but_never_sent_are_sent_by_the_next_run(

@@ -490,17 +490,116 @@ def test_an_object_seen_by_either_granule_of_an_instant_has_not_appeared_later()
     assert "object_appeared" not in set(changes["change"])  # b had x, a had z
 
 
-def test_a_failed_item_older_than_the_watermark_keeps_a_capped_search_reaching_back_to_it():
-    from rsflow.monitor.run import _covered, next_backfill
+def _fake_search(items, max_items, order):
+    """A STAC search over ``items`` that stops at ``max_items`` in the given order ("oldest" first, as an
+    API without sorting may answer, or "newest")."""
+    from types import SimpleNamespace
 
-    ledger = Ledger(monitor="m", watermark="2024-05-21T15:50:00Z")
-    assert _covered(ledger) == datetime(2024, 5, 21, 15, 50, tzinfo=UTC)
-    ledger.items["old"] = ItemRecord(id="old", collection="c", datetime="2024-05-01T15:50:00Z", state="failed",
-                                     attempts=1, run_id="r")
-    assert _covered(ledger) == datetime(2024, 5, 1, 15, 50, tzinfo=UTC)
-    found = [{"properties": {"datetime": f"2024-05-{day}T15:50:00Z"}} for day in ("26", "21", "16")]
-    backfill = next_backfill("2024-05-01T15:50:00Z", found, True, None, covered=_covered(ledger))
-    assert backfill == {"start": "2024-05-01T15:50:00Z", "before": "2024-05-16T15:50:00Z"}
+    from rsflow.monitor.ledger import parse_time
+
+    calls = []
+
+    def search(begin, end):
+        calls.append((begin, end))
+        lo, hi = parse_time(begin), None if end == ".." else parse_time(end)
+        inside = [i for i in items if lo <= parse_time(i["properties"]["datetime"])
+                  and (hi is None or parse_time(i["properties"]["datetime"]) <= hi)]
+        inside.sort(key=lambda i: i["properties"]["datetime"], reverse=order == "newest")
+        return SimpleNamespace(items=inside[:max_items], reached_max_items=len(inside) > max_items)
+
+    return search, calls
+
+
+def _dated(item_id, when):
+    return {"id": item_id, "properties": {"datetime": when}}
+
+
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+def test_a_window_is_searched_completely_however_the_api_orders_a_capped_search(order):
+    """A capped search is split by time until no part is capped: every item of the window is seen, a late
+    scene among many done ones included, whatever order the API answers in (rustac's is insertion order),
+    and done items never use up max_items."""
+    from rsflow.monitor.run import collect_items
+
+    items = [_dated(f"d{k:02d}", f"2024-05-{k + 1:02d}T10:00:00Z") for k in range(20)]
+    items.append(_dated("late", "2024-05-03T12:00:00Z"))  # published after the window's others were done
+    search, calls = _fake_search(items, 3, order)
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    found = collect_items(search, datetime(2024, 5, 1, tzinfo=UTC), None, now=now,
+                          is_pending=lambda i: i["id"] == "late", max_items=3)
+    assert sorted(i["id"] for i in found.items) == sorted(i["id"] for i in items)
+    assert [i["id"] for i in found.pending] == ["late"] and found.complete and found.backfill is None
+    assert len(calls) > 1
+
+
+def test_more_items_to_process_than_one_run_takes_leave_the_older_ones_to_the_next_runs():
+    """Pending items are gathered newest first up to max_items; the older part of the window is the backfill,
+    which the next run searches the same way: between them, every item once. One second holding more items
+    than max_items is reported, not split for ever."""
+    from rsflow.monitor.ledger import parse_time
+    from rsflow.monitor.run import collect_items
+
+    items = [_dated(f"i{k:02d}", f"2024-05-{k + 1:02d}T10:00:00Z") for k in range(10)]
+    search, _ = _fake_search(items, 4, "oldest")
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    done: set[str] = set()
+    start, end = datetime(2024, 5, 1, tzinfo=UTC), None
+    runs = []
+    for _ in range(6):
+        found = collect_items(search, start, end, now=now, is_pending=lambda i: i["id"] not in done, max_items=4)
+        assert len(found.pending) <= 4
+        runs.append(sorted(i["id"] for i in found.pending))
+        done.update(i["id"] for i in found.pending)
+        if found.backfill is None:
+            break
+        start, end = parse_time(found.backfill["start"]), parse_time(found.backfill["before"])
+    assert sorted(sum(runs, [])) == [i["id"] for i in items] and len(runs) >= 3
+    assert max(runs[0]) == "i09"  # the newest first
+
+    crowded = [_dated(f"c{k}", "2024-05-05T10:00:00Z") for k in range(6)]
+    search, _ = _fake_search(crowded, 4, "oldest")
+    found = collect_items(search, datetime(2024, 5, 1, tzinfo=UTC), None, now=now, is_pending=lambda i: True,
+                          max_items=10)
+    assert found.crowded and not found.complete and len(found.items) == 4
+
+
+def test_a_run_that_dies_counts_an_attempt_and_a_failed_item_no_longer_found_is_given_up():
+    """Crashes: the items of a run that died are tried again, together once, then one at a time, oldest
+    first, and given up after max_attempts; a failed item a complete search no longer returns counts
+    attempts too (it used to stay failed and hold the search start back for ever)."""
+    from rsflow.monitor.run import (
+        INTERRUPTED,
+        VANISHED,
+        Collected,
+        _count_vanished,
+        _give_up_interrupted,
+        _isolate_crashed,
+    )
+
+    ledger = Ledger(monitor="m")
+    pending = [_dated("a", "2024-05-02T10:00:00Z"), _dated("b", "2024-05-01T10:00:00Z")]
+    for i in pending:
+        ledger.items[i["id"]] = ItemRecord(id=i["id"], collection="c", datetime=i["properties"]["datetime"],
+                                           state="failed", attempts=1, run_id="r1", error=INTERRUPTED)
+    assert _isolate_crashed(pending, ledger) == pending  # one crash: both again
+    for record in ledger.items.values():
+        record.attempts = 2
+    assert [i["id"] for i in _isolate_crashed(pending, ledger)] == ["b"]
+    ledger.items["b"].attempts = 3
+    assert _give_up_interrupted(ledger, 3) == ["b"] and ledger.items["b"].state == "given_up"
+    assert ledger.items["a"].state == "failed" and _give_up_interrupted(ledger, 3) == []
+
+    ledger.items["old"] = ItemRecord(id="old", collection="c", datetime="2024-04-01T10:00:00Z", state="failed",
+                                     attempts=1, run_id="r1", error="HTTP 503")
+    complete = Collected(items=[pending[0]], pending=[], backfill=None, searches=1)
+    start = datetime(2024, 4, 1, tzinfo=UTC)
+    assert _count_vanished(ledger, complete, start, None, "r2", 3) == (["old"], [])
+    assert (ledger.items["old"].attempts, ledger.items["old"].error) == (2, VANISHED)
+    assert ledger.items["a"].attempts == 2  # found: not counted
+    partial = Collected(items=[], pending=[], backfill={"start": "x", "before": "y"}, searches=1)
+    assert _count_vanished(ledger, partial, start, None, "r3", 3) == ([], [])  # an incomplete search says nothing
+    assert _count_vanished(ledger, complete, start, None, "r3", 3) == ([], ["old"])
+    assert ledger.items["old"].state == "given_up"
 
 
 # --- scheduling files ------------------------------------------------------------------------------
@@ -742,19 +841,3 @@ def test_monitor_run_exit_code_says_whether_items_failed(
     path = _write(tmp_path, _config(tmp_path))
     assert main(["monitor", "run", "--config", str(path)]) == expected
     assert "1 items done" in capsys.readouterr().out
-
-
-def test_backfill_reaches_back_from_the_oldest_item_found_and_moves_past_a_crowded_instant():
-    from rsflow.monitor.run import next_backfill
-
-    items = [{"properties": {"datetime": t}} for t in ("2024-05-21T15:50:00Z", "2024-05-16T15:50:00Z")]
-    assert next_backfill("2024-04-01T00:00:00Z", items, False, None) is None  # the search got every item
-    first = next_backfill("2024-04-01T00:00:00Z", items, True, None)
-    assert first == {"start": "2024-04-01T00:00:00Z", "before": "2024-05-16T15:50:00Z"}
-    # more items at 05-16 15:50 than max_items: the same oldest time again moves one microsecond back
-    crowded = [{"properties": {"datetime": "2024-05-16T15:50:00Z"}}] * 2
-    assert next_backfill("2024-04-01T00:00:00Z", crowded, True, first)["before"] == "2024-05-16T15:49:59.999999Z"
-    # a forward search whose items reach back to the watermark left no gap, however many it stopped at
-    at = datetime(2024, 5, 16, 15, 50, tzinfo=UTC)
-    assert next_backfill("2024-04-01T00:00:00Z", items, True, None, covered=at) is None
-    assert next_backfill("2024-04-01T00:00:00Z", items, True, None, covered=at - timedelta(days=1)) == first

@@ -19,15 +19,19 @@ A run, in order (:func:`run_monitor`):
 3. reads the ledger and removes what an unfinished run left: result files and run records no
    committed run lists, work folders, temporary files;
 4. searches items from ``watermark - lookback`` (or ``start``; earlier when an item to retry is
-   older) and keeps those not done and not given up;
-5. runs the region pipeline on exactly those items (:func:`rsflow.pipeline.run_region`, into
+   older), every one of them however the API orders a capped search (:func:`collect_items`), and
+   keeps the newest ``max_items`` not done and not given up (the older ones are the ledger's backfill,
+   which the next runs search first);
+5. saves their attempts in the ledger (a run that dies in the pipeline has tried them), then runs the
+   region pipeline on exactly those items (:func:`rsflow.pipeline.run_region`, into
    ``_monitor/work/<run id>``);
 6. writes the rows of the items that succeeded into the date partitions, one new file per date,
    each atomically, and its run record;
 7. **commits**: saves the ledger (items done, failed items' attempts, items given up, watermark,
    the run's files) in one atomic write. Until then nothing it wrote counts: a run killed before
-   this leaves the ledger and watermark as they were, and step 3 of the next run deletes its files,
-   so no (tile, date, task, prompt) row is ever in the dataset twice;
+   this leaves the watermark, the runs and the done items as they were (its items only have one more
+   attempt), and step 3 of the next run deletes its files, so no (tile, date, task, prompt) row is
+   ever in the dataset twice;
 8. recomputes ``changes.parquet`` and ``report.html`` from the committed results, calls the
    webhook when this run's items brought changes, and deletes its work folder.
 
@@ -163,44 +167,58 @@ def _run_locked(
     ledger = load_ledger(root, config.name)
     removed = remove_leftovers(root, ledger)
 
-    if ledger.backfill:  # the older part of a window whose search stopped at max_items
+    interrupted = _give_up_interrupted(ledger, config.max_attempts)
+    if ledger.backfill:  # the older part of a window whose items were more than one run takes
         start_iso, end_iso = ledger.backfill["start"], ledger.backfill["before"]
     else:
         start_iso, end_iso = _iso(search_start(config, ledger, started)), ".."
     window = normalize_datetime(f"{start_iso}/{end_iso}")
     request = config.request
-    found = search_items(
-        SearchQuery(
-            stac=request.stac,
-            collections=request.collections,
-            intersects=mapping(search_geometry(request.aoi)),
-            datetime=window,
-            max_cloud=request.max_cloud,
-            max_items=request.max_items,
+
+    def search(begin: str, end: str) -> Any:
+        return search_items(
+            SearchQuery(
+                stac=request.stac,
+                collections=request.collections,
+                intersects=mapping(search_geometry(request.aoi)),
+                datetime=normalize_datetime(f"{begin}/{end}"),
+                max_cloud=request.max_cloud,
+                max_items=request.max_items,
+            )
         )
+
+    found = collect_items(
+        search, parse_time(start_iso), parse_time(end_iso) if end_iso != ".." else None, now=started,
+        is_pending=lambda i: _is_pending(ledger.items.get(str(i["id"]))), max_items=request.max_items,
     )
-    backfill = next_backfill(start_iso, found.items, found.reached_max_items, ledger.backfill,
-                             covered=None if ledger.backfill else _covered(ledger))
+    backfill = found.backfill
     if backfill is not None:
         logger.warning(
-            "monitor %s: the search hit max_items %d; the next runs search the older items of %s, up to %s",
+            "monitor %s: %s holds more items to process than max_items %d; the next runs process the older ones, "
+            "up to %s",
             config.name,
-            request.max_items,
             window,
+            request.max_items,
             backfill["before"],
         )
-    pending = [i for i in found.items if _is_pending(ledger.items.get(str(i["id"])))]
-    skipped = len(found.items) - len(pending)
+    pending = _isolate_crashed(found.pending, ledger)
+    skipped = len(found.items) - len(found.pending)
     logger.info(
-        "monitor %s: %d items since %s, %d already done or given up, %d to process",
+        "monitor %s: %d items since %s (%d searches), %d already done or given up, %d to process",
         config.name,
         len(found.items),
         window,
+        found.searches,
         skipped,
         len(pending),
     )
+    vanished_failed, vanished_given_up = _count_vanished(
+        ledger, found, parse_time(start_iso), parse_time(end_iso) if end_iso != ".." else None, run_id,
+        config.max_attempts,
+    )
+    given_up_before = [*interrupted, *vanished_given_up]  # given up without running again
     if not pending:
-        if backfill != ledger.backfill:
+        if backfill != ledger.backfill or vanished_failed or given_up_before:
             ledger.backfill = backfill
             lock.check()
             save_ledger(root, ledger)
@@ -213,9 +231,26 @@ def _run_locked(
             outcome="nothing-new",
             search_window=window or "",
             items_found=len(found.items),
+            items_failed=vanished_failed,
+            items_given_up=given_up_before,
             removed=removed,
             watermark=ledger.watermark,
         )
+
+    # Each item's attempt is counted before the pipeline runs: a run that dies inside it (an OOM kill, a
+    # worker crash, a pipeline error) leaves them failed with one more attempt, so that an item that always
+    # crashes is tried alone next time and then given up instead of holding every new item back for ever.
+    attempts_now = {}
+    for item in pending:
+        item_id = str(item["id"])
+        previous = ledger.items.get(item_id)
+        attempts_now[item_id] = (previous.attempts if previous else 0) + 1
+        ledger.items[item_id] = ItemRecord(
+            id=item_id, collection=str(item.get("collection") or ""), datetime=str(_item_time(item) or ""),
+            state="failed", attempts=attempts_now[item_id], run_id=run_id, error=INTERRUPTED,
+        )
+    lock.check()
+    save_ledger(root, ledger)
 
     scratch = store.join(root, WORK_DIR, run_id)
     region = run_region(
@@ -233,11 +268,10 @@ def _run_locked(
     )
 
     # The ledger as it will be once committed.
-    failed, given_up = [], []
+    failed, given_up = list(vanished_failed), list(given_up_before)
     for item in pending:
         item_id = str(item["id"])
-        previous = ledger.items.get(item_id)
-        attempts = (previous.attempts if previous else 0) + 1
+        attempts = attempts_now[item_id]
         info = outcome[item_id]
         if info["failed"] is None:
             state = "done"
@@ -250,11 +284,7 @@ def _run_locked(
         ledger.items[item_id] = ItemRecord(
             id=item_id,
             collection=str(item.get("collection") or ""),
-            datetime=str(
-                (item.get("properties") or {}).get("datetime")
-                or (item.get("properties") or {}).get("start_datetime")
-                or ""
-            ),
+            datetime=str(_item_time(item) or ""),
             state=state,
             attempts=attempts,
             run_id=run_id,
@@ -275,7 +305,8 @@ def _run_locked(
             "window": window,
             "found": len(found.items),
             "skipped": skipped,
-            "reached_max_items": found.reached_max_items,
+            "searches": found.searches,
+            "backfill": backfill,
         },
         "items": {"done": [str(i["id"]) for i in done], "failed": failed, "given_up": given_up},
         "errors": {k: v["failed"] for k, v in outcome.items() if v["failed"]},
@@ -382,33 +413,124 @@ def _notify(
     return new, by_kind, hook
 
 
-def next_backfill(
-    start: str, items: list[dict[str, Any]], reached_max_items: bool, previous: dict[str, str] | None,
-    *, covered: datetime | None = None,
-) -> dict[str, str] | None:
-    """What the next run searches before moving on: the window's older part, ``start`` up to the oldest
-    item found, when the search stopped at ``max_items`` (searches keep the newest items) short of
-    ``covered`` (the watermark earlier runs reached: a forward search whose items reach back to it left
-    no gap, however many older items its window holds); None once a search got every item. One
-    microsecond earlier when that is where the previous backfill already stopped (more items at one
-    instant than ``max_items``), so that runs move on."""
-    times = [parse_time(_item_time(i)) for i in items]
-    times = [t for t in times if t is not None]
-    if not reached_max_items or not times or (covered is not None and min(times) <= covered):
-        return None
-    before = min(times)
-    if previous is not None and parse_time(previous.get("before")) == before:
-        before -= timedelta(microseconds=1)
-    return {"start": start, "before": _iso(before)}
+INTERRUPTED = "the run that processed it did not finish (killed, or the pipeline raised)"
+"""``error`` of items whose attempt began in a run that never recorded its outcome."""
+
+VANISHED = "no longer returned by the search (the AOI, max_cloud or the catalog changed)"
+"""``error`` of a failed item that a complete search of its time no longer finds."""
 
 
-def _covered(ledger: Ledger) -> datetime | None:
-    """How far back earlier runs have every item: the watermark, or the oldest item still to retry when
-    that is older (its search must reach it again)."""
-    times = [parse_time(ledger.watermark)]
-    times += [parse_time(r.datetime) for r in ledger.items.values() if r.state == "failed"]
-    known = [t for t in times if t is not None]
-    return min(known) if known and times[0] is not None else None
+@dataclass
+class Collected:
+    """What :func:`collect_items` found."""
+
+    items: list[dict[str, Any]]
+    """Every item found (once each), newest windows first."""
+    pending: list[dict[str, Any]]
+    """The items to process, at most ``max_items``."""
+    backfill: dict[str, str] | None
+    """``{"start", "before"}`` (inclusive) still to search, when more items wait than one run takes."""
+    searches: int
+    crowded: list[str] = field(default_factory=list)
+    """Instants (one second) holding more than ``max_items`` items: only ``max_items`` of them were seen."""
+
+    @property
+    def complete(self) -> bool:
+        """Every item of the window was seen."""
+        return self.backfill is None and not self.crowded
+
+
+def collect_items(
+    search: Any, start: datetime, end: datetime | None, *, now: datetime, is_pending: Any, max_items: int,
+) -> Collected:
+    """Every item of ``[start, end]`` (``end`` None: open), however the API orders a search that stops at
+    ``max_items``: such a window is split in two at its middle time and each half searched, the newer
+    first, down to windows of one second. Items to process (``is_pending``) are gathered, newest first,
+    up to ``max_items``; the window where they run over gives its newest, and everything older (up to the
+    first item left out, inclusive) becomes the backfill, which the next runs search the same way. Done
+    items never count towards ``max_items``, so items that arrive late inside the window are found however
+    many done ones it holds.
+
+    Args:
+        search: ``(start_iso, end_iso_or_"..") -> result`` with ``items`` and ``reached_max_items``.
+        start, end: the window (UTC); ``now`` bounds an open end for splitting.
+    """
+    stack: list[tuple[datetime, datetime | None]] = [(start, end)]
+    items: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    crowded: list[str] = []
+    searches = 0
+    while stack:
+        begin, finish = stack.pop()
+        found = search(_iso(begin), _iso(finish) if finish is not None else "..")
+        searches += 1
+        upper = finish if finish is not None else max(now, begin)
+        if found.reached_max_items and upper - begin > timedelta(seconds=1):
+            middle = begin + (upper - begin) / 2
+            stack.append((begin, middle - timedelta(microseconds=1)))
+            stack.append((middle, finish))  # searched first: newer items first
+            continue
+        if found.reached_max_items:
+            crowded.append(_iso(begin))
+            logger.warning("more than max_items %d items between %s and %s: only %d of them are seen",
+                           max_items, _iso(begin), _iso(upper), len(found.items))
+        new = [i for i in found.items if str(i["id"]) not in seen]
+        waiting = [i for i in new if is_pending(i)]
+        seen.update(str(i["id"]) for i in new)
+        items += new
+        if len(pending) + len(waiting) > max_items:  # this window has them all: the newest that fit
+            waiting.sort(key=lambda i: (parse_time(_item_time(i)) or begin, str(i["id"])), reverse=True)
+            room = max_items - len(pending)
+            pending += waiting[:room]
+            before = parse_time(_item_time(waiting[room])) or upper  # inclusive: the done ones come back
+            return Collected(items, pending, {"start": _iso(start), "before": _iso(before)}, searches, crowded)
+        pending += waiting
+    return Collected(items, pending, None, searches, crowded)
+
+
+def _give_up_interrupted(ledger: Ledger, max_attempts: int) -> list[str]:
+    """Items whose last attempt was in a run that died (:data:`INTERRUPTED`) and that have had
+    ``max_attempts`` attempts are given up. Returns their ids."""
+    ids = []
+    for record in ledger.items.values():
+        if record.state == "failed" and record.error == INTERRUPTED and record.attempts >= max_attempts:
+            record.state = "given_up"
+            ids.append(record.id)
+    return ids
+
+
+def _isolate_crashed(pending: list[dict[str, Any]], ledger: Ledger) -> list[dict[str, Any]]:
+    """After a second run died with an item in it (:data:`INTERRUPTED`, two attempts or more), that item
+    runs alone, oldest first, so that the one that kills runs is found and given up while the others go
+    on; otherwise ``pending`` as it is."""
+    crashed = [i for i in pending if (r := ledger.items.get(str(i["id"]))) is not None
+               and r.error == INTERRUPTED and r.attempts >= 2]
+    if not crashed:
+        return pending
+    return [min(crashed, key=lambda i: (str(_item_time(i) or ""), str(i["id"])))]
+
+
+def _count_vanished(ledger: Ledger, found: Collected, start: datetime | None, end: datetime | None, run_id: str,
+                    max_attempts: int) -> tuple[list[str], list[str]]:
+    """A failed item that a complete search of its time no longer returns (the AOI, max_cloud or the
+    catalog changed) gets one more attempt, :data:`VANISHED` as its error, and is given up after
+    ``max_attempts``: it used to stay failed for ever and keep every search reaching back to it.
+    Returns the ids (still failed, given up)."""
+    failed: list[str] = []
+    given_up: list[str] = []
+    if not found.complete or start is None:
+        return failed, given_up
+    ids = {str(i["id"]) for i in found.items}
+    for record in ledger.items.values():
+        when = parse_time(record.datetime)
+        if record.state != "failed" or record.id in ids or when is None or when < start or (end and when > end):
+            continue
+        record.attempts += 1
+        record.error, record.run_id = VANISHED, run_id
+        record.state = "given_up" if record.attempts >= max_attempts else "failed"
+        (given_up if record.state == "given_up" else failed).append(record.id)
+    return failed, given_up
 
 
 def _item_time(item: dict[str, Any]) -> str | None:

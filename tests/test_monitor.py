@@ -617,6 +617,43 @@ def test_an_item_that_kills_every_run_is_isolated_and_given_up_while_the_others_
     assert (ledger.items["fine"].state, ledger.items["fine"].attempts) == ("done", 3)
 
 
+def test_rows_are_read_from_the_files_the_region_run_lists_never_from_a_listing(scene, tmp_path, ray_local,
+                                                                                  monkeypatch):
+    """A region run's file that is gone when the monitor reads its rows back (an object store's stale
+    listing, a work folder removed by a run that took the lock over) fails the run before its commit: its
+    items are not marked done with no rows, and the next run does them."""
+    import copy
+
+    import rsflow.pipeline
+    from rsflow.monitor.ledger import load_ledger
+
+    source = scene.items[ITEM_IDS[0]]
+    item = copy.deepcopy(source)
+    item["id"], item["properties"]["datetime"] = "scene", "2024-05-01T15:50:00Z"
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    out = tmp_path / "out"
+    doc = {"name": "listing", "aoi": {"bbox": list(scene.bbox)}, "stac": str(catalog),
+           "collections": [source["collection"]], "start": "2024-04-01", "lookback": "2d",
+           "tasks": {"questions": [WATER_QUESTION]}, "tile": {"size_px": TILE_PX}, "model": {"model": "noop"},
+           "output": str(out), "lock": {"expiry": "2m"}}
+    config_path = tmp_path / "listing.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    real = rsflow.pipeline.run_region
+
+    def losing_a_file(request, *, address=None, items=None):
+        result = real(request, address=address, items=items)
+        Path(request.output, result.manifest["files"][0]).unlink()
+        return result
+
+    monkeypatch.setattr(rsflow.pipeline, "run_region", losing_a_file)
+    with pytest.raises(RuntimeError, match="are gone from"):
+        run_monitor(load_monitor_config(config_path))
+    assert load_ledger(str(out), "listing").items["scene"].state == "failed"
+    monkeypatch.setattr(rsflow.pipeline, "run_region", real)
+    assert run_monitor(load_monitor_config(config_path)).items_done == ["scene"]
+
+
 def test_changes_a_stopped_run_committed_but_never_sent_are_sent_by_the_next_run(
     scenario, scene, hook, tmp_path, monkeypatch
 ):

@@ -258,7 +258,7 @@ def _run_locked(
         address=address,
         items=pending,
     )
-    table = read_dataset_files(scratch, _parquet_files(scratch))
+    table = _region_rows(scratch, region.manifest)
     outcome = item_outcomes(table, pending)
     done = [i for i in pending if outcome[str(i["id"])]["failed"] is None]
     files = write_partitions(
@@ -590,6 +590,29 @@ def _check_ledger_owner(root: str, name: str) -> None:
         load_ledger(root, name)
     except ValueError as exc:
         raise RequestError("output", f"{exc}; give this monitor its own output root") from None
+
+
+def _region_rows(scratch: str, manifest: dict[str, Any]) -> pa.Table:
+    """The rows of the region run's dataset: exactly the files its manifest lists, which must hold the
+    rows it counts. Rows read back from a listing could miss a file (an object store's stale listing, a
+    work folder removed by a run that took the lock over), and an item without rows would count as done.
+
+    Raises:
+        RuntimeError: a listed file is missing, or the rows are not those the manifest counts (the run
+            then commits nothing, and its items are tried again).
+    """
+    files = [posixpath.basename(f) for f in manifest.get("files") or [] if str(f).endswith(".parquet")]
+    present = set(_parquet_files(scratch))
+    missing = [f for f in files if f not in present]
+    if missing:
+        raise RuntimeError(f"the region run's files {missing[:3]} are gone from {scratch}; nothing was committed")
+    table = read_dataset_files(scratch, files)
+    expected = (manifest.get("counts") or {}).get("rows_written")
+    if expected is not None and table.num_rows != int(expected):
+        raise RuntimeError(
+            f"{scratch} holds {table.num_rows} rows where its run wrote {expected}; nothing was committed"
+        )
+    return table
 
 
 def _parquet_files(directory: str) -> list[str]:

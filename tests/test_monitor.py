@@ -42,8 +42,8 @@ import yaml
 
 from rsflow.cli import main
 from rsflow.monitor import load_monitor_config, run_monitor
-from rsflow.monitor.webhook import SIGNATURE_HEADER
 from rsflow.monitor.run import INTERRUPTED
+from rsflow.monitor.webhook import SIGNATURE_HEADER
 from tests.monitor_fixtures import (
     BROKEN_ID,
     DATES,

@@ -709,7 +709,6 @@ def ensure_changes_report(config: MonitorConfig, ledger: Ledger, *, force: bool 
         return pd.DataFrame(columns=list(CHANGE_COLUMNS))
     rows = read_results(root, ledger)
     changes = detect_changes(rows, config.change)
-    store.write_bytes_atomic(store.join(root, CHANGES_NAME), changes_parquet_bytes(changes, last_run))
     from rsflow.monitor.report import build_report
 
     counts = ledger.counts()
@@ -726,7 +725,10 @@ def ensure_changes_report(config: MonitorConfig, ledger: Ledger, *, force: bool 
             "as of run": last_run,
         },
     )
+    # The report first: changes.parquet carries the run id that says both are up to date, so a run
+    # stopped between the two writes leaves them to be rebuilt, not a report one run behind.
     store.write_bytes_atomic(store.join(root, REPORT_NAME), page.encode())
+    store.write_bytes_atomic(store.join(root, CHANGES_NAME), changes_parquet_bytes(changes, last_run))
     logger.info("monitor %s: %d changes, report written", config.name, len(changes))
     return changes
 

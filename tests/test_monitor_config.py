@@ -553,7 +553,7 @@ def test_more_items_to_process_than_one_run_takes_leave_the_older_ones_to_the_ne
         if found.backfill is None:
             break
         start, end = parse_time(found.backfill["start"]), parse_time(found.backfill["before"])
-    assert sorted(sum(runs, [])) == [i["id"] for i in items] and len(runs) >= 3
+    assert sorted(k for run in runs for k in run) == [i["id"] for i in items] and len(runs) >= 3
     assert max(runs[0]) == "i09"  # the newest first
 
     crowded = [_dated(f"c{k}", "2024-05-05T10:00:00Z") for k in range(6)]

@@ -202,6 +202,14 @@ def _run_locked(
             backfill["before"],
         )
     pending = _isolate_crashed(found.pending, ledger)
+    held = {str(i["id"]) for i in pending}
+    for item in found.pending:  # held back while a crash is isolated: kept in the ledger, so searched again
+        item_id = str(item["id"])
+        if item_id not in held and item_id not in ledger.items:
+            ledger.items[item_id] = ItemRecord(
+                id=item_id, collection=str(item.get("collection") or ""), datetime=str(_item_time(item) or ""),
+                state="failed", attempts=0, run_id=run_id, error=WAITING,
+            )
     skipped = len(found.items) - len(found.pending)
     logger.info(
         "monitor %s: %d items since %s (%d searches), %d already done or given up, %d to process",
@@ -415,6 +423,9 @@ def _notify(
 
 INTERRUPTED = "the run that processed it did not finish (killed, or the pipeline raised)"
 """``error`` of items whose attempt began in a run that never recorded its outcome."""
+
+WAITING = "not tried yet: held back while the item that crashed runs was tried alone"
+"""``error`` of new items a run left for later while it isolated a crash (:func:`_isolate_crashed`)."""
 
 VANISHED = "no longer returned by the search (the AOI, max_cloud or the catalog changed)"
 """``error`` of a failed item that a complete search of its time no longer finds."""

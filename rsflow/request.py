@@ -629,7 +629,11 @@ def _parse_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, .
     return tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
 
 
-def _check_output(output: str, overwrite: bool) -> str:
+def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None) -> str:
+    """The output directory, checked: a local one must not be a file, must be empty unless ``overwrite``
+    (which replaces an rsflow dataset only: a folder without ``_manifest.json`` is someone else's files)
+    or ``resume``, must not hold the working directory or a local catalog the run reads, and must be
+    creatable (its nearest existing ancestor a writable directory)."""
     if not output or not output.strip():
         raise RequestError("--output", "is empty")
     output = output.strip()
@@ -645,16 +649,30 @@ def _check_output(output: str, overwrite: bool) -> str:
     path = Path(output.removeprefix("file://")).expanduser()
     if path.exists() and not path.is_dir():
         raise RequestError("--output", f"{path} exists and is a file; give a directory for the dataset")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RequestError("--output", f"{path} already holds files; choose a new directory or pass --overwrite")
-    parent = path.resolve().parent
+    resolved = path.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise RequestError("--output", f"{path} is the working directory or holds it; give a directory inside it")
+    if stac and "://" not in stac and stac != "sample":
+        catalog = Path(stac).expanduser().resolve()
+        if catalog.is_relative_to(resolved):
+            raise RequestError("--output", f"{path} holds the catalog --stac {stac}; write the dataset elsewhere")
+    if path.is_dir() and any(path.iterdir()):
+        if not (overwrite or resume):
+            raise RequestError("--output", f"{path} already holds files; choose a new directory or pass --overwrite")
+        if overwrite and not (path / "_manifest.json").is_file():
+            raise RequestError(
+                "--overwrite", f"replaces an rsflow dataset only, and {path} holds other files (no _manifest.json)"
+            )
+    parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
     import os
 
+    if not parent.is_dir():
+        raise RequestError("--output", f"cannot create {path}: {parent} is a file")
     if not os.access(parent, os.W_OK):
         raise RequestError("--output", f"cannot create {path}: {parent} is not writable")
-    return str(path.resolve())
+    return str(resolved)
 
 
 def parse_request(
@@ -801,7 +819,7 @@ def parse_request(
         aoi=aoi,
         stac=stac,
         collections=cols,
-        output=_check_output(output, overwrite or resume),
+        output=_check_output(output, overwrite, resume=bool(resume), stac=stac),
         model=model,
         datetime=dt,
         max_cloud=max_cloud,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,12 +236,25 @@ def test_output_checks(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(RequestError, match="--overwrite"):
         _req(tmp_path, output=str(tmp_path / "full"))
+    # --overwrite replaces an rsflow dataset, never a folder of other files
+    with pytest.raises(RequestError, match=r"^--overwrite: replaces an rsflow dataset only, .* other files \(no _manifest"):
+        _req(tmp_path, output=str(tmp_path / "full"), overwrite=True)
+    (tmp_path / "full" / "_manifest.json").write_text("{}")
     assert _req(tmp_path, output=str(tmp_path / "full"), overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(RequestError, match="is a file"):
         _req(tmp_path, output=str(tmp_path / "file"))
+    with pytest.raises(RequestError, match=r"cannot create .*: .*file is a file"):  # under a file: no traceback
+        _req(tmp_path, output=str(tmp_path / "file" / "out"))
     with pytest.raises(RequestError, match="nosuchfs"):
         _req(tmp_path, output="nosuchfs://bucket/x")
+    # the working directory, or one holding the catalog the run reads, is never the output
+    with pytest.raises(RequestError, match="working directory"):
+        _req(tmp_path, output=str(Path.cwd()), overwrite=True)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "items.json").write_text("{}")
+    with pytest.raises(RequestError, match="holds the catalog"):
+        _req(tmp_path, output=str(tmp_path), stac=str(tmp_path / "cat" / "items.json"), overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -258,6 +258,10 @@ def test_bad_input_fails_before_inference_with_one_line(
     err = _one_line_error(capsys, _eval("geochat-referring", bench_data["geochat-referring"], out), "--benchmark")
     assert "needs a model of the geochat family" in err
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--limit", "0"), "--limit")
+    err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--model-actors", "0"),
+                          "--model-actors")
+    err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--read-workers", "0"),
+                          "--read-workers")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], tmp_path / "busy"), "--output")

@@ -164,6 +164,9 @@ def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
         ({}, ["lora_targets=q_proj,qkv_proj"], "lora_targets", "'qkv_proj' matches no linear layer"),
         ({}, ["workers=two"], "workers", "expected int"),
         ({}, ["strategy=fsdp"], "strategy", "fsdp needs use_gpu"),
+        ({}, ["lr=.nan"], "lr", "must be a finite number"),  # it trained to NaN weights and exited 0
+        ({}, ["max_grad_norm=.inf"], "max_grad_norm", "must be a finite number"),
+        ({}, ["cpus_per_worker=0"], "cpus_per_worker", "must be > 0"),
     ],
 )
 def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(

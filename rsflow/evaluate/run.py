@@ -147,6 +147,9 @@ class EvalConfig:
             raise RequestError("--tokenizer", f"{self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
         if self.images is not None and not Path(self.images).is_dir():
             raise RequestError("--images", f"no such folder {self.images!r}")
+        for flag, value, most in (("--model-actors", self.model_actors, 1024), ("--read-workers", self.read_workers, 4096)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+                raise RequestError(flag, f"must be between 1 and {most}, got {value!r}")  # as the region job's
 
 
 @dataclass(frozen=True)

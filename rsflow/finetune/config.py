@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import types
 import typing
@@ -207,15 +208,23 @@ class FinetuneConfig:
             )
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs < 1):
             raise RequestError("max_steps", "give max_steps >= 1, or max_steps 0 and epochs >= 1")
+        for name in ("lr", "projector_lr", "weight_decay", "max_grad_norm", "warmup_ratio", "lora_alpha",
+                     "lora_dropout", "cpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise RequestError(name, f"must be a finite number, got {value!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RequestError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0:
             raise RequestError("lr", f"must be > 0, got {self.lr}")
         if self.projector_lr is not None and self.projector_lr <= 0:
             raise RequestError("projector_lr", f"must be > 0 or null (same as lr), got {self.projector_lr}")
-        for name in ("weight_decay", "max_grad_norm", "cpus_per_worker"):
+        for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise RequestError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:  # Ray Train refuses an empty bundle, after the cluster started
+            raise RequestError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise RequestError("max_failures", f"must be >= -1, got {self.max_failures}")
         if self.stage == "instruct":

@@ -565,6 +565,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if world > 1:
                 dist.all_reduce(sums)  # float64 holds the digest sums exactly (< 2**53)
             loss_value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+            if sums[1] > 0 and not math.isfinite(loss_value):  # every worker sees the same reduced sums
+                raise FloatingPointError(
+                    f"the loss of step {step} is {loss_value}: training diverged (lower lr, or check the data); "
+                    "the weights of this step are not exported"
+                )
             if int(sums[3]) == config.global_batch and step == 1:
                 raise RuntimeError(
                     f"all {config.global_batch} rows of the first step failed in the data stage "

@@ -272,6 +272,7 @@ def _run_region(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         engine=args.engine,
     )
+    _check_model_before_work(spec, "--model")
     result = run_region(request, address=args.address)
     m = result.manifest
     c = m["counts"]
@@ -383,6 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         logger.exception("rsflow %s failed", args.command)
         return EXIT_ERROR
     parser.error(f"unknown command {args.command}")
+
+
+def _check_model_before_work(spec: Any, flag: str) -> None:
+    """The model's input size, read from its files before any work: a model that cannot be read is bad
+    input (one line naming ``flag``, exit 2), not a traceback after the run started.
+
+    Raises:
+        RequestError: (``flag``) the model cannot be resolved or read.
+    """
+    from rsflow.errors import ModelError
+    from rsflow.models.spec import model_input_size
+
+    try:
+        model_input_size(spec)
+    except ModelError as exc:
+        raise RequestError(flag, str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ BAD = [
 ]
 
 
+def test_a_model_that_cannot_be_read_is_bad_input_before_any_work(tmp_path, capsys, monkeypatch):
+    """A hub id that cannot be read (no such repository, or no network: here the hub's offline mode) is one
+    line naming --model and exit 2, before the search; it used to be a traceback (exit 1) after it."""
+    import huggingface_hub
+
+    monkeypatch.setattr(sys.modules[huggingface_hub.is_offline_mode.__module__], "HF_HUB_OFFLINE", True)
+    code = main(["region", "--output", str(tmp_path / "out"), "--model", "nothere-org/nothere-model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("rsflow region: error: --model: 'nothere-org/nothere-model' is no local folder")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("args", "flag"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(args, flag, tmp_path, capsys):
     far = tmp_path / "far.geojson"

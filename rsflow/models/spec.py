@@ -367,6 +367,11 @@ def model_input_size(spec: ModelSpec) -> int:
             f"{ref} --local-dir DIR` and `hf download {config.get('mm_vision_tower') or 'openai/clip-vit-large-patch14-336'}"
             " --local-dir CLIP_DIR`) and pass --model DIR --vision-tower CLIP_DIR, or `rsflow convert` it once"
         )
+    if not Path(ref).is_dir() and not config and pre is None:
+        raise ModelError(
+            f"{ref!r} is no local folder, and no config.json could be read for it from the Hugging Face hub "
+            "(no such repository, or no network: download it and give its folder)"
+        )
     raise ModelError(f"cannot tell the input image size of {ref!r}; pass --image-size")
 
 

@@ -121,13 +121,18 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
         MonitorLocked: another run holds the lock (nothing was touched).
         SourceError: the STAC source could not be searched (nothing committed).
     """
-    from rsflow.models.spec import resolve_adapter, resolve_model_dir
+    from rsflow.errors import ModelError
+    from rsflow.models.spec import model_input_size, resolve_adapter, resolve_model_dir
 
     started = datetime.now(UTC)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     probe_output_root(config.output)
     resolve_adapter(config.request.model)
     resolve_model_dir(config.request.model)
+    try:  # the model's files, read before the lock is taken or anything searched
+        model_input_size(config.request.model)
+    except ModelError as exc:
+        raise RequestError("model.model", str(exc)) from None
     root = config.output
     _check_ledger_owner(root, config.name)
     with MonitorLock(root, config.name, run_id, config.lock_expiry) as lock:

@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except RsflowError:
         logger.exception("rsflow %s failed", args.command)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: what was kept (a staging directory to --resume) is already said
+        print(f"rsflow {args.command}: interrupted", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command}")
 
 

@@ -50,6 +50,9 @@ NODE_SLIVER = 0.001
 """Amount of a node-kind resource asked for by the ``auto`` placement (a node has 1000)."""
 
 Resources = tuple[tuple[str, float], ...]
+MAX_RESOURCE_AMOUNT = 1e9
+"""Largest custom resource amount a task or actor may ask for (Ray converts amounts to fixed point:
+1e308 overflowed inside Ray Data after the cluster started)."""
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 _RAY_BUILTIN = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
@@ -81,8 +84,9 @@ def parse_resources(text: str | None, flag: str) -> Resources | None:
             value = float(amount)
         except ValueError:
             raise RequestError(flag, f"amount of {name} must be a number, got {amount.strip()!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise RequestError(flag, f"amount of {name} must be > 0, got {amount.strip()}")
+        if not (math.isfinite(value) and 0 < value <= MAX_RESOURCE_AMOUNT):
+            raise RequestError(flag, f"amount of {name} must be > 0 and at most {MAX_RESOURCE_AMOUNT:g}, "
+                                     f"got {amount.strip()}")
         out[name] = value
     return tuple(sorted(out.items()))
 
@@ -213,6 +217,11 @@ def plan_cluster(
             f"{low} model actor(s) on CPU would take all {read_cpus} CPUs of this cluster and leave none for "
             f"reading tiles; use at most {max(1, int((read_cpus - 1) // max(model_cpus, 1e-9)))} here",
         )
+    all_cpus = int(sum(n.get("CPU", 0) for n in nodes))
+    if not gpus and all_cpus and low > all_cpus:  # each actor is a process (the no-op model's ask no CPU)
+        flag = "--model-actors" if model_actors is not None else "--min-model-actors"
+        raise RequestError(flag, f"{low} model actors without a GPU on a cluster of {all_cpus} CPUs; use at most "
+                                 f"{all_cpus}")
     read_max = read_workers or max(1, int(read_cpus - actor_cpus))
     if gpus == 0:
         logger.warning("no GPU in the Ray cluster: the model runs on CPU")

@@ -156,3 +156,15 @@ def test_max_tiles_refuses_a_run_before_any_read(capsys: pytest.CaptureFixture[s
     assert len(err.splitlines()) == 1 and err.startswith("rsflow region: error: --max-tiles: "), err
     assert "more than 10 tiles" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: the run has already said what it kept (a staging directory to --resume); no traceback."""
+    import rsflow.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_region", interrupted)
+    assert main(["region", "--output", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "rsflow region: interrupted"

@@ -40,6 +40,7 @@ def test_resource_flags_parse(text, expected):
         ("x=0", "must be > 0"),
         ("x=-1", "must be > 0"),
         ("x=nan", "must be > 0"),
+        ("x=1e308", "at most 1e"),  # overflowed inside Ray Data after the cluster started
         ("GPU=1", "set by rsflow itself"),
     ],
 )
@@ -134,3 +135,12 @@ def test_cpu_model_actors_that_would_starve_the_reads_are_refused():
     assert (plan.min_actors, plan.read_max) == (2, 2)
     # with a GPU the actors do not share the reads' CPUs
     assert plan_cluster([{"CPU": 2.0, "GPU": 2.0}], StagePlacement(), model_actors=2).read_max == 2
+
+
+def test_more_cpu_model_actors_than_cpus_are_refused_even_for_the_no_op_model():
+    """Without GPUs every model actor is a process on the CPUs: 1024 no-op actors (they ask for no CPU) on
+    2 CPUs started processes until Ray gave up, where a model that asks for a CPU was refused."""
+    nodes = [{"CPU": 2.0}]
+    with pytest.raises(RequestError, match=r"^--model-actors: 1024 model actors without a GPU on a cluster of 2 CPUs"):
+        plan_cluster(nodes, StagePlacement(), model_actors=1024, model_cpus=0.0)
+    assert plan_cluster(nodes, StagePlacement(), model_actors=2, model_cpus=0.0).min_actors == 2

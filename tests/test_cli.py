@@ -49,6 +49,16 @@ BAD = [
     (["--merge-iou", "1.5"], "--merge-iou"),
     # the default (demo) model uses the llava template: GeoChat's box tasks are refused for it
     (["--tasks", "detect", "--detect", "ship"], "--tasks"),
+    # an empty value is refused, not taken as "not given" (--output "" used to write to out/region-<time>)
+    (["--datetime", ""], "--datetime"),
+    (["--collections", ""], "--collections"),
+    (["--collections", " , "], "--collections"),
+    (["--question", "", "--tasks", "vqa"], "--question"),
+    (["--stac", "  "], "--stac"),
+    # the model's input size is the default tile size: a size no tile can have names --image-size
+    (["--model", "smoke", "--image-size", "1"], "--image-size"),
+    # contradictory flags
+    (["--resume", "OUT", "--overwrite"], "--overwrite"),
 ]
 
 
@@ -70,9 +80,9 @@ def test_bad_input_exits_2_with_one_line(args, flag, tmp_path, capsys):
     far = tmp_path / "far.geojson"
     far.write_text('{"type": "Feature", "id": "far", "properties": {}, '
                    '"geometry": {"type": "Point", "coordinates": [10.0, 50.0]}}')
-    args = [str(far) if a == "REGIONS_FAR" else a for a in args]
+    args = [str(far) if a == "REGIONS_FAR" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     try:
-        code = main(["region", "--output", str(tmp_path / "out"), *args])
+        code = main(["region", *([] if "--resume" in args else ["--output", str(tmp_path / "out")]), *args])
     except SystemExit as exc:  # argparse's own checks (types, choices)
         code = exc.code
     err = capsys.readouterr().err.strip()
@@ -168,3 +178,46 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(cli, "_run_region", interrupted)
     assert main(["region", "--output", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip() == "rsflow region: interrupted"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["region", "--output", ""],
+        ["region", "--resume", ""],
+        ["convert", "", "DST"],
+        ["monitor", "run", ""],
+        ["eval", "--benchmark", "ucmerced", "--data", ""],
+        ["preview", ""],
+    ],
+    ids=lambda argv: " ".join(repr(a) if not a else a for a in argv),
+)
+def test_an_empty_value_is_refused_not_taken_for_the_default(argv, tmp_path, capsys, monkeypatch):
+    """``--output ""`` (an unset shell variable) used to write to ``out/region-<time>`` and exit 0, and
+    ``--resume ""`` started a fresh run: every text flag and positional of every command refuses "" now."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([tmp_path.joinpath("dst").as_posix() if a == "DST" else a for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.endswith(": must not be empty") and "argument " in err
+    assert not any(tmp_path.iterdir())  # nothing written: no out/region-<time>, no DST
+
+
+def test_convert_names_its_own_arguments(tmp_path, capsys):
+    """convert's checkpoint is SRC (the loaders call it --model); a missing --adapter folder is --adapter,
+    not a JSON error about --model; --merge-lora without --adapter has nothing to merge."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    cases = [
+        (["convert", str(tmp_path / "nothere"), str(tmp_path / "d1")], "rsflow convert: error: SRC: no such folder"),
+        (["convert", str(base), str(tmp_path / "d2"), "--adapter", str(tmp_path / "nothere")],
+         "rsflow convert: error: --adapter: no such folder"),
+        (["convert", str(base), str(tmp_path / "d3"), "--merge-lora"], "rsflow convert: error: --merge-lora:"),
+    ]
+    for argv, start in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(start) and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

@@ -34,6 +34,7 @@ from rsflow.models.spec import ModelSpec
 from rsflow.placement import StagePlacement, parse_resources
 from rsflow.presets import CLASS_PRESETS, resolve_classes
 from rsflow.search import normalize_datetime
+from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ class TileSpec:
         """
         if self.size_px is not None:
             return self
+        if not 8 <= model_size_px <= 8192:  # a checkpoint's own size (--image-size is bounded on its own)
+            raise RequestError(
+                "--tile-size", f"is needed: the model's input size {model_size_px} px is no tile size (8-8192 px)"
+            )
         if self.overlap_px >= model_size_px:
             raise RequestError(
                 "--overlap", f"must be smaller than the tile size, the model's input size {model_size_px} px"
@@ -491,7 +496,7 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
 
     text, p = _read_text(path, "--task-file")
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RequestError("--task-file", f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_task_mapping(doc, base_dir=p.parent, source=str(path))
@@ -733,6 +738,9 @@ def parse_request(
 
     dt = parse_datetime(datetime)
     cols = _parse_list(collections)
+    if collections is not None and not cols:  # "", "," or []: not "every collection" by accident
+        raise RequestError("--collections", "names no collection; give collection ids, or leave it out to read "
+                                            "every collection of a local catalog")
     if max_cloud is not None and not (0 <= max_cloud <= 100):
         raise RequestError("--max-cloud", f"is a percentage in [0, 100], got {max_cloud}")
     if not 1 <= max_items <= 100_000:
@@ -815,6 +823,9 @@ def parse_request(
         min_model_actors=min_model_actors,
         max_model_actors=max_model_actors,
     )
+    if overwrite and resume:
+        raise RequestError("--overwrite", "does not go with --resume, which keeps the run's finished tiles and "
+                                          "replaces RUN_DIR when it commits; leave --overwrite out")
     return RegionRequest(
         aoi=aoi,
         stac=stac,

@@ -67,6 +67,9 @@ MAX_NEW_TOKENS_LIMIT: Final[int] = 8192
 MAX_IMAGE_SIZE: Final[int] = 4096
 """Upper bound for ``image_size`` in pixels (GeoChat uses 504)."""
 
+MIN_IMAGE_SIZE: Final[int] = 8
+"""Lower bound for ``image_size`` in pixels: the smallest tile side (``--tile-size`` defaults to it)."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _CARD_FILENAME = "rsflow.json"
 _FINGERPRINT_FULL_BYTES = 4 << 20  # files up to 4 MiB are hashed whole
@@ -166,10 +169,10 @@ class ModelSpec:
             raise RequestError(
                 "--prompt-format", f"{self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"
             )
-        if self.image_size is not None and not _int_in(self.image_size, 1, MAX_IMAGE_SIZE):
+        if self.image_size is not None and not _int_in(self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):
             raise RequestError(
                 "--image-size",
-                f"must be an integer from 1 to {MAX_IMAGE_SIZE} pixels, got {self.image_size!r}",
+                f"must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {self.image_size!r}",
             )
         if self.dtype not in DTYPES:
             raise RequestError("--dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")

@@ -1527,6 +1527,10 @@ def convert(
     src_root, out = Path(src).expanduser(), Path(dst).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RequestError("DST", f"{out} exists and is not an empty folder; choose a new output folder")
+    if merge_lora and adapter is None:
+        raise RequestError("--merge-lora", "merges a LoRA adapter into its base: give the adapter as --adapter")
+    if adapter is not None and not Path(adapter).expanduser().is_dir():
+        raise RequestError("--adapter", f"no such folder {str(adapter)!r}")
     src_fmt = detect_format(src_root, flag="--model")
     if adapter is None and src_fmt == "llava-repo-lora":
         raise RequestError(
@@ -1534,7 +1538,8 @@ def convert(
             f"{src_root} is a LLaVA-repository LoRA adapter: pass it as --adapter and its base LM as --model",
         )
     source_config = _read_json(
-        (Path(adapter).expanduser() if adapter is not None else src_root) / _CONFIG, "--model"
+        (Path(adapter).expanduser() if adapter is not None else src_root) / _CONFIG,
+        "--adapter" if adapter is not None else "--model",
     )
     save_dtype = dtype or _config_dtype(source_config)
     model, processor, info = load_original(

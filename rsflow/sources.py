@@ -24,6 +24,7 @@ import yaml
 
 from rsflow.errors import RequestError, SourceError
 from rsflow.hrefs import redact
+from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def load_profiles(directory: Path | str | None = None) -> dict[str, SourceProfil
 def _parse_profile_file(path: Path) -> SourceProfile:
     field = f"profile file {path}"
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise RequestError(field, f"is not valid YAML: {err}") from err
     if not isinstance(raw, dict):

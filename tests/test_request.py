@@ -403,3 +403,39 @@ def test_an_aoi_file_too_large_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(RequestError, match="simplify it") as err:
         parse_intersects(str(path))
     assert err.value.field == "--intersects"
+
+
+def test_every_yaml_file_rsflow_reads_refuses_a_key_given_twice(tmp_path):
+    """``yaml.safe_load`` keeps the last of two equal keys: a task file with ``tasks:`` twice ran the second
+    list only. Task files, monitor configs, finetune configs and source profiles refuse it, naming the key
+    and both lines; a key set again over a merged (``<<``) mapping is still allowed."""
+    from rsflow.finetune.config import load_config
+    from rsflow.monitor.config import load_monitor_config
+    from rsflow.sources import load_profiles
+
+    tf = tmp_path / "tasks.yaml"
+    tf.write_text("tasks: [caption]\nquestions: ['Is there water?']\ntasks: [vqa]\n")
+    with pytest.raises(RequestError, match=r"key 'tasks' appears twice \(lines 1 and 3\)") as err:
+        _req(tmp_path, tasks=(), task_file=str(tf))
+    assert err.value.field == "--task-file"
+    tf.write_text("defaults: &d {questions: ['Is there water?']}\ntasks: [vqa]\n<<: *d\nquestions: ['Is it dry?']\n")
+    with pytest.raises(RequestError, match="unknown key 'defaults'"):  # read past the merge: only the key is wrong
+        _req(tmp_path, tasks=(), task_file=str(tf))
+
+    monitor = tmp_path / "monitor.yaml"
+    monitor.write_text("name: a\noutput: out\nname: b\n")
+    with pytest.raises(RequestError, match="key 'name' appears twice") as err:
+        load_monitor_config(monitor)
+    assert err.value.field == "config"
+
+    finetune = tmp_path / "run.yaml"
+    finetune.write_text("lr: 1.0e-4\nworkers: 1\nlr: 2.0e-4\n")
+    with pytest.raises(RequestError, match="key 'lr' appears twice") as err:
+        load_config(finetune, [])
+    assert err.value.field == "--config"
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "p.yaml").write_text("name: p\nbands: {red: B04}\nbands: {red: B4}\n")
+    with pytest.raises(RequestError, match="key 'bands' appears twice"):
+        load_profiles(profiles)

@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, get_args
 import yaml
 
 from rsflow.errors import RequestError
+from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ def load_config(
     if not config_path.is_file():
         raise RequestError("--config", f"{config_path} does not exist")
     try:
-        values = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        values = load_yaml(config_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RequestError("--config", f"{config_path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(values, dict):

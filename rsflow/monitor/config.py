@@ -42,6 +42,7 @@ from rsflow.errors import RequestError
 from rsflow.models.spec import ModelSpec
 from rsflow.monitor.schedule import CronSchedule, format_duration, parse_cron, parse_duration
 from rsflow.request import RegionRequest, parse_request, parse_task_file, parse_task_mapping
+from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def load_monitor_config(path: str | Path, *, check_env: bool = True) -> MonitorC
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError("config", f"cannot read {path}: {exc}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RequestError("config", f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_monitor_config(doc, base_dir=p.resolve().parent, source=str(p), check_env=check_env)

@@ -95,6 +95,10 @@ BAD = [
     ({"max_cloud": 150}, "max_cloud", "percentage"),
     ({"tile": {"size_px": 4}}, "tile.size_px", "between 8"),
     ({"model": {"model": "/no/such/model", "max_new_tokens": 0}}, "model.max_new_tokens", ""),
+    # found when the model is resolved or the catalog searched: still nothing written into the new root
+    ({"model": {"model": "/no/such/model"}}, "model.model", "no such folder"),
+    ({"collections": ["nope"]}, "collections", "has no collection 'nope'"),
+    ({"collections": []}, "collections", "names no collection"),
     ({"schedule": "0 25 * * *"}, "schedule", "0-23"),
     ({"start": "yesterday"}, "start", "date"),
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts", "between 1"),

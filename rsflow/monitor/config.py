@@ -88,6 +88,12 @@ _RETRY_KEYS = ("max_attempts",)
 _CHANGE_KEYS = ("min_count_change", "object_iou")
 _LOCK_KEYS = ("expiry",)
 _WEBHOOK_KEYS = ("url", "secret_env", "timeout_seconds")
+def as_config_error(exc: RequestError) -> RequestError:
+    """``exc`` with the request flag it names (``--collections``) replaced by the config key that feeds
+    it (``collections``): a monitor is configured by its file, not by flags."""
+    return RequestError(_FLAG_TO_KEY.get(exc.field, exc.field), exc.reason)
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -307,7 +313,7 @@ def parse_monitor_config(
             read_workers=wholes["read_workers"],
         )
     except RequestError as exc:
-        raise RequestError(_FLAG_TO_KEY.get(exc.field, exc.field), exc.reason) from None
+        raise as_config_error(exc) from None
 
     lookback = parse_duration(doc["lookback"], "lookback") if "lookback" in doc else DEFAULT_LOOKBACK
     if lookback <= timedelta(0):

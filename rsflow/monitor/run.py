@@ -61,7 +61,7 @@ from shapely.geometry import mapping
 from rsflow.errors import RequestError
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
-from rsflow.monitor.config import MonitorConfig, probe_output_root
+from rsflow.monitor.config import MonitorConfig, as_config_error, probe_output_root
 from rsflow.monitor.ledger import (
     ItemRecord,
     Ledger,
@@ -126,14 +126,21 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
 
     started = datetime.now(UTC)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    probe_output_root(config.output)
-    resolve_adapter(config.request.model)
-    resolve_model_dir(config.request.model)
-    try:  # the model's files, read before the lock is taken or anything searched
+    try:  # the model's files, read before the lock is taken or anything searched or written
+        resolve_adapter(config.request.model)
+        resolve_model_dir(config.request.model)
         model_input_size(config.request.model)
     except ModelError as exc:
         raise RequestError("model.model", str(exc)) from None
+    except RequestError as exc:  # named by its flag (--model, --adapter): the config key instead
+        raise as_config_error(exc) from None
     root = config.output
+    if _first_run(root):  # nothing is written into a new root before the search's own checks passed
+        try:
+            _check_search(config, started)
+        except RequestError as exc:
+            raise as_config_error(exc) from None
+    probe_output_root(root)
     _check_ledger_owner(root, config.name)
     with MonitorLock(root, config.name, run_id, config.lock_expiry) as lock:
         last: dict[str, Any] = {"run_id": run_id, "started": _iso(started), "outcome": "failed"}
@@ -142,8 +149,12 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
         try:
             result = _run_locked(config, lock, run_id, started, address)
         except BaseException as exc:
+            if isinstance(exc, RequestError):  # found by the search (a collection the catalog lost): the key
+                exc = as_config_error(exc)
             last.update(finished=_iso(datetime.now(UTC)), error=f"{type(exc).__name__}: {exc}"[:2000])
             _write_last_run(root, last)
+            if isinstance(exc, RequestError):
+                raise exc from None
             raise
         last.update(
             finished=_iso(datetime.now(UTC)),
@@ -160,6 +171,33 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
         )
         _write_last_run(root, last)
     return result
+
+
+def _first_run(root: str) -> bool:
+    """Whether ``root`` holds no monitor state yet (False when it cannot be listed: the write probe that
+    follows says why)."""
+    try:
+        return not store.list_files(store.join(root, "_monitor"))
+    except Exception:  # noqa: BLE001 - any storage failure: probe_output_root reports it
+        return False
+
+
+def _check_search(config: MonitorConfig, now: datetime) -> None:
+    """One search of a first run's window for one item, before the output root is touched: what only the
+    source can tell (a collection it does not have, a catalog that is not one) is refused with nothing
+    written; a later run records such a failure in ``last_run.json`` instead.
+
+    Raises:
+        RequestError: the request's flag, e.g. ``--collections`` (the caller names the config key).
+    """
+    from rsflow.search import SearchQuery, normalize_datetime, search_items
+
+    request = config.request
+    search_items(SearchQuery(
+        stac=request.stac, collections=request.collections, intersects=mapping(search_geometry(request.aoi)),
+        datetime=normalize_datetime(f"{_iso(search_start(config, Ledger(monitor=config.name), now))}/.."),
+        max_cloud=request.max_cloud, max_items=1,
+    ))
 
 
 def _run_locked(

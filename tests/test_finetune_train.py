@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -209,6 +210,34 @@ def test_run_finetune_checks_lora_targets_before_launching(
     with pytest.raises(RequestError, match="make no whole step") as info:
         run_finetune(_config(tiny_model_dir, tmp_path, "small"), None, num_rows=7)  # type: ignore[arg-type]
     assert info.value.field == "global_batch"
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "message"),
+    [
+        ({"use_gpu": True}, "use_gpu", "asks one GPU for each of 2 worker(s), and this Ray has room for 0"),
+        ({"cpus_per_worker": 64.0}, "cpus_per_worker", "2 worker(s) of 64 CPUs do not fit this Ray"),
+        ({"cpus_per_worker": 1.5}, "cpus_per_worker", "room for 1"),  # 3 CPUs in all, but 1.5 + 1.5 > 2
+    ],
+)
+def test_workers_a_local_ray_cannot_place_are_refused_before_the_trainer_starts(
+    ray_local: Any, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    changes: dict[str, Any], key: str, message: str,
+) -> None:
+    """Ray Train waits for ever for a worker no node can hold; on a Ray nothing can join (no RAY_ADDRESS:
+    this machine's 2 CPUs, no GPU) the run is refused instead, naming the key. It used to hang."""
+    import ray.train.torch
+
+    def no_trainer(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("TorchTrainer was built")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = _config(tiny_model_dir, tmp_path, "big", **changes)
+    with pytest.raises(RequestError, match=re.escape(message)) as info:
+        run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
+    assert info.value.field == key
+    assert not config.run_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------- Ray runs

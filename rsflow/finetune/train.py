@@ -785,6 +785,7 @@ def run_finetune(
                        f"; the config given differs in {', '.join(differs)}" if differs else "")
         return FinetuneResult(**{**done["result"], "duration_seconds": 0.0, "already_done": True})
 
+    check_cluster_fits(config)
     rows = int(num_rows) if num_rows is not None else dataset.count()
     steps_per_epoch = rows // config.workers // config.per_worker_batch // config.grad_accum
     if steps_per_epoch < 1:
@@ -828,6 +829,46 @@ def run_finetune(
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return _finish(config, checkpoint, time.perf_counter() - started, meta)
+
+
+def check_cluster_fits(config: FinetuneConfig) -> None:
+    """The training workers' resources against the Ray this run uses, before any worker starts.
+
+    On a Ray this process runs on its own (no ``RAY_ADDRESS``: a local one, started here or by the
+    caller) nothing can join later, and Ray Train would wait for ever for a worker that cannot be
+    placed (``use_gpu: true`` without a GPU, ``cpus_per_worker: 64`` on 2 CPUs): that is refused. On a
+    cluster (``ray job submit`` sets ``RAY_ADDRESS``) an autoscaler may add the nodes, so a shortfall
+    is only logged.
+
+    Raises:
+        RequestError: ``use_gpu`` or ``cpus_per_worker`` (or ``workers``) that the local Ray cannot place.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data and Ray Train would start on first use (RAY_ADDRESS when set)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    gpus = 1.0 if config.use_gpu else 0.0
+    placeable = sum(
+        min(int(node.get("CPU", 0.0) // config.cpus_per_worker),
+            int(node.get("GPU", 0.0) // gpus) if gpus else config.workers)
+        for node in nodes
+    )
+    if placeable >= config.workers:
+        return
+    cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    have = f"{len(nodes)} node(s), {cpus:g} CPUs, {sum(node.get('GPU', 0.0) for node in nodes):g} GPUs"
+    key, reason = (
+        ("use_gpu", f"asks one GPU for each of {config.workers} worker(s), and this Ray has room for "
+                    f"{placeable} ({have}): set use_gpu: false or run on a cluster with GPUs")
+        if gpus and sum(node.get("GPU", 0.0) for node in nodes) < config.workers
+        else ("cpus_per_worker", f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs do not fit "
+                                 f"this Ray ({have}; room for {placeable}): lower cpus_per_worker or workers")
+    )
+    if os.environ.get("RAY_ADDRESS"):
+        logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)
+        return
+    raise RequestError(key, reason)
 
 
 def _check_relaunch(meta_path: Path, meta: Mapping[str, Any]) -> None:

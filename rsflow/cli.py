@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):  # --stac URL's token, a signed href
             handler.addFilter(RedactingFilter())
     try:
+        if args.command in ("region", "eval", "monitor"):
+            check_ray_address(getattr(args, "address", None))
         if args.command == "region":
             return _run_region(args)
         if args.command == "preview":
@@ -413,6 +415,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rsflow {args.command}: interrupted", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
+
+
+def check_ray_address(address: str | None) -> None:
+    """A Ray address to connect to (``--address``, else ``RAY_ADDRESS``) must answer before any work:
+    ``ray.init`` retries an address where nothing listens for minutes, printing GCS time-outs.
+
+    Only ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``auto``, ``local``
+    and other forms are left to Ray.
+
+    Raises:
+        RequestError: (``--address`` or ``RAY_ADDRESS``) nothing accepts a connection there.
+    """
+    import os
+    import socket
+
+    flag = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise RequestError(flag, f"nothing answers at {address} ({reason}): give the address of a running Ray "
+                                 "head (ray start --head prints it), or leave it out for a local Ray") from None
 
 
 def _check_model_before_work(spec: Any, flag: str) -> None:

@@ -221,3 +221,30 @@ def test_convert_names_its_own_arguments(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(start) and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize("command", ["region", "eval", "monitor"])
+def test_a_ray_address_where_nothing_answers_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    """``ray.init`` retried an address where nothing listens for minutes (GCS time-outs, then a hang);
+    --address (or RAY_ADDRESS) is now tried once, before the search, and refused in one line."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    argv = {
+        "region": ["region", "--model", "noop", "--output", str(out)],
+        "eval": ["eval", "--benchmark", "ucmerced", "--data", str(tmp_path), "--model", "smoke", "--output", str(out)],
+        "monitor": ["monitor", "run", "--config", str(tmp_path / "m.yaml")],
+    }[command]
+    if command == "region":  # the environment's address, as `ray job submit` sets it
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        flag = "RAY_ADDRESS"
+    else:
+        argv += ["--address", f"ray://127.0.0.1:{port}"]
+        flag = "--address"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rsflow {command}: error: {flag}: nothing answers at ") and len(err.splitlines()) == 1, err
+    assert not out.exists()

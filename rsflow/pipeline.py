@@ -903,6 +903,9 @@ being written (``out.DRIVER_ROWS_PER_FILE``); larger outputs are sorted by Ray D
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
                 "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")
 """Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
+_RESUME_MODEL_FREE = ("batch_size",)
+"""Model settings a ``--resume`` may change: ``--batch-size`` (resuming a run that ran out of memory with a
+smaller batch is what resume is for; greedy answers do not depend on it beyond padding's rounding)."""
 
 
 def _max_rss_mb() -> float:
@@ -933,6 +936,11 @@ def _resume_source(request: RegionRequest) -> out.ResumeSource:
         raise RequestError("--resume", f"{request.output} holds no interrupted run and no finished one to complete")
     now = json.loads(json.dumps(request.to_json(), sort_keys=True, default=str))
     differs = [k for k in _RESUME_KEYS if _resume_value(k, now.get(k)) != _resume_value(k, source.request.get(k))]
+    if "model" in differs:  # name the model flags that differ (--dtype, --max-new-tokens), not just "model"
+        was, new = _resume_value("model", source.request.get("model")), _resume_value("model", now.get("model"))
+        if isinstance(was, dict) and isinstance(new, dict):
+            keys = sorted(k for k in {*was, *new} if was.get(k) != new.get(k))
+            differs[differs.index("model")] = "model (" + ", ".join(f"--{k.replace('_', '-')}" for k in keys) + ")"
     if differs:
         raise RequestError(
             "--resume", f"the request differs from the run being resumed in {', '.join(differs)}; repeat its flags"
@@ -945,6 +953,8 @@ def _resume_value(key: str, value: Any) -> Any:
     ended at its last second (``...T23:59:59Z``), now at its last microsecond; the same period either way."""
     if key == "datetime" and isinstance(value, str) and value.endswith("T23:59:59Z"):
         return value[: -len("Z")] + ".999999Z"
+    if key == "model" and isinstance(value, dict):  # how many prompts share a generate call may change:
+        return {k: v for k, v in value.items() if k not in _RESUME_MODEL_FREE}  # a smaller batch after an OOM
     return value
 
 

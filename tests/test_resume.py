@@ -120,7 +120,8 @@ def test_resume_completes_the_failed_tiles_only(ray_local: Any, sample_catalog: 
     assert n_failed > 0 and first["counts"]["tiles_ok"] == 0
 
     files_back()
-    assert main([*args, "--resume", str(out)]) == EXIT_OK
+    # a resume may run a smaller batch (what a run that ran out of memory needs); the rest must be repeated
+    assert main([*args, "--batch-size", "1", "--resume", str(out)]) == EXIT_OK
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["resumed_from"]["committed"] is True
     assert manifest["rows_run_now"] == n_failed
@@ -204,6 +205,10 @@ def test_resume_refuses_a_different_request(ray_local: Any, sample_catalog: Path
     code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *other, "--resume", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "differs from the run being resumed in inputs" in err
+    code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *FLAGS, "--max-new-tokens", "7",
+                 "--dtype", "bfloat16", "--resume", str(out)])
+    err = capsys.readouterr().err  # the model flags that differ are named, not just "model"
+    assert code == 2 and "differs from the run being resumed in model (--dtype, --max-new-tokens);" in err
 
 
 def test_a_write_task_keeps_its_rows_in_one_part(tmp_path):

@@ -194,6 +194,18 @@ def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stage_override_against_the_stage_flag_is_named_as_an_override(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    config_path = _write_yaml(tmp_path / "run.yaml", tiny_model_dir, data)  # stage: instruct
+    code = _finetune_cli().main(["--stage", "instruct", "--config", str(config_path), "stage=align"])
+    err = capsys.readouterr().err  # it said "run.yaml sets stage 'align'", which the file does not
+    assert code == 2 and err.startswith("finetune: error: --stage: is instruct, but the override stage=align")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_finetune_checks_lora_targets_before_launching(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -58,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides, defaults={"stage": args.stage})
         if config.stage != args.stage:
-            raise RequestError("--stage", f"{args.config} sets stage {config.stage!r}; run it with "
-                                          f"--stage {config.stage}, or override stage={args.stage}")
+            overridden = any(o.partition("=")[0].strip().removeprefix("--").replace("-", "_") == "stage"
+                             for o in args.overrides)
+            raise RequestError("--stage", (
+                f"is {args.stage}, but the override stage={config.stage} asks for {config.stage}; drop one of them"
+                if overridden else f"{args.config} sets stage {config.stage!r}; run it with --stage "
+                                   f"{config.stage}, or override stage={args.stage}"))
         if args.data_actors < 1:
             raise RequestError("--data-actors", f"must be >= 1, got {args.data_actors}")
         if (config.run_dir / "_done.json").is_file():

@@ -403,10 +403,10 @@ def test_parquet_and_json_give_the_same_records(tmp_path: Path, as_structs: bool
     assert json_report.n_ok == 2
 
 
-def test_train_record_needs_one_image_source() -> None:
-    with pytest.raises(ValueError, match="exactly one"):
-        TrainRecord(id="x", conversations=())
-    with pytest.raises(ValueError, match="exactly one"):
+def test_train_record_takes_at_most_one_image_source() -> None:
+    assert not TrainRecord(id="x", conversations=()).has_image  # a text-only record
+    assert TrainRecord(id="x", conversations=(), image_bytes=b"b").has_image
+    with pytest.raises(ValueError, match="at most one"):
         TrainRecord(id="x", conversations=(), image_path="a", image_bytes=b"b")
 
 
@@ -539,6 +539,65 @@ def test_prepare_then_collate(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_text_only_records_are_trained_as_text_as_llava_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """mix665k (RS-LLaVA's stage 2) holds ~40k text-only ShareGPT conversations, some opening with the
+    assistant. LLaVA trains them as text (no image span, no pixels) and drops a leading gpt turn; rsflow
+    used to skip both. A record without an image whose text still says <image> is refused, and stage 1
+    (plain) takes images only."""
+    from transformers import LlavaForConditionalGeneration
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png(32, 32))
+    chat = [{"from": "human", "value": "Name a river."}, {"from": "gpt", "value": "The Nile."}]
+    with_image = [{"from": "human", "value": "<image>\nName a river."}, chat[1]]
+    records_in = [
+        {"id": "img", "image": "a.png", "conversations": with_image},
+        {"id": "text", "conversations": chat},
+        {"id": "gpt-opens", "conversations": [{"from": "gpt", "value": "Hello!"}, *chat]},
+        {"id": "says-image", "conversations": with_image},
+    ]
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(records_in))
+    records, report = load_llava_json(path, images)
+    assert [(r.id, r.has_image) for r in records] == [("img", True), ("text", False), ("gpt-opens", False)]
+    assert records[2].conversations == records[1].conversations  # the opening gpt turn is dropped
+    assert dict(report.skipped) == {NO_IMAGE: 1} and report.examples[NO_IMAGE] == ("says-image",)
+    _, plain_report = load_llava_json(path, images, template="plain")
+    assert plain_report.n_ok == 1 and dict(plain_report.skipped) == {NO_IMAGE: 2, BAD_TURNS: 1}
+    # Parquet: a null image is a text-only record when the text names no image
+    pq.write_table(pa.table({"id": ["t", "m"], "image": pa.array([None, None], pa.binary()),
+                             "conversations": [json.dumps(chat), json.dumps(with_image)]}), tmp_path / "t.parquet")
+    pq_records, pq_report = load_parquet_records(tmp_path / "t.parquet")
+    assert [(r.id, r.has_image) for r in pq_records] == [("t", False)] and pq_report.skipped == {MISSING_IMAGE: 1}
+
+    prepare = PrepareBatch(str(tiny_model_dir), template="v1", max_length=256)
+    out = prepare(_batch(records_to_rows(records)))
+    layout = prepare.layout
+    assert out["ok"].tolist() == [True, True, True] and out["has_image"].tolist() == [True, False, False]
+    image_ids, text_ids = out["input_ids"][0], out["input_ids"][1]
+    assert int((image_ids == layout.image_token_id).sum()) == layout.n_image_tokens
+    assert int((text_ids == layout.image_token_id).sum()) == 0
+    assert np.array_equal(out["input_ids"][2], text_ids) and np.array_equal(out["labels"][2], out["labels"][1])
+    # the same answer is supervised with or without the image: "The Nile." and its </s>
+    supervised = [lab[lab != IGNORE_INDEX].tolist() for lab in out["labels"][:2]]
+    assert supervised[0] == supervised[1]
+    assert prepare.tokenizer.decode(supervised[1]).replace("</s>", "").strip() == "The Nile."
+    # what LLaVA's preprocess_v1(has_image=False) gives: tokenizer(prompt), masked up to each answer
+    prompt = render_v1(chat)
+    assert text_ids.tolist() == prepare.tokenizer(prompt)["input_ids"]
+
+    rows = rows_from_batch(out)
+    batch = collate(rows, pad_token_id=layout.pad_token_id)
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)  # the image row's pixels only
+    assert "pixel_values" not in collate(rows[1:], pad_token_id=layout.pad_token_id)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        mixed = model(**batch)
+        text = model(**collate(rows[1:], pad_token_id=layout.pad_token_id))
+    assert torch.isfinite(mixed.loss) and torch.isfinite(text.loss)
 
 
 @pytest.mark.ray

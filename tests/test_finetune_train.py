@@ -41,25 +41,31 @@ def _layout(base: Path) -> tuple[int, int, int]:
     return int(config.image_token_index), int(config.image_seq_length), int(config.vision_config.image_size)
 
 
-def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, text_only: range = range(0),
+                    seed: int = 0) -> list[dict[str, Any]]:
     """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image); the
-    first ``truncated`` are marked as cut by ``max_length`` (``PrepareBatch``'s ``truncated``)."""
+    first ``truncated`` are marked as cut by ``max_length`` (``PrepareBatch``'s ``truncated``); those in
+    ``text_only`` have no image (``has_image`` False, no image span: mix665k's text conversations),
+    and answer as if dark."""
     image_token, n_image, size = _layout(base)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         if i >= n - failed:
             rows.append({"input_ids": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
-                         "pixel_values": np.zeros((3, size, size), np.float32), "ok": False, "truncated": False})
+                         "pixel_values": np.zeros((3, size, size), np.float32), "ok": False, "truncated": False,
+                         "has_image": True})
             continue
-        bright = bool(i % 2)
+        bright = bool(i % 2) and i not in text_only
         pixels = rng.normal(0.8 if bright else -0.8, 0.3, (3, size, size)).astype(np.float32)
         prompt = rng.integers(300, 700, int(rng.integers(3, 7)))
         answer = [_BRIGHT if bright else _DARK, _SECOND, 2]  # 2 = </s>
-        ids = np.array([1, *[image_token] * n_image, *prompt, *answer], dtype=np.int64)
+        span = [] if i in text_only else [image_token] * n_image
+        ids = np.array([1, *span, *prompt, *answer], dtype=np.int64)
         labels = ids.copy()
         labels[: len(ids) - len(answer)] = -100  # only the answer (and </s>) is supervised
-        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "ok": True, "truncated": i < truncated})
+        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels * (i not in text_only), "ok": True,
+                     "truncated": i < truncated, "has_image": i not in text_only})
     return rows
 
 
@@ -142,6 +148,11 @@ def test_collate_pads_right_and_turns_failed_rows_into_silent_fillers() -> None:
     assert batch["labels"][0].tolist() == [-100, -100, -100, 5, -100, -100]
     assert (batch["labels"][2] == -100).all()  # the filler adds no loss
     assert batch["pixel_values"].shape == (3, 3, 4, 4)
+    # a text-only row brings no pixels; a batch of them none at all
+    text = {"input_ids": np.array([1, 5]), "labels": np.array([-100, 5]), "pixel_values": np.zeros((3, 4, 4), np.float32),
+            "ok": True, "has_image": False}
+    assert _collate([text, rows[0]], pad_id=0, image_token_id=9, image_tokens=2)["pixel_values"].shape == (1, 3, 4, 4)
+    assert "pixel_values" not in _collate([text, text], pad_id=0, image_token_id=9, image_tokens=2)
 
 
 # ---------------------------------------------------------------------------------------------- bad configs
@@ -303,7 +314,9 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
     import torch
     from safetensors.torch import load_file
 
-    rows = _synthetic_rows(tiny_model_dir, 160, failed=2, truncated=3)
+    # a block of text-only rows: micro-batches without any image, where the trained projector gets no
+    # gradient from the forward pass (DDP still needs one from every rank)
+    rows = _synthetic_rows(tiny_model_dir, 160, failed=2, truncated=3, text_only=range(20, 40))
     dataset = ray.data.from_items(rows, override_num_blocks=8)
     # 160 rows / (2 per worker x 2 workers x 2 accumulated) = 20 steps per epoch; 2 epochs
     config = _config(tiny_model_dir, tmp_path, "instruct", train_projector=True, projector_lr=2e-3,

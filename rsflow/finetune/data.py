@@ -86,7 +86,9 @@ NO_IMAGE_TOKEN: Final[str] = "no_image_token"
 EXTRA_IMAGE_TOKEN: Final[str] = "extra_image_token"
 """``<image>`` in a turn other than the first: LLaVA would make a second placeholder for one image."""
 NO_IMAGE: Final[str] = "no_image"
-"""The record names no image (LLaVA's text-only samples); rsflow trains image samples only."""
+"""The record names no image but cannot be trained as text: its text holds ``<image>``, or the template is
+``plain`` (stage 1 aligns images with captions). Text-only records of the ``v1`` template (mix665k's
+ShareGPT conversations) are trained as text, as LLaVA does."""
 MISSING_IMAGE: Final[str] = "missing_image"
 """The image file does not exist (JSON) or the image bytes are null/empty (Parquet)."""
 IMAGE_DECODE_ERROR: Final[str] = "image_decode_error"
@@ -110,7 +112,7 @@ class Turn:
     role: str
     """``"human"`` or ``"gpt"`` (LLaVA's ``from``)."""
     value: str
-    """The message text; the first human turn holds ``<image>``."""
+    """The message text; the first human turn of a record with an image holds ``<image>``."""
 
     def to_llava(self) -> dict[str, str]:
         """``{"from": role, "value": value}``."""
@@ -123,20 +125,26 @@ ConversationLike = Sequence[Turn] | Sequence[Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class TrainRecord:
-    """One training sample: an image and a conversation about it."""
+    """One training sample: a conversation, about an image or (text-only, ``v1`` only) not."""
 
     id: str
     """The record's id (LLaVA ``id``; ``"#<index>"`` when the source has none)."""
     conversations: tuple[Turn, ...]
-    """Alternating human/gpt turns, human first, ``<image>`` in the first human turn (checked)."""
+    """Alternating human/gpt turns, human first, ``<image>`` in the first human turn when there is an
+    image and in no turn when there is none (checked)."""
     image_path: str | None = None
-    """Image file (``image_root / image`` for JSON sources); exactly one of path and bytes is set."""
+    """Image file (``image_root / image`` for JSON sources); at most one of path and bytes is set."""
     image_bytes: bytes | None = None
-    """Encoded image (PNG/JPEG/...; Parquet sources)."""
+    """Encoded image (PNG/JPEG/...; Parquet sources). Neither set: a text-only record."""
 
     def __post_init__(self) -> None:
-        if (self.image_path is None) == (self.image_bytes is None):
-            raise ValueError(f"record {self.id!r}: set exactly one of image_path and image_bytes")
+        if self.image_path is not None and self.image_bytes is not None:
+            raise ValueError(f"record {self.id!r}: set at most one of image_path and image_bytes")
+
+    @property
+    def has_image(self) -> bool:
+        """False for a text-only record (LLaVA trains those as text: no image span, no pixels)."""
+        return self.image_path is not None or self.image_bytes is not None
 
     def to_row(self) -> dict[str, Any]:
         """The input row ``PrepareBatch`` takes: ``id``, ``image_path``, ``image_bytes``,
@@ -268,21 +276,35 @@ def as_turns(conversations: ConversationLike) -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def conversation_problem(turns: Sequence[Turn], template: Template | None = None) -> tuple[str, str] | None:
+def drop_leading_gpt(turns: Sequence[Turn], template: Template | None = None) -> tuple[Turn, ...]:
+    """LLaVA's ``preprocess_v1``: a conversation whose first turn is not from the human starts at its
+    second turn (ShareGPT records of mix665k open with the assistant). The plain template keeps it
+    (LLaVA's ``preprocess_plain`` takes exactly one human and one gpt turn)."""
+    if template != "plain" and turns and turns[0].role != HUMAN:
+        return tuple(turns[1:])
+    return tuple(turns)
+
+
+def conversation_problem(
+    turns: Sequence[Turn], template: Template | None = None, *, has_image: bool = True
+) -> tuple[str, str] | None:
     """Why a conversation cannot be trained on, or None.
 
     Rules, checked in this order: at least one turn, an even number of turns, roles alternating
     ``human``, ``gpt``, ... (so it starts with human and ends with gpt), no message blank
-    (``value.strip() == ""``), for ``template="plain"`` exactly two turns; then ``<image>`` in the
-    first human turn (several there are fine: LLaVA's ``preprocess_multimodal`` collapses them into one),
-    and in no other turn.
+    (``value.strip() == ""``), for ``template="plain"`` exactly two turns; then, with an image,
+    ``<image>`` in the first human turn (several there are fine: LLaVA's ``preprocess_multimodal``
+    collapses them into one) and in no other turn; without one (a text-only record), a template other
+    than plain and no ``<image>`` anywhere.
 
     Args:
-        turns: the conversation.
+        turns: the conversation (after :func:`drop_leading_gpt`).
         template: also apply the template's rule (plain: one exchange); None: the general rules only.
+        has_image: whether the record has an image.
 
     Returns:
-        ``(reason code, detail)``: ``BAD_TURNS``, ``NO_IMAGE_TOKEN`` or ``EXTRA_IMAGE_TOKEN``; None if fine.
+        ``(reason code, detail)``: ``BAD_TURNS``, ``NO_IMAGE_TOKEN``, ``EXTRA_IMAGE_TOKEN`` or
+        ``NO_IMAGE``; None if fine.
     """
     if not turns:
         return BAD_TURNS, "empty conversation"
@@ -299,6 +321,13 @@ def conversation_problem(turns: Sequence[Turn], template: Template | None = None
             return BAD_TURNS, f"turn {index} ({turn.role}) is empty"
     if template == "plain" and len(turns) != 2:
         return BAD_TURNS, f"the plain template takes one human and one gpt turn, got {len(turns)} turns"
+    if not has_image:
+        if template == "plain":
+            return NO_IMAGE, "no image: the plain template (stage 1) aligns images with their captions"
+        with_token = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t.value]
+        if with_token:
+            return NO_IMAGE, f"no image, but {IMAGE_TOKEN} in turn(s) {with_token}"
+        return None
     if IMAGE_TOKEN not in turns[0].value:
         return NO_IMAGE_TOKEN, f"the first human turn has no {IMAGE_TOKEN}"
     later = [i for i, t in enumerate(turns) if i and IMAGE_TOKEN in t.value]
@@ -313,7 +342,7 @@ def _record_id(raw: Any, index: int) -> str:
 
 
 def _checked_turns(
-    raw_conversations: Any, rid: str, report: _ReportBuilder, template: Template | None
+    raw_conversations: Any, rid: str, report: _ReportBuilder, template: Template | None, has_image: bool
 ) -> tuple[Turn, ...] | None:
     if isinstance(raw_conversations, str):
         try:
@@ -326,7 +355,8 @@ def _checked_turns(
     except TypeError as exc:
         report.skip(rid, MALFORMED, str(exc))
         return None
-    problem = conversation_problem(turns, template)
+    turns = drop_leading_gpt(turns, template)
+    problem = conversation_problem(turns, template, has_image=has_image)
     if problem is not None:
         report.skip(rid, *problem)
         return None
@@ -341,7 +371,9 @@ def load_llava_json(
     The file is a list of ``{"id", "image": path relative to image_root, "conversations":
     [{"from": "human"|"gpt", "value": ...}, ...]}``. Each record is checked (``conversation_problem``,
     then the image file must exist: one ``os.path.isfile`` per record); failures are counted in the
-    report, not returned.
+    report, not returned. A record without ``image`` (LLaVA's text-only conversations) is a text-only
+    record, except for the plain template or with ``<image>`` in its text (``NO_IMAGE``); a first turn
+    from ``gpt`` is dropped (:func:`drop_leading_gpt`).
 
     Args:
         path: the JSON file.
@@ -380,12 +412,13 @@ def load_llava_json(
         if not isinstance(item, Mapping):
             report.skip(rid, MALFORMED, f"record is a {type(item).__name__}, not an object")
             continue
-        turns = _checked_turns(item.get("conversations"), rid, report, template)
+        image = item.get("image")
+        turns = _checked_turns(item.get("conversations"), rid, report, template, image is not None and image != "")
         if turns is None:
             continue
-        image = item.get("image")
-        if image is None or image == "":
-            report.skip(rid, NO_IMAGE, "no 'image' field (text-only sample)")
+        if image is None or image == "":  # a text-only record
+            records.append(TrainRecord(id=rid, conversations=turns))
+            report.n_ok += 1
             continue
         if not isinstance(image, str):
             report.skip(rid, MALFORMED, f"'image' must be a path string, got {type(image).__name__}")
@@ -400,6 +433,13 @@ def load_llava_json(
 
 
 _PARQUET_COLUMNS: Final[tuple[str, ...]] = ("id", "image", "conversations")
+
+
+def _mentions_image(conversations: Any) -> bool:
+    """Whether a raw conversation cell (JSON text or turn structs) holds ``<image>`` anywhere."""
+    if isinstance(conversations, str):
+        return IMAGE_TOKEN in conversations
+    return any(isinstance(t, Mapping) and IMAGE_TOKEN in str(t.get("value", "")) for t in conversations or ())
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -420,8 +460,9 @@ def load_parquet_records(
     Columns: ``id`` (string or integer), ``image`` (binary: the encoded PNG/JPEG; a Hugging Face
     ``datasets`` Image struct ``{bytes, path}`` is also accepted) and ``conversations`` (a JSON string
     of LLaVA turns, or a list of ``{from, value}`` structs). Records are checked as in
-    ``load_llava_json``; a null or empty image counts as ``MISSING_IMAGE``. The image bytes are not
-    decoded here (``PrepareBatch`` does, and reports undecodable ones).
+    ``load_llava_json``; a null or empty image is a text-only record when no turn holds ``<image>``
+    (and the template is not plain), else ``MISSING_IMAGE``. The image bytes are not decoded here
+    (``PrepareBatch`` does, and reports undecodable ones).
 
     Args:
         path: a Parquet file or a folder of them.
@@ -456,12 +497,12 @@ def load_parquet_records(
     for index, row in enumerate(table.to_pylist()):
         report.n_records += 1
         rid = _record_id(row, index)
-        turns = _checked_turns(row.get("conversations"), rid, report, template)
-        if turns is None:
-            continue
         data = _image_bytes(row.get("image"))
-        if data is None:
+        if data is None and _mentions_image(row.get("conversations")):
             report.skip(rid, MISSING_IMAGE, "image is null or empty")
+            continue
+        turns = _checked_turns(row.get("conversations"), rid, report, template, data is not None)
+        if turns is None:
             continue
         records.append(TrainRecord(id=rid, conversations=turns, image_bytes=data))
         report.n_ok += 1
@@ -652,6 +693,7 @@ def tokenize_with_labels(
     system: str = SYSTEM_VICUNA_V1,
     boundary_fix: BoundaryFix = "measured",
     truncation: Truncation = "expanded",
+    has_image: bool = True,
 ) -> TokenizedSample:
     """Token ids and training labels of one conversation, exactly as LLaVA masks them.
 
@@ -700,6 +742,8 @@ def tokenize_with_labels(
         system: v1 system sentence (``SYSTEM_VICUNA_V1``, what LLaVA and GeoChat trained with).
         boundary_fix: ``"measured"`` or ``"llava"`` (see step 2).
         truncation: ``"expanded"`` (final LLaVA) or ``"text"`` (GeoChat; see step 3).
+        has_image: False for a text-only conversation (``v1`` only): no ``<image>`` and no image span,
+            tokenised and masked as LLaVA's ``preprocess_v1(..., has_image=False)`` does.
 
     Returns:
         The sample; ``mismatch`` samples have every label -100.
@@ -720,9 +764,12 @@ def tokenize_with_labels(
     ids = _ids(tokenizer, prompt)
     if not ids or tokenizer.bos_token_id is None or ids[0] != tokenizer.bos_token_id:
         raise ValueError("the tokenizer adds no BOS token; LLaVA's label arithmetic needs one")
-    if ids.count(IMAGE_PLACEHOLDER) != 1:
+    if not has_image and template == "plain":
+        raise ValueError("the plain template needs an image")
+    if ids.count(IMAGE_PLACEHOLDER) != int(has_image):
         raise ValueError(
-            f"expected exactly one {IMAGE_TOKEN} in the rendered text, found {ids.count(IMAGE_PLACEHOLDER)}"
+            f"expected {'exactly one' if has_image else 'no'} {IMAGE_TOKEN} in the rendered text, "
+            f"found {ids.count(IMAGE_PLACEHOLDER)}"
         )
 
     if template == "plain":
@@ -868,7 +915,8 @@ class PrepareBatch:
 
     Input columns: ``id`` (str), ``conversations`` (JSON string of LLaVA turns; a list of dicts is
     also accepted), and ``image_bytes`` (encoded image) and/or ``image_path`` (file); per row the
-    bytes win when both are set (``TrainRecord.to_row`` makes such rows).
+    bytes win when both are set (``TrainRecord.to_row`` makes such rows), and a row with neither is
+    text-only. A first turn from ``gpt`` is dropped (:func:`drop_leading_gpt`).
 
     Output columns (one row per input row, same order):
 
@@ -876,7 +924,10 @@ class PrepareBatch:
     - ``input_ids``, ``labels``: object arrays of 1-D int64 arrays (empty for a failed row), see
       ``tokenize_with_labels``;
     - ``pixel_values``: float32 ``[B, 3, S, S]``: the image padded to a square with the processor's
-      mean colour (``expand2square``), then the CLIP processor (PIL backend); zeros for a failed row;
+      mean colour (``expand2square``), then the CLIP processor (PIL backend); zeros for a failed or a
+      text-only row;
+    - ``has_image``: bool, False for a text-only row (no ``image_bytes`` nor ``image_path``; ``v1``
+      only): its ids hold no image span and :func:`collate` passes no pixels for it;
     - ``ok``: bool; ``reason``: None, or ``"<code>: <detail>"`` with the codes ``MALFORMED``,
       ``BAD_TURNS``, ``NO_IMAGE_TOKEN``, ``EXTRA_IMAGE_TOKEN``, ``MISSING_IMAGE``,
       ``IMAGE_DECODE_ERROR``, ``TOKENIZATION_MISMATCH``, ``NO_SUPERVISED_TOKENS`` (``reason_code``).
@@ -965,6 +1016,7 @@ class PrepareBatch:
         labels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_rows
         reasons: list[str | None] = [None] * n_rows
         truncated = np.zeros(n_rows, dtype=bool)
+        has_image = np.ones(n_rows, dtype=bool)
         squares: dict[int, np.ndarray] = {}
 
         for row in range(n_rows):
@@ -973,13 +1025,17 @@ class PrepareBatch:
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
                 reasons[row] = f"{MALFORMED}: {exc}"
                 continue
-            problem = conversation_problem(turns, self.template)
+            path, data = _cell(batch, "image_path", row), _cell(batch, "image_bytes", row)
+            has_image[row] = path is not None or data is not None  # neither: a text-only record
+            turns = drop_leading_gpt(turns, self.template)
+            problem = conversation_problem(turns, self.template, has_image=bool(has_image[row]))
             if problem is not None:
                 reasons[row] = f"{problem[0]}: {problem[1]}"
                 continue
-            path, data = _cell(batch, "image_path", row), _cell(batch, "image_bytes", row)
+            image = None
             try:
-                image = _decode_image(path, data)
+                if has_image[row]:
+                    image = _decode_image(path, data)
             except FileNotFoundError as exc:
                 reasons[row] = f"{MISSING_IMAGE}: {exc}"
                 continue
@@ -997,6 +1053,7 @@ class PrepareBatch:
                     system=self.system,
                     boundary_fix=self.boundary_fix,
                     truncation=self.truncation,
+                    has_image=image is not None,
                 )
             except ValueError as exc:
                 reasons[row] = f"{BAD_TURNS}: {exc}"
@@ -1009,7 +1066,8 @@ class PrepareBatch:
             if sample.n_supervised == 0:
                 reasons[row] = f"{NO_SUPERVISED_TOKENS}: max_length {self.max_length} cuts every answer token"
                 continue
-            squares[row] = expand2square(image, self.background)
+            if image is not None:
+                squares[row] = expand2square(image, self.background)
             truncated[row] = sample.truncated
             input_ids[row] = np.asarray(sample.input_ids, dtype=np.int64)
             labels[row] = np.asarray(sample.labels, dtype=np.int64)
@@ -1038,6 +1096,7 @@ class PrepareBatch:
             "ok": ok,
             "reason": _objects(reasons),
             "truncated": truncated & ok,
+            "has_image": has_image,
         }
 
 
@@ -1070,17 +1129,20 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, t
 
     ``input_ids`` are right-padded with ``pad_token_id``, ``labels`` with -100; ``attention_mask`` is 1
     on each row's own tokens (from its length, not ``ids != pad``, so a pad id that also occurs in the
-    text cannot be masked by mistake); ``pixel_values`` are stacked. Nothing is truncated here
-    (``PrepareBatch`` already cut at ``max_length`` after image expansion).
+    text cannot be masked by mistake); ``pixel_values`` of the rows with an image are stacked, in row
+    order (LLaVA fills the image spans of the batch with them in that order; a text-only row has none).
+    Nothing is truncated here (``PrepareBatch`` already cut at ``max_length`` after image expansion).
 
     Args:
-        rows: dicts with ``input_ids`` and ``labels`` (1-D int sequences of equal length per row) and
-            ``pixel_values`` (``[3, S, S]``), e.g. from ``rows_from_batch``.
+        rows: dicts with ``input_ids`` and ``labels`` (1-D int sequences of equal length per row),
+            ``pixel_values`` (``[3, S, S]``) and optionally ``has_image`` (default True), e.g. from
+            ``rows_from_batch``.
         pad_token_id: padding id (``TokenLayout.pad_token_id``).
 
     Returns:
-        ``input_ids`` and ``labels`` (int64 ``[B, L]``), ``attention_mask`` (int64 ``[B, L]``),
-        ``pixel_values`` (float32 ``[B, 3, S, S]``); ``L`` = longest row.
+        ``input_ids`` and ``labels`` (int64 ``[B, L]``), ``attention_mask`` (int64 ``[B, L]``) and,
+        unless every row is text-only, ``pixel_values`` (float32 ``[I, 3, S, S]``, one per row with an
+        image); ``L`` = longest row.
 
     Raises:
         ValueError: no rows, a row with ``ok`` False, ids and labels of different lengths, or pixel
@@ -1110,15 +1172,13 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, t
         input_ids[k, :n] = s
         labels[k, :n] = lab
         attention_mask[k, :n] = 1
-    pixels = [np.asarray(r["pixel_values"], dtype=np.float32) for r in rows]
+    pixels = [np.asarray(r["pixel_values"], dtype=np.float32) for r in rows if bool(r.get("has_image", True))]
     if any(p.shape != pixels[0].shape for p in pixels):
         raise ValueError(f"pixel_values shapes differ: {sorted({p.shape for p in pixels})}")
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.from_numpy(np.stack(pixels)),
-    }
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if pixels:
+        out["pixel_values"] = torch.from_numpy(np.stack(pixels))
+    return out
 
 
 def records_to_rows(records: Iterable[TrainRecord]) -> list[dict[str, Any]]:

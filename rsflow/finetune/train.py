@@ -178,51 +178,33 @@ def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _collate(
     rows: Sequence[Mapping[str, Any]], pad_id: int, *, image_token_id: int, image_tokens: int
 ) -> dict[str, torch.Tensor]:
-    """Rows (``input_ids``, ``labels``, ``pixel_values``, ``ok``) -> padded model inputs.
+    """Rows (``input_ids``, ``labels``, ``pixel_values``, ``ok``, ``has_image``) -> padded model inputs
+    (:func:`rsflow.finetune.data.collate`: right padding, LLaVA's collator; ``pixel_values`` only for
+    the rows with an image, absent when every row is text-only).
 
-    Right-pads ``input_ids`` with ``pad_id`` and ``labels`` with -100 (LLaVA's collator);
-    ``attention_mask`` is 1 on real tokens. Rows are assumed already truncated to ``max_length``
-    by the data stage. A row with ``ok`` False (the data stage could not build it) is replaced by a
-    filler row (one pad token + the image placeholders, every label -100, a black image), so every
-    worker still runs the same number of forward passes and the row adds no loss.
+    A row with ``ok`` False (the data stage could not build it) is replaced by a filler row (one pad
+    token + the image placeholders, every label -100, a black image), so every worker still runs the
+    same number of forward passes and the row adds no loss.
 
     Args:
         rows: rows of the data stage.
         pad_id: the tokenizer's pad id.
         image_token_id: the model's ``image_token_index``.
         image_tokens: image placeholders per image (``image_seq_length``), for the filler row.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` (int64 [B, L]) and ``pixel_values``
-        (float32 [B, 3, S, S]).
     """
-    import torch
+    from rsflow.finetune.data import collate
 
     shape = np.asarray(rows[0]["pixel_values"]).shape
-    ids, labels, pixels = [], [], []
-    for row in rows:
-        if bool(row.get("ok", True)):
-            ids.append(np.asarray(row["input_ids"], dtype=np.int64))
-            labels.append(np.asarray(row["labels"], dtype=np.int64))
-            pixels.append(np.asarray(row["pixel_values"], dtype=np.float32))
-        else:
-            ids.append(np.array([pad_id] + [image_token_id] * image_tokens, dtype=np.int64))
-            labels.append(np.full(1 + image_tokens, -100, dtype=np.int64))
-            pixels.append(np.zeros(shape, dtype=np.float32))
-    length = max(len(x) for x in ids)
-    out_ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-    out_labels = np.full((len(rows), length), -100, dtype=np.int64)
-    mask = np.zeros((len(rows), length), dtype=np.int64)
-    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        out_ids[i, : len(x)] = x
-        out_labels[i, : len(y)] = y
-        mask[i, : len(x)] = 1
-    return {
-        "input_ids": torch.from_numpy(out_ids),
-        "attention_mask": torch.from_numpy(mask),
-        "labels": torch.from_numpy(out_labels),
-        "pixel_values": torch.from_numpy(np.stack(pixels)),
-    }
+    filled = [
+        row if bool(row.get("ok", True)) else {
+            "input_ids": np.array([pad_id] + [image_token_id] * image_tokens, dtype=np.int64),
+            "labels": np.full(1 + image_tokens, -100, dtype=np.int64),
+            "pixel_values": np.zeros(shape, dtype=np.float32),
+            "has_image": True,
+        }
+        for row in rows
+    ]
+    return collate(filled, pad_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,6 +459,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     checksums_before = _param_checksums(model) if master else {}
     model = _wrap(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    projector = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_KEY in n]
     optimizer = torch.optim.AdamW(_param_groups(_unwrap(model), config), betas=(0.9, 0.999), eps=1e-8)
     # LambdaLR multiplies each group's peak lr by the same factor, so the projector keeps its ratio.
     scheduler = LambdaLR(optimizer, lambda s: get_lr(s, config, total_steps) / config.lr)
@@ -534,15 +517,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             inputs = {k: v.to(device) for k, v in inputs.items()}
             supervised = bool((inputs["labels"] != -100).any())
             last_micro = micro + 1 == config.grad_accum
+            pixels = inputs.get("pixel_values")
             with contextlib.nullcontext() if last_micro else no_sync(), autocast():
                 out = model(
                     input_ids=inputs["input_ids"],
                     attention_mask=inputs["attention_mask"],
-                    pixel_values=inputs["pixel_values"].to(pixel_dtype),
+                    pixel_values=pixels.to(pixel_dtype) if pixels is not None else None,
                     labels=inputs["labels"] if supervised else None,
                 )
                 # a batch of failed rows only: a zero loss through the same graph keeps DDP in step
                 loss = out.loss if supervised else out.logits.sum() * 0.0
+                if pixels is None and projector:  # text-only rows: the projector in the graph, zero
+                    loss = loss + 0.0 * sum(p.sum() for p in projector)  # gradients (DDP waits for all)
                 (loss / config.grad_accum).backward()
             digest = sum(row_digest(r["input_ids"]) for r in rows)
             failed = sum(not bool(r.get("ok", True)) for r in rows)

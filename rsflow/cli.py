@@ -201,7 +201,7 @@ def region_arguments() -> argparse.ArgumentParser:
         help="custom Ray resources every model actor asks for, e.g. rsflow_gpu_node=0.001; "
         "'none' for none (default auto: rsflow_gpu_node=0.001 when the cluster has it)",
     )
-    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
+    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on this machine, else a new local Ray)")
     run.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,
         help="logging level (default INFO)",
@@ -418,20 +418,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_ray_address(address: str | None) -> None:
-    """A Ray address to connect to (``--address``, else ``RAY_ADDRESS``) must answer before any work:
-    ``ray.init`` retries an address where nothing listens for minutes, printing GCS time-outs.
+    """A Ray address to connect to (``--address``, else ``RAY_ADDRESS``, else the cluster ``ray start``
+    started on this machine, which ``ray.init()`` joins) must answer before any work: ``ray.init``
+    retries an address where nothing listens for minutes, printing GCS time-outs.
 
     Only ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``auto``, ``local``
     and other forms are left to Ray.
 
     Raises:
-        RequestError: (``--address`` or ``RAY_ADDRESS``) nothing accepts a connection there.
+        RequestError: (``--address``, ``RAY_ADDRESS`` or ``ray start``) nothing accepts a connection there.
     """
     import os
     import socket
 
-    flag = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS") or ""
+    from rsflow.pipeline import local_cluster_address
+
+    flag = "--address" if address else "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray start"
+    address = address or os.environ.get("RAY_ADDRESS") or local_cluster_address() or ""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in host:
         return
@@ -439,6 +442,9 @@ def check_ray_address(address: str | None) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        if flag == "ray start":  # Ray's record of a `ray start` cluster that is gone: ray.init() would wait on it
+            raise RequestError(flag, f"Ray's record of a cluster started on this machine names {address}, where "
+                                     f"nothing answers ({reason}); run `ray stop` to clear it, or give --address") from None
         raise RequestError(flag, f"nothing answers at {address} ({reason}): give the address of a running Ray "
                                  "head (ray start --head prints it), or leave it out for a local Ray") from None
 

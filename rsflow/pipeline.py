@@ -256,9 +256,23 @@ def _ensure_ray(address: str | None) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
+    elif local_cluster_address():  # `ray start` ran on this machine: ray.init() joins it (Ray's rule), and
+        logger.info("joining the Ray cluster started on this machine at %s (ray start)", local_cluster_address())
+        ray.init(log_to_driver=True)  # a cluster being joined takes no settings (_system_config raised)
     else:
         ray.init(include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def local_cluster_address() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine, which ``ray.init()`` without
+    an address joins (Ray keeps it in ``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`` until ``ray stop``),
+    or None."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # a Ray that moved it: ray.init() decides on its own
+        return None
+    return find_bootstrap_address(None) or None
 
 
 def _cluster_nodes() -> list[dict[str, float]]:

@@ -118,3 +118,43 @@ def test_ray_job_submit_runs_a_short_instruct_finetune(ray_head, tmp_path):
     assert [int(r["step"]) for r in read_steps(run_dir)] == [1, 2, 3]
     assert (run_dir / "export" / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "export" / "llava_repo" / "non_lora_trainables.bin").is_file()
+
+
+def test_the_region_job_joins_a_cluster_ray_start_left_on_this_machine(sample_catalog, tmp_path):
+    """``ray.init()`` without an address joins the cluster ``ray start`` last started on the machine (Ray
+    keeps its address in ``<RAY_TMPDIR>/ray/ray_current_cluster``). The job passed settings only a new
+    local Ray takes and died with "When connecting to an existing cluster, _system_config must not be
+    provided"; it joins now, and a record whose cluster is gone is refused in one line instead of
+    waiting on it. RAY_TMPDIR keeps this cluster away from the suite's own Ray."""
+    ray_tmp = tempfile.mkdtemp(prefix="rst-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**_env(), "RAY_TMPDIR": ray_tmp}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+         "--port", str(free_port()), "--include-dashboard", "false", "--disable-usage-stats",
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+    )
+    record = Path(ray_tmp) / "ray" / "ray_current_cluster"
+    region = [sys.executable, "-m", "rsflow.cli", "region", "--model", "noop", "--stac", str(sample_catalog),
+              "--bbox", "-75.70,37.650,-75.69,37.655"]
+    try:
+        deadline = time.monotonic() + 90
+        while not record.is_file() and time.monotonic() < deadline and head.poll() is None:
+            time.sleep(0.5)
+        assert record.is_file(), "ray start did not come up"
+        time.sleep(2)  # the raylet registers after the record is written
+        proc = subprocess.run([*region, "--output", str(tmp_path / "joined")], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "joining the Ray cluster started on this machine" in proc.stderr
+        assert json.loads((tmp_path / "joined" / "_manifest.json").read_text())["status"] == "complete"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+    # the record stays behind a cluster that died without `ray stop`: one line, no wait
+    record.write_text(f"127.0.0.1:{free_port()}")
+    proc = subprocess.run([*region, "--output", str(tmp_path / "stale")], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "run `ray stop` to clear it" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "stale").exists()

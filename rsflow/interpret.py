@@ -21,7 +21,7 @@ import shapely
 from rsflow.georef import box_to_map, box_to_pixels
 from rsflow.models.parse import match_class, normalize_vqa, parse_boxes
 from rsflow.models.slots import ANSWER_CUT_COLUMN
-from rsflow.output import RESULT_SCHEMA, hilbert_key
+from rsflow.output import RESULT_SCHEMA, geometry_keys
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def interpret_row(row: dict[str, Any], *, classes: tuple[str, ...] = ()) -> list
         sort key, which are filled here too.
     """
     base = _tile_base(row)
-    base.update(kind="tile", geometry=bytes(row["footprint_wkb"]))
+    footprint = row["footprint_wkb"]  # empty for an item with neither geometry nor bbox (a failed row)
+    base.update(kind="tile", geometry=bytes(footprint) if footprint is not None and len(footprint) else None)
     out = [base]
     text = base["text"]
     if base["status"] != "ok" or text is None:
@@ -152,8 +153,7 @@ def interpret_batch(batch: pd.DataFrame, *, classes: tuple[str, ...] = ()) -> pa
             r["_infer_seconds"] = float(rec.get("infer_seconds") or 0.0) if i == 0 else 0.0
         rows.extend(results)
     if rows:
-        centroids = shapely.centroid(shapely.from_wkb([r["geometry"] for r in rows]))
-        keys = hilbert_key(shapely.get_x(centroids), shapely.get_y(centroids))
+        keys = geometry_keys([r["geometry"] for r in rows])
         for r, k in zip(rows, keys, strict=True):
             r["_hilbert"] = int(k)
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

@@ -73,10 +73,10 @@ RESULT_COLUMNS: dict[str, str] = {
     "stage": "last stage the row went through, or the stage that failed/skipped it",
     "error": "why the row was skipped or failed (null when ok)",
     "native_crs": "the item's CRS (EPSG code or WKT2)",
-    "window_col_off": "window column offset in the item grid, px",
-    "window_row_off": "window row offset in the item grid, px",
-    "window_width": "window width, px",
-    "window_height": "window height, px",
+    "window_col_off": "window column offset in the tile grid (the item's grid at resolution res), px",
+    "window_row_off": "window row offset in the tile grid (the item's grid at resolution res), px",
+    "window_width": "window width in tile-grid px",
+    "window_height": "window height in tile-grid px",
     "res": "tile grid resolution in native CRS units per pixel",
     "transform": "tile affine (a, b, c, d, e, f) in native_crs; pixel (0, 0) is the tile's top-left",
     "nodata_fraction": "fraction of the tile's pixels missing in any band (0-1)",
@@ -122,6 +122,31 @@ def hilbert_key(x: np.ndarray, y: np.ndarray, order: int = 16) -> np.ndarray:
         xi, yi = np.where(flip, swap_y, swap_x), np.where(flip, swap_x, swap_y)
         s >>= 1
     return d
+
+
+NULL_GEOMETRY_KEY = 1 << 32
+"""Sort key of a row without a geometry (an item with neither geometry nor bbox): past every point of
+the curve, so such rows sort last instead of at longitude 0, latitude 0."""
+
+
+def geometry_keys(wkb: Any) -> np.ndarray:
+    """:func:`hilbert_key` of each WKB geometry's centroid (``None`` or empty: :data:`NULL_GEOMETRY_KEY`).
+
+    A geometry split at the antimeridian (a MultiPolygon of its two sides) is keyed by its centroid
+    across the line (:func:`rsflow.georef.centroid_lonlat`), beside its neighbours near +-180 degrees;
+    the plain centroid of its two sides lies near longitude 0.
+    """
+    from rsflow.georef import centroid_lonlat
+
+    geoms = shapely.from_wkb(np.asarray(wkb, dtype=object))
+    missing = shapely.is_missing(geoms) | shapely.is_empty(geoms)
+    cen = shapely.centroid(np.where(missing, None, geoms))  # get_x raises on an empty point, not on None
+    x, y = shapely.get_x(cen), shapely.get_y(cen)
+    bounds = shapely.bounds(geoms)
+    for i in np.flatnonzero(~missing & (bounds[:, 2] - bounds[:, 0] > 180.0)):
+        x[i], y[i] = centroid_lonlat(geoms[i])
+    keys = hilbert_key(np.where(missing, 0.0, x), np.where(missing, 0.0, y))
+    return np.where(missing, NULL_GEOMETRY_KEY, keys)
 
 
 def write_geoparquet(table: pa.Table, path: str, filesystem: Any = None) -> None:
@@ -327,8 +352,7 @@ def merge_object_files(
     out = out.set_column(out.schema.get_field_index("source_tile_ids"), "source_tile_ids",
                          pa.array(tile_ids, type=pa.list_(pa.string())))
     out = out.set_column(out.schema.get_field_index("n_merged"), "n_merged", pa.array(counts, type=pa.int64()))
-    cen = shapely.centroid(shapely.from_wkb(out.column("geometry").to_numpy(zero_copy_only=False)))
-    order = np.argsort(hilbert_key(shapely.get_x(cen), shapely.get_y(cen)), kind="stable")
+    order = np.argsort(geometry_keys(out.column("geometry").to_numpy(zero_copy_only=False)), kind="stable")
     out = out.take(pa.array(order, type=pa.int64()))
     names = []
     for i, start in enumerate(range(0, out.num_rows, 50_000)):
@@ -602,9 +626,7 @@ def carry_over(source: ResumeSource, staging: str) -> set[str]:
 def _with_working_columns(table: pa.Table) -> pa.Table:
     """Committed rows -> ``RESULT_SCHEMA``: the Hilbert key from the geometry, the first row of each tile
     as its primary row, no timings."""
-    geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
-    cen = shapely.centroid(geoms)
-    keys = hilbert_key(shapely.get_x(cen), shapely.get_y(cen))
+    keys = geometry_keys(table.column("geometry").to_numpy(zero_copy_only=False))
     tiles = table.column("tile_id").to_pylist()
     kinds = table.column("kind").to_pylist()
     seen: set[str] = set()

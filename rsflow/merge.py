@@ -1,8 +1,12 @@
 """Merge duplicate detections from overlapping tiles (``--merge``, ``--merge-iou``).
 
 Tiles overlap, so one object near a tile edge is usually detected on two or four tiles. Detections of the
-same item, task and label whose polygon IoU reaches the threshold are put in one cluster; clustering is
-transitive (union-find: A~B and B~C puts A, B, C together even if A and C do not overlap enough).
+same item, task and label are clustered greedily, as non-maximum suppression/merging does for sliced
+inference (SAHI's greedy NMM): the largest detection not yet taken opens a cluster, and every detection
+not yet taken whose polygon IoU with it reaches the threshold joins it. A cluster therefore never reaches
+past its first box: clustering was transitive before (union-find, A~B and B~C put A, B, C together), and
+a row of boxes each overlapping the next (a synthetic model answering the same box on overlapping tiles)
+chained 110 detections over a kilometre into one object.
 
 IoU is the true polygon IoU of the rotated boxes (not of their axis-aligned bounds), computed in a metric
 CRS: the item's native CRS when the caller passes it, else the UTM zone (UPS beyond 84 degrees) of the
@@ -119,22 +123,6 @@ def _check_threshold(iou_threshold: float | None) -> None:
         raise RequestError("--merge-iou", f"must be in (0, 1] (or use --merge none), got {iou_threshold}")
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            self.parent[max(ri, rj)] = min(ri, rj)
-
-
 def _metric_crs_for(item_id: str, group: list[Detection], metric_crs: str | Mapping[str, str] | None) -> str:
     if isinstance(metric_crs, str):
         return metric_crs
@@ -174,8 +162,9 @@ def merge_detections(
 
     Args:
         objects: detections from any number of tiles and items.
-        iou_threshold: two detections of the same (item, task, label) are linked when their polygon IoU in
-            the metric CRS is >= this; in (0, 1]. None keeps every detection (``--merge none``).
+        iou_threshold: a detection joins the cluster of a larger one of the same (item, task, label) when
+            their polygon IoU in the metric CRS is >= this (greedily, largest first; see the module
+            docstring); in (0, 1]. None keeps every detection (``--merge none``).
         metric_crs: CRS in which areas and IoU are computed: one CRS for all, or item id -> CRS (the items'
             native CRSs). Items not given use the UTM zone of their detections' mean centroid.
 
@@ -192,25 +181,32 @@ def merge_detections(
     for i, det in enumerate(objects):
         groups.setdefault((det.item_id, det.task, det.label), []).append(i)
 
-    uf = _UnionFind(n)
     areas: dict[int, float] = {}
+    clusters: list[list[int]] = []
     for (item_id, _, _), idx in groups.items():
         crs = _metric_crs_for(item_id, [objects[i] for i in idx], metric_crs)
         polys = [transform_geometry(objects[i].polygon_4326, "EPSG:4326", crs) for i in idx]
         for i, poly in zip(idx, polys, strict=True):
             areas[i] = float(poly.area)
         if iou_threshold is None or len(idx) < 2:
+            clusters += [[i] for i in idx]
             continue
         tree = shapely.STRtree(polys)
-        left, right = tree.query(polys, predicate="intersects")
-        for a, b in zip(left.tolist(), right.tolist(), strict=True):
-            if a < b and rotated_iou(polys[a], polys[b]) >= iou_threshold:
-                uf.union(idx[a], idx[b])
+        taken = [False] * len(idx)
+        largest = max(areas[i] for i in idx)
+        # largest first; areas equal up to reprojection noise (relative 1e-9) go in input order
+        for a in sorted(range(len(idx)), key=lambda k: (-round(areas[idx[k]] / largest, 9), k)):
+            if taken[a]:
+                continue
+            taken[a] = True
+            members = [a]
+            for b in sorted(tree.query(polys[a], predicate="intersects").tolist()):
+                if not taken[b] and rotated_iou(polys[a], polys[b]) >= iou_threshold:
+                    taken[b] = True
+                    members.append(b)
+            clusters.append(sorted(idx[k] for k in members))
 
-    clusters: dict[int, list[int]] = {}
-    for i in range(n):
-        clusters.setdefault(uf.find(i), []).append(i)
-    merged = [_merge(members, objects, areas) for members in clusters.values()]
+    merged = [_merge(members, objects, areas) for members in clusters]
     merged.sort(key=lambda m: m.member_indices[0])
     if iou_threshold is not None:
         logger.info("merged %d detections into %d (IoU >= %s)", n, len(merged), iou_threshold)

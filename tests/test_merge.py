@@ -86,13 +86,21 @@ def test_duplicates_from_two_tiles_merge_to_the_largest() -> None:
     assert (out[0].item_id, out[0].task, out[0].label) == ("item-a", "detect", "ship")
 
 
-def test_clustering_is_transitive() -> None:
-    # A~B (IoU 0.6) and B~C (IoU 0.6) but A vs C only 0.25: one cluster of three at 0.5
+def test_a_cluster_never_reaches_past_its_largest_box() -> None:
+    """Greedy, largest first (SAHI's greedy NMM): A~B (IoU 0.6) and B~C (IoU 0.6), A vs C 0.25. Clustering
+    was transitive, and a row of such boxes chained into one object a kilometre long."""
     a, b, c = _det("t1", 0.0), _det("t2", 25.0), _det("t3", 50.0)
     out = merge_detections([a, b, c], 0.5)
-    assert len(out) == 1 and out[0].n_merged == 3 and out[0].tile_ids == ["t1", "t2", "t3"]
+    assert [(m.tile_ids, m.member_indices) for m in out] == [(["t1", "t2"], [0, 1]), (["t3"], [2])]
     assert out[0].polygon_4326.equals(a.polygon_4326)  # equal areas: the first wins
     assert len(merge_detections([a, b, c], 0.7)) == 3
+    # the middle box seen whole (larger) takes both clipped neighbours: the duplicates of one object
+    whole = _det("t2", 25.0, size=110.0)
+    out = merge_detections([a, whole, c], 0.5)
+    assert len(out) == 1 and out[0].n_merged == 3 and out[0].polygon_4326.equals(whole.polygon_4326)
+    # a chain of 40 boxes, each overlapping the next: 20 objects, not one
+    chain = [_det(f"t{k}", 25.0 * k) for k in range(40)]
+    assert len(merge_detections(chain, 0.5)) == 20
 
 
 def test_threshold_uses_true_rotated_iou() -> None:

@@ -3,8 +3,13 @@
 Layout of one run's output (a directory, local or on any fsspec filesystem)::
 
     OUTPUT/
-      part-<hilbert>-<task>-<uuid>.parquet   GeoParquet 1.1, zstd, bbox covering column
-      _manifest.json                          the run manifest (pyarrow/geopandas ignore '_' files)
+      part-<hilbert>-<write task>-<uuid>.parquet   GeoParquet 1.1, zstd, bbox covering column
+      objects-<n>.parquet                           merged detections (detect/refer runs)
+      _manifest.json                                the run manifest (pyarrow/geopandas ignore '_' files)
+      _preview.html                                 the map preview
+
+``<hilbert>`` is the file's first sort key (10 hex digits), ``<write task>`` the index of the Ray
+Data write task that wrote it.
 
 Rows are ordered spatially: each row gets a Hilbert key of its footprint centroid, the dataset
 is sorted on it (Ray Data), each sorted block is written as one file and the file names start

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -634,6 +635,39 @@ def _parse_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, .
     return tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
 
 
+def in_job_working_dir() -> Path | None:
+    """The folder a ``ray job submit --working-dir`` driver runs in (Ray's unpacked copy of it, under the
+    session's ``runtime_resources``), or None outside such a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the entrypoint
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if isinstance(runtime_env, dict) and runtime_env.get("working_dir") else None
+
+
+def refuse_output_in_job_copy(output: str, field: str) -> None:
+    """Refuse a local output inside the job's copy of ``--working-dir``: a relative path (or the default
+    ``out/region-<time>``) under ``ray job submit`` lands there, on the head node only, and Ray deletes it
+    with its session, so the run would succeed and its results be lost.
+
+    Raises:
+        RequestError: ``field``.
+    """
+    copy = in_job_working_dir()
+    if copy is None or ("://" in output and not output.startswith("file://")):
+        return
+    path = Path(output.removeprefix("file://")).expanduser()
+    resolved = (path if path.is_absolute() else copy / path).resolve()
+    if resolved.is_relative_to(copy):
+        raise RequestError(field, (
+            f"{output} would be written inside this job's temporary copy of --working-dir ({copy}), which Ray "
+            "deletes with its session: give an absolute path that every node reaches, or a URI such as "
+            "s3://bucket/prefix"))
+
+
 def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None) -> str:
     """The output directory, checked: a local one must not be a file, must be empty unless ``overwrite``
     (which replaces an rsflow dataset only: a folder without ``_manifest.json`` is someone else's files)
@@ -642,6 +676,7 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
     if not output or not output.strip():
         raise RequestError("--output", "is empty")
     output = output.strip()
+    refuse_output_in_job_copy(output, "--output")
     scheme = output.split("://", 1)[0] if "://" in output else "file"
     if scheme != "file":
         import fsspec
@@ -671,8 +706,6 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
-    import os
-
     if not parent.is_dir():
         raise RequestError("--output", f"cannot create {path}: {parent} is a file")
     if not os.access(parent, os.W_OK):

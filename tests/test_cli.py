@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,32 @@ def test_a_ray_address_where_nothing_answers_is_refused_before_any_work(command,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rsflow {command}: error: {flag}: nothing answers at ") and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_under_ray_job_submit_an_output_in_the_working_dir_copy_is_refused(tmp_path, capsys, monkeypatch):
+    """`ray job submit --working-dir .` runs the entrypoint in Ray's copy of the folder, on the head, which
+    Ray deletes with its session: the default out/region-<time> (or any relative --output) was written
+    there, the job 'succeeded', and the results were gone. Refused now, for region, eval and monitor."""
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    for argv, field in [
+        (["region", "--model", "noop"], "--output"),
+        (["region", "--model", "noop", "--output", "out/x"], "--output"),
+        (["region", "--model", "noop", "--output", str(copy / "abs")], "--output"),
+        (["eval", "--benchmark", "ucmerced", "--data", str(tmp_path), "--model", "smoke", "--output", "ev"], "--output"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f"error: {field}: " in err and "temporary copy of --working-dir" in err and len(err.splitlines()) == 1
+    monitor = copy / "m.yaml"
+    monitor.write_text(json.dumps({"name": "m", "aoi": {"bbox": [-75.70, 37.650, -75.695, 37.652]}, "stac": "sample",
+                                   "tasks": {"questions": ["Is there water?"]}, "model": {"model": "noop"},
+                                   "output": "state"}))
+    assert main(["monitor", "run", "--config", str(monitor)]) == 2
+    assert "error: output: " in capsys.readouterr().err
+    assert sorted(p.name for p in copy.iterdir()) == ["m.yaml"]  # nothing written into the copy
+    # an absolute path outside the copy passes this check (here the run then stops at --max-tiles)
+    assert main(["region", "--model", "noop", "--output", str(tmp_path / "shared"), "--max-tiles", "1"]) == 2
+    assert "--max-tiles" in capsys.readouterr().err

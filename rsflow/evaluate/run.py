@@ -65,6 +65,7 @@ from rsflow.models.spec import (
     resolve_model_dir,
     resolve_prompt_format,
 )
+from rsflow.request import refuse_output_in_job_copy
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class EvalConfig:
             raise RequestError("--data", "give the benchmark's folder")
         if not isinstance(self.output, str) or not self.output.strip():
             raise RequestError("--output", "give a folder for the predictions and metrics")
+        refuse_output_in_job_copy(self.output, "--output")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise RequestError("--limit", f"must be a whole number >= 1, got {self.limit!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -41,7 +41,13 @@ from typing import Any
 from rsflow.errors import RequestError
 from rsflow.models.spec import ModelSpec
 from rsflow.monitor.schedule import CronSchedule, format_duration, parse_cron, parse_duration
-from rsflow.request import RegionRequest, parse_request, parse_task_file, parse_task_mapping
+from rsflow.request import (
+    RegionRequest,
+    parse_request,
+    parse_task_file,
+    parse_task_mapping,
+    refuse_output_in_job_copy,
+)
 from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
@@ -382,6 +388,9 @@ def check_output_root(value: Any, base_dir: Path) -> str:
         RequestError: ``output``.
     """
     root = _string(value, "output").rstrip("/")
+    local = Path(root.removeprefix("file://")).expanduser()
+    refuse_output_in_job_copy(str(local if local.is_absolute() else base_dir / local) if "://" not in root
+                              or root.startswith("file://") else root, "output")
     if "://" in root and not root.startswith("file://"):
         import fsspec
 

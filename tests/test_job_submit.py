@@ -158,3 +158,17 @@ def test_the_region_job_joins_a_cluster_ray_start_left_on_this_machine(sample_ca
                           timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "run `ray stop` to clear it" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "stale").exists()
+
+
+def test_ray_job_submit_refuses_an_output_that_ray_would_delete(ray_head, sample_catalog):
+    """The default output of a submitted job would land in Ray's temporary copy of --working-dir: the job
+    fails at once, naming --output, instead of 'succeeding' into a folder Ray deletes."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+           "--", "python", "jobs/caption_region.py", "--stac", str(sample_catalog), "--model", "noop"]
+    for _ in range(20):
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
+    assert proc.returncode != 0 and "failed" in proc.stdout + proc.stderr
+    assert "--output: out/region-" in proc.stdout and "temporary copy of --working-dir" in proc.stdout, proc.stdout[-2000:]

@@ -845,3 +845,18 @@ def test_monitor_run_exit_code_says_whether_items_failed(
     path = _write(tmp_path, _config(tmp_path))
     assert main(["monitor", "run", "--config", str(path)]) == expected
     assert "1 items done" in capsys.readouterr().out
+
+
+def test_status_of_a_monitor_whose_store_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatch):
+    """`rsflow monitor status` on an object-store output it cannot reach (no credentials, no network) printed
+    a 75-line botocore traceback with exit 1; it is one line naming output now, exit 2."""
+    pytest.importorskip("s3fs")
+    from tests.stac_fixtures import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    path = _write(tmp_path, _config(tmp_path, output="s3://rsflow-test-bucket/monitor"))
+    assert main(["monitor", "status", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsflow monitor: error: output: cannot read s3://rsflow-test-bucket/monitor: ") and "\n" not in err

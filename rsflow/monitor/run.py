@@ -954,6 +954,10 @@ def monitor_status(config: MonitorConfig, *, now: datetime | None = None) -> Mon
     """Read the ledger, the last run and the lock (nothing is written)."""
     now = now or datetime.now(UTC)
     root = config.output
+    try:  # the store answers (credentials, bucket, network) before anything is read from it
+        store.list_files(store.join(root, "_monitor"))
+    except Exception as exc:  # noqa: BLE001 - any storage failure means the same thing to the user
+        raise RequestError("output", f"cannot read {root}: {type(exc).__name__}: {' '.join(str(exc).split())}"[:600]) from None
     _check_ledger_owner(root, config.name)
     ledger = load_ledger(root, config.name)
     last = store.read_json(store.join(root, LAST_RUN_NAME))

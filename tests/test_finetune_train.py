@@ -179,6 +179,7 @@ def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
         ({}, ["lr=.nan"], "lr", "must be a finite number"),  # it trained to NaN weights and exited 0
         ({}, ["max_grad_norm=.inf"], "max_grad_norm", "must be a finite number"),
         ({}, ["cpus_per_worker=0"], "cpus_per_worker", "must be > 0"),
+        ({}, ["base=..."], "base", "is not a YAML scalar"),  # the README's placeholder: was a traceback
     ],
 )
 def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(

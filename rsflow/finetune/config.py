@@ -330,7 +330,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip().removeprefix("--").replace("-", "_")
         if not sep or not key:
             raise RequestError(item, "overrides are key=value, e.g. lr=1e-4")
-        out[key] = yaml.safe_load(text) if text.strip() else ""
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:  # "base=..." (a YAML document end), "targets=[q_proj"
+            reason = " ".join(str(exc).split())
+            raise RequestError(key, f"the override value {text!r} is not a YAML scalar or list ({reason})") from None
     return out
 
 

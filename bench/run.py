@@ -132,7 +132,12 @@ def run_all(only: tuple[str, ...], *, quick: bool, out: str, cache: str | None) 
     }
     out_dir = Path(out) if Path(out).is_absolute() else Path.cwd() / out
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{started:%Y-%m-%d}-{host['hostname']}{'-quick' if quick else ''}.json"
+    stem = f"{started:%Y-%m-%d}-{host['hostname']}{'-quick' if quick else ''}"
+    path = out_dir / f"{stem}.json"
+    n = 1
+    while path.exists():  # a second run the same day on the same host keeps the first (it may be committed)
+        n += 1
+        path = out_dir / f"{stem}-{n}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print()
     print(result["table"])

@@ -134,7 +134,8 @@ def region_arguments() -> argparse.ArgumentParser:
     )
     model.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
     model.add_argument(
-        "--image-aspect", choices=["pad", "crop"], help="pad tiles to square with the mean colour (default) or centre-crop"
+        "--image-aspect", choices=["pad", "crop"], help="pad tiles to square with the mean colour or centre-crop (default: the checkpoint's "
+        "image_aspect_ratio; pad for a transformers folder without an rsflow card)"
     )
     model.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",

@@ -218,6 +218,21 @@ def test_a_stage_override_against_the_stage_flag_is_named_as_an_override(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_ray_address_where_nothing_answers_is_one_line_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ray.init() waits on an address where nothing listens (a RAY_ADDRESS, or the record a killed
+    `ray start` leaves behind); the launcher used to die later with a ConnectionError traceback."""
+    from tests.stac_fixtures import free_port
+
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    code = _finetune_cli().main(["--stage", "instruct", "--config", str(_write_yaml(tmp_path / "r.yaml", tiny_model_dir, data))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("finetune: error: RAY_ADDRESS: nothing answers at 127.0.0.1:")
+
+
 def test_run_finetune_checks_lora_targets_before_launching(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from rsflow.finetune.config import load_config
     from rsflow.finetune.train import prepare_dataset, run_finetune
 
+    from rsflow.cli import check_ray_address
+
     try:
+        check_ray_address(None)  # RAY_ADDRESS, or a `ray start` record, that nothing answers: one line, no wait
         config = load_config(args.config, args.overrides, defaults={"stage": args.stage})
         if config.stage != args.stage:
             overridden = any(o.partition("=")[0].strip().removeprefix("--").replace("-", "_") == "stage"

@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rsflow.cli import check_ray_address
+
     try:
+        check_ray_address(None)  # RAY_ADDRESS, or a `ray start` record, that nothing answers: one line, no wait
         summary = train_demo(Path(args.work), Path(args.output), align_steps=args.align_steps,
                              instruct_steps=args.instruct_steps, workers=args.workers,
                              min_water_accuracy=args.min_water_accuracy)

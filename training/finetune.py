@@ -52,10 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rsflow.cli import check_ray_address
     from rsflow.finetune.config import load_config
     from rsflow.finetune.train import prepare_dataset, run_finetune
-
-    from rsflow.cli import check_ray_address
 
     try:
         check_ray_address(None)  # RAY_ADDRESS, or a `ray start` record, that nothing answers: one line, no wait

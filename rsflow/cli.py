@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):  # --stac URL's token, a signed href
             handler.addFilter(RedactingFilter())
     try:
-        if args.command in ("region", "eval", "monitor"):
+        if args.command in ("region", "eval") or getattr(args, "monitor_command", None) == "run":  # Ray users
             check_ray_address(getattr(args, "address", None))
         if args.command == "region":
             return _run_region(args)

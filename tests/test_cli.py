@@ -249,6 +249,10 @@ def test_a_ray_address_where_nothing_answers_is_refused_before_any_work(command,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rsflow {command}: error: {flag}: nothing answers at ") and len(err.splitlines()) == 1, err
     assert not out.exists()
+    if command == "monitor":  # status reads the output root only: no Ray, so no address is tried
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        assert main(["monitor", "status", "--config", argv[-1]]) == 2  # here for its missing file, not Ray
+        assert capsys.readouterr().err.startswith("rsflow monitor: error: config: no such file")
 
 
 def test_under_ray_job_submit_an_output_in_the_working_dir_copy_is_refused(tmp_path, capsys, monkeypatch):

@@ -600,6 +600,23 @@ def test_text_only_records_are_trained_as_text_as_llava_does(tiny_model_dir: Pat
     assert torch.isfinite(mixed.loss) and torch.isfinite(text.loss)
 
 
+def test_fsdp_refuses_text_only_records_before_any_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Under FSDP a rank whose micro-batch has no image would skip the vision tower's all-gathers while
+    the other ranks run them (a hang); such data is refused up front, naming the strategy."""
+    from rsflow.finetune.config import FinetuneConfig
+    from rsflow.finetune.train import prepare_dataset
+
+    (tmp_path / "images").mkdir()
+    data = tmp_path / "text.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi?"},
+                                                               {"from": "gpt", "value": "Hello."}]}]))
+    config = FinetuneConfig(stage="instruct", base=str(tiny_model_dir), data=str(data), image_root=str(tmp_path / "images"),
+                            strategy="fsdp", use_gpu=True)
+    with pytest.raises(RequestError, match="1 text-only records, which fsdp cannot mix") as info:
+        prepare_dataset(config)
+    assert info.value.field == "strategy"
+
+
 @pytest.mark.ray
 def test_prepare_dataset_gives_the_same_rows_from_json_and_parquet(
     ray_local: Any, tiny_model_dir: Path, tmp_path: Path

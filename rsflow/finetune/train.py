@@ -720,6 +720,12 @@ def prepare_dataset(config: FinetuneConfig, data_actors: int = 1) -> tuple[ray.d
         logger.warning("%s: %d records skipped: %s", data, report.n_skipped, json.dumps(report.to_dict()))
     if not records:
         raise RequestError("data", f"{data} has no usable record")
+    text_only = sum(not r.has_image for r in records)
+    if text_only and config.strategy == "fsdp":  # a rank whose micro-batch has no image would skip the vision
+        raise RequestError("strategy", (  # tower's all-gathers while the others run them: a hang
+            f"{data} holds {text_only} text-only records, which fsdp cannot mix with image records here (a "
+            "micro-batch without an image skips the vision tower's collectives on one rank); use ddp or "
+            "leave them out"))
     items = records_to_rows(records)
     if all(item.get("image_bytes") is None for item in items):
         # A column of None reaches the UDF as NaN (float32 under Ray Data); leave it out entirely.

@@ -420,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_ray_address(address: str | None) -> None:
     """A Ray address to connect to (``--address``, else ``RAY_ADDRESS``, else the cluster ``ray start``
-    started on this machine, which ``ray.init()`` joins) must answer before any work: ``ray.init``
-    retries an address where nothing listens for minutes, printing GCS time-outs.
+    started on this machine, which ``ray.init()`` and ``auto`` join) must answer before any work:
+    ``ray.init`` retries an address where nothing listens for minutes, printing GCS time-outs.
 
-    Only ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``auto``, ``local``
-    and other forms are left to Ray.
+    Only ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``local`` (a new local
+    Ray whatever is recorded) and other forms are left to Ray.
 
     Raises:
         RequestError: (``--address``, ``RAY_ADDRESS`` or ``ray start``) nothing accepts a connection there.
@@ -434,19 +434,25 @@ def check_ray_address(address: str | None) -> None:
 
     from rsflow.pipeline import local_cluster_address
 
-    flag = "--address" if address else "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray start"
-    address = address or os.environ.get("RAY_ADDRESS") or local_cluster_address() or ""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    given = address or os.environ.get("RAY_ADDRESS") or ""
+    flag = "--address" if address else "RAY_ADDRESS" if given else "ray start"
+    if given in ("", "auto"):  # both join the cluster `ray start` recorded on this machine, if any
+        flag, given = ("ray start", local_cluster_address() or "") if given == "" else (flag, local_cluster_address() or "")
+    host, sep, port = given.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in host:
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        if flag == "ray start":  # Ray's record of a `ray start` cluster that is gone: ray.init() would wait on it
-            raise RequestError(flag, f"Ray's record of a cluster started on this machine names {address}, where "
-                                     f"nothing answers ({reason}); run `ray stop` to clear it, or give --address") from None
-        raise RequestError(flag, f"nothing answers at {address} ({reason}): give the address of a running Ray "
+        if flag == "ray start" or address == "auto" or (not address and os.environ.get("RAY_ADDRESS") == "auto"):
+            # Ray's record of a `ray start` cluster that is gone (killed without `ray stop`): ray.init() would
+            # wait on it. `ray stop` clears it, but stops every Ray of this user on the machine.
+            raise RequestError(flag, (
+                f"Ray's record of a cluster started on this machine names {given}, where nothing answers "
+                f"({reason}); set RAY_ADDRESS=local (or --address local) for a new local Ray, or give a live "
+                "cluster's address")) from None
+        raise RequestError(flag, f"nothing answers at {given} ({reason}): give the address of a running Ray "
                                  "head (ray start --head prints it), or leave it out for a local Ray") from None
 
 

@@ -1,9 +1,12 @@
 """Merge duplicate detections from overlapping tiles (``--merge``, ``--merge-iou``).
 
 Tiles overlap, so one object near a tile edge is usually detected on two or four tiles. Detections of the
-same item, task and label are clustered greedily, as non-maximum suppression/merging does for sliced
-inference (SAHI's greedy NMM): the largest detection not yet taken opens a cluster, and every detection
-not yet taken whose polygon IoU with it reaches the threshold joins it. A cluster therefore never reaches
+same item, task and label are clustered greedily, as non-maximum merging does for sliced inference (SAHI's
+greedy NMM, which ranks by confidence; GeoChat gives none, so here the box area ranks): the largest
+detection not yet taken opens a cluster, and every detection not yet taken whose polygon IoU with it
+reaches the threshold joins it. Equal areas (up to a relative 1e-9) are ranked by tile id, then by
+geometry, so a run gives the same objects whatever order Ray Data delivered its rows in, and a
+``--resume`` the same as a fresh run. A cluster therefore never reaches
 past its first box: clustering was transitive before (union-find, A~B and B~C put A, B, C together), and
 a row of boxes each overlapping the next (a synthetic model answering the same box on overlapping tiles)
 chained 110 detections over a kilometre into one object.
@@ -14,8 +17,8 @@ group's mean centroid. Areas in degrees would weigh east-west against north-sout
 itself is invariant under affine maps, so for tile-sized boxes it barely depends on the CRS; areas, the
 choice of representative, and large boxes at high latitudes do.)
 
-Each cluster becomes ONE detection whose geometry is that of its LARGEST member (by metric area; ties, up
-to a relative 1e-9, go to the earliest in the input). Decision: the union of rotated rectangles is not a
+Each cluster becomes ONE detection whose geometry is that of its LARGEST member (the one that opened it:
+by metric area, ties as above). Decision: the union of rotated rectangles is not a
 rotated rectangle and would grow with every false neighbour, and an average of rotated boxes is ill-defined
 for angles; the largest member is a real model output and usually the least clipped view (an object cut by
 a tile edge gets a smaller box).
@@ -134,10 +137,15 @@ def _metric_crs_for(item_id: str, group: list[Detection], metric_crs: str | Mapp
     return local_metric_crs(mean_lon, float(np.mean(centroids[:, 1])))
 
 
-def _merge(members: list[int], objects: Sequence[Detection], areas: dict[int, float]) -> MergedDetection:
-    largest = max(areas[i] for i in members)
-    # equal areas up to reprojection noise (relative 1e-9) count as a tie, which the earliest member wins
-    best = min(i for i in members if areas[i] >= largest * (1.0 - 1e-9))
+def _rank(objects: Sequence[Detection], areas: dict[int, float], idx: Sequence[int]) -> list[int]:
+    """``idx`` largest first; areas equal up to reprojection noise (relative 1e-9) by tile id, then by the
+    geometry's WKB: an order that does not depend on the order the detections arrived in."""
+    largest = max((areas[i] for i in idx), default=0.0) or 1.0
+    return sorted(idx, key=lambda i: (-round(areas[i] / largest, 9), objects[i].tile_id,
+                                      shapely.to_wkb(objects[i].polygon_4326, hex=True), i))
+
+
+def _merge(members: list[int], objects: Sequence[Detection], areas: dict[int, float], best: int) -> MergedDetection:
     first = objects[members[0]]
     scores = [s for s in (objects[i].score for i in members) if s is not None]
     return MergedDetection(
@@ -192,21 +200,21 @@ def merge_detections(
             clusters += [[i] for i in idx]
             continue
         tree = shapely.STRtree(polys)
+        position = {i: k for k, i in enumerate(idx)}
         taken = [False] * len(idx)
-        largest = max(areas[i] for i in idx)
-        # largest first; areas equal up to reprojection noise (relative 1e-9) go in input order
-        for a in sorted(range(len(idx)), key=lambda k: (-round(areas[idx[k]] / largest, 9), k)):
+        for i in _rank(objects, areas, idx):  # largest first, in an order independent of the input's
+            a = position[i]
             if taken[a]:
                 continue
             taken[a] = True
             members = [a]
-            for b in sorted(tree.query(polys[a], predicate="intersects").tolist()):
+            for b in tree.query(polys[a], predicate="intersects").tolist():
                 if not taken[b] and rotated_iou(polys[a], polys[b]) >= iou_threshold:
                     taken[b] = True
                     members.append(b)
-            clusters.append(sorted(idx[k] for k in members))
+            clusters.append([idx[k] for k in members])  # the opener first
 
-    merged = [_merge(members, objects, areas) for members in clusters]
+    merged = [_merge(sorted(members), objects, areas, members[0]) for members in clusters]
     merged.sort(key=lambda m: m.member_indices[0])
     if iou_threshold is not None:
         logger.info("merged %d detections into %d (IoU >= %s)", n, len(merged), iou_threshold)

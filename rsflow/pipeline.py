@@ -262,13 +262,14 @@ def _ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
-    elif local_cluster_address():  # `ray start` ran on this machine: ray.init() joins it (Ray's rule), and
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target == "local" or (target is None and not local_cluster_address()):  # a new local Ray of our own
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    elif target is None:  # `ray start` ran on this machine: ray.init() joins it (Ray's rule), and a cluster
         logger.info("joining the Ray cluster started on this machine at %s (ray start)", local_cluster_address())
-        ray.init(log_to_driver=True)  # a cluster being joined takes no settings (_system_config raised)
+        ray.init(log_to_driver=True)  # being joined takes no settings (_system_config raised)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
     logger.info("Ray resources: %s", ray.cluster_resources())
 
 
@@ -925,6 +926,8 @@ being written (``out.DRIVER_ROWS_PER_FILE``); larger outputs are sorted by Ray D
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
                 "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")
 """Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
+_MODEL_FLAG_NAMES = {"adapters": "the task file's adapters"}
+"""Model settings that no flag of their own name sets, as a ``--resume`` refusal names them."""
 _RESUME_MODEL_FREE = ("batch_size",)
 """Model settings a ``--resume`` may change: ``--batch-size`` (resuming a run that ran out of memory with a
 smaller batch is what resume is for; greedy answers do not depend on it beyond padding's rounding)."""
@@ -962,7 +965,8 @@ def _resume_source(request: RegionRequest) -> out.ResumeSource:
         was, new = _resume_value("model", source.request.get("model")), _resume_value("model", now.get("model"))
         if isinstance(was, dict) and isinstance(new, dict):
             keys = sorted(k for k in {*was, *new} if was.get(k) != new.get(k))
-            differs[differs.index("model")] = "model (" + ", ".join(f"--{k.replace('_', '-')}" for k in keys) + ")"
+            named = [_MODEL_FLAG_NAMES.get(k, f"--{k.replace('_', '-')}") for k in keys]
+            differs[differs.index("model")] = "model (" + ", ".join(named) + ")"
     if differs:
         raise RequestError(
             "--resume", f"the request differs from the run being resumed in {', '.join(differs)}; repeat its flags"

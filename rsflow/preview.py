@@ -648,7 +648,7 @@ def add_preview_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("result", metavar="RESULT", help="result directory (GeoParquet) or file")
     p.add_argument("-o", "--output", help="HTML file to write (default: RESULT.html beside the result)")
-    p.add_argument("--title", help="page title (default: 'rsflow preview: <RESULT name>')")
+    p.add_argument("--title", type=str, help="page title (default: 'rsflow preview: <RESULT name>'; \"\" for none)")
     p.add_argument(
         "--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS,
         help=f"refuse datasets with more rows (default {DEFAULT_MAX_ROWS})",

@@ -636,16 +636,16 @@ def _parse_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, .
 
 
 def in_job_working_dir() -> Path | None:
-    """The folder a ``ray job submit --working-dir`` driver runs in (Ray's unpacked copy of it, under the
-    session's ``runtime_resources``), or None outside such a job."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the entrypoint
-    if not raw:
+    """Ray's unpacked copy of ``ray job submit --working-dir`` that this process runs in (a folder under
+    the session's ``runtime_resources/working_dir_files/``, an ancestor of the working directory), or
+    None outside a job, or when the job's entrypoint moved out of it (``cd /shared && ...``)."""
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the entrypoint
         return None
-    try:
-        runtime_env = json.loads(raw).get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return None
-    return Path.cwd().resolve() if isinstance(runtime_env, dict) and runtime_env.get("working_dir") else None
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if folder.parent.name == "working_dir_files" and folder.parent.parent.name == "runtime_resources":
+            return folder
+    return None
 
 
 def refuse_output_in_job_copy(output: str, field: str) -> None:
@@ -659,8 +659,7 @@ def refuse_output_in_job_copy(output: str, field: str) -> None:
     copy = in_job_working_dir()
     if copy is None or ("://" in output and not output.startswith("file://")):
         return
-    path = Path(output.removeprefix("file://")).expanduser()
-    resolved = (path if path.is_absolute() else copy / path).resolve()
+    resolved = Path(output.removeprefix("file://")).expanduser().resolve()  # relative: to the working directory
     if resolved.is_relative_to(copy):
         raise RequestError(field, (
             f"{output} would be written inside this job's temporary copy of --working-dir ({copy}), which Ray "

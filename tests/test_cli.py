@@ -282,3 +282,23 @@ def test_under_ray_job_submit_an_output_in_the_working_dir_copy_is_refused(tmp_p
     # an absolute path outside the copy passes this check (here the run then stops at --max-tiles)
     assert main(["region", "--model", "noop", "--output", str(tmp_path / "shared"), "--max-tiles", "1"]) == 2
     assert "--max-tiles" in capsys.readouterr().err
+    # ... also from a sub-folder of the copy, where ../out still lands in it
+    (copy / "jobs").mkdir()
+    monkeypatch.chdir(copy / "jobs")
+    for output in ("../out", "file://../out"):
+        assert main(["region", "--model", "noop", "--output", output]) == 2
+        assert "temporary copy of --working-dir" in capsys.readouterr().err
+    # and an entrypoint that moved to shared storage (cd /shared && rsflow ...) writes there as asked
+    shared = tmp_path / "shared-fs"
+    shared.mkdir()
+    monkeypatch.chdir(shared)
+    assert main(["region", "--model", "noop", "--output", str(shared / "res"), "--max-tiles", "1"]) == 2
+    assert "--max-tiles" in capsys.readouterr().err
+
+
+def test_an_empty_preview_title_still_means_no_title(tmp_path, capsys):
+    """`rsflow preview --title ""` asks for a page without a title (preview.py accepts it); the empty-value
+    refusal leaves that flag alone."""
+    code = main(["preview", str(tmp_path / "nothing-here"), "--title", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and "must not be empty" not in err and "--title" not in err

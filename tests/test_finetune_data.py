@@ -607,11 +607,13 @@ def test_fsdp_refuses_text_only_records_before_any_worker(tiny_model_dir: Path, 
     from rsflow.finetune.train import prepare_dataset
 
     (tmp_path / "images").mkdir()
-    data = tmp_path / "text.json"
-    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi?"},
-                                                               {"from": "gpt", "value": "Hello."}]}]))
+    (tmp_path / "images" / "a.png").write_bytes(_png(16, 16))
+    chat = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    seen = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A field."}]
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": chat}, {"id": "i", "image": "a.png", "conversations": seen}]))
     config = FinetuneConfig(stage="instruct", base=str(tiny_model_dir), data=str(data), image_root=str(tmp_path / "images"),
-                            strategy="fsdp", use_gpu=True)
+                            strategy="fsdp", use_gpu=True, workers=2, global_batch=2)
     with pytest.raises(RequestError, match="1 text-only records, which fsdp cannot mix") as info:
         prepare_dataset(config)
     assert info.value.field == "strategy"

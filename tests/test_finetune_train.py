@@ -277,6 +277,14 @@ def test_workers_a_local_ray_cannot_place_are_refused_before_the_trainer_starts(
         run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
     assert info.value.field == key
     assert not config.run_dir.exists()
+    # on a cluster `ray start` (or `ray up`) started on this machine, an autoscaler may add the nodes: it
+    # goes on to the trainer (here the stand-in that refuses to be built) with a warning
+    record = tmp_path / "ray-tmp" / "ray" / "ray_current_cluster"
+    record.parent.mkdir(parents=True)
+    record.write_text("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+    with pytest.raises(AssertionError, match="TorchTrainer was built"):
+        run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- Ray runs

@@ -721,8 +721,10 @@ def prepare_dataset(config: FinetuneConfig, data_actors: int = 1) -> tuple[ray.d
     if not records:
         raise RequestError("data", f"{data} has no usable record")
     text_only = sum(not r.has_image for r in records)
-    if text_only and config.strategy == "fsdp":  # a rank whose micro-batch has no image would skip the vision
-        raise RequestError("strategy", (  # tower's all-gathers while the others run them: a hang
+    if 0 < text_only < len(records) and config.strategy == "fsdp" and config.workers > 1:
+        # a rank whose micro-batch has no image would skip the vision tower's all-gathers that the other
+        # ranks run: a hang (all text, or one worker, cannot diverge)
+        raise RequestError("strategy", (
             f"{data} holds {text_only} text-only records, which fsdp cannot mix with image records here (a "
             "micro-batch without an image skips the vision tower's collectives on one rank); use ddp or "
             "leave them out"))
@@ -826,11 +828,11 @@ def run_finetune(
 def check_cluster_fits(config: FinetuneConfig) -> None:
     """The training workers' resources against the Ray this run uses, before any worker starts.
 
-    On a Ray this process runs on its own (no ``RAY_ADDRESS``: a local one, started here or by the
-    caller) nothing can join later, and Ray Train would wait for ever for a worker that cannot be
-    placed (``use_gpu: true`` without a GPU, ``cpus_per_worker: 64`` on 2 CPUs): that is refused. On a
-    cluster (``ray job submit`` sets ``RAY_ADDRESS``) an autoscaler may add the nodes, so a shortfall
-    is only logged.
+    On a Ray this process runs on its own (no ``RAY_ADDRESS`` and no ``ray start`` cluster on the
+    machine, or ``RAY_ADDRESS=local``) nothing can join later, and Ray Train would wait for ever for a
+    worker that cannot be placed (``use_gpu: true`` without a GPU, ``cpus_per_worker: 64`` on 2 CPUs):
+    that is refused. On a cluster (``ray job submit`` sets ``RAY_ADDRESS``; a ``ray start``/``ray up``
+    head) an autoscaler may add the nodes, so a shortfall is only logged.
 
     Raises:
         RequestError: ``use_gpu`` or ``cpus_per_worker`` (or ``workers``) that the local Ray cannot place.
@@ -857,8 +859,10 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
         else ("cpus_per_worker", f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs do not fit "
                                  f"this Ray ({have}; room for {placeable}): lower cpus_per_worker or workers")
     )
-    if os.environ.get("RAY_ADDRESS"):
-        logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)
+    from rsflow.pipeline import local_cluster_address
+
+    if os.environ.get("RAY_ADDRESS", "local") != "local" or (not os.environ.get("RAY_ADDRESS") and local_cluster_address()):
+        logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)  # a cluster (an autoscaler?)
         return
     raise RequestError(key, reason)
 

@@ -623,3 +623,94 @@ def test_image_builds() -> None:
         cmd += ["--ignorefile", str(CLUSTER / "Dockerfile.dockerignore")]
     result = subprocess.run([*cmd, str(ROOT)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the KubeRay operator checks in Go (its CRD schema does not carry these rules), and what the
+# entrypoints and pods need at run time
+
+
+def _rayjob_specs() -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in _by_kind("RayJob"):
+        yield doc["metadata"]["name"], doc["spec"]
+    for doc in _by_kind("RayCronJob"):
+        yield doc["metadata"]["name"], doc["spec"]["jobTemplate"]
+
+
+@pytest.mark.parametrize(("name", "spec"), list(_rayjob_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_rayjob_specs_pass_the_operators_own_validation(name: str, spec: dict[str, Any]) -> None:
+    """KubeRay's ValidateRayJobSpec (ray-operator/controllers/ray/utils/validation.go): a TTL needs
+    shutdownAfterJobFinishes ("a RayJob with shutdownAfterJobFinishes set to false cannot have
+    TTLSecondsAfterFinished"), a job on an existing cluster (clusterSelector) creates none and cannot shut
+    it down, and a deadline is positive. The RayCronJob broke the first rule: applied, never run."""
+    if spec.get("ttlSecondsAfterFinished", 0) > 0:
+        assert spec.get("shutdownAfterJobFinishes") is True, f"{name}: a TTL without shutdownAfterJobFinishes"
+    if "clusterSelector" in spec:
+        assert "rayClusterSpec" not in spec and not spec.get("shutdownAfterJobFinishes"), name
+    else:
+        assert "rayClusterSpec" in spec, name
+    assert spec.get("activeDeadlineSeconds", 1) > 0
+
+
+def _entrypoints() -> list[tuple[str, list[str]]]:
+    out = [(d["metadata"]["name"], shlex.split(d["spec"]["entrypoint"])) for d in _by_kind("RayJob")]
+    out += [(d["metadata"]["name"], shlex.split(d["spec"]["jobTemplate"]["entrypoint"])) for d in _by_kind("RayCronJob")]
+    return out
+
+
+@pytest.mark.parametrize(("name", "argv"), _entrypoints(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_entrypoint_parses_with_the_real_command_line(name: str, argv: list[str]) -> None:
+    """Each job's flags go through the parser of the script it runs (a flag renamed in the code would
+    otherwise only fail on the cluster)."""
+    import importlib.util
+
+    assert argv[0] == "python"
+    script = argv[1].removeprefix("/opt/rsflow/")
+    rest = argv[2:]
+    if script == "jobs/caption_region.py":
+        from rsflow.cli import _join_negative_values, build_parser
+
+        args = build_parser().parse_args(_join_negative_values(["region", *rest]))  # as main() does
+        assert args.output and "://" in args.output, "a job's output must outlive its cluster"
+    elif script == "jobs/monitor_aoi.py":
+        from rsflow.cli import build_parser
+
+        args = build_parser().parse_args(["monitor", "run", *rest])
+        assert (ROOT / args.config.removeprefix("/opt/rsflow/")).is_file()
+    else:
+        spec = importlib.util.spec_from_file_location("finetune_cli", ROOT / script)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        args = module.build_parser().parse_args(rest)
+        assert (ROOT / args.config).is_file()
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-region.yaml"])
+def test_model_pods_and_the_driver_reach_checkpoints_and_the_hub(name: str) -> None:
+    """Local checkpoints and adapters (a converted GeoChat, a finetuning run's export) are read by the
+    driver (head) and every model actor (gpu): both mount the shared volume; both get the optional
+    hub token, and the Hugging Face cache is on the volume, not in each pod's container layer."""
+    templates = dict(_pod_templates(_load(name)))
+    for kind in ("head", "gpu"):
+        container = _container(templates[kind])
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in templates[kind]["spec"].get("volumes", [])}
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == "rsflow-shared", kind
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True, kind
+        assert env["HF_HOME"]["value"].startswith("/mnt/shared/"), kind
+    monitor = yaml.safe_load((ROOT / "monitors" / "port.yaml").read_text())
+    assert monitor["model"]["model"].startswith("/mnt/shared/"), "the example monitor's model is on the volume"
+
+
+def test_ray_up_names_an_ami_and_a_head_profile_that_can_launch_workers() -> None:
+    """Ray's default AMI carries CUDA 11.2 (the image needs a driver for CUDA 12.8), and the head's
+    default profile cannot pass the workers' role: both are set, the AMI as a placeholder that fails
+    loudly until replaced."""
+    config = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    for name, node in config["available_node_types"].items():
+        assert node["node_config"]["ImageId"].startswith("ami-"), name
+    assert config["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]["Name"] == "rsflow-ray-head"
+    readme = (CLUSTER / "README.md").read_text()
+    assert "iam:PassRole" in readme and "R570" in readme

@@ -134,8 +134,9 @@ def region_arguments() -> argparse.ArgumentParser:
     )
     model.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
     model.add_argument(
-        "--image-aspect", choices=["pad", "crop"], help="pad tiles to square with the mean colour or centre-crop (default: the checkpoint's "
-        "image_aspect_ratio; pad for a transformers folder without an rsflow card)"
+        "--image-aspect", choices=["pad", "crop"],
+        help="pad tiles to square with the mean colour or centre-crop (default: the checkpoint's "
+        "image_aspect_ratio; pad for a transformers folder without an rsflow card)",
     )
     model.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -202,7 +203,8 @@ def region_arguments() -> argparse.ArgumentParser:
         help="custom Ray resources every model actor asks for, e.g. rsflow_gpu_node=0.001; "
         "'none' for none (default auto: rsflow_gpu_node=0.001 when the cluster has it)",
     )
-    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on this machine, else a new local Ray)")
+    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on "
+                     "this machine, else a new local Ray; 'local': a new local Ray)")
     run.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,
         help="logging level (default INFO)",
@@ -434,10 +436,12 @@ def check_ray_address(address: str | None) -> None:
 
     from rsflow.pipeline import local_cluster_address
 
-    given = address or os.environ.get("RAY_ADDRESS") or ""
-    flag = "--address" if address else "RAY_ADDRESS" if given else "ray start"
-    if given in ("", "auto"):  # both join the cluster `ray start` recorded on this machine, if any
-        flag, given = ("ray start", local_cluster_address() or "") if given == "" else (flag, local_cluster_address() or "")
+    env = os.environ.get("RAY_ADDRESS") or ""
+    given = address or env
+    flag = "--address" if address else "RAY_ADDRESS" if env else "ray start"
+    from_record = given in ("", "auto")  # both join the cluster `ray start` recorded on this machine, if any
+    if from_record:
+        given = local_cluster_address() or ""
     host, sep, port = given.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in host:
         return
@@ -445,7 +449,7 @@ def check_ray_address(address: str | None) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        if flag == "ray start" or address == "auto" or (not address and os.environ.get("RAY_ADDRESS") == "auto"):
+        if from_record:
             # Ray's record of a `ray start` cluster that is gone (killed without `ray stop`): ray.init() would
             # wait on it. `ray stop` clears it, but stops every Ray of this user on the machine.
             raise RequestError(flag, (

@@ -63,7 +63,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
     r.add_argument("--model-actors", type=_whole, help="model actors (default: one per GPU, else 1)")
     r.add_argument("--read-workers", type=_whole, help="max image read tasks (default: CPUs left)")
-    r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on this machine, else a new local Ray)")
+    r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started "
+                   "on this machine, else a new local Ray; 'local': a new local Ray)")
     return p
 
 

@@ -43,7 +43,8 @@ def add_monitor_parser(subparsers: Any) -> argparse.ArgumentParser:
             "--monitors-dir", help="where NAME.yaml is looked up (default: $RSFLOW_MONITORS or monitors)"
         )
         if name == "run":
-            q.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on this machine, else a new local Ray)")
+            q.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started "
+                           "on this machine, else a new local Ray; 'local': a new local Ray)")
         else:
             q.add_argument("--json", action="store_true", help="print the status as JSON")
         q.add_argument(

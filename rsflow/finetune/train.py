@@ -850,16 +850,19 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
     )
     if placeable >= config.workers:
         return
-    cpus = sum(node.get("CPU", 0.0) for node in nodes)
-    have = f"{len(nodes)} node(s), {cpus:g} CPUs, {sum(node.get('GPU', 0.0) for node in nodes):g} GPUs"
-    key, reason = (
-        ("use_gpu", f"asks one GPU for each of {config.workers} worker(s), and this Ray has room for "
-                    f"{placeable} ({have}): set use_gpu: false or run on a cluster with GPUs")
-        if gpus and sum(node.get("GPU", 0.0) for node in nodes) < config.workers
-        else ("cpus_per_worker", f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs do not fit "
-                                 f"this Ray ({have}; room for {placeable}): lower cpus_per_worker or workers")
-    )
     from rsflow.pipeline import local_cluster_address
+
+    cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    all_gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    have = f"{len(nodes)} node(s), {cpus:g} CPUs, {all_gpus:g} GPUs"
+    if gpus and all_gpus < config.workers:
+        key = "use_gpu"
+        reason = (f"asks one GPU for each of {config.workers} worker(s), and this Ray has room for {placeable} "
+                  f"({have}): set use_gpu: false or run on a cluster with GPUs")
+    else:
+        key = "cpus_per_worker"
+        reason = (f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs do not fit this Ray ({have}; "
+                  f"room for {placeable}): lower cpus_per_worker or workers")
 
     if os.environ.get("RAY_ADDRESS", "local") != "local" or (not os.environ.get("RAY_ADDRESS") and local_cluster_address()):
         logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)  # a cluster (an autoscaler?)

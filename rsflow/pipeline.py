@@ -262,15 +262,21 @@ def _ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target == "local" or (target is None and not local_cluster_address()):  # a new local Ray of our own
+    if starts_local_ray(address):  # a new local Ray of our own
         ray.init(address="local", include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-    elif target is None:  # `ray start` ran on this machine: ray.init() joins it (Ray's rule), and a cluster
+    elif not (address or os.environ.get("RAY_ADDRESS")):  # `ray start` ran on this machine: ray.init() joins it
         logger.info("joining the Ray cluster started on this machine at %s (ray start)", local_cluster_address())
-        ray.init(log_to_driver=True)  # being joined takes no settings (_system_config raised)
+        ray.init(log_to_driver=True)  # (Ray's rule); a cluster being joined takes no settings (_system_config raised)
     else:
         ray.init(address=address, log_to_driver=True)  # a cluster: `ray job submit` sets RAY_ADDRESS
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def starts_local_ray(address: str | None = None) -> bool:
+    """Whether connecting with ``address`` (else ``RAY_ADDRESS``) starts a Ray of this process's own, which
+    no node can join later: ``local``, or nothing given and no cluster ``ray start`` left on this machine."""
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    return target == "local" or (target is None and not local_cluster_address())
 
 
 def local_cluster_address() -> str | None:

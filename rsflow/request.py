@@ -648,10 +648,13 @@ def in_job_working_dir() -> Path | None:
     return None
 
 
-def refuse_output_in_job_copy(output: str, field: str) -> None:
+def refuse_output_in_job_copy(output: str, field: str, *, base: Path | None = None) -> None:
     """Refuse a local output inside the job's copy of ``--working-dir``: a relative path (or the default
     ``out/region-<time>``) under ``ray job submit`` lands there, on the head node only, and Ray deletes it
     with its session, so the run would succeed and its results be lost.
+
+    Args:
+        base: what a relative ``output`` is relative to (default: the working directory).
 
     Raises:
         RequestError: ``field``.
@@ -659,7 +662,7 @@ def refuse_output_in_job_copy(output: str, field: str) -> None:
     copy = in_job_working_dir()
     if copy is None or ("://" in output and not output.startswith("file://")):
         return
-    resolved = Path(output.removeprefix("file://")).expanduser().resolve()  # relative: to the working directory
+    resolved = ((base or Path.cwd()) / Path(output.removeprefix("file://")).expanduser()).resolve()
     if resolved.is_relative_to(copy):
         raise RequestError(field, (
             f"{output} would be written inside this job's temporary copy of --working-dir ({copy}), which Ray "

@@ -850,7 +850,7 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
     )
     if placeable >= config.workers:
         return
-    from rsflow.pipeline import local_cluster_address
+    from rsflow.pipeline import starts_local_ray
 
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
     all_gpus = sum(node.get("GPU", 0.0) for node in nodes)
@@ -864,8 +864,8 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
         reason = (f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs do not fit this Ray ({have}; "
                   f"room for {placeable}): lower cpus_per_worker or workers")
 
-    if os.environ.get("RAY_ADDRESS", "local") != "local" or (not os.environ.get("RAY_ADDRESS") and local_cluster_address()):
-        logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)  # a cluster (an autoscaler?)
+    if not starts_local_ray():  # a cluster: an autoscaler may add the nodes
+        logger.warning("%s: %s; waiting for the cluster to add nodes", key, reason)
         return
     raise RequestError(key, reason)
 

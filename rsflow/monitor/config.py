@@ -388,9 +388,7 @@ def check_output_root(value: Any, base_dir: Path) -> str:
         RequestError: ``output``.
     """
     root = _string(value, "output").rstrip("/")
-    local = Path(root.removeprefix("file://")).expanduser()
-    refuse_output_in_job_copy(str(local if local.is_absolute() else base_dir / local) if "://" not in root
-                              or root.startswith("file://") else root, "output")
+    refuse_output_in_job_copy(root, "output", base=base_dir)  # relative roots are from the config's folder
     if "://" in root and not root.startswith("file://"):
         import fsspec
 

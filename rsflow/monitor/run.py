@@ -182,6 +182,17 @@ def _first_run(root: str) -> bool:
         return False
 
 
+def _search(config: MonitorConfig, begin: str, end: str, max_items: int) -> Any:
+    """The monitor's search of ``begin/end`` (ISO 8601, ``..`` open), at most ``max_items`` items."""
+    from rsflow.search import SearchQuery, normalize_datetime, search_items
+
+    request = config.request
+    return search_items(SearchQuery(
+        stac=request.stac, collections=request.collections, intersects=mapping(search_geometry(request.aoi)),
+        datetime=normalize_datetime(f"{begin}/{end}"), max_cloud=request.max_cloud, max_items=max_items,
+    ))
+
+
 def _check_search(config: MonitorConfig, now: datetime) -> None:
     """One search of a first run's window for one item, before the output root is touched: what only the
     source can tell (a collection it does not have, a catalog that is not one) is refused with nothing
@@ -190,21 +201,14 @@ def _check_search(config: MonitorConfig, now: datetime) -> None:
     Raises:
         RequestError: the request's flag, e.g. ``--collections`` (the caller names the config key).
     """
-    from rsflow.search import SearchQuery, normalize_datetime, search_items
-
-    request = config.request
-    search_items(SearchQuery(
-        stac=request.stac, collections=request.collections, intersects=mapping(search_geometry(request.aoi)),
-        datetime=normalize_datetime(f"{_iso(search_start(config, Ledger(monitor=config.name), now))}/.."),
-        max_cloud=request.max_cloud, max_items=1,
-    ))
+    _search(config, _iso(search_start(config, Ledger(monitor=config.name), now)), "..", 1)
 
 
 def _run_locked(
     config: MonitorConfig, lock: MonitorLock, run_id: str, started: datetime, address: str | None
 ) -> MonitorRunResult:
     from rsflow.pipeline import run_region
-    from rsflow.search import SearchQuery, normalize_datetime, search_items
+    from rsflow.search import normalize_datetime
 
     root = config.output
     ledger = load_ledger(root, config.name)
@@ -220,16 +224,7 @@ def _run_locked(
     request = config.request
 
     def search(begin: str, end: str) -> Any:
-        return search_items(
-            SearchQuery(
-                stac=request.stac,
-                collections=request.collections,
-                intersects=mapping(search_geometry(request.aoi)),
-                datetime=normalize_datetime(f"{begin}/{end}"),
-                max_cloud=request.max_cloud,
-                max_items=request.max_items,
-            )
-        )
+        return _search(config, begin, end, request.max_items)
 
     found = collect_items(
         search, window_start, window_end, now=started,

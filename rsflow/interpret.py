@@ -42,9 +42,18 @@ def _utc(value: Any) -> pd.Timestamp | None:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+_GRID_COLUMNS = ("native_crs", "window_col_off", "window_row_off", "window_width", "window_height", "res", "transform")
+"""Result columns that place a tile in its item's pixel grid."""
+
+
 def _tile_base(row: dict[str, Any]) -> dict[str, Any]:
-    """The columns every result row of a tile shares."""
-    return {
+    """The columns every result row of a tile shares.
+
+    A row with no pixel grid (an item or planning unit that could not be planned: its CRS is empty) has
+    null :data:`_GRID_COLUMNS`: it covers no window, and the planning placeholders (a tile-sized window
+    at offset 0, a zero transform) would read as a real tile at the scene's corner.
+    """
+    base = {
         "tile_id": str(row["tile_id"]),
         "item_id": str(row["item_id"]),
         "collection": str(row["collection"]),
@@ -58,15 +67,20 @@ def _tile_base(row: dict[str, Any]) -> dict[str, Any]:
         "status": str(row["status"]),
         "stage": _text(row.get("stage")),
         "error": _text(row.get("error")),
-        "native_crs": str(row["crs"]),
-        "window_col_off": int(row["col_off"]),
-        "window_row_off": int(row["row_off"]),
-        "window_width": int(row["width"]),
-        "window_height": int(row["height"]),
-        "res": float(row["res"]),
-        "transform": [float(v) for v in row["transform"]],
         "nodata_fraction": float(row["nodata_fraction"]),
+        **dict.fromkeys(_GRID_COLUMNS),
     }
+    if row["crs"]:
+        base.update(
+            native_crs=str(row["crs"]),
+            window_col_off=int(row["col_off"]),
+            window_row_off=int(row["row_off"]),
+            window_width=int(row["width"]),
+            window_height=int(row["height"]),
+            res=float(row["res"]),
+            transform=[float(v) for v in row["transform"]],
+        )
+    return base
 
 
 def interpret_row(row: dict[str, Any], *, classes: tuple[str, ...] = ()) -> list[dict[str, Any]]:

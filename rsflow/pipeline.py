@@ -101,8 +101,9 @@ def _failed_plan_row(item: dict[str, Any], size: int, error: str, unit: tuple[li
     """A row standing for an item that could not be planned, or (``unit``: its ``(rows, cols)`` offset
     ranges) for one planning unit of it, so that the failure is recorded and ``--resume`` plans those
     tiles again. It has no pixel grid: its geometry is the item's footprint (made valid; its bbox when
-    the geometry is unusable, null when it has neither), its CRS empty, its transform zeros and its
-    window the tile size at offset 0."""
+    the geometry is unusable, null when it has neither) and its CRS empty; its transform (zeros) and
+    window (the tile size at offset 0) only keep the read and model stages' columns filled, and are
+    written as nulls (:func:`rsflow.interpret._tile_base`)."""
     geom = item.get("geometry")
     try:  # the item's footprint, made valid (a catalog's geometry can self-intersect), else its bbox
         footprint = shapely.make_valid(shapely.geometry.shape(geom)) if geom else None

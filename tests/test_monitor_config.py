@@ -418,6 +418,9 @@ def test_change_kinds():
             _row(
                 "i1", "2024-05-01", "vqa", q, answer="no", col=1
             ),  # another tile, seen once: nothing to compare
+            # an item that could not be planned: no grid (null CRS, affine, window), so no cell, no change
+            {**_row("i4", "2024-05-31", "vqa", q, answer=None, status="failed"),
+             "native_crs": None, "transform": None, "window_width": None, "window_height": None},
         ]
     )
     changes = detect_changes(rows, ChangeRules(min_count_change=2, object_iou=0.3))

@@ -225,6 +225,11 @@ def test_an_item_whose_datetime_is_not_a_time_fails_alone_with_the_reason(ray_lo
     failed = gdf[gdf["item_id"] == bad["id"]]
     assert len(failed) == 1 and failed["stage"].iloc[0] == "plan" and failed["datetime"].isna().all()
     assert "'2016-02-30T16:00:00Z' is not a date and time" in failed["error"].iloc[0]
+    # no grid, no window: not a made-up tile at the scene's corner (it was (0, 0, 256, 256), zero affine)
+    grid = ["native_crs", "window_col_off", "window_row_off", "window_width", "window_height", "res", "transform"]
+    assert failed[grid].isna().all().all(), failed[grid].iloc[0].to_dict()
+    ok = gdf[gdf["item_id"] == good["id"]]
+    assert ok[grid].notna().all().all() and (ok["window_width"] > 0).all()
     starts = gdf.loc[gdf["item_id"] == ranged["id"], "datetime"]
     assert (starts == pd.Timestamp("2016-01-01T00:00:00Z")).all()
 

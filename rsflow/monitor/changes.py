@@ -109,10 +109,11 @@ def cell_id(native_crs: str, transform: Iterable[float], width: int, height: int
 
 
 def add_cells(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with a ``cell_id`` column (object rows get the cell of their tile)."""
+    """``rows`` with a ``cell_id`` column (object rows get the cell of their tile; a row with no pixel
+    grid, from an item that could not be planned, gets None: it covers no cell)."""
     rows = rows.copy()
     rows["cell_id"] = [
-        cell_id(crs, tr, w, h)
+        cell_id(crs, tr, w, h) if crs and tr is not None else None
         for crs, tr, w, h in zip(
             rows["native_crs"], rows["transform"], rows["window_width"], rows["window_height"], strict=True
         )

@@ -386,6 +386,45 @@ def test_cpu_and_gpu_groups_place_reads_and_model_actors(name: str) -> None:
     assert _custom_resources(cpu)[CPU_NODE_RESOURCE] == _custom_resources(gpu)[GPU_NODE_RESOURCE] == 1000
 
 
+_GFD_MEMORY = "nvidia.com/gpu.memory"
+_GKE_ACCELERATOR = "cloud.google.com/gke-accelerator"
+_GKE_GPU_GB = {"nvidia-tesla-t4": 16, "nvidia-tesla-v100": 16, "nvidia-l4": 24, "nvidia-tesla-a100": 40,
+               "nvidia-a100-80gb": 80, "nvidia-h100-80gb": 80, "nvidia-h100-mega-80gb": 80, "nvidia-h200-141gb": 141}
+
+
+def _gpu_floor_gb(template: dict[str, Any]) -> tuple[float, float]:
+    """The least GPU memory (GB) a node must have for ``template``'s pod, by the required node affinity's
+    two terms: (NVIDIA GPU feature discovery's MiB label, GKE's accelerator label). Every term must
+    bound the GPU: a term without one would admit any node."""
+    terms = template["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    floors: dict[str, float] = {}
+    for term in terms:
+        (expr,) = term["matchExpressions"]
+        if expr["key"] == _GFD_MEMORY:
+            assert expr["operator"] == "Gt"
+            floors[_GFD_MEMORY] = int(expr["values"][0]) / 1024
+        else:
+            assert expr["key"] == _GKE_ACCELERATOR and expr["operator"] == "In", expr
+            floors[_GKE_ACCELERATOR] = min(_GKE_GPU_GB[v] for v in expr["values"])
+    assert set(floors) == {_GFD_MEMORY, _GKE_ACCELERATOR}, floors
+    return floors[_GFD_MEMORY], floors[_GKE_ACCELERATOR]
+
+
+@pytest.mark.parametrize(("name", "group", "least_gb"), [
+    ("raycluster.yaml", "gpu", 21.0), ("rayjob-region.yaml", "gpu", 21.0), ("rayjob-finetune.yaml", "gpu", 38.0)])
+def test_gpu_pods_ask_for_a_gpu_large_enough_for_a_7b_llava(name: str, group: str, least_gb: float) -> None:
+    """Model pods land on a GPU that holds a 7B LLaVA in bf16 with room for a batch (an A10G or L4 reports
+    about 22.5 GiB), finetuning pods on one of 40 GB (GeoChat's A100s): without a GPU type a 16 GB T4 was
+    as good a match as an H100."""
+    doc = _load(name)
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    gfd_gb, gke_gb = _gpu_floor_gb(_group(spec, group)["template"])
+    assert least_gb <= gfd_gb < least_gb + 2 and gke_gb >= least_gb, (gfd_gb, gke_gb)
+    if least_gb < 38:
+        assert _GKE_GPU_GB["nvidia-l4"] >= gke_gb, "a 24 GB L4 is enough for inference"
+
+
 def test_the_region_rayjob_runs_the_same_split_as_the_raycluster() -> None:
     cluster = _load("raycluster.yaml")["spec"]
     job = _load("rayjob-region.yaml")["spec"]["rayClusterSpec"]
@@ -395,6 +434,7 @@ def test_the_region_rayjob_runs_the_same_split_as_the_raycluster() -> None:
         assert a["rayStartParams"] == b["rayStartParams"], name
         assert _container(a["template"])["resources"] == _container(b["template"])["resources"], name
         assert a["template"]["spec"].get("tolerations") == b["template"]["spec"].get("tolerations"), name
+        assert a["template"]["spec"].get("affinity") == b["template"]["spec"].get("affinity"), name
         assert a["maxReplicas"] == b["maxReplicas"], name
 
 

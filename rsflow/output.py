@@ -77,7 +77,8 @@ RESULT_COLUMNS: dict[str, str] = {
     "status": "ok | skipped | failed",
     "stage": "last stage the row went through, or the stage that failed/skipped it",
     "error": "why the row was skipped or failed (null when ok)",
-    "native_crs": "the item's CRS (EPSG code or WKT2)",
+    "native_crs": "the item's CRS (EPSG code or WKT2); null, as are window_*, res and transform, on the row of an "
+                  "item that could not be planned (stage plan: no grid)",
     "window_col_off": "window column offset in the tile grid (the item's grid at resolution res), px",
     "window_row_off": "window row offset in the tile grid (the item's grid at resolution res), px",
     "window_width": "window width in tile-grid px",

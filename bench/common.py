@@ -185,7 +185,7 @@ def scene(size_px: int, cache: Path) -> tuple[Path, tuple[float, float, float, f
 
     The scene is written (or found) in a child process: writing a 20,000 px scene left the bench's own
     process, which is the pipeline's driver, about 900 MiB larger, and the memory section's first run on a
-    machine reported that as the driver's peak (1,484 MiB against 550 on the next run)."""
+    machine reported that as the driver's peak (1,484 MiB against 560 on the next run)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from rsflow.synthetic import scene_bbox, write_synthetic_scene

@@ -29,6 +29,8 @@ from rsflow.evaluate.metrics import (
     valid_polygon,
     vqa_metrics,
 )
+from rsflow.evaluate.report import markdown_table
+from rsflow.evaluate.run import headline
 from rsflow.evaluate.samples import Sample, polygon_json
 from rsflow.evaluate.scoring import predicted_polygons, read_answer
 from rsflow.presets import AID_CLASSES, UCMERCED_CLASSES
@@ -99,6 +101,14 @@ def test_vqa_accuracy_overall_average_and_reported_types() -> None:
     assert m["per_type"]["comp"] == {"accuracy": 0.5, "correct": 1, "n": 2}
     assert m["accuracy_reported_types"] == pytest.approx(5 / 7)
     assert m["average_accuracy_reported_types"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    # the console leads with the paper's figure (GeoChat's LRBEN leaves count out), then all types
+    assert headline(m) == "accuracy over presence/comp/rural_urban 71.43 (5/7); all types: accuracy 45.45 (5/11)"
+    # none of the reported types scored (--question-types count, a small --limit): n/a, not 0.00 beside 90.70
+    only_count = vqa_metrics([("count", True), ("count", False)], reported_types=("presence", "comp", "rural_urban"))
+    assert only_count["accuracy_reported_types"] is None and only_count["average_accuracy_reported_types"] is None
+    table = markdown_table("rsvqa-lr", "t", only_count, run_label="m")
+    assert "| 0.00 | 90.70" not in table and "n/a | 90.70" in table, table
+    assert headline(only_count) == "accuracy 50.00 (1/2)"
     overall, per = accuracy_by_group([("a", True), ("b", False), ("a", False)])
     assert (overall.correct, overall.n, per["a"].accuracy, per["b"].accuracy) == (1, 3, 0.5, 0.0)
 

@@ -101,8 +101,9 @@ def vqa_metrics(
 
     Returns:
         ``accuracy`` (OA), ``average_accuracy`` (AA), ``correct``, ``n``, ``per_type`` {type: {accuracy,
-        correct, n}} and, with ``reported_types``, ``reported_types``, ``accuracy_reported_types`` and
-        ``average_accuracy_reported_types``.
+        correct, n}} and, with ``reported_types``, ``reported_types``, ``correct_reported_types``,
+        ``n_reported_types``, ``accuracy_reported_types`` and ``average_accuracy_reported_types`` (the
+        last two None when no question of those types was scored: not a 0 beside a paper's figure).
     """
     overall, per = accuracy_by_group(outcomes)
     out: dict[str, Any] = {
@@ -117,8 +118,10 @@ def vqa_metrics(
         c, n = sum(a.correct for a in sub), sum(a.n for a in sub)
         out.update(
             reported_types=list(reported_types),
-            accuracy_reported_types=c / n if n else 0.0,
-            average_accuracy_reported_types=sum(a.accuracy for a in sub) / len(sub) if sub else 0.0,
+            correct_reported_types=c,
+            n_reported_types=n,
+            accuracy_reported_types=c / n if n else None,
+            average_accuracy_reported_types=sum(a.accuracy for a in sub) / len(sub) if sub else None,
         )
     return out
 

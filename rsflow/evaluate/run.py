@@ -528,4 +528,10 @@ def headline(metrics: Mapping[str, Any]) -> str:
         return ", ".join(f"{k} {100 * float(m[k]):.2f}" for k in keys)
     if "iou_threshold" in m:
         return f"acc@{m['iou_threshold']} {100 * float(m['accuracy']):.2f} ({m['found']}/{m['objects']} objects)"
-    return f"accuracy {100 * float(m['accuracy']):.2f} ({m['correct']}/{m['n']})"
+    overall = f"accuracy {100 * float(m['accuracy']):.2f} ({m['correct']}/{m['n']})"
+    if m.get("accuracy_reported_types") is None:
+        return overall
+    # the paper's headline first: GeoChat's LRBEN/HRBEN leave count (and area) out
+    types = "/".join(m["reported_types"])
+    return (f"accuracy over {types} {100 * float(m['accuracy_reported_types']):.2f} "
+            f"({m['correct_reported_types']}/{m['n_reported_types']}); all types: {overall}")

@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     cv.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
     cv.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="override the family")
+    cv.add_argument("--projector", help="stage-1 projector file (LLaVA's mm_projector.bin) to put in place of SRC's: "
+                    "the base of GeoChat's stage-2 recipe (its --pretrain_mm_mlp_adapter)")
     sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
     sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
     return refuse_empty_values(parser)
@@ -350,6 +352,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             image_size=args.image_size,
             prompt_format=args.prompt_format,
+            projector=args.projector,
         )
     except RequestError as exc:  # the loaders name the checkpoint --model, which convert takes as SRC
         if exc.field != "--model":

@@ -563,6 +563,67 @@ def test_convert_unmerged_lora_loads_with_peft(originals: Originals, tmp_path: P
     assert torch.allclose(_logits(unmerged, ids, pixels), expected, atol=1e-4)
 
 
+def test_convert_puts_a_stage1_projector_in_place(originals: Originals, tmp_path: Path) -> None:
+    """GeoChat's stage 2 starts from LLaVA-v1.5-7B with LLaVA's stage-1 projector loaded into it
+    (``--pretrain_mm_mlp_adapter``, models.md 3.7): ``convert --projector`` builds that base. Every other
+    tensor is the checkpoint's; the card names the file."""
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    own = torch.load(originals.llava15 / "pytorch_model.bin", weights_only=True)
+    generator = torch.Generator().manual_seed(7)
+    stage1 = {k: torch.randn(v.shape, generator=generator) for k, v in own.items() if ".mm_projector." in k}
+    assert sorted(stage1) == sorted(f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
+    torch.save(stage1, tmp_path / "mm_projector.bin")
+
+    dst = convert(originals.llava15, tmp_path / "with-stage1", projector=tmp_path / "mm_projector.bin",
+                  dtype=torch.float32)["dst"]
+    plain = convert(originals.llava15, tmp_path / "plain", dtype=torch.float32)["dst"]
+    swapped = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).state_dict()
+    original = LlavaForConditionalGeneration.from_pretrained(plain, dtype=torch.float32).state_dict()
+    assert swapped.keys() == original.keys()
+    for key, tensor in swapped.items():
+        if "multi_modal_projector" in key:
+            layer = {"linear_1": 0, "linear_2": 2}[key.split("multi_modal_projector.")[1].split(".")[0]]
+            expected = stage1[f"model.mm_projector.{layer}.{key.rsplit('.', 1)[1]}"]
+            assert torch.equal(tensor, expected), key
+            assert not torch.equal(tensor, original[key]), key
+        else:
+            assert torch.equal(tensor, original[key]), key
+    assert json.loads((Path(dst) / "rsflow.json").read_text())["projector"] == str((tmp_path / "mm_projector.bin").resolve())
+
+    # rsflow's own stage-1 export (transformers names in projector.safetensors) is read the same way
+    hf_names = {"model.multi_modal_projector.linear_1.weight": "model.mm_projector.0.weight",
+                "model.multi_modal_projector.linear_1.bias": "model.mm_projector.0.bias",
+                "model.multi_modal_projector.linear_2.weight": "model.mm_projector.2.weight",
+                "model.multi_modal_projector.linear_2.bias": "model.mm_projector.2.bias"}
+    save_file({hf: stage1[llava].contiguous() for hf, llava in hf_names.items()}, str(tmp_path / "projector.safetensors"))
+    again = convert(originals.llava15, tmp_path / "from-safetensors", projector=tmp_path / "projector.safetensors",
+                    dtype=torch.float32)["dst"]
+    reloaded = LlavaForConditionalGeneration.from_pretrained(again, dtype=torch.float32).state_dict()
+    assert all(torch.equal(reloaded[k], swapped[k]) for k in swapped if "multi_modal_projector" in k)
+
+
+def test_convert_refuses_a_projector_it_cannot_use(originals: Originals, tmp_path: Path) -> None:
+    own = torch.load(originals.llava15 / "pytorch_model.bin", weights_only=True)
+    stage1 = {k: v.clone() for k, v in own.items() if ".mm_projector." in k}
+    with pytest.raises(RequestError, match=r"^--projector: no such file"):
+        convert(originals.llava15, tmp_path / "a", projector=tmp_path / "missing.bin")
+    torch.save({k: v for k, v in stage1.items() if not k.endswith("2.bias")}, tmp_path / "three.bin")
+    with pytest.raises(RequestError, match=r"^--projector: .*expected the projector tensors"):
+        convert(originals.llava15, tmp_path / "b", projector=tmp_path / "three.bin")
+    torch.save({**stage1, "model.mm_projector.0.weight": torch.zeros(3, 5)}, tmp_path / "shape.bin")
+    with pytest.raises(RequestError, match=r"^--projector: .*shape.bin: tensor for .*linear_1.weight has shape \(3, 5\)"):
+        convert(originals.llava15, tmp_path / "c", projector=tmp_path / "shape.bin")
+    (tmp_path / "text.bin").write_text("not a state dict")
+    with pytest.raises(RequestError, match=r"^--projector: .*cannot read it"):
+        convert(originals.llava15, tmp_path / "d", projector=tmp_path / "text.bin")
+    torch.save(stage1, tmp_path / "ok.bin")
+    with pytest.raises(RequestError, match=r"^--projector: .*brings its own"):
+        convert(originals.base, tmp_path / "e", adapter=originals.lora, projector=tmp_path / "ok.bin")
+    assert not any((tmp_path / n).exists() for n in "abcde"), "nothing written for refused input"
+
+
 def test_convert_refuses_a_lora_folder_as_model_and_a_non_empty_dst(
     originals: Originals, tmp_path: Path
 ) -> None:

@@ -702,11 +702,14 @@ def _assemble(
     image_size: int | None,
     dtype: torch.dtype,
     device: str | torch.device,
+    override_source: tuple[str, str] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Build the LlavaForConditionalGeneration, tokenizer and processor of ``plan``.
 
-    ``overrides`` (LLaVA-repository names, e.g. the projector from non_lora_trainables.bin) replace
-    tensors of ``plan.weights``; ``lora`` factors are merged into their weights as they are assigned.
+    ``overrides`` (LLaVA-repository names, e.g. the projector from non_lora_trainables.bin, or a stage-1
+    ``mm_projector.bin``) replace tensors of ``plan.weights``; ``override_source`` is ``(flag, file)``
+    that a wrong shape among them is reported against (default: ``plan.flag`` and
+    non_lora_trainables.bin). ``lora`` factors are merged into their weights as they are assigned.
     """
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -767,7 +770,7 @@ def _assemble(
     layout = _Layout.of(model)
     target_device = torch.device(device)
 
-    def prepare(hf_key: str, tensor: torch.Tensor, origin: str) -> torch.Tensor:
+    def prepare(hf_key: str, tensor: torch.Tensor, origin: str, flag: str | None = None) -> torch.Tensor:
         expected = layout.shapes[hf_key]
         if hf_key in (layout.embed_key, layout.lm_head) and tensor.ndim == 2:
             if tensor.shape[0] != original_vocab:
@@ -781,7 +784,7 @@ def _assemble(
                 mean = wide.mean(dim=0, keepdim=True)
                 tensor = torch.cat([wide, mean.expand(vocab_size - original_vocab, -1)], dim=0)
         if tuple(tensor.shape) != tuple(expected):
-            flag = "--vision-tower" if hf_key.startswith(layout.vision_prefix) else plan.flag
+            flag = flag or ("--vision-tower" if hf_key.startswith(layout.vision_prefix) else plan.flag)
             raise RequestError(
                 flag,
                 f"{origin}: tensor for {hf_key} has shape {tuple(tensor.shape)}, the model expects "
@@ -827,7 +830,8 @@ def _assemble(
         assign(batch)
         del batch
         logger.debug("loaded %s", path.name)
-    # 2. Overrides (non_lora_trainables.bin).
+    # 2. Overrides (non_lora_trainables.bin, or --projector).
+    override_flag, override_file = override_source or (None, _NON_LORA)
     batch = {}
     for key, tensor in (overrides or {}).items():
         kind, hf_key = layout.from_llava_repo(key)
@@ -836,7 +840,7 @@ def _assemble(
         if hf_key is None or hf_key not in layout.shapes:
             ignored.append(key)
             continue
-        batch[hf_key] = prepare(hf_key, tensor, _NON_LORA)
+        batch[hf_key] = prepare(hf_key, tensor, override_file, override_flag)
     assign(batch)
     # 3. Vision tower: stock CLIP, position table interpolated once when the input is larger.
     pos_key = layout.vision_prefix + "embeddings.position_embedding.weight"
@@ -940,6 +944,38 @@ def _refuse_format(fmt: str, root: Path, flag: str) -> None:
     raise RequestError(flag, f"{root}: {reasons[fmt]}")
 
 
+_PROJECTOR_KEYS = tuple(f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
+"""LLaVA's ``mlp2x_gelu`` projector in a stage-1 ``mm_projector.bin`` (models.md 5.1)."""
+
+
+def read_projector(path: str | os.PathLike[str], flag: str = "--projector") -> dict[str, torch.Tensor]:
+    """A stage-1 projector file as LLaVA-repository tensors ``model.mm_projector.{0,2}.{weight,bias}``.
+
+    LLaVA's stage-1 release (``llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin``, what
+    GeoChat's ``--pretrain_mm_mlp_adapter`` loads) has exactly those keys; rsflow's stage-1 export
+    writes them too (``export/llava_repo/mm_projector.bin``), and its ``projector.safetensors`` the
+    transformers names (``model.multi_modal_projector.linear_{1,2}.*``), which are accepted as well.
+
+    Raises:
+        RequestError: (``flag``) no such file, not a state dict, or not exactly those four tensors.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RequestError(flag, f"no such file {str(file)!r} (a stage-1 mm_projector.bin)")
+    try:
+        tensors = dict(_iter_tensors(file))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same bad input
+        raise RequestError(flag, f"{file}: cannot read it as a state dict: {exc}".replace("\n", " ")) from None
+    named = {_hf_to_llava_repo(k) if "multi_modal_projector" in k else k: v for k, v in tensors.items()}
+    if set(named) != set(_PROJECTOR_KEYS):
+        raise RequestError(
+            flag,
+            f"{file}: expected the projector tensors {', '.join(_PROJECTOR_KEYS)}, found "
+            f"{', '.join(sorted(map(str, tensors))[:8]) or 'none'}",
+        )
+    return named
+
+
 def load_llava_repo(
     path: str | os.PathLike[str],
     *,
@@ -948,6 +984,7 @@ def load_llava_repo(
     device: str | torch.device = "cpu",
     image_size: int | None = None,
     prompt_format: str | None = None,
+    projector: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load a full LLaVA-repository checkpoint (GeoChat-7B, llava-v1.5-7b) as a transformers LLaVA.
 
@@ -960,6 +997,9 @@ def load_llava_repo(
         image_size: model input side in pixels; None: 504 for GeoChat (``model_type`` geochat: the
             CLIP's grid times 3/2, i.e. 504 for the 336-px CLIP), else the CLIP's own size.
         prompt_format: override of the prompt format recorded in ``info``.
+        projector: a stage-1 projector file (:func:`read_projector`) that replaces the checkpoint's
+            projector: GeoChat's recipe starts stage 2 from LLaVA-v1.5-7B with LLaVA's stage-1
+            projector loaded into it (``--pretrain_mm_mlp_adapter``, models.md 3.7).
 
     Returns:
         ``(model, processor, info)``: a ``LlavaForConditionalGeneration`` in eval mode, a
@@ -991,12 +1031,15 @@ def load_llava_repo(
         source=root,
         flag="--model",
     )
+    overrides = read_projector(projector) if projector is not None else None
     model, processor, info = _assemble(
-        plan, overrides=None, lora=None, image_size=image_size, dtype=dtype, device=device
+        plan, overrides=overrides, lora=None, image_size=image_size, dtype=dtype, device=device,
+        override_source=("--projector", str(projector)) if projector is not None else None,
     )
     info.update(
         format=fmt,
         source=str(root.resolve()),
+        projector=str(Path(projector).expanduser().resolve()) if projector is not None else None,
         adapter=None,
         merged=False,
         prompt_format=_prompt_format_or(prompt_format, "geochat" if geochat else "llava"),
@@ -1359,8 +1402,10 @@ def load_original(
     merge: bool = True,
     image_size: int | None = None,
     prompt_format: str | None = None,
+    projector: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """``load_llava_repo`` or ``load_llava_repo_lora``, chosen by the folders' formats.
+    """``load_llava_repo`` or ``load_llava_repo_lora``, chosen by the folders' formats (``projector``:
+    see ``load_llava_repo``; a LoRA adapter brings its own in non_lora_trainables.bin).
 
     ``--model DIR`` alone: a ``"llava-repo"`` model. ``--model BASE --adapter LORA``: a
     ``"llava-repo-lora"`` adapter on its base. A LoRA folder given as ``--model`` is refused with
@@ -1377,6 +1422,13 @@ def load_original(
             device=device,
             image_size=image_size,
             prompt_format=prompt_format,
+            projector=projector,
+        )
+    if projector is not None:
+        raise RequestError(
+            "--projector",
+            "replaces a full LLaVA-repository model's projector; a LoRA adapter brings its own "
+            "(non_lora_trainables.bin): drop --projector or --adapter",
         )
     adapter_fmt = detect_format(adapter_dir, flag="--adapter")
     if adapter_fmt != "llava-repo-lora":
@@ -1490,6 +1542,7 @@ def convert(
     dtype: torch.dtype | None = None,
     image_size: int | None = None,
     prompt_format: str | None = None,
+    projector: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Write an original checkpoint as a transformers LLaVA folder that ``--model DST`` loads.
 
@@ -1516,6 +1569,8 @@ def convert(
             models), float32 if it has none.
         image_size: input side override in pixels.
         prompt_format: override of the recorded prompt format.
+        projector: a stage-1 projector file put in place of the model's (``load_llava_repo``): the
+            base of GeoChat's stage-2 recipe is LLaVA-v1.5-7B with LLaVA's stage-1 projector.
 
     Returns:
         The load ``info`` plus ``dst`` and ``adapter_dir`` (None unless an unmerged adapter was written).
@@ -1550,6 +1605,7 @@ def convert(
         merge=merge_lora or adapter is None,
         image_size=image_size,
         prompt_format=prompt_format,
+        projector=projector,
     )
     # Written into a hidden sibling and renamed onto DST at the end: a convert killed half-way leaves no
     # DST folder that looks like a model (a 0-byte processor_config.json failed the region job later, and
@@ -1588,6 +1644,7 @@ def _write_converted(
         "source_format": info["format"],
         "source": info["source"],
         "adapter": info.get("adapter"),
+        "projector": info.get("projector"),
         "merged_lora": bool(adapter is not None and merge_lora),
         "vision_tower": info["vision_tower"],
         "original_vocab_size": info["original_vocab_size"],

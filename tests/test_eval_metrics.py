@@ -157,6 +157,10 @@ def test_rotated_boxes_use_the_true_polygon_iou() -> None:
     diamond = [valid_polygon(p) for p in predicted_polygons("{<40><40><60><60>|<45>}", 100, 100)]
     assert rotated_iou(diamond[0], square[0]) == pytest.approx(1 / math.sqrt(2))
     assert objects_found(diamond, square) == 1
+    # IoU exactly 0.5 (a box and its left half) is not found: TEOChat's scorer counts IoU > 0.5 only
+    half = [valid_polygon([[40, 40], [50, 40], [50, 60], [40, 60]])]
+    assert rotated_iou(half[0], square[0]) == 0.5
+    assert objects_found(half, square) == 0
 
 
 def test_boxes_scale_by_the_image_size_and_match_one_to_one() -> None:

@@ -29,7 +29,12 @@ from rsflow.presets import scene_normal_form
 logger = logging.getLogger(__name__)
 
 IOU_THRESHOLD: Final[float] = 0.5
-"""A ground-truth object is found when a predicted box has IoU >= this with it (GeoChat's acc@0.5)."""
+"""A ground-truth object is found when a predicted box has IoU above this with it (GeoChat's acc@0.5).
+
+Strictly above, as TEOChat's scorer (``get_single_image_results``: ``iou > iou_thr``), which
+benchmarks.md 4.4 follows ("IoU > 0.5"); models.md 6.1 says ">= 0.5". GeoChat published no scorer.
+They differ only at an IoU of exactly 0.5, which boxes on GeoChat's 0-100 grid can reach (a box and
+one of its halves)."""
 
 NO_CLASS: Final[str] = "(no class)"
 """Confusion-matrix column of answers that name none of the classes."""
@@ -181,7 +186,7 @@ def objects_found(
 ) -> int:
     """How many ground-truth objects a set of predicted boxes finds, one prediction per object.
 
-    Pairs with IoU >= ``threshold`` (true polygon IoU of the rotated boxes, ``merge.rotated_iou``) are
+    Pairs with IoU > ``threshold`` (true polygon IoU of the rotated boxes, ``merge.rotated_iou``) are
     matched greedily by descending IoU, each prediction and each object used once (TEOChat's
     reproduction of GeoChat's acc@0.5; GeoChat published no scorer).
     """
@@ -189,7 +194,7 @@ def objects_found(
     for i, p in enumerate(predicted):
         for j, g in enumerate(truth):
             iou = rotated_iou(p, g)
-            if iou >= threshold:
+            if iou > threshold:
                 pairs.append((iou, i, j))
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
     used_p: set[int] = set()

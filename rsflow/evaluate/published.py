@@ -101,7 +101,7 @@ PUBLISHED: Final[dict[str, tuple[list[PublishedRow], str]]] = {
             PublishedRow("overall", "accuracy", {GEOCHAT: 10.6, MINIGPTV2: 7.6}),
         ],
         (
-            "acc@0.5: a ground-truth object counts when a predicted rotated box has polygon IoU >= 0.5 with it "
+            "acc@0.5: a ground-truth object counts when a predicted rotated box has polygon IoU > 0.5 with it "
             "(one prediction per object, greedy by IoU); accuracy = objects found / objects. GeoChat published "
             "no scorer, so its matching rule is unconfirmed."
         ),

@@ -43,7 +43,7 @@ class Answer:
     correct: bool | None
     """Exact-match benchmarks: whether it equals the reference; boxes: every object found; captions: None."""
     score: float | None = None
-    """Boxes: the share of the sample's ground-truth objects found (IoU >= 0.5); else None."""
+    """Boxes: the share of the sample's ground-truth objects found (IoU > 0.5); else None."""
 
 
 def predicted_polygons(text: str | None, width_px: int, height_px: int) -> list[list[tuple[float, float]]]:

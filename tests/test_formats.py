@@ -624,6 +624,32 @@ def test_convert_refuses_a_projector_it_cannot_use(originals: Originals, tmp_pat
     assert not any((tmp_path / n).exists() for n in "abcde"), "nothing written for refused input"
 
 
+def test_a_tied_checkpoint_without_lm_head_loads_and_converts(originals: Originals, tmp_path: Path) -> None:
+    """A checkpoint whose config ties the output layer to the embedding stores no lm_head.weight; the
+    output layer is the embedding, as transformers' converter clones it (models.md 5.1). Loading failed
+    with "model tensor(s) were not in the checkpoint"."""
+    from transformers import LlavaForConditionalGeneration
+
+    tied = tmp_path / "tied"
+    shutil.copytree(originals.llava15, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    state = torch.load(tied / "pytorch_model.bin", weights_only=True)
+    embedding = state["model.embed_tokens.weight"]
+    del state["lm_head.weight"]
+    torch.save(state, tied / "pytorch_model.bin")
+
+    model, _, info = load_original(tied, dtype=torch.float32)
+    output = model.get_output_embeddings().weight
+    assert output is model.get_input_embeddings().weight
+    assert torch.equal(output[: embedding.shape[0]], embedding)  # plus the padded <image>/<pad> rows
+    dst = convert(tied, tmp_path / "converted", dtype=torch.float32)["dst"]
+    reloaded = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_convert_refuses_a_lora_folder_as_model_and_a_non_empty_dst(
     originals: Originals, tmp_path: Path
 ) -> None:

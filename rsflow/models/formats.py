@@ -869,6 +869,11 @@ def _assemble(
             raise RequestError(
                 "--adapter", f"LoRA targets modules the model has no weights for: {unused[:5]}"
             )
+    output = model.get_output_embeddings()
+    if bool(config.get("tie_word_embeddings", False)) and output.weight.device.type == "meta":
+        # A tied checkpoint stores no lm_head.weight: the output layer is the embedding (with its padded
+        # rows), as transformers' converter clones it (models.md 5.1).
+        output.weight = model.get_input_embeddings().weight
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise ModelError(

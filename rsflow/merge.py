@@ -86,6 +86,9 @@ class MergedDetection:
     """Highest member score, None if no member has one."""
     member_indices: list[int] = field(default_factory=list)
     """Positions of the members in the input list, ascending."""
+    best_index: int = -1
+    """Position of the member the cluster opened with (the largest; ties by tile id, then geometry):
+    the detection that stands for the object, whatever order the input came in."""
 
 
 def rotated_iou(p: BaseGeometry, q: BaseGeometry) -> float:
@@ -157,6 +160,7 @@ def _merge(members: list[int], objects: Sequence[Detection], areas: dict[int, fl
         n_merged=len(members),
         score=max(scores) if scores else None,
         member_indices=sorted(members),
+        best_index=best,
     )
 
 

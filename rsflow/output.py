@@ -345,8 +345,7 @@ def merge_object_files(
     carried = table.select(["source_tile_ids", "n_merged"]).to_pylist()
     keep, tile_ids, counts = [], [], []
     for m in merged:
-        rep = next(i for i in m.member_indices if polys[i].equals(m.polygon_4326))
-        keep.append(rep)
+        keep.append(m.best_index)  # the opener: not the first of equal polygons in arrival order
         tiles, n = set(), 0
         for i in m.member_indices:
             sources = carried[i]["source_tile_ids"]

@@ -194,6 +194,34 @@ def test_a_resumed_merge_keeps_the_provenance_of_objects_carried_over(tmp_path) 
         (["t1", "t2", "t3", "t4"], 4), (["t5"], 1)]
 
 
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_the_row_standing_for_an_object_does_not_depend_on_arrival_order(tmp_path, order) -> None:
+    """Two overlapping tiles often see an object as exactly the same map polygon (grid 50 on one tile, 0
+    on the next). The row kept is the cluster's opener (equal areas: the smaller tile id), not the first
+    of the equal polygons in the order the raw files were read (task index and uuid, resumed rows last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    from rsflow.output import RAW_OBJECTS_DIR, WRITTEN_SCHEMA, merge_object_files
+
+    same = _det("tile-b", 0.0).polygon_4326
+    rows = [{"tile_id": "tile-b", "box_px": [0.0, 0.0, 10.0, 10.0, 0.0]},
+            {"tile_id": "tile-a", "box_px": [40.0, 0.0, 50.0, 10.0, 0.0]}]
+    rows = [rows[i] for i in order]
+    columns = {f.name: [None] * 2 for f in WRITTEN_SCHEMA}
+    columns.update(
+        tile_id=[r["tile_id"] for r in rows], kind=["object"] * 2, item_id=["item-a"] * 2, label=["ship"] * 2,
+        task=["detect"] * 2, box_px=[r["box_px"] for r in rows], geometry=[shapely.to_wkb(same)] * 2,
+    )
+    (tmp_path / RAW_OBJECTS_DIR).mkdir()
+    pq.write_table(pa.table(columns, schema=WRITTEN_SCHEMA), tmp_path / RAW_OBJECTS_DIR / "part.parquet")
+    names, n = merge_object_files(str(tmp_path), 0.5)
+    (merged,) = pq.read_table(tmp_path / names[0]).to_pylist()
+    assert n == 1 and merged["source_tile_ids"] == ["tile-a", "tile-b"] and merged["n_merged"] == 2
+    assert (merged["tile_id"], merged["box_px"]) == ("tile-a", [40.0, 0.0, 50.0, 10.0, 0.0])
+
+
 def test_boxes_across_the_antimeridian_merge_in_their_own_utm_zone() -> None:
     """Two tiles' boxes of one object on 180 E (split there into MultiPolygons): they merge, measured in
     UTM zone 60 or 1, not in zone 31 where the plain centroid of the two halves (longitude 0) would put it."""

@@ -580,11 +580,16 @@ class RawPartsSink(Datasink[int]):
         if not tables:
             return 0
         table = pa.concat_tables(tables)
-        name = f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = posixpath.join(root, f".{name}.tmp")
-        pq.write_table(table, tmp, compression="zstd", filesystem=fs)
-        fs.mv(tmp, posixpath.join(root, name))
+        _write_part(table, fs, root, f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet")
         return table.num_rows
+
+
+def _write_part(table: pa.Table, fs: Any, folder: str, name: str) -> None:
+    """``folder/name`` written under a hidden temporary name and renamed into place: a process killed
+    while writing leaves no cut-short part that ``--resume`` would read (it reads ``raw-*`` only)."""
+    tmp = posixpath.join(folder, f".{name}.tmp")
+    pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+    fs.mv(tmp, posixpath.join(folder, name))
 
 
 def carry_over(source: ResumeSource, staging: str) -> set[str]:
@@ -620,8 +625,7 @@ def carry_over(source: ResumeSource, staging: str) -> set[str]:
         table = table.filter(keep)
         if not table.num_rows:
             continue
-        pq.write_table(table, posixpath.join(parts, f"raw-carried-{i:05d}.parquet"), compression="zstd",
-                       filesystem=fs)
+        _write_part(table, fs, parts, f"raw-carried-{i:05d}.parquet")
         done.update(table.filter(pa.compute.equal(table.column("kind"), "tile")).column("tile_id").to_pylist())
     logger.info("resume: %d tiles carried over from %s, %d failed ones run again", len(done), source.directory,
                 len(failed))

@@ -243,6 +243,39 @@ def test_a_write_task_keeps_its_rows_in_one_part(tmp_path):
     assert interpret_batch_rows(ModelSpec(model="smoke"), 32) is None
 
 
+def test_a_resume_killed_while_carrying_rows_over_leaves_no_cut_short_part(tmp_path, monkeypatch):
+    """carry_over writes each carried file under a hidden name and renames it, as the parts sink does: a
+    resume killed mid-write left a truncated raw-carried part in the newest staging directory, which every
+    later --resume picked and failed on ("Parquet magic bytes not found")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rsflow import output
+    from rsflow.output import PARTS_DIR, RESULT_SCHEMA, ResumeSource, carry_over
+
+    empty = {name: None for name in RESULT_SCHEMA.names}
+    earlier = tmp_path / "earlier" / PARTS_DIR
+    earlier.mkdir(parents=True)
+    rows = [{**empty, "tile_id": t, "kind": "tile", "status": "ok"} for t in ("a", "b")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), earlier / "raw-00000-x.parquet")
+    source = ResumeSource(directory=str(tmp_path / "earlier"), committed=False, request={})
+
+    real_write = pq.write_table
+
+    def killed_half_way(table, where, **kwargs):
+        real_write(table, where, **kwargs)
+        Path(where).write_bytes(Path(where).read_bytes()[:40])  # the kill cut the file short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.pq, "write_table", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        carry_over(source, str(tmp_path / "staging"))
+    assert not [p.name for p in (tmp_path / "staging" / PARTS_DIR).iterdir() if p.name.startswith("raw-")]
+    monkeypatch.setattr(output.pq, "write_table", real_write)
+    assert carry_over(source, str(tmp_path / "staging2")) == {"a", "b"}
+    assert [p.name for p in (tmp_path / "staging2" / PARTS_DIR).iterdir()] == ["raw-carried-00000.parquet"]
+
+
 def test_a_run_written_before_periods_ended_at_their_last_microsecond_is_resumed(tmp_path: Path) -> None:
     """Its request says --datetime 2024-03 ended at 23:59:59Z; the same flag now ends at 23:59:59.999999Z."""
     from rsflow.models.spec import ModelSpec

@@ -246,8 +246,22 @@ def window_offsets(length_px: int, size_px: int, stride_px: int) -> list[int]:
     return [i * stride_px for i in range(n)]
 
 
-def aoi_in_crs(aoi: BaseGeometry, crs: str) -> BaseGeometry:
-    """Reproject an EPSG:4326 AOI into ``crs``, densified first so edges stay true."""
+_AOI_CLIP_MARGIN_DEG = 0.05
+"""Margin (degrees) around an item's footprint to which the AOI is clipped before it is reprojected
+(:func:`aoi_in_crs`): far more than the footprint's densified edges stray from the true ones."""
+
+
+def aoi_in_crs(aoi: BaseGeometry, crs: str, *, near: tuple[float, float, float, float] | None = None,
+               ) -> BaseGeometry:
+    """Reproject an EPSG:4326 AOI into ``crs``, densified first so edges stay true.
+
+    ``near``: bounds in ``crs`` of what the AOI will be tested against (an item's grid). The AOI is first
+    clipped, in EPSG:4326, to their footprint with a margin: a projected CRS holds only near its area
+    (UTM returns infinities or far-off points a continent away from its zone), so a continent-sized AOI
+    reprojected whole touched no tile of an item it covers, or made planning fail.
+    """
+    if near is not None:
+        aoi = shapely.intersection(aoi, footprint_4326(near, crs).buffer(_AOI_CLIP_MARGIN_DEG))
     transformer = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
     dense = shapely.segmentize(aoi, max_segment_length=0.001) if shapely.get_dimensions(aoi) > 0 else aoi
 
@@ -397,7 +411,9 @@ def _item_windows(
     grid = item_grid(grids, spec.gsd_m)
     a, _, x0, _, _, y0 = grid.transform
     res = abs(a)
-    aoi_native = aoi_in_crs(aoi, grid.crs)
+    reach = size * res  # edge windows reach past the grid (padded), by less than a tile
+    aoi_native = aoi_in_crs(aoi, grid.crs, near=(x0 - reach, y0 - grid.height_px * res - reach,
+                                                 x0 + grid.width_px * res + reach, y0 + reach))
     shapely.prepare(aoi_native)  # many intersects tests against one geometry
     minx, miny, maxx, maxy = aoi_native.bounds
     # AOI bounds in grid pixels (columns grow east, rows grow south).

@@ -77,6 +77,15 @@ def test_only_tiles_touching_the_aoi_are_planned():
     assert t.hrefs == ["/nowhere/b.tif"] * 3 and t.scale == [1e-4] * 3
 
 
+@pytest.mark.parametrize("bbox", [(-180, -90, 180, 90), (-179, -80, 179, 80), (-170, 0, 0, 60), (-120, 0, -30, 60)])
+def test_an_aoi_far_larger_than_the_item_plans_every_tile_it_covers(bbox):
+    """The AOI is clipped to the item's footprint before it goes to the item's UTM zone: reprojected whole,
+    a world or continent box came back as infinities or far-off points and planned no tile (or failed)."""
+    spec = TileSpec(size_px=32)
+    tiles = plan_tiles(_item(), _profile(), spec, box(*bbox))
+    assert len(tiles) == 16  # 4 x 4 windows of 32 px over the 100 px item, the edge ones padded
+
+
 def test_edge_tile_is_kept_and_ids_are_deterministic():
     spec = TileSpec(size_px=32)
     aoi = _aoi_from_pixels(90, 90, 99.5, 99.5)  # the bottom-right corner of a 100 px scene

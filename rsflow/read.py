@@ -208,6 +208,13 @@ def _same_crs(src: Any, tile_crs: str) -> bool:
     return same
 
 
+def _without_nan(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``valid`` less the NaN pixels of float data: a NaN is no measurement whatever nodata the catalog
+    or the file states (a catalog's ``nodata: nan`` reaches the read as "not stated", and a file may
+    carry no nodata at all), and it would be stretched to an arbitrary byte."""
+    return valid & ~np.isnan(data) if data.dtype.kind in "fc" else valid
+
+
 def _read_aligned(src: Any, band: int, window: Window, nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
     """A direct windowed read; the part of the window outside the scene is padded (invalid)."""
     height, width = int(window.height), int(window.width)
@@ -215,7 +222,7 @@ def _read_aligned(src: Any, band: int, window: Window, nodata: float | None) -> 
             and window.row_off + height <= src.height:  # inside the scene: the read is the tile
         data = src.read(band, window=window)
         valid = not_nodata(data, nodata) if nodata is not None else src.read_masks(band, window=window) > 0
-        return data, valid
+        return data, _without_nan(data, valid)
     inner = window.intersection(Window(0, 0, src.width, src.height)) if _overlaps(window, src) else None
     data = np.zeros((height, width), dtype=src.dtypes[band - 1])
     valid = np.zeros((height, width), dtype=bool)
@@ -228,7 +235,7 @@ def _read_aligned(src: Any, band: int, window: Window, nodata: float | None) -> 
             valid[r0 : r0 + h, c0 : c0 + w] = not_nodata(part, nodata)
         else:  # no nodata value: the dataset's own mask (internal mask or alpha), else every pixel
             valid[r0 : r0 + h, c0 : c0 + w] = src.read_masks(band, window=inner) > 0
-    return data, valid
+    return data, _without_nan(data, valid)
 
 
 def not_nodata(data: np.ndarray, nodata: float) -> np.ndarray:
@@ -276,7 +283,8 @@ def _read_warped(src: Any, band: int, tile: dict[str, Any], transform: Affine, r
     with WarpedVRT(src, **vrt_args) as vrt:
         data = vrt.read(band, masked=True)
         valid = vrt.read(vrt.count) > 0 if nodata is None else ~np.ma.getmaskarray(data)
-    return np.ma.getdata(data), valid
+    data = np.ma.getdata(data)
+    return data, _without_nan(data, valid)
 
 
 def _stretch_values(values: np.ndarray, scale: float, offset: float, lo: float, hi: float) -> np.ndarray:

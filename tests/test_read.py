@@ -344,14 +344,17 @@ def test_nodata_is_compared_in_the_pixels_own_type_with_the_same_answer(dtype: s
     np.testing.assert_array_equal(rsflow.read.not_nodata(data, nodata), want)
 
 
-def test_float_pixels_that_are_nan_nodata_are_missing_on_every_read_path(tmp_path) -> None:
+@pytest.mark.parametrize("file_nodata", [float("nan"), None])
+def test_float_pixels_that_are_nan_nodata_are_missing_on_every_read_path(tmp_path, file_nodata) -> None:
     """A float band whose nodata is NaN: its NaN pixels count as missing (black, in the nodata fraction)
-    whether the tile is read on the source's grid, with its row, or warped."""
+    whether the tile is read on the source's grid, with its row, or warped. Also when only the catalog
+    says so (``nodata: nan`` reaches the read as "not stated") and the file states no nodata: its NaN
+    pixels were counted as data (fraction 0.0)."""
     path = tmp_path / "nan.tif"
     data = np.full((1, 64, 128), 0.1, dtype="float32")
     data[:, :, 32:64] = np.nan  # the right half of the first 64 px tile
     with rasterio.open(path, "w", driver="GTiff", width=128, height=64, count=1, dtype="float32",
-                       nodata=float("nan"), crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+                       nodata=file_nodata, crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
         dst.write(data)
     tiles = [dict(_tile(c, 0, hrefs=[str(path)] * 3, nodata=float("nan")), scale=[1.0] * 3) for c in (0, 64)]
     chip, frac = read_chip(tiles[0])

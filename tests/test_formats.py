@@ -639,7 +639,7 @@ def test_a_tied_checkpoint_without_lm_head_loads_and_converts(originals: Origina
     del state["lm_head.weight"]
     torch.save(state, tied / "pytorch_model.bin")
 
-    model, _, info = load_original(tied, dtype=torch.float32)
+    model, _, _ = load_original(tied, dtype=torch.float32)
     output = model.get_output_embeddings().weight
     assert output is model.get_input_embeddings().weight
     assert torch.equal(output[: embedding.shape[0]], embedding)  # plus the padded <image>/<pad> rows

@@ -945,28 +945,22 @@ def _export_llava_repo(config: FinetuneConfig, export_dir: Path) -> list[str]:
     import torch
     from safetensors.torch import load_file
 
+    from rsflow.models.formats import export_llava_repo_lora, hf_to_llava_repo
+
     dst = export_dir / "llava_repo"
     if dst.exists():
         shutil.rmtree(dst)
     projector = load_file(str(export_dir / "projector.safetensors"))
     # transformers linear_1 / linear_2 = LLaVA mm_projector.0 / .2 (models.md 5.1)
-    llava_names = {k: _llava_projector_name(k) for k in projector}
+    llava_names = {k: hf_to_llava_repo(k) for k in projector}
     if config.stage == "align":
         dst.mkdir(parents=True)
         torch.save({llava_names[k]: v for k, v in projector.items()}, dst / "mm_projector.bin")
         return [str(dst / "mm_projector.bin")]
 
-    from rsflow.models.formats import export_llava_repo_lora
-
     # A projector trained in stage 2 is in the adapter (modules_to_save) and lands in non_lora_trainables.bin.
     summary = export_llava_repo_lora(export_dir / "adapter", config.base, dst)
     return sorted(str(p) for p in dst.iterdir()) if summary else []
-
-
-def _llava_projector_name(name: str) -> str:
-    """``model.multi_modal_projector.linear_1.weight`` -> ``model.mm_projector.0.weight`` (models.md 5.1)."""
-    leaf = name.split(PROJECTOR_KEY + ".", 1)[1]
-    return "model.mm_projector." + leaf.replace("linear_1.", "0.").replace("linear_2.", "2.")
 
 
 def _write_model_card(

@@ -398,7 +398,7 @@ class _Layout:
         return self.vision_prefix + key
 
 
-def _hf_to_llava_repo(key: str) -> str | None:
+def hf_to_llava_repo(key: str) -> str | None:
     """The LLaVA-repository name of a transformers LLaVA key (current or legacy layout)."""
     for prefix in ("model.language_model.", "language_model.model."):
         if key.startswith(prefix):
@@ -971,7 +971,7 @@ def read_projector(path: str | os.PathLike[str], flag: str = "--projector") -> d
         tensors = dict(_iter_tensors(file))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same bad input
         raise RequestError(flag, f"{file}: cannot read it as a state dict: {exc}".replace("\n", " ")) from None
-    named = {_hf_to_llava_repo(k) if "multi_modal_projector" in k else k: v for k, v in tensors.items()}
+    named = {hf_to_llava_repo(k) if "multi_modal_projector" in k else k: v for k, v in tensors.items()}
     if set(named) != set(_PROJECTOR_KEYS):
         raise RequestError(
             flag,
@@ -1714,11 +1714,11 @@ def export_llava_repo_lora(
     for key, tensor in _iter_tensors(_adapter_weights(adapter_root, "--adapter")):
         name = key.removeprefix("base_model.model.")
         match = _LORA_KEY.match(name)
-        if match is None and (_hf_to_llava_repo(name) or "").startswith("model.mm_projector."):
+        if match is None and (hf_to_llava_repo(name) or "").startswith("model.mm_projector."):
             # a projector trained with the LoRA (peft modules_to_save): LLaVA keeps it in non_lora_trainables
-            trained_projector["base_model.model." + str(_hf_to_llava_repo(name))] = tensor.contiguous()
+            trained_projector["base_model.model." + str(hf_to_llava_repo(name))] = tensor.contiguous()
             continue
-        original = _hf_to_llava_repo(match.group("module") + ".weight") if match else None
+        original = hf_to_llava_repo(match.group("module") + ".weight") if match else None
         if match is None or original is None:
             raise RequestError("--adapter", f"{adapter_root}: {key} has no LLaVA-repository name")
         module = original[: -len(".weight")]
@@ -1727,7 +1727,7 @@ def export_llava_repo_lora(
 
     non_lora: dict[str, torch.Tensor] = {}
     for key, tensor in _read_weights_dir(llava_root, "--model"):
-        original = _hf_to_llava_repo(key)
+        original = hf_to_llava_repo(key)
         if original is not None and original.startswith("model.mm_projector."):
             non_lora["base_model.model." + original] = tensor.contiguous()
     if len(non_lora) != 4:

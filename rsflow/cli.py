@@ -164,7 +164,7 @@ def region_arguments() -> argparse.ArgumentParser:
     )
     tasks.add_argument("--question", action="append", default=[], help="a vqa question (repeatable)")
     tasks.add_argument("--questions", metavar="FILE", help="vqa questions, one a line")
-    tasks.add_argument("--classes", help="classify: comma-separated classes, or a preset: ucmerced, aid")
+    tasks.add_argument("--classes", help="classify: comma-separated classes, or a preset: ucmerced, aid, resisc45")
     tasks.add_argument("--detect", help="detect: comma-separated object categories, e.g. 'ship,storage tank'")
     tasks.add_argument("--refer", action="append", default=[], help="refer: a referring expression (repeatable)")
     tasks.add_argument("--regions", metavar="GEOJSON", help="region-caption: regions in EPSG:4326 (GeoJSON file)")

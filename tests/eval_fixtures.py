@@ -171,6 +171,18 @@ def write_aid(root: Path, *, n_classes: int = 4, per_class: int = 5) -> dict[str
     return expected
 
 
+def write_resisc45(root: Path, *, classes: tuple[str, ...] = ("Baseball Diamond", "Airplane", "Sea Ice", "Wetland"),
+                   per_class: int = 3) -> dict[str, str]:
+    """``NWPU-RESISC45/<snake_case class>/<class>_NNN.jpg``. Returns ``{"<folder>/<file>": display class}``."""
+    expected = {}
+    for c, display in enumerate(classes):
+        folder = display.lower().replace(" ", "_")
+        for k in range(1, per_class + 1):
+            write_image(root / "NWPU-RESISC45" / folder / f"{folder}_{k:03d}.jpg", seed=900 + c * 10 + k, size=(64, 64))
+            expected[f"{folder}/{folder}_{k:03d}.jpg"] = display
+    return expected
+
+
 # ------------------------------------------------------------------------------------------- GeoChat-Bench
 
 

@@ -16,7 +16,7 @@ from rsflow.evaluate.rsvqa import load_rsvqa
 from rsflow.evaluate.samples import Sample
 from rsflow.evaluate.scenes import load_scene_folders
 from rsflow.models.prompts import classify_prompt, vqa_prompt
-from rsflow.presets import AID_CLASSES, UCMERCED_CLASSES
+from rsflow.presets import AID_CLASSES, RESISC45_CLASSES, UCMERCED_CLASSES
 from tests import eval_fixtures as fx
 
 
@@ -101,6 +101,18 @@ def test_scene_folders_ucmerced_and_aid(tmp_path: Path) -> None:
         load_scene_folders(tmp_path / "aid" / "AID" / "Volcano", classes=AID_CLASSES, dataset="AID")
 
 
+def test_scene_folders_resisc45_snake_case_folders(tmp_path: Path) -> None:
+    expected = fx.write_resisc45(tmp_path)
+    for data in (tmp_path, tmp_path / "NWPU-RESISC45"):
+        samples = get_benchmark("resisc45").load(LoadRequest(data, "geochat"))
+        assert {s.sample_id: s.references[0] for s in samples} == expected
+    assert samples[0].prompt == classify_prompt(list(RESISC45_CLASSES))  # all 45, though four are here
+    assert "Ground Track Field, Harbor" in samples[0].prompt
+    (tmp_path / "NWPU-RESISC45" / "volcano").mkdir()
+    with pytest.raises(RequestError, match=r"--data: .*volcano is not a class folder of NWPU-RESISC45"):
+        get_benchmark("resisc45").load(LoadRequest(tmp_path, "geochat"))
+
+
 def test_geochat_referring_and_region_captioning(tmp_path: Path) -> None:
     lines = fx.write_referring(tmp_path)
     samples = load_referring(tmp_path)
@@ -157,7 +169,7 @@ def test_demo_set_records(tmp_path: Path) -> None:
 
 def test_registry_names_and_errors(tmp_path: Path) -> None:
     assert set(BENCHMARKS) == {
-        "rsvqa-lr", "rsvqa-hr", "ucm-captions", "sydney-captions", "rsicd", "ucmerced", "aid",
+        "rsvqa-lr", "rsvqa-hr", "ucm-captions", "sydney-captions", "rsicd", "ucmerced", "aid", "resisc45",
         "geochat-ucmerced", "geochat-aid", "geochat-referring", "geochat-region-captioning", "rsflow-demo",
     }
     with pytest.raises(RequestError, match=r"^--benchmark: unknown benchmark 'rsvqa'; choose from rsvqa-lr"):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from rsflow.errors import RequestError
-from rsflow.presets import AID_CLASSES, CLASS_PRESETS, UCMERCED_CLASSES, resolve_classes, scene_normal_form
+from rsflow.presets import (
+    AID_CLASSES,
+    CLASS_PRESETS,
+    RESISC45_CLASSES,
+    UCMERCED_CLASSES,
+    folder_form,
+    resolve_classes,
+    scene_normal_form,
+)
 
 # Class folder names as the datasets ship them (UC Merced: lower case; AID: CamelCase).
 UCMERCED_FOLDERS = [
@@ -68,7 +76,8 @@ AID_FOLDERS = [
 def test_counts() -> None:
     assert len(UCMERCED_CLASSES) == len(set(UCMERCED_CLASSES)) == 21
     assert len(AID_CLASSES) == len(set(AID_CLASSES)) == 30
-    assert CLASS_PRESETS == {"ucmerced": UCMERCED_CLASSES, "aid": AID_CLASSES}
+    assert len(RESISC45_CLASSES) == len(set(RESISC45_CLASSES)) == 45
+    assert CLASS_PRESETS == {"ucmerced": UCMERCED_CLASSES, "aid": AID_CLASSES, "resisc45": RESISC45_CLASSES}
 
 
 def test_display_names_normalise_to_folder_names() -> None:
@@ -76,6 +85,18 @@ def test_display_names_normalise_to_folder_names() -> None:
     assert [scene_normal_form(c) for c in AID_CLASSES] == [f.lower() for f in AID_FOLDERS]
     # display form: words split at the folder"s capitals (AID) and capitalised
     assert [c.replace(" ", "") for c in AID_CLASSES] == AID_FOLDERS
+
+
+def test_resisc45_display_names_are_its_snake_case_folders() -> None:
+    folders = ["airplane", "airport", "baseball_diamond", "basketball_court", "beach", "bridge", "chaparral", "church",
+               "circular_farmland", "cloud", "commercial_area", "dense_residential", "desert", "forest", "freeway",
+               "golf_course", "ground_track_field", "harbor", "industrial_area", "intersection", "island", "lake",
+               "meadow", "medium_residential", "mobile_home_park", "mountain", "overpass", "palace", "parking_lot",
+               "railway", "railway_station", "rectangular_farmland", "river", "roundabout", "runway", "sea_ice",
+               "ship", "snowberg", "sparse_residential", "stadium", "storage_tank", "tennis_court", "terrace",
+               "thermal_power_station", "wetland"]
+    assert [c.lower().replace(" ", "_") for c in RESISC45_CLASSES] == folders
+    assert [folder_form(f) for f in folders] == [scene_normal_form(c) for c in RESISC45_CLASSES]
 
 
 def test_scene_normal_form_is_geochats_rule() -> None:
@@ -106,7 +127,7 @@ def test_resolve_comma_list() -> None:
     [
         ("", r"--classes: give a preset"),
         (" , ,", r"--classes: give a preset"),
-        ("ucmerce", r"--classes: 'ucmerce' is neither a preset \(aid, ucmerced\)"),
+        ("ucmerce", r"--classes: 'ucmerce' is neither a preset \(aid, resisc45, ucmerced\)"),
         (
             "Dense Residential, denseresidential.",
             r"--classes: 'Dense Residential' and 'denseresidential.' are the same",

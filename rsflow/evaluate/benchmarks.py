@@ -10,6 +10,7 @@ name                           distributed as                             task  
 ``rsicd``                      Karpathy JSON (dataset_rsicd.json)        caption       BLEU/METEOR/ROUGE-L/CIDEr
 ``ucmerced``                   UCMerced_LandUse/Images/<class>/          classify      accuracy, confusion
 ``aid``                        AID/<Class>/                              classify      accuracy, confusion
+``resisc45``                   NWPU-RESISC45/<class>/                    classify      accuracy, confusion
 ``geochat-ucmerced``           GeoChat-Bench UCmerced.jsonl + UCMerced   classify      accuracy, confusion
 ``geochat-aid``                GeoChat-Bench aid.jsonl + AID images      classify      accuracy, confusion
 ``geochat-referring``          GeoChat-Bench referring.jsonl + PNGs      refer         acc@0.5 (rotated IoU)
@@ -35,7 +36,7 @@ from rsflow.evaluate.metrics import demo_normal_form, geochat_normal_form
 from rsflow.evaluate.rsvqa import REPORTED_TYPES, load_rsvqa
 from rsflow.evaluate.samples import Sample
 from rsflow.evaluate.scenes import load_scene_folders
-from rsflow.presets import AID_CLASSES, UCMERCED_CLASSES
+from rsflow.presets import AID_CLASSES, RESISC45_CLASSES, UCMERCED_CLASSES
 
 Kind = Literal["vqa", "classify", "caption", "boxes"]
 """How answers are read and scored."""
@@ -160,6 +161,8 @@ _ALL: Final[tuple[Benchmark, ...]] = (
     Benchmark("ucmerced", "UC Merced Land Use (21 classes)", "classify", "classify",
               _scenes(UCMERCED_CLASSES, "UCMerced_LandUse"), classes=UCMERCED_CLASSES),
     Benchmark("aid", "AID (30 classes)", "classify", "classify", _scenes(AID_CLASSES, "AID"), classes=AID_CLASSES),
+    Benchmark("resisc45", "NWPU-RESISC45 (45 classes)", "classify", "classify",
+              _scenes(RESISC45_CLASSES, "NWPU-RESISC45"), classes=RESISC45_CLASSES),
     Benchmark("geochat-ucmerced", "GeoChat-Bench UCMerced (its images and prompts)", "classify", "classify",
               _geochat_scenes("UCmerced.jsonl", UCMERCED_CLASSES, "UCMerced_LandUse"), classes=UCMERCED_CLASSES),
     Benchmark("geochat-aid", "GeoChat-Bench AID (its images and prompts)", "classify", "classify",

@@ -25,7 +25,7 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
         "eval",
         help="score a model on a published benchmark with the papers' own metrics",
         description="Run a model over a remote-sensing benchmark as its authors distribute it (RSVQA-LR/HR, "
-        "UCM-captions, Sydney-captions, RSICD, UCMerced, AID, GeoChat-Bench referring and region captioning, "
+        "UCM-captions, Sydney-captions, RSICD, UCMerced, AID, NWPU-RESISC45, GeoChat-Bench referring and region captioning, "
         "rsflow's demo set) through the region job's model actors, and write predictions (Parquet), metrics "
         "(JSON) and a table beside the published numbers (Markdown). Rerunning into the same --output "
         "reuses the predictions already written.",

@@ -56,6 +56,13 @@ PUBLISHED: Final[dict[str, tuple[list[PublishedRow], str]]] = {
         [PublishedRow("accuracy", "accuracy", {})],
         _FOLDER_SCENE_NOTE.format(geochat="72.03", llava="51.00", bench="geochat-aid"),
     ),
+    "resisc45": (
+        [PublishedRow("accuracy", "accuracy", {})],
+        (
+            "Neither paper reports NWPU-RESISC45, and GeoChat trains on it (its instruction set is built from "
+            "NWPU-RESISC-45 among others): a GeoChat score here is not zero-shot."
+        ),
+    ),
     "rsvqa-lr": (
         [
             PublishedRow("presence", "per_type.presence.accuracy", {GEOCHAT: 91.09}),

@@ -1,13 +1,14 @@
-"""UCMerced_LandUse and AID: one folder per class, as the archives unpack.
+"""UCMerced_LandUse, AID and NWPU-RESISC45: one folder per class, as the archives unpack.
 
 Layouts (``reference/benchmarks.md`` 3)::
 
     UCMerced_LandUse/Images/<class>/<class>NN.tif      21 lower-case folders (agricultural ... tenniscourt)
     AID/<ClassFolder>/<lowerclass>_<n>.jpg             30 CamelCase folders (Airport ... Viaduct)
+    NWPU-RESISC45/<class>/<class>_NNN.jpg              45 snake_case folders (airplane ... wetland)
 
 ``--data`` may be the archive root or the folder that holds the class folders. Every sub-folder must be
-one of the dataset's classes (its name equals a class under GeoChat's normal form, spaces and dots removed
-and lower-cased); a subset of the classes is accepted (quick runs), but the prompt always lists every class
+one of the dataset's classes (its name, underscores read as spaces, equals a class under GeoChat's normal
+form, spaces and dots removed and lower-cased); a subset of the classes is accepted (quick runs), but the prompt always lists every class
 of the dataset, as the classifier's choice is the full list. The sample id is ``<folder>/<file>``,
 GeoChat-Bench's ``question_id`` form, whose first part is the label its scorer uses.
 
@@ -25,20 +26,20 @@ from typing import Final
 from rsflow.errors import RequestError
 from rsflow.evaluate.samples import Sample
 from rsflow.models.prompts import classify_prompt
-from rsflow.presets import scene_normal_form
+from rsflow.presets import folder_form, scene_normal_form
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: Final[tuple[str, ...]] = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 """Files read as images inside a class folder (others are ignored)."""
 
-_ROOTS: Final[tuple[str, ...]] = (".", "Images", "UCMerced_LandUse/Images", "AID")
+_ROOTS: Final[tuple[str, ...]] = (".", "Images", "UCMerced_LandUse/Images", "AID", "NWPU-RESISC45")
 
 
 def _class_root(data: Path, by_norm: dict[str, str]) -> Path:
     for rel in _ROOTS:
         root = data / rel
-        if root.is_dir() and any(d.is_dir() and scene_normal_form(d.name) in by_norm for d in root.iterdir()):
+        if root.is_dir() and any(d.is_dir() and folder_form(d.name) in by_norm for d in root.iterdir()):
             return root
     raise RequestError(
         "--data",
@@ -52,7 +53,8 @@ def load_scene_folders(data: Path, *, classes: Sequence[str], dataset: str) -> l
 
     Args:
         data: the archive root or the folder of class folders.
-        classes: the dataset's display class names (``presets.UCMERCED_CLASSES`` / ``AID_CLASSES``).
+        classes: the dataset's display class names (``presets.UCMERCED_CLASSES``, ``AID_CLASSES``,
+            ``RESISC45_CLASSES``).
         dataset: its name, for messages.
 
     Returns:
@@ -67,7 +69,7 @@ def load_scene_folders(data: Path, *, classes: Sequence[str], dataset: str) -> l
     prompt = classify_prompt(list(classes))
     samples: list[Sample] = []
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
-        label = by_norm.get(scene_normal_form(folder.name))
+        label = by_norm.get(folder_form(folder.name))
         if label is None:
             raise RequestError(
                 "--data", f"{folder} is not a class folder of {dataset} (classes: {', '.join(sorted(by_norm))})"

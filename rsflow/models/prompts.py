@@ -276,7 +276,7 @@ def classify_prompt(classes: Sequence[str]) -> str:
     """
     names = [c.strip() for c in classes]
     if not names or not all(names):
-        raise RequestError("--classes", "give a non-empty list of class names (or a preset: aid, ucmerced)")
+        raise RequestError("--classes", "give a non-empty list of class names (or a preset: aid, resisc45, ucmerced)")
     return f"{CLASSIFY_LEAD}{', '.join(names)}.\n{CLASSIFY_SUFFIX}"
 
 

@@ -106,6 +106,27 @@ def write_rsvqa(root: Path, *, hr: bool = False, n: int = 20, text_in_split: boo
     return {"questions": expected, "image_dir": image_dir}
 
 
+def write_geochat_vqa(root: Path, *, hr: bool = False, n: int = 20, file_in: Path | None = None) -> dict[str, Any]:
+    """An RSVQA folder (:func:`write_rsvqa`) and GeoChat-Bench's ``lrben.jsonl`` / ``hrben.jsonl`` over it (in
+    ``root``, or ``file_in``): every active question but the first, last first, each line's ``text`` the
+    question and GeoChat's instruction, ``category`` its type (the first line's is wrong, ``"comparison"``).
+
+    Returns:
+        ``{"questions": (as write_rsvqa), "lines": the jsonl lines, "path": the jsonl file}``.
+    """
+    info = write_rsvqa(root, hr=hr, n=n)
+    lines = []
+    for qid in sorted(info["questions"])[1:][::-1]:
+        img_id, qtype, text, _ = info["questions"][qid]
+        lines.append({"question_id": qid, "image": f"{img_id}.tif", "category": qtype,
+                      "text": f"{text}\nAnswer the question using a single word or phrase."})
+    lines[0]["category"] = "comparison"
+    path = (file_in or root) / ("hrben.jsonl" if hr else "lrben.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {**info, "lines": lines, "path": path}
+
+
 # ------------------------------------------------------------------------------------------- captions
 
 

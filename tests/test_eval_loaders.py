@@ -60,6 +60,47 @@ def test_rsvqa_question_types_and_wrong_layout(tmp_path: Path) -> None:
         load_rsvqa(tmp_path, prefix="LR")
 
 
+@pytest.mark.parametrize("hr", [False, True])
+def test_geochat_bench_vqa_lines_are_asked_as_written_and_answered_from_rsvqa(tmp_path: Path, hr: bool) -> None:
+    name = "geochat-hrben" if hr else "geochat-lrben"
+    info = fx.write_geochat_vqa(tmp_path, hr=hr)
+    samples = get_benchmark(name).load(LoadRequest(tmp_path, "geochat"))
+    assert [s.sample_id for s in samples] == [str(line["question_id"]) for line in info["lines"]]  # file order
+    for s, line in zip(samples, info["lines"], strict=True):
+        img_id, qtype, text, answer = info["questions"][line["question_id"]]
+        assert s == Sample(sample_id=str(line["question_id"]),
+                           image_path=str((tmp_path / info["image_dir"] / f"{img_id}.tif").resolve()),
+                           task="vqa", prompt=vqa_prompt(text), references=(answer,), group=qtype)
+    # the file elsewhere (--questions), and a type filter over RSVQA's types
+    other = fx.write_geochat_vqa(tmp_path / "other", hr=hr, file_in=tmp_path / "bench")
+    kept = get_benchmark(name).load(LoadRequest(tmp_path / "other", "geochat", questions=other["path"],
+                                                question_types=("presence",)))
+    assert kept and {s.group for s in kept} == {"presence"}
+
+
+def test_geochat_bench_vqa_refusals(tmp_path: Path) -> None:
+    info = fx.write_geochat_vqa(tmp_path)
+    bench = get_benchmark("geochat-lrben")
+    with pytest.raises(RequestError, match=r"--questions: .* holds no hrben.jsonl: give GeoChat-Bench's hrben.jsonl"):
+        get_benchmark("geochat-hrben").load(LoadRequest(tmp_path, "geochat"))
+    with pytest.raises(RequestError, match=r"--questions: no such file"):
+        bench.load(LoadRequest(tmp_path, "geochat", questions=tmp_path / "nope.jsonl"))
+    with pytest.raises(RequestError, match=r"--split: .*one split"):
+        bench.load(LoadRequest(tmp_path, "geochat", split="test"))
+    lines = info["lines"]
+    for bad, match in [
+        ({**lines[0], "question_id": 999}, r"--data: lrben.jsonl line 1: question 999 is not an active question"),
+        ({**lines[0], "image": "3.tif" if lines[0]["image"] != "3.tif" else "2.tif"}, r"--data: .* not the same dataset"),
+        ({"question_id": 7, "image": "2.tif"}, r"--questions: lrben.jsonl line 1 lacks text"),
+    ]:
+        info["path"].write_text(json.dumps(bad) + "\n")
+        with pytest.raises(RequestError, match=match):
+            bench.load(LoadRequest(tmp_path, "geochat"))
+    info["path"].write_text("{not json\n")
+    with pytest.raises(RequestError, match=r"--questions: lrben.jsonl line 1 is not JSON"):
+        bench.load(LoadRequest(tmp_path, "geochat"))
+
+
 @pytest.mark.parametrize("flavour", ["ucm", "sydney", "rsicd"])
 def test_karpathy_captions_one_sample_per_test_image_with_every_raw_sentence(tmp_path: Path, flavour: str) -> None:
     info = fx.write_karpathy(tmp_path, flavour=flavour)
@@ -170,7 +211,7 @@ def test_demo_set_records(tmp_path: Path) -> None:
 def test_registry_names_and_errors(tmp_path: Path) -> None:
     assert set(BENCHMARKS) == {
         "rsvqa-lr", "rsvqa-hr", "ucm-captions", "sydney-captions", "rsicd", "ucmerced", "aid", "resisc45",
-        "geochat-ucmerced", "geochat-aid", "geochat-referring", "geochat-region-captioning", "rsflow-demo",
+        "geochat-ucmerced", "geochat-aid", "geochat-lrben", "geochat-hrben", "geochat-referring", "geochat-region-captioning", "rsflow-demo",
     }
     with pytest.raises(RequestError, match=r"^--benchmark: unknown benchmark 'rsvqa'; choose from rsvqa-lr"):
         get_benchmark("rsvqa")

@@ -42,6 +42,7 @@ _WRITERS: dict[str, tuple[Callable[[Path], Any], list[str]]] = {
     "aid": (lambda d: fx.write_aid(d), []),
     "geochat-ucmerced": (lambda d: fx.write_geochat_scenes(d, dataset="ucmerced", per_class=10), []),
     "geochat-aid": (lambda d: fx.write_geochat_scenes(d, dataset="aid", per_class=10), []),
+    "geochat-lrben": (lambda d: fx.write_geochat_vqa(d, n=21), ["--prompt-format", "geochat"]),
     "geochat-referring": (lambda d: fx.write_referring(d), ["--prompt-format", "geochat"]),
     "geochat-region-captioning": (
         lambda d: fx.write_region_captioning(d),
@@ -257,6 +258,13 @@ def test_bad_input_fails_before_inference_with_one_line(
     assert "holds no class folder" in err or "is not a class folder" in err
     err = _one_line_error(capsys, _eval("geochat-referring", bench_data["geochat-referring"], out), "--benchmark")
     assert "needs a model of the geochat family" in err
+    err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--questions",
+                                        str(bench_data["geochat-lrben"] / "lrben.jsonl")), "--questions")
+    assert "only geochat-lrben, geochat-hrben read a questions file" in err
+    err = _one_line_error(capsys, _eval("geochat-lrben", bench_data["geochat-lrben"], out, "--questions",
+                                        str(tmp_path / "none.jsonl")), "--questions")
+    err = _one_line_error(capsys, _eval("geochat-hrben", bench_data["geochat-lrben"], out), "--questions")
+    assert "holds no hrben.jsonl" in err
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--limit", "0"), "--limit")
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--model-actors", "0"),
                           "--model-actors")

@@ -13,6 +13,8 @@ name                           distributed as                             task  
 ``resisc45``                   NWPU-RESISC45/<class>/                    classify      accuracy, confusion
 ``geochat-ucmerced``           GeoChat-Bench UCmerced.jsonl + UCMerced   classify      accuracy, confusion
 ``geochat-aid``                GeoChat-Bench aid.jsonl + AID images      classify      accuracy, confusion
+``geochat-lrben``              GeoChat-Bench lrben.jsonl + RSVQA-LR      vqa           accuracy per type
+``geochat-hrben``              GeoChat-Bench hrben.jsonl + RSVQA-HR      vqa           accuracy per type
 ``geochat-referring``          GeoChat-Bench referring.jsonl + PNGs      refer         acc@0.5 (rotated IoU)
 ``geochat-region-captioning``  GeoChat-Bench region_captioning.jsonl     region-caption ROUGE-1/L, METEOR
 ``rsflow-demo``                rsflow's demo set (demo_data)             vqa           accuracy per question
@@ -31,7 +33,12 @@ from rsflow.evaluate.captions import SPLITS as CAPTION_SPLITS
 from rsflow.evaluate.captions import load_captions
 from rsflow.evaluate.demo import SPLIT_FILES as DEMO_SPLITS
 from rsflow.evaluate.demo import load_demo
-from rsflow.evaluate.geochat_bench import load_referring, load_region_captions, load_scene_jsonl
+from rsflow.evaluate.geochat_bench import (
+    load_referring,
+    load_region_captions,
+    load_scene_jsonl,
+    load_vqa_jsonl,
+)
 from rsflow.evaluate.metrics import demo_normal_form, geochat_normal_form
 from rsflow.evaluate.rsvqa import REPORTED_TYPES, load_rsvqa
 from rsflow.evaluate.samples import Sample
@@ -56,6 +63,8 @@ class LoadRequest:
     """``--images``: the image folder, where it is not found under ``data``."""
     question_types: tuple[str, ...] = ()
     """``--question-types`` (RSVQA): keep only these; empty: all."""
+    questions: Path | None = None
+    """``--questions``: GeoChat-Bench's VQA file, where it is not in ``data``."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,8 @@ class Benchmark:
     """Default generation budget (GeoChat's eval scripts: 256)."""
     batch_size: int = 8
     """Default prompts per generate call."""
+    questions_file: str | None = None
+    """GeoChat-Bench VQA: the file of questions (``--questions`` may point at it); None: no such file."""
 
 
 def _no_extra(req: LoadRequest, *, images: bool = True) -> None:
@@ -132,6 +143,16 @@ def _geochat_scenes(file: str, classes: tuple[str, ...], dataset: str) -> Callab
     return load
 
 
+def _geochat_vqa(file: str, prefix: str) -> Callable[[LoadRequest], list[Sample]]:
+    def load(req: LoadRequest) -> list[Sample]:
+        if req.split is not None:
+            raise RequestError("--split", f"GeoChat-Bench's {file} is one split (GeoChat's); leave --split out")
+        return load_vqa_jsonl(req.data, file=file, prefix=prefix, questions=req.questions, images=req.images,
+                              question_types=req.question_types)
+
+    return load
+
+
 def _no_split(load_fn: Callable[..., list[Sample]], name: str) -> Callable[[LoadRequest], list[Sample]]:
     def load(req: LoadRequest) -> list[Sample]:
         _no_extra(req)
@@ -167,6 +188,10 @@ _ALL: Final[tuple[Benchmark, ...]] = (
               _geochat_scenes("UCmerced.jsonl", UCMERCED_CLASSES, "UCMerced_LandUse"), classes=UCMERCED_CLASSES),
     Benchmark("geochat-aid", "GeoChat-Bench AID (its images and prompts)", "classify", "classify",
               _geochat_scenes("aid.jsonl", AID_CLASSES, "AID"), classes=AID_CLASSES),
+    Benchmark("geochat-lrben", "GeoChat-Bench LRBEN (lrben.jsonl; answers from RSVQA-LR test)", "vqa", "vqa",
+              _geochat_vqa("lrben.jsonl", "LR"), reported_types=REPORTED_TYPES["LR"], questions_file="lrben.jsonl"),
+    Benchmark("geochat-hrben", "GeoChat-Bench HRBEN (hrben.jsonl; answers from RSVQA-HR test_phili)", "vqa", "vqa",
+              _geochat_vqa("hrben.jsonl", "USGS"), reported_types=REPORTED_TYPES["USGS"], questions_file="hrben.jsonl"),
     Benchmark("geochat-referring", "GeoChat-Bench referring and grounding", "boxes", "refer",
               _no_split(load_referring, "geochat-referring")),
     Benchmark("geochat-region-captioning", "GeoChat-Bench region captioning", "caption", "region-caption",

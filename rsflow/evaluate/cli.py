@@ -25,7 +25,7 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
         "eval",
         help="score a model on a published benchmark with the papers' own metrics",
         description="Run a model over a remote-sensing benchmark as its authors distribute it (RSVQA-LR/HR, "
-        "UCM-captions, Sydney-captions, RSICD, UCMerced, AID, NWPU-RESISC45, GeoChat-Bench referring and region captioning, "
+        "UCM-captions, Sydney-captions, RSICD, UCMerced, AID, NWPU-RESISC45, GeoChat-Bench scenes, LRBEN/HRBEN, referring and region captioning, "
         "rsflow's demo set) through the region job's model actors, and write predictions (Parquet), metrics "
         "(JSON) and a table beside the published numbers (Markdown). Rerunning into the same --output "
         "reuses the predictions already written.",
@@ -36,6 +36,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--images", help="image folder, when it is not found under --data")
     b.add_argument("--split", help="split to score (default: the papers' test split of the benchmark)")
     b.add_argument("--question-types", help="RSVQA: comma-separated types to keep (default: all)")
+    b.add_argument("--questions", help="geochat-lrben/-hrben: GeoChat-Bench's lrben.jsonl / hrben.jsonl, where it is "
+                   "not in --data (the RSVQA folder its answers come from)")
     b.add_argument("--limit", type=_whole, help="score only N samples (a quick run), chosen with --seed")
     b.add_argument("--seed", type=_whole, default=0, help="seed of the --limit choice (default 0)")
     b.add_argument(
@@ -91,6 +93,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         images=args.images,
         split=args.split,
         question_types=types,
+        questions=args.questions,
         limit=args.limit,
         seed=args.seed,
         metrics=tuple(m.strip() for m in (args.metrics or "").split(",") if m.strip()),

@@ -10,6 +10,9 @@ Layout (``reference/benchmarks.md`` 4)::
     DATA/UCmerced.jsonl, aid.jsonl    scene classification: question_id (``<class>/<file>``), image (a path
                                       under the dataset's image root), text (the prompt, classes included),
                                       ground_truth; images: UCMerced_LandUse/Images/..., AID/... (--images)
+    lrben.jsonl, hrben.jsonl          VQA: question_id (the RSVQA question id), image (``<img_id>.tif``), text
+                                      (the question and GeoChat's instruction), category; no answer: joined
+                                      with the RSVQA folder's (``--data``; the file itself: ``--questions``)
 
 Referring ground truth is one 4-point polygon ``[[x, y], ...]`` per object, in pixels of the image
 (a flat list of 8 numbers is accepted too). Prompts (``reference/models.md`` 3.4, 7 item 16):
@@ -25,8 +28,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from rsflow.errors import RequestError
+from rsflow.evaluate.rsvqa import RSVQA_IMAGE_DIRS, load_rsvqa
 from rsflow.evaluate.samples import Sample, polygon_json
-from rsflow.models.prompts import IDENTIFY_PREFIX, REFER_PREFIX, REFER_SUFFIX
+from rsflow.models.prompts import IDENTIFY_PREFIX, IMAGE_TOKEN, REFER_PREFIX, REFER_SUFFIX
 from rsflow.presets import scene_normal_form
 
 logger = logging.getLogger(__name__)
@@ -229,3 +233,91 @@ def _scene_image(root: Path, image: str) -> Path | None:
         return path
     jpg = path.with_suffix(".jpg")
     return jpg if jpg.is_file() else None
+
+
+def load_vqa_jsonl(
+    data: Path,
+    *,
+    file: str,
+    prefix: str,
+    questions: Path | None = None,
+    images: Path | None = None,
+    question_types: tuple[str, ...] = (),
+) -> list[Sample]:
+    """GeoChat-Bench's VQA file (``lrben.jsonl``, ``hrben.jsonl``) -> one VQA sample per line, in file order,
+    as ``batch_geochat_vqa.py`` asks them (``reference/benchmarks.md`` 4.2): the prompt is the line's
+    ``text`` (the question and GeoChat's instruction, not appended again), the image the line's ``image``
+    in the RSVQA image folder. The file has no answers: each line's ``question_id`` is looked up among
+    the active questions of the RSVQA split GeoChat used (LRBEN: LR ``test``; HRBEN: HR ``test_phili``)
+    in ``data``, the RSVQA folder as distributed, which gives the answer and the question type (the group
+    scored; ``--question-types`` keeps some). A line's ``category`` that names another type than RSVQA's
+    is logged, not trusted.
+
+    Args:
+        data: the RSVQA folder (split files and ``Images_LR/`` or ``Data/``).
+        file: ``lrben.jsonl`` or ``hrben.jsonl`` (read from ``data`` unless ``questions`` is given).
+        prefix: ``"LR"`` or ``"USGS"`` (:func:`rsflow.evaluate.rsvqa.load_rsvqa`).
+        questions: ``--questions``, the GeoChat-Bench file where it is not in ``data``.
+        images: ``--images``, the image folder where it is not under ``data``.
+        question_types: keep only these RSVQA types.
+
+    Raises:
+        RequestError: (``--questions``) the file is missing or malformed; (``--data``) not an RSVQA folder, a
+            question id that is not an active question of the split, a line whose image is not the one
+            RSVQA gives its question; (``--question-types``) a type no line has.
+    """
+    if questions is not None and not questions.is_file():
+        raise RequestError("--questions", f"no such file {str(questions)!r} (GeoChat-Bench's {file})")
+    path = questions if questions is not None else data / file
+    if not path.is_file():
+        raise RequestError(
+            "--questions", f"{data} holds no {file}: give GeoChat-Bench's {file} with --questions, or put it in --data"
+        )
+    try:
+        rows = _read_jsonl(path)
+    except RequestError as exc:
+        raise RequestError("--questions", exc.reason) from None
+    for number, row in rows:
+        missing = [k for k in ("question_id", "image", "text") if k not in row]
+        if missing:
+            raise RequestError("--questions", f"{path.name} line {number} lacks {', '.join(missing)}")
+    known = {s.sample_id: s for s in load_rsvqa(data, prefix=prefix, images=images)}
+    image_dir = (images if images is not None else data / RSVQA_IMAGE_DIRS[prefix]).resolve()
+    samples = []
+    disagree = 0
+    for number, row in rows:
+        qid = str(row["question_id"]).strip()
+        found = known.get(qid)
+        if found is None:
+            raise RequestError(
+                "--data", f"{path.name} line {number}: question {qid} is not an active question of {data}'s "
+                          f"{'LR test' if prefix == 'LR' else 'HR test_phili'} split (is --data the right RSVQA folder?)",
+            )
+        image = image_dir / str(row["image"])
+        if image.name != Path(found.image_path).name:
+            raise RequestError(
+                "--data", f"{path.name} line {number}: question {qid} is about image {row['image']!r} there and "
+                          f"{Path(found.image_path).name!r} in RSVQA: not the same dataset",
+            )
+        category = row.get("category")
+        disagree += category is not None and str(category) != found.group
+        samples.append(
+            Sample(
+                sample_id=qid,
+                image_path=str(image),
+                task="vqa",
+                prompt=str(row["text"]).replace(IMAGE_TOKEN, "").strip(),
+                references=found.references,
+                group=found.group,
+            )
+        )
+    if disagree:
+        logger.warning("%s: %d line(s) name another category than RSVQA's question type; RSVQA's type is scored",
+                       path.name, disagree)
+    if question_types:
+        present = sorted({s.group for s in samples})
+        unknown = [t for t in question_types if t not in present]
+        if unknown:
+            raise RequestError("--question-types", f"{', '.join(unknown)} not in {path.name} (it has {', '.join(present)})")
+        samples = [s for s in samples if s.group in question_types]
+    return samples

@@ -143,3 +143,12 @@ PUBLISHED: Final[dict[str, tuple[list[PublishedRow], str]]] = {
     },
 }
 """Benchmark name -> (table rows, a note printed under the table)."""
+
+_GEOCHAT_VQA_NOTE = (
+    "GeoChat-Bench's own question list and prompts ({file}), answers and question types from RSVQA: the "
+    "questions GeoChat's numbers were measured on. "
+)
+PUBLISHED["geochat-lrben"] = (PUBLISHED["rsvqa-lr"][0],
+                              _GEOCHAT_VQA_NOTE.format(file="lrben.jsonl") + PUBLISHED["rsvqa-lr"][1])
+PUBLISHED["geochat-hrben"] = (PUBLISHED["rsvqa-hr"][0],
+                              _GEOCHAT_VQA_NOTE.format(file="hrben.jsonl") + PUBLISHED["rsvqa-hr"][1])

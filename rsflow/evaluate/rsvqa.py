@@ -58,6 +58,10 @@ _LAYOUT: Final[dict[str, dict[str, Any]]] = {
 }
 
 
+RSVQA_IMAGE_DIRS: Final[dict[str, str]] = {prefix: layout["images"] for prefix, layout in _LAYOUT.items()}
+"""Image folder under an RSVQA folder, by file prefix (``Images_LR``, ``Data``)."""
+
+
 def _read_list(path: Path, key: str) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rsflow.errors import RequestError
-from rsflow.evaluate.benchmarks import Benchmark, LoadRequest, get_benchmark
+from rsflow.evaluate.benchmarks import BENCHMARKS, Benchmark, LoadRequest, get_benchmark
 from rsflow.evaluate.caption_metrics import TOKENIZERS, check_caption_scorers, parse_metrics
 from rsflow.evaluate.metrics import round_floats
 from rsflow.evaluate.published import PublishedRow
@@ -120,6 +120,8 @@ class EvalConfig:
     """``--split`` (None: the benchmark's default)."""
     question_types: tuple[str, ...] = ()
     """``--question-types`` (RSVQA): only these types; empty: all."""
+    questions: str | None = None
+    """``--questions`` (GeoChat-Bench VQA): its ``lrben.jsonl`` / ``hrben.jsonl`` where it is not in ``data``."""
     limit: int | None = None
     """``--limit``: score only this many samples (chosen with ``seed``); None: all."""
     seed: int = 0
@@ -149,6 +151,8 @@ class EvalConfig:
             raise RequestError("--tokenizer", f"{self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
         if self.images is not None and not Path(self.images).is_dir():
             raise RequestError("--images", f"no such folder {self.images!r}")
+        if self.questions is not None and not Path(self.questions).is_file():
+            raise RequestError("--questions", f"no such file {self.questions!r}")
         for flag, value, most in (("--model-actors", self.model_actors, 1024), ("--read-workers", self.read_workers, 4096)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
                 raise RequestError(flag, f"must be between 1 and {most}, got {value!r}")  # as the region job's
@@ -201,6 +205,9 @@ def _identity(config: EvalConfig, bench: Benchmark, mid: str, prompt_format: str
         "image_aspect": config.model.image_aspect,
         "image_size": config.model.image_size,
         "dtype": config.model.dtype,
+        # only where there is such a file: earlier runs' identities stay as they were
+        **({"questions": str((Path(config.questions) if config.questions else Path(config.data) / bench.questions_file)
+                             .resolve())} if bench.questions_file else {}),
     }
 
 
@@ -411,6 +418,9 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
         raise RequestError("--data", f"no such folder {config.data!r}")
     if bench.splits and config.split is not None and config.split not in bench.splits:
         raise RequestError("--split", f"{bench.name} has splits {', '.join(bench.splits)}; got {config.split!r}")
+    if config.questions is not None and bench.questions_file is None:
+        with_file = ", ".join(b.name for b in BENCHMARKS.values() if b.questions_file)
+        raise RequestError("--questions", f"only {with_file} read a questions file; leave --questions out")
     samples = bench.load(
         LoadRequest(
             data=data,
@@ -418,6 +428,7 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
             split=config.split,
             images=Path(config.images) if config.images else None,
             question_types=config.question_types,
+            questions=Path(config.questions) if config.questions else None,
         )
     )
     check_unique(samples)

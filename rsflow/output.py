@@ -370,9 +370,17 @@ def merge_object_files(
 
 
 def staging_path(output: str, run_id: str) -> str:
-    """Hidden sibling of ``output`` where a run writes before it commits."""
-    parent, name = posixpath.split(output.rstrip("/"))
-    return posixpath.join(parent, f".{name}.staging-{run_id}")
+    """Hidden sibling of ``output`` where a run writes before it commits.
+
+    Raises:
+        ValueError: ``output`` has no parent folder to stage in (``s3://bucket``; the request refuses it).
+    """
+    protocol, path = fsspec.core.split_protocol(output.rstrip("/"))
+    parent, name = posixpath.split(path)
+    if not name or (protocol and not parent):
+        raise ValueError(f"{output} has no parent folder to stage beside")
+    staged = posixpath.join(parent, f".{name}.staging-{run_id}")
+    return f"{protocol}://{staged}" if protocol else staged
 
 
 def write_empty(directory: str) -> str:

@@ -687,6 +687,9 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
             fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError) as exc:
             raise RequestError("--output", f"cannot write to {scheme}:// ({exc})") from None
+        if "/" not in output.split("://", 1)[1].strip("/"):  # s3://bucket: no folder beside it to stage in
+            raise RequestError("--output", f"{output} is a bucket root; give a folder in it, e.g. "
+                                           f"{output.rstrip('/')}/region-run (a run stages beside its output)")
         return output.rstrip("/")
     path = Path(output.removeprefix("file://")).expanduser()
     if path.exists() and not path.is_dir():

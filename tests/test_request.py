@@ -11,6 +11,7 @@ import shapely
 
 from rsflow.errors import RequestError
 from rsflow.models.spec import ModelSpec
+from rsflow.output import staging_path
 from rsflow.request import (
     MAX_AOI_FILE_BYTES,
     SEARCH_MAX_VERTICES,
@@ -248,6 +249,15 @@ def test_output_checks(tmp_path):
         _req(tmp_path, output=str(tmp_path / "file" / "out"))
     with pytest.raises(RequestError, match="nosuchfs"):
         _req(tmp_path, output="nosuchfs://bucket/x")
+    # a bucket root has no folder beside it to stage in (its staging path lost the "://" and went to local disk)
+    for root in ("memory://bucket", "memory://bucket/"):
+        with pytest.raises(RequestError, match=r"^--output: memory://bucket/? is a bucket root; give a folder in it"):
+            _req(tmp_path, output=root)
+    assert _req(tmp_path, output="memory://bucket/run").output == "memory://bucket/run"
+    assert staging_path("s3://bucket/run", "R") == "s3://bucket/.run.staging-R"
+    assert staging_path("run", "R") == ".run.staging-R"
+    with pytest.raises(ValueError, match="no parent folder"):
+        staging_path("s3://bucket", "R")
     # the working directory, or one holding the catalog the run reads, is never the output
     with pytest.raises(RequestError, match="working directory"):
         _req(tmp_path, output=str(Path.cwd()), overwrite=True)

@@ -719,7 +719,7 @@ def run_region(
                 ray.data.read_parquet(parts_dir, file_extensions=["parquet"]).repartition(files).sort(
                     "_hilbert"
                 ).write_datasink(sink)
-            fs_parts.rm(parts_root, recursive=True)
+            # the parts stay until the manifest is written: a failure before then leaves them to --resume
         fs_files = list(sink.summary.files)
         object_files, n_objects = [], 0
         if request.merge_iou is not None:
@@ -779,9 +779,11 @@ def run_region(
         manifest["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         manifest["driver_max_rss_mb"] = _max_rss_mb()
         out.write_manifest(staging, manifest)
+        finished = True  # from here on, staging holds the complete result: it is never deleted unless committed
+        if fs_parts.exists(parts_root):
+            fs_parts.rm(parts_root, recursive=True)
         fs, root = fsspec.core.url_to_fs(staging)
         fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")
-        finished = True  # from here on, staging holds the complete result
         out.commit(staging, request.output, overwrite=replaces)
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
@@ -793,17 +795,21 @@ def run_region(
             logger.warning("could not remove the superseded staging directories of %s: %s", request.output, exc)
         logger.info("committed %s in %.2f s", request.output, time.perf_counter() - t_commit)
     except BaseException as exc:
-        # commit's FileExistsError says the complete result is left in staging: it stays there
-        _keep_or_discard(staging, result_left=finished and isinstance(exc, FileExistsError))
+        if finished and not isinstance(exc, FileExistsError):  # commit's FileExistsError says so itself
+            logger.error("the run finished but was not committed (%s): the complete result is in %s; an object "
+                         "store's %s may hold part of it. Move the files of %s into %s, _manifest.json last",
+                         f"{type(exc).__name__}: {exc}", staging, request.output, staging, request.output)
+        _keep_or_discard(staging, result_left=finished)
         raise
     return RunResult(output=request.output, manifest=manifest)
 
 
 def _keep_or_discard(staging: str, *, result_left: bool) -> None:
     """After a run failed or was interrupted (Ctrl-C included): keep its staging directory where it holds
-    work, else delete it. A complete result whose output appeared meanwhile stays where the error says
-    (``result_left``); rows the stages finished (``_parts/``, until the final pass) stay for ``--resume``,
-    which continues from them. Nothing there is read as a result: a dataset exists only once committed."""
+    work, else delete it. A complete result (its manifest written) that could not be committed stays
+    where the error says (``result_left``); rows the stages finished (``_parts/``, kept until the manifest
+    is written) stay for ``--resume``, which continues from them. Nothing there is read as a result: a
+    dataset exists only once committed."""
     if result_left:
         return
     try:

@@ -263,7 +263,9 @@ def test_items_the_search_refuses_are_failed_rows_with_the_reason(ray_local, sam
     assert gpd.read_parquet(out, bbox=(-1, -1, 1, 1)).empty
 
 
-def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch):
+def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catalog, tmp_path, monkeypatch, caplog):
+    """A commit that fails leaves no OUTPUT, and never deletes the complete result: it stays in the hidden
+    staging directory the log names (on an object store OUTPUT may hold part of it by then)."""
     import rsflow.output
 
     def boom(*args, **kwargs):
@@ -275,7 +277,37 @@ def test_a_failed_run_leaves_nothing_that_looks_complete(ray_local, sample_catal
         main(["region", "--stac", str(sample_catalog), "--bbox", "-75.70,37.650,-75.695,37.652",
               "--max-new-tokens", "2", "--output", str(out)])
     assert not out.exists()
-    assert not list(tmp_path.glob(".*"))  # the staging directory was removed too
+    (staging,) = tmp_path.glob(".out.staging-*")
+    assert json.loads((staging / "_manifest.json").read_text())["status"] == "complete"
+    assert not (staging / "_parts").exists() and not (staging / "_resume.json").exists()
+    assert len(gpd.read_parquet(staging)) > 0
+    assert f"the complete result is in {staging}" in caplog.text
+
+
+def test_a_run_that_fails_after_its_final_sort_is_resumed_from_its_rows(ray_local, sample_catalog, tmp_path,
+                                                                        monkeypatch):
+    """The staging parts stay until the manifest is written: a failure in the merge pass or the manifest
+    write (after the final sort) leaves them, and --resume carries every row over instead of running again."""
+    import rsflow.output
+
+    def boom(*args, **kwargs):
+        raise OSError("no space left (simulated at the manifest)")
+
+    out = tmp_path / "out"
+    args = ["region", "--stac", str(sample_catalog), "--bbox", "-75.70,37.650,-75.69,37.655", "--model", "noop",
+            "--tile-size", "64"]
+    with monkeypatch.context() as m:
+        m.setattr(rsflow.output, "write_manifest", boom)
+        with pytest.raises(OSError, match="no space left"):
+            main([*args, "--output", str(out)])
+    assert not out.exists()
+    (staging,) = tmp_path.glob(".out.staging-*")
+    assert list((staging / "_parts").glob("raw-*"))
+    assert main([*args, "--resume", str(out)]) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["resumed_from"]["tiles_carried"] == manifest["counts"]["tiles_planned"] > 0
+    assert manifest["rows_run_now"] == 0
+    assert not list(tmp_path.glob(".out.staging-*"))
 
 
 def test_gsd_on_an_item_in_degrees_fails_that_item_and_refuses_a_request_of_only_such_items(

@@ -3,13 +3,14 @@
 Layout of one run's output (a directory, local or on any fsspec filesystem)::
 
     OUTPUT/
-      part-<hilbert>-<write task>-<uuid>.parquet   GeoParquet 1.1, zstd, bbox covering column
+      part-<hilbert>-<write task>-<block>.parquet  GeoParquet 1.1, zstd, bbox covering column
       objects-<n>.parquet                           merged detections (detect/refer runs)
       _manifest.json                                the run manifest (pyarrow/geopandas ignore '_' files)
       _preview.html                                 the map preview
 
 ``<hilbert>`` is the file's first sort key (10 hex digits), ``<write task>`` the index of the Ray
-Data write task that wrote it.
+Data write task that wrote it, ``<block>`` the block's place among that task's (a retried task rewrites
+the same names). Each file is written under a hidden temporary name and renamed into place.
 
 Rows are ordered spatially: each row gets a Hilbert key of its footprint centroid, the dataset
 is sorted on it (Ray Data), each sorted block is written as one file and the file names start
@@ -235,6 +236,7 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
             "read_seconds": 0.0,
             "infer_seconds": 0.0,
         }
+        n_blocks = 0
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
             if table.num_rows == 0:
@@ -256,17 +258,21 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
             stats["read_seconds"] += float(tiles["_read_seconds"].sum())
             stats["infer_seconds"] += float(cols["_infer_seconds"].sum())
             first_key = int(table.column("_hilbert")[0].as_py())
-            name = f"part-{first_key:010x}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+            # Named after the task and the block's place in it, not at random: Ray Data retries a write task
+            # whose worker died, and the retry then replaces the files the first attempt finished instead
+            # of adding the same rows again under other names.
+            name = f"part-{first_key:010x}-{ctx.task_idx:05d}-{n_blocks:04d}.parquet"
+            n_blocks += 1
             is_object = pa.compute.equal(table.column("kind"), "object")
             n_objects = int(pa.compute.sum(is_object).as_py() or 0)
             stats["objects"] += n_objects
             if self.split_objects and n_objects:
                 raw = posixpath.join(root, RAW_OBJECTS_DIR)
                 fs.makedirs(raw, exist_ok=True)
-                write_geoparquet(table.filter(is_object), posixpath.join(raw, name), filesystem=fs)
+                _write_geoparquet_part(table.filter(is_object), fs, raw, name)
                 table = table.filter(pa.compute.invert(is_object))
             if table.num_rows:
-                write_geoparquet(table, posixpath.join(root, name), filesystem=fs)
+                _write_geoparquet_part(table, fs, root, name)
                 stats["rows"] += table.num_rows
                 stats["files"].append(name)
         return stats
@@ -588,8 +594,34 @@ class RawPartsSink(Datasink[int]):
         if not tables:
             return 0
         table = pa.concat_tables(tables)
-        _write_part(table, fs, root, f"raw-{ctx.task_idx:05d}-{uuid.uuid4().hex[:12]}.parquet")
+        # one file per write task, named after it: a task Ray retries after its worker died replaces the
+        # file the first attempt may have finished instead of adding the same rows under another name
+        _write_part(table, fs, root, f"raw-{ctx.task_idx:05d}.parquet")
         return table.num_rows
+
+
+def _write_geoparquet_part(table: pa.Table, fs: Any, folder: str, name: str) -> None:
+    """:func:`write_geoparquet` into ``folder/name`` under a hidden temporary name, renamed into place: a
+    write task killed half way (out of memory, a lost node) leaves no cut-short file in the dataset."""
+    tmp = posixpath.join(folder, f".{name}.tmp")
+    write_geoparquet(table, tmp, filesystem=fs)
+    fs.mv(tmp, posixpath.join(folder, name))
+
+
+def remove_unfinished(directory: str) -> list[str]:
+    """Delete the hidden temporary files that killed writers left in ``directory`` (and ``_objects_raw/``)
+    before it is committed; returns their names."""
+    fs, root = fsspec.core.url_to_fs(directory)
+    gone = []
+    for folder in (root, posixpath.join(root, RAW_OBJECTS_DIR)):
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith(".") and name.endswith(".tmp"):
+                fs.rm(path)
+                gone.append(name)
+    return gone
 
 
 def _write_part(table: pa.Table, fs: Any, folder: str, name: str) -> None:

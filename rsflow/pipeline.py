@@ -727,6 +727,8 @@ def run_region(
         else:
             n_objects = sink.summary.objects
         fs_files = [*fs_files, *object_files]
+        for name in out.remove_unfinished(staging):
+            logger.warning("removed %s, left by a write task that was killed (Ray ran it again)", name)
         if not fs_files:
             fs, root = fsspec.core.url_to_fs(staging)
             fs.makedirs(root, exist_ok=True)

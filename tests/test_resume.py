@@ -233,10 +233,14 @@ def test_a_write_task_keeps_its_rows_in_one_part(tmp_path):
     ctx = types.SimpleNamespace(task_idx=3)
     assert sink.write([rows("a", 2), rows("b", 3).slice(0, 0), rows("b", 3)], ctx) == 5
     parts = sorted((tmp_path / "parts").iterdir())
-    assert [p.name.startswith("raw-00003-") and p.suffix == ".parquet" for p in parts] == [True]
+    assert [p.name for p in parts] == ["raw-00003.parquet"]
     assert pq.read_table(parts[0]).column("tile_id").to_pylist() == ["a", "a", "b", "b", "b"]
     assert sink.write([rows("c", 1).slice(0, 0)], ctx) == 0
     assert len(list((tmp_path / "parts").iterdir())) == 1
+    # Ray retries a task whose worker died after its file was renamed in: the retry replaces it, no duplicate
+    assert sink.write([rows("a", 2), rows("b", 3)], ctx) == 5
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == ["raw-00003.parquet"]
+    assert pq.read_table(parts[0]).num_rows == 5
     # whole blocks per task: a no-op block of 1,024 rows is not cut in two; a model's blocks go one by one
     assert interpret_batch_rows(ModelSpec(model="noop"), 50) == 512
     assert interpret_batch_rows(ModelSpec(model="noop"), 1024) == 1024
@@ -340,3 +344,36 @@ def test_an_overwrite_commit_swaps_the_new_dataset_in(exchange: bool, tmp_path: 
     out.commit(str(staging), str(output), overwrite=True)
     assert sorted(p.name for p in output.iterdir()) == [out.MANIFEST_NAME, "part-new.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_dataset_files_are_renamed_into_place_and_a_retried_write_task_rewrites_its_own(tmp_path):
+    """The final pass's sink (run in Ray tasks for large outputs) writes each file under a hidden name and
+    renames it, named after the task and the block: a task killed half way leaves no cut-short file in
+    the dataset (its hidden leftover is removed before the commit), and Ray's retry of the task writes the
+    same names again, so no row is in the dataset twice."""
+    import types
+
+    import geopandas as gpd
+    import pyarrow as pa
+    import shapely
+
+    from rsflow.output import RESULT_SCHEMA, GeoParquetDatasink, remove_unfinished
+
+    def rows(keys: list[int]) -> pa.Table:
+        empty = {name: None for name in RESULT_SCHEMA.names}
+        box = shapely.to_wkb(shapely.box(0, 0, 1, 1))
+        return pa.Table.from_pylist(
+            [{**empty, "tile_id": f"t{k}", "item_id": "i", "kind": "tile", "status": "ok", "_primary": True,
+              "_hilbert": k, "_read_seconds": 0.0, "_infer_seconds": 0.0, "geometry": box} for k in keys],
+            schema=RESULT_SCHEMA)
+
+    folder = tmp_path / "staging"
+    sink = GeoParquetDatasink(str(folder))
+    ctx = types.SimpleNamespace(task_idx=7)
+    first = sink.write([rows([1, 2]), rows([5, 6, 7])], ctx)
+    again = sink.write([rows([1, 2]), rows([5, 6, 7])], ctx)  # the retry of the same task
+    assert first["files"] == again["files"] == ["part-0000000001-00007-0000.parquet", "part-0000000005-00007-0001.parquet"]
+    (folder / ".part-0000000009-00008-0000.parquet.tmp").write_bytes(b"PAR1 cut short")  # a killed writer's
+    assert remove_unfinished(str(folder)) == [".part-0000000009-00008-0000.parquet.tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == first["files"]
+    assert sorted(gpd.read_parquet(folder)["tile_id"]) == ["t1", "t2", "t5", "t6", "t7"]

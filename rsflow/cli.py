@@ -309,6 +309,10 @@ def _run_region(args: argparse.Namespace) -> int:
         f"wrote {c['rows_written']} rows for {c['tiles_planned']} tiles of {c['items_found']} items "
         f"(ok {c['tiles_ok']}, skipped {c['tiles_skipped']}, failed {c['tiles_failed']}) to {result.output}"
     )
+    search = m.get("search") or {}
+    if search.get("reached_max_items"):  # the run is complete for these items only: say so where it is read
+        print(f"NOTE: the search stopped at --max-items {search['max_items']}: more items may match the AOI and "
+              "dates; raise --max-items (or narrow --datetime) to cover them", file=sys.stderr)
     if c["tiles_failed"] or c.get("items_failed"):
         print(
             f"rsflow region: finished with {c['tiles_failed']} failed tiles and {c.get('items_failed', 0)} "

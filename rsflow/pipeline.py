@@ -587,9 +587,15 @@ def run_region(
         # Items the search refused (no geometry or assets, an id another item has) are failed rows too.
         items = [*found.items, *({**item, REFUSED_KEY: reason} for item, reason in found.refused)]
         items_given = False
+        search_record: dict[str, Any] = {
+            "items": len(found.items), "refused": len(found.refused), "duplicates": found.n_duplicates,
+            "cloud_filtered": found.n_cloud_filtered, "max_items": request.max_items,
+            "reached_max_items": found.reached_max_items,
+        }
     else:
         items = list(items)
         items_given = True
+        search_record = {"items": len(items), "given_by_caller": True}
     search_seconds = time.perf_counter() - t_search
     logger.info("search: %d items in %.1f s%s", len(items), search_seconds,
                 " (given by the caller)" if items_given else "")
@@ -640,6 +646,7 @@ def run_region(
         "profiles": {c: p.name for c, p in profiles.items()},
         "items": [{"id": i["id"], "collection": i.get("collection"), "datetime": i.get("properties", {}).get("datetime")} for i in items],
         "items_given": items_given,
+        "search": search_record,
         "versions": package_versions(),
         "columns": out.RESULT_COLUMNS,
     }

@@ -336,6 +336,15 @@ def test_gsd_on_an_item_in_degrees_fails_that_item_and_refuses_a_request_of_only
     by_item = gdf.groupby("item_id")["status"].agg(set).to_dict()
     assert by_item == {good["id"]: {"ok"}, degrees["id"]: {"failed"}}
     assert gdf.loc[gdf["item_id"] == degrees["id"], "error"].str.contains("--gsd: is in metres").all()
+    search = json.loads((out / "_manifest.json").read_text())["search"]
+    assert search == {"items": 2, "refused": 0, "duplicates": 0, "cloud_filtered": 0, "max_items": 100,
+                      "reached_max_items": False}
+
+    # a search cut short by --max-items says so in the manifest and on stderr, not only in a log line
+    capsys.readouterr()
+    assert _run(["--stac", str(both), *common, "--max-items", "1", "--output", str(tmp_path / "cut")]) in (0, 4)
+    assert json.loads((tmp_path / "cut" / "_manifest.json").read_text())["search"]["reached_max_items"] is True
+    assert "NOTE: the search stopped at --max-items 1: more items may match" in capsys.readouterr().err
 
     alone = tmp_path / "alone.json"
     alone.write_text(json.dumps({"type": "FeatureCollection", "features": [degrees]}))

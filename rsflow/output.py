@@ -636,9 +636,16 @@ def carry_over(source: ResumeSource, staging: str) -> set[str]:
     """Copy the rows an earlier attempt finished into ``staging``'s parts; return the tiles done.
 
     From an interrupted run, its ``_parts/`` files (a file the kill cut short is never there: parts are
-    renamed into place); from a committed run, its dataset and merged objects (working columns
-    rebuilt). Rows of tiles that failed are left out: those tiles run again. Tiles with a kept row (ok
-    or skipped) are done.
+    renamed into place), one carried part per part: each holds whole tiles, so a copy killed half way
+    leaves whole tiles carried or not. From a committed run, its dataset and merged objects (working
+    columns rebuilt over all of it) as ONE part: the sort spread a tile's rows over several files, and a
+    copy killed between them would have counted the tile done with some of its prompts' rows lost.
+
+    Rows of tiles that failed are left out: those tiles run again. A merged object of a committed run
+    that a failed tile contributed to is left out too, with every row of the other tiles it was merged
+    from (transitively): they run again, and the merge pass puts the object together anew from all of
+    them (kept, it would have lost the failed tile's detection, or counted another on top of its own).
+    Tiles with a kept row (ok or skipped) are done.
     """
     fs, src = fsspec.core.url_to_fs(source.directory)
     _, dst = fsspec.core.url_to_fs(staging)
@@ -646,9 +653,10 @@ def carry_over(source: ResumeSource, staging: str) -> set[str]:
     fs.makedirs(parts, exist_ok=True)
     tables = []
     if source.committed:
-        for path in sorted(p for p in fs.find(src) if posixpath.basename(p).endswith(".parquet")):
-            table = pq.read_table(path, filesystem=fs, columns=WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
-            tables.append(_with_working_columns(table))
+        committed = [pq.read_table(path, filesystem=fs, columns=WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
+                     for path in sorted(p for p in fs.find(src) if posixpath.basename(p).endswith(".parquet"))]
+        if committed:
+            tables.append(_with_working_columns(pa.concat_tables(committed)))
     else:
         raw = posixpath.join(src, PARTS_DIR)
         for path in sorted(p for p in (fs.find(raw) if fs.exists(raw) else [])
@@ -659,17 +667,41 @@ def carry_over(source: ResumeSource, staging: str) -> set[str]:
         is_failed_tile = pa.compute.and_(pa.compute.equal(table.column("kind"), "tile"),
                                          pa.compute.equal(table.column("status"), "failed"))
         failed.update(table.filter(is_failed_tile).column("tile_id").to_pylist())
+    rerun = _with_merge_partners(tables, failed) if source.committed else failed
     done: set[str] = set()
     for i, table in enumerate(tables):
-        keep = pa.array([t not in failed for t in table.column("tile_id").to_pylist()], type=pa.bool_())
+        keep = pa.array([not _runs_again(t, sources, rerun) for t, sources in zip(
+            table.column("tile_id").to_pylist(), table.column("source_tile_ids").to_pylist(), strict=True)],
+            type=pa.bool_())
         table = table.filter(keep)
         if not table.num_rows:
             continue
         _write_part(table, fs, parts, f"raw-carried-{i:05d}.parquet")
         done.update(table.filter(pa.compute.equal(table.column("kind"), "tile")).column("tile_id").to_pylist())
-    logger.info("resume: %d tiles carried over from %s, %d failed ones run again", len(done), source.directory,
-                len(failed))
+    logger.info("resume: %d tiles carried over from %s, %d failed ones run again (%d with the objects they share)",
+                len(done), source.directory, len(failed), len(rerun))
     return done
+
+
+def _runs_again(tile_id: str, sources: list[str] | None, rerun: set[str]) -> bool:
+    return tile_id in rerun or bool(sources and not rerun.isdisjoint(sources))
+
+
+def _with_merge_partners(tables: list[pa.Table], failed: set[str]) -> set[str]:
+    """``failed`` plus every tile a merged object joins to one of them, to a fixed point (an object that
+    runs again takes all its source tiles with it, and those may share other objects)."""
+    groups = [set(sources) for table in tables
+              for sources in table.filter(pa.compute.equal(table.column("kind"), "object"))
+              .column("source_tile_ids").to_pylist() if sources]
+    rerun = set(failed)
+    grew = True
+    while grew:
+        grew = False
+        for group in groups:
+            if not group <= rerun and not rerun.isdisjoint(group):
+                rerun |= group
+                grew = True
+    return rerun
 
 
 def _with_working_columns(table: pa.Table) -> pa.Table:

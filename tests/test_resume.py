@@ -377,3 +377,104 @@ def test_dataset_files_are_renamed_into_place_and_a_retried_write_task_rewrites_
     assert remove_unfinished(str(folder)) == [".part-0000000009-00008-0000.parquet.tmp"]
     assert sorted(p.name for p in folder.iterdir()) == first["files"]
     assert sorted(gpd.read_parquet(folder)["tile_id"]) == ["t1", "t2", "t5", "t6", "t7"]
+
+
+def _committed_run(folder: Path, tiles: dict[str, list[tuple[str, str | None, str]]], *,
+                   resume: Any = None, merge: float = 0.5,
+                   rows_per_file: int = 25_000) -> tuple[set[str] | None, list[tuple[str, list[str], int]]]:
+    """A region run's final pass without Ray: ``tiles`` (tile -> its prompts' (task, answer, status)), read
+    as the interpret stage reads them, into staging parts (after ``carry_over(resume)`` when given), sorted,
+    merged and renamed to ``folder``. Returns the tiles carry_over counted done and the merged objects."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    from rsflow import output as out
+    from rsflow.georef import to_epsg4326
+    from rsflow.interpret import interpret_row
+
+    x0, y0, res = 400000.0, 4153360.0, 10.0
+    staging = folder.parent / f".{folder.name}.staging-x"
+    parts = staging / out.PARTS_DIR
+    parts.mkdir(parents=True)
+    done = out.carry_over(resume, str(staging)) if resume is not None else None
+    for n, (tile, prompts) in enumerate(tiles.items()):
+        col_off = 168 * n  # neighbouring tiles overlap by half: both see the object
+        transform = [res, 0, x0 + col_off * res, 0, -res, y0]
+        footprint = shapely.to_wkb(to_epsg4326(shapely.box(transform[2], y0 - 3360, transform[2] + 3360, y0),
+                                               "EPSG:32618"))
+        rows = []
+        for k, (task, text, status) in enumerate(prompts):
+            row = {"tile_id": tile, "item_id": "i1", "collection": "c", "datetime": "2024-01-01T00:00:00Z",
+                   "task": task, "prompt": task, "prompt_key": "ship" if task == "detect" else "q",
+                   "region_id": None, "text": text, "model_id": "m", "status": status, "stage": "infer",
+                   "error": None if status == "ok" else "boom", "nodata_fraction": 0.0, "crs": "EPSG:32618",
+                   "col_off": col_off, "row_off": 0, "width": 336, "height": 336, "res": res,
+                   "transform": transform, "footprint_wkb": footprint}
+            for i, r in enumerate(interpret_row(row)):
+                r.update(_primary=(k == 0 and i == 0), _read_seconds=0.0, _infer_seconds=0.0)
+                rows.append(r)
+        for r, key in zip(rows, out.geometry_keys([r["geometry"] for r in rows]), strict=True):
+            r["_hilbert"] = int(key)
+        out._write_part(pa.Table.from_pylist(rows, schema=out.RESULT_SCHEMA), fsspec.filesystem("file"),
+                        str(parts), f"raw-{n:05d}.parquet")
+    sink = out.GeoParquetDatasink(str(staging), split_objects=True)
+    sink.write_sorted_parts(str(parts), rows_per_file=rows_per_file)
+    import shutil
+
+    shutil.rmtree(parts)
+    out.merge_object_files(str(staging), merge)
+    out.write_manifest(str(staging), {"status": "complete", "run_id": "x", "counts": {"tiles_failed": 1}})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    table = pq.read_table(folder).to_pylist()
+    objects = sorted((r["tile_id"], sorted(r["source_tile_ids"]), r["n_merged"]) for r in table if r["kind"] == "object")
+    return done, objects
+
+
+@pytest.mark.parametrize("largest", ["A", "B"])
+def test_resume_of_a_merged_run_reruns_every_tile_an_object_shares_with_a_failed_one(tmp_path: Path,
+                                                                                    largest: str) -> None:
+    """Tile A's question failed and its detection did not: --resume runs A again, and with it tile B, whose
+    detection was merged with A's into one object. Carried, that object lost A's part (A was its
+    representative) or counted A's detection twice (B was): the result now equals a run where A never failed."""
+    from rsflow.output import ResumeSource
+
+    boxes = {"A": "{<60><40><78><50>|<0>}", "B": "{<10><40><27><50>|<0>}"} if largest == "A" else \
+        {"A": "{<60><40><77><50>|<0>}", "B": "{<10><40><28><50>|<0>}"}
+    ok = {t: [("detect", boxes[t], "ok"), ("vqa", "yes", "ok")] for t in ("A", "B")}
+    _, fresh = _committed_run(tmp_path / "fresh", ok)
+    assert fresh == [(largest, ["A", "B"], 2)]
+    _committed_run(tmp_path / "first", {**ok, "A": [("detect", boxes["A"], "ok"), ("vqa", None, "failed")]})
+    source = ResumeSource(directory=str(tmp_path / "first"), committed=True, request={}, failed_tiles=1)
+    done, _ = _committed_run(tmp_path / "scratch", {}, resume=source)
+    assert done == set()  # A failed; B shares an object with it: both run again
+    _, resumed = _committed_run(tmp_path / "resumed", ok, resume=source)  # the pipeline runs the tiles not done
+    assert resumed == fresh
+
+
+def test_resume_of_a_committed_run_carries_its_rows_as_one_part_with_each_tile_counted_once(tmp_path: Path) -> None:
+    """A committed dataset's files are cut by row count after the sort, so one tile's rows can lie in two
+    files: they are carried as one part (a kill cannot carry half a tile), and the manifest's tile counts
+    see each tile once."""
+    import pyarrow.parquet as pq
+
+    from rsflow.output import PARTS_DIR, ResumeSource
+
+    tiles = {t: [("caption", "a field", "ok"), ("vqa", "yes", "ok"), ("classify", "Forest", "ok")] for t in "ABCD"}
+    tiles["F"] = [("caption", None, "failed"), ("vqa", None, "failed"), ("classify", None, "failed")]
+    _committed_run(tmp_path / "first", tiles, rows_per_file=4)
+    files = [pq.read_table(f).column("tile_id").to_pylist() for f in sorted((tmp_path / "first").glob("*.parquet"))]
+    assert len(files) == 4 and any(len(set(f)) > 1 for f in files)  # tiles cut across files
+    source = ResumeSource(directory=str(tmp_path / "first"), committed=True, request={}, failed_tiles=1)
+    staging = tmp_path / ".second.staging-y"
+    from rsflow.output import carry_over
+
+    done = carry_over(source, str(staging))
+    assert done == {"A", "B", "C", "D"}
+    (part,) = (staging / PARTS_DIR).iterdir()
+    table = pq.read_table(part).to_pylist()
+    assert sorted(r["tile_id"] for r in table if r["_primary"]) == ["A", "B", "C", "D"]
+    assert len(table) == 12

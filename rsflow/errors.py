@@ -43,6 +43,11 @@ class RequestError(RsflowError, ValueError):
         self.reason = reason
         super().__init__(f"{field}: {reason}")
 
+    def __reduce__(self) -> tuple[type[RequestError], tuple[str, str]]:
+        # Rebuilt from its two arguments: raised in a Ray task or actor, it reaches the driver as itself (the
+        # CLI's one line and exit 2), not as Ray's "failed to deserialize the exception" wrapper.
+        return type(self), (self.field, self.reason)
+
 
 class SourceError(RsflowError):
     """A STAC source could not be searched or read (keeps the HTTP status where there is one)."""
@@ -50,6 +55,9 @@ class SourceError(RsflowError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         self.status_code = status_code
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[SourceError], tuple[str, int | None]]:
+        return type(self), (str(self), self.status_code)
 
 
 class ModelError(RsflowError):

@@ -58,9 +58,26 @@ BAD = [
     (["--stac", "  "], "--stac"),
     # the model's input size is the default tile size: a size no tile can have names --image-size
     (["--model", "smoke", "--image-size", "1"], "--image-size"),
+    # a size the vision tower was not built for (the demo model's is 64 px): refused before Ray starts, not by
+    # the model actors with a traceback after tiles were read
+    (["--image-size", "336"], "--image-size"),
     # contradictory flags
     (["--resume", "OUT", "--overwrite"], "--overwrite"),
 ]
+
+
+def test_bad_input_errors_survive_a_ray_worker() -> None:
+    """A RequestError or SourceError raised in a Ray task or actor is pickled back to the driver: rebuilt
+    as itself, the CLI prints its one line with exit 2 (it used to arrive as Ray's "failed to deserialize")."""
+    import pickle
+
+    from rsflow.errors import RequestError, SourceError
+
+    back = pickle.loads(pickle.dumps(RequestError("--image-size", "336 px does not match")))
+    assert type(back) is RequestError and (back.field, back.reason) == ("--image-size", "336 px does not match")
+    assert str(back) == "--image-size: 336 px does not match"
+    source = pickle.loads(pickle.dumps(SourceError("catalog down", 503)))
+    assert (str(source), source.status_code) == ("catalog down", 503)
 
 
 def test_a_model_that_cannot_be_read_is_bad_input_before_any_work(tmp_path, capsys, monkeypatch):

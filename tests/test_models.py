@@ -182,7 +182,10 @@ def test_model_input_size_reads_config_only(tiny_model_dir: Path, tmp_path: Path
     folder = _json_only_copy(tiny_model_dir, tmp_path / "cfg")  # no weights at all
     assert not list(folder.glob("*.safetensors"))
     assert model_input_size(ModelSpec(model=str(folder))) == 64
-    assert model_input_size(ModelSpec(model=str(folder), image_size=336)) == 336
+    assert model_input_size(ModelSpec(model=str(folder), image_size=64)) == 64
+    # a size the tower was not built for is refused here, from the JSON, before any work (not by the actors)
+    with pytest.raises(RequestError, match=r"^--image-size: 336 px does not match the vision tower's 64 px"):
+        model_input_size(ModelSpec(model=str(folder), image_size=336))
 
     # processor crop size wins over the vision config ...
     proc = json.loads((folder / "processor_config.json").read_text())

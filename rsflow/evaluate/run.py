@@ -59,6 +59,7 @@ from rsflow.evaluate.scoring import read_answer, score
 from rsflow.models.prompts import check_tasks
 from rsflow.models.spec import (
     ModelSpec,
+    check_image_size,
     model_card,
     model_id,
     resolve_adapter,
@@ -408,6 +409,7 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     spec = config.model
     resolve_adapter(spec)
     resolve_model_dir(spec)
+    check_image_size(spec)  # before any file is written: a run.json of a run that cannot start blocks the next
     prompt_format = resolve_prompt_format(spec)
     try:
         check_tasks([bench.task], prompt_format)

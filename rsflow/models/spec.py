@@ -341,6 +341,7 @@ def model_input_size(spec: ModelSpec) -> int:
         ModelError: none of those files gives a size.
     """
     if spec.image_size is not None:
+        check_image_size(spec)
         return spec.image_size
     if spec.model == NOOP_MODEL:
         return NOOP_INPUT_SIZE
@@ -376,6 +377,28 @@ def model_input_size(spec: ModelSpec) -> int:
             "(no such repository, or no network: download it and give its folder)"
         )
     raise ModelError(f"cannot tell the input image size of {ref!r}; pass --image-size")
+
+
+def check_image_size(spec: ModelSpec) -> None:
+    """``--image-size``, where given, against the vision tower of a transformers-format checkpoint
+    (``vision_config.image_size`` of its ``config.json``; JSON only): the model actor refuses a mismatch
+    too, but only once Ray has started and tiles have been read. Nothing to check for the no-op model, an
+    original LLaVA-repository checkpoint (its tower is described from its own files) or a config that
+    cannot be read here.
+
+    Raises:
+        RequestError: (``--image-size``) the size is not the tower's.
+    """
+    if spec.image_size is None or spec.model == NOOP_MODEL or describe_original_checkpoint(spec) is not None:
+        return
+    vision = (_read_json(resolve_model_dir(spec), "config.json") or {}).get("vision_config")
+    tower = vision.get("image_size") if isinstance(vision, dict) else None
+    if isinstance(tower, int) and tower != spec.image_size:
+        raise RequestError(
+            "--image-size",
+            f"{spec.image_size} px does not match the vision tower's {tower} px; convert the checkpoint for that "
+            "size (e.g. GeoChat's interpolated position table) or leave --image-size out",
+        )
 
 
 def describe_original_checkpoint(spec: ModelSpec) -> dict[str, Any] | None:

@@ -214,3 +214,28 @@ def test_llava_repo_export_loads_with_identical_logits(short_recipe: dict[str, A
         b = ours.model(input_ids=ids, pixel_values=pixels).logits
     assert a.shape == b.shape
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_the_recipe_refuses_an_output_it_would_replace_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packaging renames the model onto --output and deletes what was there: a folder of other files
+    (``--output /shared/models``, meant as "put it in here") is refused before any training, and so is a
+    --min-water-accuracy outside 0-1 (it trained for minutes, then refused to package)."""
+    from rsflow.finetune.demo import check_demo_output
+
+    module = _train_demo_module()
+    monkeypatch.setattr(module, "train_demo", lambda *a, **k: pytest.fail("training started"))
+    theirs = tmp_path / "models"
+    (theirs / "results").mkdir(parents=True)
+    (theirs / "results" / "data.parquet").write_text("theirs")
+    assert module.main(["--output", str(theirs), "--work", str(tmp_path / "work")]) == 2
+    assert "--output: " in capsys.readouterr().err and (theirs / "results" / "data.parquet").read_text() == "theirs"
+    assert module.main(["--output", str(tmp_path / "new"), "--work", str(tmp_path / "w"),
+                        "--min-water-accuracy", "2"]) == 2
+    assert "--min-water-accuracy: must be between 0 and 1" in capsys.readouterr().err
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "rsflow.json").write_text('{"kind": "demo"}')
+    check_demo_output(demo)  # an earlier demo model, an empty or a new folder: replaced as before
+    check_demo_output(tmp_path / "empty-or-new")

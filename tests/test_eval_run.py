@@ -265,6 +265,8 @@ def test_bad_input_fails_before_inference_with_one_line(
                                         str(tmp_path / "none.jsonl")), "--questions")
     err = _one_line_error(capsys, _eval("geochat-hrben", bench_data["geochat-lrben"], out), "--questions")
     assert "holds no hrben.jsonl" in err
+    err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], "s3://bucket/eval"), "--output")
+    assert "is a URL: rsflow eval writes a local folder" in err
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--image-size", "336"), "--image-size")
     assert "does not match the vision tower's 64 px" in err
     err = _one_line_error(capsys, _eval("rsvqa-lr", bench_data["rsvqa-lr"], out, "--limit", "0"), "--limit")

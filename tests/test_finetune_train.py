@@ -180,6 +180,10 @@ def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
         ({}, ["max_grad_norm=.inf"], "max_grad_norm", "must be a finite number"),
         ({}, ["cpus_per_worker=0"], "cpus_per_worker", "must be > 0"),
         ({}, ["base=..."], "base", "is not a YAML scalar"),  # the README's placeholder: was a traceback
+        # Path() made s3://b/runs the local <cwd>/s3:/b/runs; an empty value the working directory
+        ({}, ["output=s3://bucket/runs"], "output", "is a URL: runs are stored in a folder"),
+        ({}, ["output="], "output", "give the folder runs are stored in"),
+        ({"output": "__FILE__/runs"}, [], "output", "is a file"),  # was a traceback 20 s in, after Ray started
     ],
 )
 def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(
@@ -188,6 +192,8 @@ def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(
 ) -> None:
     data = tmp_path / "train.json"
     data.write_text("[]")
+    if extra.get("output", "").startswith("__FILE__"):
+        extra = {**extra, "output": extra["output"].replace("__FILE__", str(data))}
     config_path = _write_yaml(tmp_path / "run.yaml", tiny_model_dir, data, **extra)
     with pytest.raises(RequestError, match=message) as info:
         load_config(config_path, overrides)

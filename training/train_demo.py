@@ -136,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from rsflow.cli import check_ray_address
+    from rsflow.finetune.demo import check_demo_output
 
     try:
         check_ray_address(None)  # RAY_ADDRESS, or a `ray start` record, that nothing answers: one line, no wait
+        check_demo_output(args.output)  # before minutes of training, not when packaging replaces it
+        if not 0.0 <= args.min_water_accuracy <= 1.0:
+            raise RequestError("--min-water-accuracy", f"must be between 0 and 1, got {args.min_water_accuracy}")
         summary = train_demo(Path(args.work), Path(args.output), align_steps=args.align_steps,
                              instruct_steps=args.instruct_steps, workers=args.workers,
                              min_water_accuracy=args.min_water_accuracy)

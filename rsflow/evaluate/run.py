@@ -143,6 +143,9 @@ class EvalConfig:
             raise RequestError("--data", "give the benchmark's folder")
         if not isinstance(self.output, str) or not self.output.strip():
             raise RequestError("--output", "give a folder for the predictions and metrics")
+        if "://" in self.output:  # Path() would make s3://b/x the local folder <cwd>/s3:/b/x (deleted with a Ray job)
+            raise RequestError("--output", f"{self.output!r} is a URL: rsflow eval writes a local folder (or one on a "
+                                           "filesystem the cluster mounts); copy it to object storage afterwards")
         refuse_output_in_job_copy(self.output, "--output")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise RequestError("--limit", f"must be a whole number >= 1, got {self.limit!r}")

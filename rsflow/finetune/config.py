@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -378,6 +379,12 @@ def load_config(
         from rsflow.models.tiny import ensure_smoke_model
 
         values["base"] = str(ensure_smoke_model())
+    output = values.get("output", "runs")
+    if not isinstance(output, str) or not output.strip():
+        raise RequestError("output", "give the folder runs are stored in (shared by every node of the cluster)")
+    if "://" in output:  # Path() would make s3://b/runs the local folder <cwd>/s3:/b/runs
+        raise RequestError("output", f"{output!r} is a URL: runs are stored in a folder of a filesystem every node "
+                                     "mounts (NFS, a Filestore/EFS volume), e.g. /shared/runs")
     for key in _PATH_KEYS:  # Ray workers and actors do not share the driver's working directory
         if isinstance(values.get(key), str) and values[key]:
             values[key] = str(Path(values[key]).expanduser().resolve())
@@ -405,6 +412,12 @@ def check_config(config: FinetuneConfig) -> None:
         raise RequestError("data", f"{Path(config.data).expanduser()} does not exist (a JSON file, or Parquet)")
     if config.image_root and not Path(config.image_root).expanduser().is_dir():
         raise RequestError("image_root", f"{Path(config.image_root).expanduser()} does not exist (a folder)")
+    output = Path(config.output).expanduser()
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise RequestError("output", f"cannot store runs in {output}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise RequestError("output", f"cannot store runs in {output}: {existing} is not writable")
     if config.stage == "instruct":
         names = language_model_linear_names(base)
         for target in config.lora_targets:

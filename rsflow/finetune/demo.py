@@ -191,6 +191,30 @@ def score_table(scores: Mapping[str, QuestionScore]) -> str:
     return "\n".join(lines)
 
 
+def check_demo_output(out: str | os.PathLike[str]) -> None:
+    """The folder a demo model is packaged into may be replaced only when it is missing, empty or a demo
+    model itself (``rsflow.json`` of ``kind: demo``): packaging renames the new model onto it and deletes
+    what was there, which for ``--output /shared/models`` ("put it in here") was somebody's files.
+
+    Raises:
+        RequestError: (``--output``) a file, or a folder holding something else.
+    """
+    path = Path(out)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RequestError("--output", f"{path} is a file; give a folder for the demo model")
+    if not any(path.iterdir()):
+        return
+    try:
+        kind = json.loads((path / "rsflow.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "demo":
+        raise RequestError("--output", f"{path} holds files that are not a demo model (no rsflow.json of kind "
+                                       "demo), and packaging would replace them; give a new or empty folder")
+
+
 def package_demo_model(
     aligned_model: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
@@ -231,6 +255,7 @@ def package_demo_model(
     from rsflow.models.formats import save_llava_hf
 
     src, out = Path(aligned_model), Path(out_dir)
+    check_demo_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model is read by other users and processes

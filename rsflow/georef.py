@@ -147,27 +147,86 @@ def pixel_polygon_to_crs(poly_px: Polygon, transform6: Transform6 | list[float])
 
 
 def split_at_antimeridian(geom: BaseGeometry) -> BaseGeometry:
-    """A polygon reprojected vertex by vertex whose ring jumps across the antimeridian (its longitudes
-    span more than 180 degrees: a tile of a UTM zone 1 or 60 scene, say) as the MultiPolygon of its
-    parts west and east of it, each counter-clockwise; any other geometry as it is. Unsplit, such a ring
-    is a valid polygon about 360 degrees wide, which every reader and spatial filter takes at its word."""
+    """An EPSG:4326 polygon reprojected vertex by vertex, made a valid lon/lat geometry that stays inside
+    ``[-180, 180] x [-90, 90]``; any other geometry as it is.
+
+    - A ring that jumps across the antimeridian (its longitudes span more than 180 degrees: a tile of a
+      UTM zone 1 or 60 scene, say) becomes the MultiPolygon of its parts west and east of it. Unsplit, it
+      is a valid polygon about 360 degrees wide, which every reader and spatial filter takes at its word.
+    - A ring that winds round a pole (a tile of a polar grid that holds the pole) becomes the cap between
+      it and the pole, closed through ``(+-180, +-90)`` (:func:`_polar_cap`). As it was, it was an invalid
+      thin band at the ring's latitude that left out the tile's own area.
+    - A polygon past +-180 degrees (a padded edge tile of an EPSG:4326 grid that reaches the line: a
+      geographic CRS keeps whatever longitude it is given) is wrapped and split there, so that GeoParquet
+      bboxes stay within [-180, 180]; what lies past a pole is cut off.
+
+    Each part is counter-clockwise.
+    """
     if geom.is_empty or not isinstance(geom, Polygon):
         return geom
-    minx, _, maxx, _ = geom.bounds
-    if maxx - minx <= 180.0:
+    minx, miny, maxx, maxy = geom.bounds
+    if maxx - minx > 180.0:
+        winding = _pole_winding(np.asarray(geom.exterior.coords)[:, 0])
+        if winding != 0:
+            return _polar_cap(geom, winding)
+        shifted = shapely.transform(geom, _eastward)  # -179.99 -> 180.01: the ring continuous across 180
+        if shifted.bounds[2] - shifted.bounds[0] > 180.0:  # neither across 180 nor round a pole: no better guess
+            return geom
+        geom = shifted
+    elif minx >= -180.0 and maxx <= 180.0 and miny >= -90.0 and maxy <= 90.0:
         return geom
+    return _wrap_lonlat(cast(Polygon, geom))
 
-    def eastward(coords: np.ndarray) -> np.ndarray:  # -179.99 -> 180.01: the ring continuous across 180
-        return np.column_stack([np.where(coords[:, 0] < 0, coords[:, 0] + 360.0, coords[:, 0]), coords[:, 1]])
 
-    shifted = shapely.transform(geom, eastward)
-    if shifted.bounds[2] - shifted.bounds[0] > 180.0:  # still wide: a ring round a pole, not across 180
-        return geom
-    west = shapely.clip_by_rect(shifted, -180.0, -90.0, 180.0, 90.0)
-    east = shapely.transform(shapely.clip_by_rect(shifted, 180.0, -90.0, 540.0, 90.0),
-                             lambda coords: coords - np.array([360.0, 0.0]))
-    parts = [orient(p, sign=1.0) for part in (west, east) for p in shapely.get_parts(part)
-             if isinstance(p, Polygon) and not p.is_empty]
+def _eastward(coords: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.where(coords[:, 0] < 0, coords[:, 0] + 360.0, coords[:, 0]), coords[:, 1]])
+
+
+def _pole_winding(lon: np.ndarray) -> int:
+    """How many times a closed ring of longitudes goes round a pole, eastward positive (0 for a ring that
+    crosses the antimeridian and comes back). Each step is taken as the shorter way round: a tile's edge
+    turns less than 180 degrees about a pole it does not pass through."""
+    step = (np.diff(lon) + 180.0) % 360.0 - 180.0
+    return round(float(step.sum()) / 360.0)
+
+
+def _polar_cap(poly: Polygon, winding: int) -> BaseGeometry:
+    """The cap between a ring that goes once round a pole and that pole, in ``[-180, 180] x [-90, 90]``.
+
+    The ring is unrolled eastward into a curve whose end is its start plus 360 degrees, repeated over
+    four periods (so that it spans [-180, 180] with room for any wiggle), closed along the pole's latitude
+    and clipped to [-180, 180]: the seam at +-180 falls where the clip puts it, not where the ring starts.
+    The pole is the one on the ring's side of the equator (a tile holds at most one pole).
+    """
+    coords = np.asarray(poly.exterior.coords)
+    if winding < 0:
+        coords = coords[::-1]
+    lat = coords[:, 1]
+    lon = coords[0, 0] + np.concatenate([[0.0], np.cumsum((np.diff(coords[:, 0]) + 180.0) % 360.0 - 180.0)])
+    pole = 90.0 if float(lat.mean()) > 0 else -90.0
+    periods = (-2, -1, 0, 1)
+    xs = np.concatenate([lon[:-1] + 360.0 * k for k in periods] + [lon[-1:] + 360.0 * periods[-1]])
+    ys = np.concatenate([lat[:-1]] * len(periods) + [lat[-1:]])
+    ring = np.vstack([np.column_stack([xs, ys]), [[xs[-1], pole], [xs[0], pole]]])
+    cap = shapely.clip_by_rect(Polygon(ring), -180.0, -90.0, 180.0, 90.0)
+    if not cap.is_valid:
+        cap = shapely.make_valid(cap)
+    parts = [orient(p, sign=1.0) for p in shapely.get_parts(cap) if isinstance(p, Polygon) and p.area > 0]
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def _wrap_lonlat(poly: Polygon) -> BaseGeometry:
+    """A polygon whose longitudes are continuous but run past +-180, as its pieces in each 360-degree
+    period moved into [-180, 180] (one piece per period it reaches), clipped to latitudes [-90, 90]."""
+    minx, _, maxx, _ = poly.bounds
+    parts: list[Polygon] = []
+    for k in range(math.floor((minx + 180.0) / 360.0), math.floor((maxx + 180.0) / 360.0) + 1):
+        piece = shapely.clip_by_rect(poly, -180.0 + 360.0 * k, -90.0, 180.0 + 360.0 * k, 90.0)
+        if k:
+            piece = shapely.transform(piece, lambda c, k=k: c - np.array([360.0 * k, 0.0]))
+        parts += [orient(p, sign=1.0) for p in shapely.get_parts(piece) if isinstance(p, Polygon) and p.area > 0]
+    if not parts:
+        return Polygon()
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
 
 

@@ -258,7 +258,9 @@ def aoi_in_crs(aoi: BaseGeometry, crs: str, *, near: tuple[float, float, float, 
     ``near``: bounds in ``crs`` of what the AOI will be tested against (an item's grid). The AOI is first
     clipped, in EPSG:4326, to their footprint with a margin: a projected CRS holds only near its area
     (UTM returns infinities or far-off points a continent away from its zone), so a continent-sized AOI
-    reprojected whole touched no tile of an item it covers, or made planning fail.
+    reprojected whole touched no tile of an item it covers, or made planning fail. Where the bounds hold a
+    pole, their footprint is the cap between their edges and the pole (``georef.split_at_antimeridian``);
+    it was an invalid band at the edges' latitude, and the clip dropped every window nearer the pole.
     """
     if near is not None:
         aoi = shapely.intersection(aoi, footprint_4326(near, crs).buffer(_AOI_CLIP_MARGIN_DEG))
@@ -288,7 +290,9 @@ def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: 
     The rings are what ``shapely.segmentize(box(...), side / 8)`` makes (counter-clockwise from the
     south-east corner), built as one array of vertices with one reprojection call for every tile: per
     tile, shapely and pyproj calls cost more than the read of a small tile. A window across the
-    antimeridian is the MultiPolygon of its two sides (:func:`rsflow.georef.split_at_antimeridian`).
+    antimeridian is the MultiPolygon of its two sides, a window that holds a pole the cap between its
+    edges and the pole, and a window of a geographic grid past 180 degrees is wrapped and split there
+    (:func:`rsflow.georef.split_at_antimeridian`).
     """
     minx, miny, maxx, maxy = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in (minx, miny, maxx, maxy))
     f = np.arange(_FOOTPRINT_SEGMENTS) / _FOOTPRINT_SEGMENTS
@@ -300,7 +304,10 @@ def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: 
     ring = np.stack([np.asarray(lon), np.asarray(lat)], axis=-1).reshape(xs.shape[0], xs.shape[1], 2)
     polygons = shapely.polygons(ring)
     bounds = shapely.bounds(polygons)
-    for i in np.flatnonzero(bounds[:, 2] - bounds[:, 0] > 180.0):  # rings across the antimeridian
+    # rings across the antimeridian or round a pole, and windows of a geographic grid that run past 180 or a pole
+    odd = (bounds[:, 2] - bounds[:, 0] > 180.0) | (bounds[:, 0] < -180.0) | (bounds[:, 2] > 180.0)
+    odd |= (bounds[:, 1] < -90.0) | (bounds[:, 3] > 90.0)
+    for i in np.flatnonzero(odd):
         polygons[i] = split_at_antimeridian(polygons[i])
     return polygons
 

@@ -268,11 +268,45 @@ def test_a_tile_and_a_box_across_the_antimeridian_are_split_there_not_wrapped_ro
     assert inland.geom_type == "Polygon" and inland.bounds[2] - inland.bounds[0] < 0.01
 
 
-def test_a_ring_round_a_pole_is_not_split_as_if_it_crossed_the_antimeridian():
+def test_an_object_on_a_geographic_tile_past_180_is_wrapped_and_split_there():
+    """A geographic CRS keeps whatever longitude its grid gives: a padded edge tile of an EPSG:4326 item
+    that reaches past 180 E gave object polygons out to 180.236 E, and GeoParquet bboxes beyond 180."""
+    tile = [0.001, 0.0, 179.9, 0.0, -0.001, 10.0]  # 336 px of 0.001 degrees: 179.9 to 180.236 E
+    *_, whole = box_to_map(Box(0, 0, 100, 100, 0), tile, "EPSG:4326", 336, 336)
+    assert whole.geom_type == "MultiPolygon" and whole.is_valid
+    west, east = sorted(whole.geoms, key=lambda p: p.bounds[0])
+    assert west.bounds == pytest.approx((-180.0, 9.664, -179.764, 10.0))
+    assert east.bounds == pytest.approx((179.9, 9.664, 180.0, 10.0))
+    assert all(shapely.is_ccw(p.exterior) for p in whole.geoms)
+    *_, past = box_to_map(Box(50, 0, 100, 50, 0), tile, "EPSG:4326", 336, 336)  # 180.068 to 180.236 E
+    assert past.geom_type == "Polygon" and past.bounds == pytest.approx((-179.932, 9.832, -179.764, 10.0))
+    *_, short = box_to_map(Box(0, 0, 25, 25, 0), tile, "EPSG:4326", 336, 336)  # 179.9 to 179.984 E: as it was
+    assert short.geom_type == "Polygon" and short.bounds == pytest.approx((179.9, 9.916, 179.984, 10.0))
+    # west of -180 the same way, and what a padded tile puts past a pole is cut off
+    west_of = to_epsg4326(box(-180.2, -89.9, -179.8, -89.8), "EPSG:4326")
+    assert np.allclose(sorted(p.bounds for p in west_of.geoms), [(-180.0, -89.9, -179.8, -89.8),
+                                                                 (179.8, -89.9, 180.0, -89.8)])
+    assert to_epsg4326(box(10.0, -90.3, 10.3, -89.9), "EPSG:4326").bounds == pytest.approx((10.0, -90.0, 10.3, -89.9))
+
+
+@pytest.mark.parametrize("lat", [89.6, -89.6])
+@pytest.mark.parametrize("eastward", [True, False])
+def test_a_ring_round_a_pole_is_closed_through_the_pole_not_split_as_if_it_crossed_the_antimeridian(lat, eastward):
+    """A ring that goes round a pole (a tile that holds it) is the cap between it and the pole, closed
+    through (+-180, +-90); it was kept as an invalid band at the ring's latitude that held neither."""
     from rsflow.georef import split_at_antimeridian
 
-    ring = Polygon([(lon, 89.6) for lon in np.linspace(-179.0, 179.0, 36)])
-    assert split_at_antimeridian(ring) is ring
+    lons = np.linspace(-179.0, 179.0, 36) + 7.0
+    lons = ((lons + 180.0) % 360.0) - 180.0  # starts at -172: the ring crosses 180 between its vertices
+    ring = Polygon([(lon, lat + 0.1 * math.sin(math.radians(3 * lon))) for lon in (lons if eastward else lons[::-1])])
+    cap = split_at_antimeridian(ring)
+    assert cap.geom_type == "Polygon" and cap.is_valid and shapely.is_ccw(cap.exterior)
+    pole = math.copysign(90.0, lat)
+    assert cap.bounds == pytest.approx((-180.0, min(lat, lat - 0.1) if lat > 0 else -90.0, 180.0,
+                                        90.0 if lat > 0 else max(lat, lat + 0.1)), abs=0.02)
+    assert cap.covers(Point(0.0, pole)) and cap.covers(Point(180.0, pole)) and cap.covers(Point(-180.0, pole))
+    assert cap.contains(Point(33.0, (lat + pole) / 2)) and not cap.covers(Point(33.0, lat - math.copysign(0.2, lat)))
+    assert cap.area == pytest.approx(360.0 * 0.4, rel=0.01)  # 360 degrees by the 0.4 degrees to the pole
 
 
 def test_sort_keys_place_a_split_tile_beside_its_neighbours_and_a_missing_geometry_last():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -86,6 +87,84 @@ def test_an_aoi_far_larger_than_the_item_plans_every_tile_it_covers(bbox):
     assert len(tiles) == 16  # 4 x 4 windows of 32 px over the 100 px item, the edge ones padded
 
 
+def _polar_item(crs: str, x0: float, y0: float, width: int, height: int, res: float = 100.0):
+    item = _item(width, height, res)
+    for asset in item["assets"].values():
+        asset["proj:transform"] = [res, 0, x0, 0, -res, y0]
+    item["properties"]["proj:code"] = crs
+    return item
+
+
+def _windows_poleward_of(lat, crs, x0, y0, width, height, size, res=100.0):
+    """Brute force, independent of the planner's AOI handling: every window of the grid whose rectangle
+    comes within the pole's distance from latitude ``lat`` of the pole's point in ``crs`` (a polar
+    stereographic CRS draws a circle of latitude as a circle round the pole, so the AOI "poleward of
+    ``lat``" is that disc)."""
+    to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    pole = shapely.Point(to_crs.transform(0.0, math.copysign(90.0, lat)))
+    reach_m = pole.distance(shapely.Point(to_crs.transform(0.0, lat)))
+    return {
+        (r, c)
+        for r in window_offsets(height, size, size)
+        for c in window_offsets(width, size, size)
+        if pole.distance(box(x0 + c * res, y0 - (r + size) * res, x0 + (c + size) * res, y0 - r * res)) <= reach_m
+    }
+
+
+@pytest.mark.parametrize(
+    ("crs", "x0", "y0", "width", "height", "bbox", "pole_lat"),
+    [
+        # A: a 200 km EPSG:3031 grid centred on the South Pole, the AOI poleward of 89.5 S
+        ("EPSG:3031", -100000.0, 100000.0, 2000, 2000, (-180, -90, 180, -89.5), -89.5),
+        # B: a 195 x 400 km EPSG:3413 scene whose west edge is 5 km from the North Pole (it does not hold
+        # the pole; its planning bounds, one tile wider, do), the AOI poleward of 89.9 N
+        ("EPSG:3413", 5000.0, 200000.0, 1950, 4000, (-180, 89.9, 180, 90), 89.9),
+    ],
+)
+def test_a_grid_within_a_tile_of_a_pole_plans_every_window_the_aoi_touches(crs, x0, y0, width, height, bbox,
+                                                                            pole_lat):
+    """The AOI is clipped to the footprint of the item's planning bounds before it is reprojected. Where
+    those bounds held a pole, the footprint was an invalid band at the ring's latitude that left out the
+    polar cap: every window between it and the pole was dropped, with no failed row, and the run exited 0."""
+    spec = TileSpec(size_px=256)
+    tiles = plan_tiles(_polar_item(crs, x0, y0, width, height), _profile(), spec, box(*bbox))
+    want = _windows_poleward_of(pole_lat, crs, x0, y0, width, height, 256)
+    assert len(want) >= 2
+    assert {(t.row_off, t.col_off) for t in tiles} == want
+
+
+@pytest.mark.parametrize(("col", "row"), [(1, 2000), (20, 1900), (60, 2100), (150, 2000), (1000, 2000)])
+def test_a_small_aoi_beside_the_pole_is_planned_in_the_window_that_holds_it(col, row):
+    """Case B of the polar review: small AOIs in the scene 5 km from the North Pole (0.15 to 100 km from
+    it) land in the window that holds their pixel; the nearer ones planned nothing."""
+    crs, x0, y0 = "EPSG:3413", 5000.0, 200000.0
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x0 + col * 100.0, y0 - row * 100.0)
+    aoi = box(lon - 5e-4, lat - 5e-5, lon + 5e-4, lat + 5e-5)  # 11 m north-south, well inside one window
+    tiles = plan_tiles(_polar_item(crs, x0, y0, 1950, 4000), _profile(), TileSpec(size_px=256), aoi)
+    assert [(t.row_off, t.col_off) for t in tiles] == [(row // 256 * 256, col // 256 * 256)]
+
+
+@pytest.mark.parametrize(("crs", "bounds", "pole"), [
+    ("EPSG:3413", (-12800.0, -12800.0, 12800.0, 12800.0), 90.0),  # a 25.6 km tile centred on the North Pole
+    ("EPSG:3031", (-3000.0, -20000.0, 22600.0, 5600.0), -90.0),  # one whose south-west corner is near the pole
+])
+def test_the_footprint_of_a_tile_that_holds_a_pole_is_the_cap_round_it(crs, bounds, pole):
+    """It was an invalid thin band at the edges' latitude, holding neither the pole nor the tile's area."""
+    foot = footprint_4326(bounds, crs)
+    assert foot.geom_type == "Polygon" and foot.is_valid and shapely.is_ccw(foot.exterior)
+    assert foot.covers(shapely.Point(0.0, pole)) and foot.bounds[0] == -180.0 and foot.bounds[2] == 180.0
+    to_4326 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    minx, miny, maxx, _ = bounds
+    side = maxx - minx
+    u = np.linspace(0.01, 0.97, 25)  # no point on a diagonal: there, the ±180 meridian of EPSG:3413
+    inside = np.array([(minx + a * side, miny + b * side) for a in u for b in u])
+    outside = np.array([(minx + a * side, miny + b * side) for a in np.linspace(-0.5, 1.5, 21)
+                        for b in np.linspace(-0.5, 1.5, 21) if not (-0.1 < a < 1.1 and -0.1 < b < 1.1)])
+    for points, covered in ((inside, True), (outside, False)):
+        lon, lat = to_4326.transform(points[:, 0], points[:, 1])
+        assert (shapely.covers(foot, shapely.points(lon, lat)) == covered).all()
+
+
 def test_edge_tile_is_kept_and_ids_are_deterministic():
     spec = TileSpec(size_px=32)
     aoi = _aoi_from_pixels(90, 90, 99.5, 99.5)  # the bottom-right corner of a 100 px scene
@@ -163,6 +242,20 @@ def test_footprint_is_the_window_in_4326():
     expected = box(X0 + 320, Y0 - 320, X0 + 640, Y0)
     assert back.symmetric_difference(expected).area < 1.0  # m^2, of 102,400 m^2
     assert footprint_4326(expected.bounds, "EPSG:32618").is_valid
+
+
+def test_footprints_of_a_geographic_grid_past_180_are_wrapped_and_split_there():
+    """An EPSG:4326 item whose last column of 256 px tiles starts at 179.756 E: that padded edge tile's
+    footprint reached 180.012 E, outside GeoParquet's [-180, 180]. It is split at 180 now; the others are
+    the plain rectangles."""
+    item = _polar_item("EPSG:4326", 179.5, 10.0, 450, 300, res=0.001)
+    tiles = plan_tiles(item, _profile(), TileSpec(size_px=256), box(179.6, 9.8, 180.0, 9.9))
+    assert [(t.row_off, t.col_off) for t in tiles] == [(0, 0), (0, 256)]
+    inner, edge = (shapely.from_wkb(t.footprint_wkb) for t in tiles)
+    assert inner.geom_type == "Polygon" and inner.bounds == pytest.approx((179.5, 9.744, 179.756, 10.0))
+    assert edge.geom_type == "MultiPolygon" and edge.is_valid
+    assert np.allclose(sorted(p.bounds for p in edge.geoms), [(-180.0, 9.744, -179.988, 10.0),
+                                                              (179.756, 9.744, 180.0, 10.0)])
 
 
 def test_tiles_planned_together_are_the_windows_densified_and_reprojected_one_by_one():

@@ -6,7 +6,8 @@ It names the three assets/bands that make red, green and blue, how stored values
 range stretched to 0..255, and whether hrefs must be signed (Planetary Computer) before reading.
 
 Profiles are looked up by explicit name, else by the source URL (``url_patterns``) and collection id, else
-by a collection id that only one profile claims. See ``catalogs/README.md`` for the YAML schema.
+by a collection id that only one profile claims, unless that profile is made for another web host than the
+``--stac`` URL's. See ``catalogs/README.md`` for the YAML schema.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -35,10 +38,10 @@ __all__ = [
     "SourceProfile",
     "band_scaling",
     "catalogs_dir",
+    "check_signing",
     "load_profiles",
     "profiles_dir",
     "resolve_profile",
-    "check_signing",
     "sign_href",
 ]
 
@@ -300,8 +303,12 @@ def resolve_profile(
 
     Order: the profile called ``name`` (for its own collection, and for items without one); else the one
     whose ``url_patterns`` match ``stac`` and whose
-    collection is ``collection``; else the only profile for ``collection`` (whatever the URL, e.g. the
-    sample collections served by a local test API).
+    collection is ``collection``; else the only profile for ``collection`` (e.g. the sample collections
+    served by a local test API), but not when ``stac`` is a web API on another host than the one its
+    ``url_patterns`` name: a collection id is shared by sources whose asset keys and signing differ
+    (Planetary Computer's ``landsat-c2-l2`` read with Earth Search's unsigned profile failed every read,
+    Earth Search's ``naip`` was sent through Planetary Computer signing). Local catalogs and loopback
+    APIs still get it.
 
     Args:
         stac: the ``--stac`` value (API URL, local catalog path, or ``"sample"``).
@@ -313,8 +320,9 @@ def resolve_profile(
         The profile.
 
     Raises:
-        RequestError: ``--profile`` for an unknown name or a name made for another collection;
-            ``--collections`` when no profile (or several) fit, listing the known ones.
+        RequestError: ``--profile`` for an unknown name or a name made for another collection, when
+            several profiles fit, or when the only one for the collection is made for another host;
+            ``--collections`` when no profile reads the collection; each lists the known profiles.
     """
     known = profiles if profiles is not None else load_profiles()
     if name is not None:
@@ -339,13 +347,23 @@ def resolve_profile(
             f"several profiles match {redact(stac)} and {collection!r}: {_describe_list(by_url)}; name one",
         )
     if len(for_collection) == 1:
+        only = for_collection[0]
+        hosts = _other_hosts(stac, only.url_patterns)
+        if hosts:
+            raise RequestError(
+                "--profile",
+                f"no profile is made for {redact(stac)} and collection {collection!r}: the only one for that "
+                f"collection, {only.name!r}, is made for {', '.join(hosts)}, whose asset keys, scaling and "
+                f"signing need not fit this source. Pass --profile NAME to choose one (known profiles: "
+                f"{_describe(known)}), or add a profile YAML for this source under catalogs/profiles/",
+            )
         logger.info(
             "no profile URL pattern matches %s; using %s, the only profile for %r",
             redact(stac),
-            for_collection[0].name,
+            only.name,
             collection,
         )
-        return for_collection[0]
+        return only
     if for_collection:
         raise RequestError(
             "--profile",
@@ -365,6 +383,33 @@ def _matches(stac: str, patterns: tuple[str, ...]) -> bool:
     if "://" not in stac and stac != "sample":
         candidates.add(str(Path(stac).expanduser().resolve()))
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates for pattern in patterns)
+
+
+def _other_hosts(stac: str, patterns: tuple[str, ...]) -> list[str]:
+    """The web hosts that ``patterns`` name, when ``stac`` is an http(s) URL on none of them and not on a
+    loopback address; ``[]`` otherwise (a local catalog, ``sample``, a test API on 127.0.0.1, a profile
+    that names no web host, or one that names this host)."""
+    url = urlsplit(stac.strip())
+    host = (url.hostname or "").lower()
+    if url.scheme.lower() not in ("http", "https") or not host or _is_loopback(host):
+        return []
+    named = []
+    for pattern in patterns:
+        parts = urlsplit(pattern)
+        if parts.scheme.lower() in ("http", "https") and parts.hostname:
+            named.append(parts.hostname.lower())
+    if any(fnmatch.fnmatchcase(host, name) for name in named):
+        return []
+    return sorted(set(named))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _for_collection(profiles: dict[str, SourceProfile], collection: str) -> list[SourceProfile]:

@@ -34,6 +34,7 @@ EXPECTED_PROFILES = {
     "earth-search-sentinel-2-l2a": "sentinel-2-l2a",
     "earth-search-landsat-c2-l2": "landsat-c2-l2",
     "planetary-computer-sentinel-2-l2a": "sentinel-2-l2a",
+    "planetary-computer-landsat-c2-l2": "landsat-c2-l2",
     "planetary-computer-naip": "naip",
     "sample-sentinel-2": S2_COLLECTION_ID,
     "sample-landsat-8": L8_COLLECTION_ID,
@@ -81,6 +82,9 @@ def test_profile_values_of_the_public_sources() -> None:
     assert (ls.nodata, ls.scale, ls.offset) == (0.0, 2.75e-5, -0.2)
     pc2 = profiles["planetary-computer-sentinel-2-l2a"]
     assert [ref.asset for ref in pc2.rgb] == ["B04", "B03", "B02"] and pc2.signing == "planetary-computer"
+    pls = profiles["planetary-computer-landsat-c2-l2"]
+    assert [ref.asset for ref in pls.rgb] == ["red", "green", "blue"] and pls.signing == "planetary-computer"
+    assert (pls.nodata, pls.scale, pls.offset, pls.stretch) == (ls.nodata, ls.scale, ls.offset, ls.stretch)
     naip = profiles["planetary-computer-naip"]
     assert naip.rgb == (BandRef("image", 1), BandRef("image", 2), BandRef("image", 3))
     assert (naip.stretch, naip.scale, naip.offset, naip.nodata) == ((0.0, 255.0), 1.0, 0.0, None)
@@ -159,6 +163,7 @@ def test_unknown_profile_keys_are_named_in_a_warning(
         (EARTH_SEARCH, "landsat-c2-l2", "earth-search-landsat-c2-l2"),
         (PLANETARY_COMPUTER, "sentinel-2-l2a", "planetary-computer-sentinel-2-l2a"),
         (PLANETARY_COMPUTER, "naip", "planetary-computer-naip"),
+        (PLANETARY_COMPUTER, "landsat-c2-l2", "planetary-computer-landsat-c2-l2"),
         ("sample", S2_COLLECTION_ID, "sample-sentinel-2"),
         ("sample", L8_COLLECTION_ID, "sample-landsat-8"),
         # a collection only one profile reads: found whatever the URL (the tests' local rustac API)
@@ -186,12 +191,52 @@ def test_an_explicit_name_reads_its_own_collection_and_items_without_one() -> No
     not search is refused by the request check (tests/test_request.py)."""
     mirror = "https://stac.mirror.example/v1"
     assert resolve_profile(mirror, "sentinel-2-l2a", "earth-search-sentinel-2-l2a").name == "earth-search-sentinel-2-l2a"
-    assert resolve_profile(mirror, "landsat-c2-l2", "earth-search-sentinel-2-l2a").name == "earth-search-landsat-c2-l2"
+    local = "http://127.0.0.1:7822"
+    assert resolve_profile(local, S2_COLLECTION_ID, "earth-search-sentinel-2-l2a").name == "sample-sentinel-2"
+    with pytest.raises(RequestError, match="--profile: collection 'landsat-c2-l2' has several profiles"):
+        resolve_profile(mirror, "landsat-c2-l2", "earth-search-sentinel-2-l2a")
     assert resolve_profile(mirror, "", "sample-sentinel-2").name == "sample-sentinel-2"
     with pytest.raises(RequestError, match="--profile: collection 'sentinel-2-l2a' has several profiles"):
         resolve_profile(mirror, "sentinel-2-l2a", "planetary-computer-naip")
     with pytest.raises(RequestError, match="--profile: items of .* name no collection; pass --profile NAME"):
         resolve_profile(mirror, "")
+
+
+@pytest.mark.parametrize(
+    "stac, collection, only",
+    [
+        (EARTH_SEARCH, "naip", "planetary-computer-naip"),  # S3 hrefs sent through PC signing
+        (PLANETARY_COMPUTER, "landsat-c2-l2", "earth-search-landsat-c2-l2"),  # PC blobs read unsigned
+        ("https://stac.mirror.example/v1/", "naip", "planetary-computer-naip"),
+    ],
+)
+def test_the_only_profile_of_a_collection_is_not_used_for_another_web_host(stac: str, collection: str,
+                                                                         only: str) -> None:
+    """A collection id is shared by sources whose asset keys and signing differ. Its only profile was used
+    for any URL, with an INFO line: Planetary Computer's landsat-c2-l2 got Earth Search's unsigned profile
+    (every read failed), Earth Search's naip got Planetary Computer signing. (The shipped PC Landsat
+    profile is left out here to show the rule; with it, the URL picks it.)"""
+    known = {name: p for name, p in load_profiles().items() if name != "planetary-computer-landsat-c2-l2"}
+    with pytest.raises(RequestError) as caught:
+        resolve_profile(stac, collection, profiles=known)
+    assert caught.value.field == "--profile"
+    assert f"the only one for that collection, {only!r}, is made for " in caught.value.reason
+    assert "Pass --profile NAME" in caught.value.reason
+    for name, profile in known.items():
+        assert f"{name}: {profile.collection}" in caught.value.reason
+    assert resolve_profile(stac, collection, only, profiles=known).name == only  # naming it still works
+
+
+@pytest.mark.parametrize("stac", ["http://127.0.0.1:7822", "http://localhost:7822/", "http://[::1]:7822",
+                                  "/data/stac/catalog.json", "file:///data/stac/catalog.json",
+                                  "HTTPS://PlanetaryComputer.Microsoft.com/api/stac/v2"])
+def test_the_only_profile_of_a_collection_is_used_for_local_catalogs_loopback_and_its_own_host(stac: str) -> None:
+    assert resolve_profile(stac, "naip").name == "planetary-computer-naip"
+
+
+def test_a_profile_that_names_no_web_host_is_used_for_any_url() -> None:
+    # the sample profiles name only "sample" and */sample-catalog/*: a copy served anywhere is still read
+    assert resolve_profile("https://stac.example.com/v1", S2_COLLECTION_ID).name == "sample-sentinel-2"
 
 
 def test_an_unknown_profile_name_lists_the_known_ones() -> None:

@@ -432,11 +432,14 @@ def check_ray_address(address: str | None) -> None:
     started on this machine, which ``ray.init()`` and ``auto`` join) must answer before any work:
     ``ray.init`` retries an address where nothing listens for minutes, printing GCS time-outs.
 
-    Only ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``local`` (a new local
-    Ray whatever is recorded) and other forms are left to Ray.
+    ``host:port`` and ``ray://host:port`` are tried (one TCP connection, 5 s); ``local`` (a new local Ray
+    whatever is recorded) and ``auto`` pass. Anything else is refused: Ray took ``foo`` or the dashboard's
+    ``http://HEAD:8265`` (which the README's ``ray job submit`` uses) only after the search and planning,
+    with a traceback.
 
     Raises:
-        RequestError: (``--address``, ``RAY_ADDRESS`` or ``ray start``) nothing accepts a connection there.
+        RequestError: (``--address``, ``RAY_ADDRESS`` or ``ray start``) not an address of one of those forms,
+            or nothing accepts a connection there.
     """
     import os
     import socket
@@ -449,9 +452,18 @@ def check_ray_address(address: str | None) -> None:
     from_record = given in ("", "auto")  # both join the cluster `ray start` recorded on this machine, if any
     if from_record:
         given = local_cluster_address() or ""
+    if given in ("", "auto", "local"):
+        return
+    if given.startswith(("http://", "https://")):  # the dashboard's address, which `ray job submit` takes
+        raise RequestError(flag, f"{given} is an HTTP address (the dashboard's, for `ray job submit`); the job "
+                                 "joins the cluster at the head's GCS, host:port (port 6379 by default), e.g. "
+                                 f"{given.split('://', 1)[1].split(':')[0].split('/')[0]}:6379")
+    if "://" in given and not given.startswith("ray://"):  # another scheme a Ray plugin may know: left to Ray
+        return
     host, sep, port = given.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in host:
-        return
+        raise RequestError(flag, f"{given!r} is not a Ray address: give host:port (ray start --head prints it), "
+                                 "ray://host:port (Ray Client), auto or local")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:

@@ -272,6 +272,20 @@ def test_a_ray_address_where_nothing_answers_is_refused_before_any_work(command,
         assert capsys.readouterr().err.startswith("rsflow monitor: error: config: no such file")
 
 
+@pytest.mark.parametrize(("address", "says"), [
+    ("foo", "'foo' is not a Ray address: give host:port"),
+    ("http://127.0.0.1:8265", "is an HTTP address (the dashboard's, for `ray job submit`)"),
+])
+def test_a_value_that_is_not_a_ray_address_is_refused_before_any_work(address, says, tmp_path, capsys):
+    """Ray took these only after the search and planning, with a traceback; the dashboard's http:// address
+    is the one the README's `ray job submit` shows."""
+    out = tmp_path / "out"
+    assert main(["region", "--model", "noop", "--address", address, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsflow region: error: --address: ") and says in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_under_ray_job_submit_an_output_in_the_working_dir_copy_is_refused(tmp_path, capsys, monkeypatch):
     """`ray job submit --working-dir .` runs the entrypoint in Ray's copy of the folder, on the head, which
     Ray deletes with its session: the default out/region-<time> (or any relative --output) was written

@@ -499,7 +499,7 @@ def parse_task_file(path: str | Path) -> dict[str, Any]:
     try:
         doc = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise RequestError("--task-file", f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise RequestError("--task-file", f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_task_mapping(doc, base_dir=p.parent, source=str(path))
 
 

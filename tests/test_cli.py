@@ -131,6 +131,12 @@ def test_negative_coordinates_after_bbox_are_values_not_flags():
     assert _join_negative_values(["--bbox", "--tasks"]) == ["--bbox", "--tasks"]
 
 
+def test_python_dash_m_rsflow_is_the_rsflow_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rsflow", "region", "--bbox", "1,2,3", "--output", str(tmp_path / "o")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("rsflow region: error: --bbox: "), proc.stderr
+
+
 def test_help_lists_the_request_flags():
     proc = subprocess.run([sys.executable, "-m", "rsflow.cli", "region", "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -302,6 +302,10 @@ def test_task_file(tmp_path):
     with pytest.raises(RequestError, match="unknown key 'question'") as err:
         _req(tmp_path, tasks=(), task_file=str(tf))
     assert err.value.field == "--task-file"
+    tf.write_text("questions: [Is there water?]\n")  # an unquoted '?' in a flow list: where, and why
+    with pytest.raises(RequestError, match=r"not valid YAML: while parsing a flow sequence .* expected ',' or '\]', "
+                                           r"but got '\?' .*line 1, column 27"):
+        _req(tmp_path, tasks=(), task_file=str(tf))
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ KNOWN_TASKS: tuple[str, ...] = TASKS
 
 #: Longest user text accepted for one prompt input (a question, class list, category, expression).
 MAX_INPUT_CHARS = 1000
+MAX_PROMPTS_PER_TILE = 256
+"""Most questions, detect categories and refer expressions a request may ask of every tile together: each is
+a generation on every tile, which ``--max-tiles`` does not count (a 50,000-line --questions file was taken)."""
 MAX_AOI_FILE_BYTES = 64 * 1024**2
 """Largest ``--intersects`` file read (a national boundary at full detail is a few MB)."""
 SEARCH_MAX_VERTICES = 1000
@@ -434,6 +437,14 @@ def parse_questions_file(path: str | Path) -> list[str]:
         RequestError: naming ``--questions``: unreadable or no question in it.
     """
     text, _ = _read_text(path, "--questions")
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            json.loads(text)
+        except ValueError:
+            pass
+        else:  # a JSON file read line by line: each line a "question" (25,000 of them for a training set)
+            raise RequestError("--questions", f"{path} is JSON; give a text file with one question a line "
+                                              "(or list them under 'questions' in a --task-file)")
     questions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not questions:
         raise RequestError("--questions", f"{path} holds no question (one a line)")
@@ -586,6 +597,7 @@ def parse_task_inputs(
             ``--classes``, detect with an empty ``--detect``, refer without ``--refer``, region-caption
             without ``--regions``), an unreadable file, an over-long input, a region outside the AOI.
     """
+
     qs = [q.strip() for q in question]
     if questions:
         qs += parse_questions_file(questions)
@@ -617,6 +629,12 @@ def parse_task_inputs(
     # Which inputs each task needs does not depend on the model family: check with the family that
     # can do every task (the family itself is checked once the model is known).
     inputs.prompts(tasks, "geochat")
+    many = {"--questions" if questions else "--question": len(inputs.questions), "--detect": len(inputs.categories),
+            "--refer": len(inputs.expressions)}
+    if sum(many.values()) > MAX_PROMPTS_PER_TILE:  # each is a generation on every tile: --max-tiles does not see it
+        flag = max(many, key=lambda k: many[k])
+        raise RequestError(flag, f"{sum(many.values())} prompts per tile (questions, categories and expressions); "
+                                 f"at most {MAX_PROMPTS_PER_TILE}: each one is a generation on every tile")
     if [q for q in question if not q.strip()]:
         raise RequestError("--question", "a question is empty")
     if [e for e in refer if not e.strip()]:

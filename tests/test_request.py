@@ -290,6 +290,25 @@ def test_task_inputs_from_flags_and_files(tmp_path):
     assert _req(tmp_path, merge="none").merge_iou is None
 
 
+def test_prompts_per_tile_are_bounded_and_a_json_questions_file_is_refused(tmp_path):
+    """Each question is a generation on every tile, which --max-tiles does not count: a 50,000-line file
+    was taken, and a JSON file (a training set) was read as 25,000 one-line "questions"."""
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"Is there object number {k}?\n" for k in range(300)))
+    with pytest.raises(RequestError, match=r"^--questions: 300 prompts per tile .* at most 256"):
+        _req(tmp_path, tasks=("vqa",), questions=str(many))
+    with pytest.raises(RequestError, match=r"^--detect: 301 prompts per tile"):
+        _req(tmp_path, tasks=("vqa", "detect"), question=["Any water?"], detect=",".join(f"c{k}" for k in range(300)))
+    as_json = tmp_path / "train.json"
+    as_json.write_text(json.dumps([{"id": 1, "conversations": [{"from": "human", "value": "Is there water?"}]}],
+                                  indent=1))
+    with pytest.raises(RequestError, match=r"^--questions: .*train.json is JSON; give a text file with one question"):
+        _req(tmp_path, tasks=("vqa",), questions=str(as_json))
+    fine = tmp_path / "fine.txt"
+    fine.write_text("[sic] Is the road paved?\n")  # a line that starts with a bracket but is no JSON
+    assert _req(tmp_path, tasks=("vqa",), questions=str(fine)).inputs.questions == ("[sic] Is the road paved?",)
+
+
 def test_task_file(tmp_path):
     (tmp_path / "r.geojson").write_text(json.dumps(
         {"type": "Feature", "properties": {"name": "lot"}, "geometry": {"type": "Point", "coordinates": [-75.68, 37.655]}}))

@@ -250,10 +250,12 @@ class RegionRequest:
 def parse_bbox(value: str | tuple[float, ...] | list[float]) -> BaseGeometry:
     """``minx,miny,maxx,maxy`` in EPSG:4326 degrees -> polygon.
 
-    A bbox whose west edge is east of its east edge crosses the antimeridian and becomes two boxes.
+    A bbox whose west edge is east of its east edge crosses the antimeridian and becomes two boxes; such
+    a box more than 180 degrees wide is refused (almost always minx and maxx swapped; it ran as a search
+    of nearly the whole latitude band).
 
     Raises:
-        RequestError: naming ``--bbox``: not four numbers, out of range, or empty.
+        RequestError: naming ``--bbox``: not four numbers, out of range, empty, or swapped edges.
     """
     if isinstance(value, str):
         parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
@@ -283,6 +285,11 @@ def parse_bbox(value: str | tuple[float, ...] | list[float]) -> BaseGeometry:
     if minx > maxx:
         # Crosses the antimeridian: west part up to 180, east part from -180 (a part of no width, where an
         # edge is the antimeridian itself, is left out).
+        width = 360.0 - (minx - maxx)
+        if width > 180.0:  # -75.6,..,-75.7 is a 359.9-degree box, almost always minx and maxx swapped
+            raise RequestError(
+                "--bbox", f"minx {minx} > maxx {maxx} reads as a box across the antimeridian {width:g} degrees wide; "
+                          f"swap them for the box from {maxx} to {minx}, or give a box that wide with --intersects")
         parts = [b for b in (box(minx, miny, 180.0, maxy), box(-180.0, miny, maxx, maxy)) if b.area > 0]
         if not parts:
             raise RequestError("--bbox", f"minx {minx} and maxx {maxx} are both on the antimeridian: the box is empty")

@@ -95,6 +95,7 @@ def test_bbox_forms():
         ("435730,4159990,455060,4179460", "look like metres"),
         ("nan,0,1,1", "finite"),
         ("180,0,-180,10", "both on the antimeridian"),
+        ("-75.6,37.6,-75.7,37.7", r"reads as a box across the antimeridian 359.9 degrees wide; swap them"),
     ],
 )
 def test_bbox_errors(text, match):

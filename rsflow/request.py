@@ -695,6 +695,29 @@ def refuse_output_in_job_copy(output: str, field: str, *, base: Path | None = No
             "s3://bucket/prefix"))
 
 
+def _probe_writable(output: str) -> None:
+    """Write and delete a small hidden file beside an object-store ``output``, where the run will stage:
+    missing credentials, a missing bucket or an endpoint that does not answer are one line naming
+    ``--output`` before the search, not a traceback of a hundred lines once the run has started.
+
+    Raises:
+        RequestError: (``--output``) the probe could not be written or deleted.
+    """
+    import uuid
+
+    import fsspec
+
+    parent, name = output.rsplit("/", 1)
+    probe = f"{parent}/.{name}.probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        fs.pipe_file(path, b"rsflow\n")
+        fs.rm_file(path)
+    except Exception as exc:  # noqa: BLE001 - any storage failure means the same thing to the user
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise RequestError("--output", f"cannot write to {output}: {type(exc).__name__}: {reason}") from None
+
+
 def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None) -> str:
     """The output directory, checked: a local one must not be a file, must be empty unless ``overwrite``
     (which replaces an rsflow dataset only: a folder without ``_manifest.json`` is someone else's files)
@@ -712,9 +735,13 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
             fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError) as exc:
             raise RequestError("--output", f"cannot write to {scheme}:// ({exc})") from None
+        if scheme in ("http", "https"):
+            raise RequestError("--output", f"{scheme}:// is read-only here; write to a local folder or an object "
+                                           "store (s3://, gs://, az://)")
         if "/" not in output.split("://", 1)[1].strip("/"):  # s3://bucket: no folder beside it to stage in
             raise RequestError("--output", f"{output} is a bucket root; give a folder in it, e.g. "
                                            f"{output.rstrip('/')}/region-run (a run stages beside its output)")
+        _probe_writable(output.rstrip("/"))
         return output.rstrip("/")
     path = Path(output.removeprefix("file://")).expanduser()
     if path.exists() and not path.is_dir():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
+import fsspec.implementations.memory
 import numpy as np
 import pytest
 import shapely
@@ -233,7 +235,7 @@ def test_stac_spellings_are_checked_before_the_search(tmp_path):
         _req(tmp_path, stac=str(catalog_dir))
 
 
-def test_output_checks(tmp_path):
+def test_output_checks(tmp_path, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(RequestError, match="--overwrite"):
@@ -255,6 +257,15 @@ def test_output_checks(tmp_path):
         with pytest.raises(RequestError, match=r"^--output: memory://bucket/? is a bucket root; give a folder in it"):
             _req(tmp_path, output=root)
     assert _req(tmp_path, output="memory://bucket/run").output == "memory://bucket/run"
+    assert not [p for p in fsspec.filesystem("memory").find("/bucket") if ".probe-" in p]  # its probe is gone
+    with pytest.raises(RequestError, match=r"^--output: https:// is read-only"):
+        _req(tmp_path, output="https://example.com/results")
+    # an object store that cannot be written: one line before the search, not a traceback mid-run
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "pipe_file",
+                        lambda *a, **k: (_ for _ in ()).throw(PermissionError("AccessDenied: no credentials")))
+    with pytest.raises(RequestError, match=r"^--output: cannot write to memory://bucket/run: PermissionError: "
+                                           r"AccessDenied: no credentials"):
+        _req(tmp_path, output="memory://bucket/run")
     assert staging_path("s3://bucket/run", "R") == "s3://bucket/.run.staging-R"
     assert staging_path("run", "R") == ".run.staging-R"
     with pytest.raises(ValueError, match="no parent folder"):

@@ -365,6 +365,8 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise RequestError("--intersects", f"invalid GeoJSON: {exc.msg} at line {exc.lineno}") from None
+            except ValueError as exc:  # e.g. a number of more than 4,300 digits, which Python refuses to read
+                raise RequestError("--intersects", f"invalid GeoJSON: {exc}") from None
             geom = _geometry_from_geojson(obj)
         else:
             try:
@@ -469,6 +471,8 @@ def parse_regions(path: str | Path, aoi: BaseGeometry | None = None) -> tuple[Re
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError("--regions", f"{path} is not GeoJSON: {exc.msg} at line {exc.lineno}") from None
+    except ValueError as exc:  # e.g. a number of more than 4,300 digits
+        raise RequestError("--regions", f"{path} is not GeoJSON: {exc}") from None
     if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
         features = obj.get("features") or []
     elif isinstance(obj, dict) and obj.get("type") == "Feature":

@@ -131,6 +131,7 @@ def test_intersects_spellings(tmp_path):
         (('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Polygon", '
           '"coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}'), r"feature 0: invalid geometry \(Self-int"),
         ("missing-aoi.geojson", "no such file: missing-aoi.geojson"),
+        ('{"type": "Point", "coordinates": [1' + "0" * 5000 + ", 0]}", "invalid GeoJSON: Exceeds the limit"),
     ],
 )
 def test_intersects_errors(value, match):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import shapely
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -299,7 +300,30 @@ def parse_bbox(value: str | tuple[float, ...] | list[float]) -> BaseGeometry:
 
 def _geometry_from_geojson(obj: Any) -> BaseGeometry:
     """A GeoJSON geometry, Feature or FeatureCollection (the union of its features, each made valid
-    first) -> a geometry; anything malformed is a RequestError naming ``--intersects``."""
+    first) -> a geometry; anything malformed is a RequestError naming ``--intersects``. A ``crs`` member
+    (GeoJSON 2008, which QGIS and ogr2ogr still write) naming another CRS than WGS 84 lon/lat has its
+    coordinates reprojected to it (they were read as degrees whatever it said)."""
+    geom = _geojson_geometry(obj)
+    crs = obj.get("crs") if isinstance(obj, dict) else None
+    name = crs.get("properties", {}).get("name") if isinstance(crs, dict) and isinstance(crs.get("properties"), dict) else None
+    if crs is None:
+        return geom
+    if not isinstance(name, str):
+        raise RequestError("--intersects", "the GeoJSON 'crs' member names no CRS; drop it (RFC 7946: lon/lat WGS 84)")
+    from pyproj import CRS, Transformer
+    from pyproj.exceptions import CRSError
+
+    try:
+        source = CRS.from_user_input(name)
+    except CRSError:
+        raise RequestError("--intersects", f"the GeoJSON 'crs' {name!r} is not a CRS pyproj knows") from None
+    if source.equals(CRS.from_epsg(4326), ignore_axis_order=True):
+        return geom
+    to_4326 = Transformer.from_crs(source, "EPSG:4326", always_xy=True)
+    return shapely.transform(geom, lambda xy: np.column_stack(to_4326.transform(xy[:, 0], xy[:, 1])))
+
+
+def _geojson_geometry(obj: Any) -> BaseGeometry:
     kind = obj.get("type") if isinstance(obj, dict) else None
     try:
         if kind == "FeatureCollection":

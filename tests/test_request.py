@@ -117,6 +117,21 @@ def test_intersects_spellings(tmp_path):
         assert parse_intersects(value).equals(shapely.box(0, 0, 1, 1))
 
 
+def test_a_geojson_crs_member_is_honoured():
+    """GeoJSON 2008's ``crs`` member (QGIS and ogr2ogr still write it): coordinates in EPSG:3857 were read as
+    degrees whatever it said; they are reprojected now, and lon/lat names leave them as they are."""
+    ring = [[-8427000.0, 4530000.0], [-8423000.0, 4530000.0], [-8423000.0, 4534000.0], [-8427000.0, 4530000.0]]
+    fc = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}},
+          "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    minx, miny, maxx, maxy = parse_intersects(fc).bounds
+    assert -75.71 < minx < maxx < -75.66 and 37.63 < miny < maxy < 37.68
+    lonlat = {**fc, "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}},
+              "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [-75.7, 37.6]}}]}
+    assert parse_intersects(lonlat).coords[0] == (-75.7, 37.6)
+    with pytest.raises(RequestError, match=r"^--intersects: the GeoJSON 'crs' 'EPSG:nope' is not a CRS"):
+        parse_intersects({**lonlat, "crs": {"type": "name", "properties": {"name": "EPSG:nope"}}})
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [

@@ -410,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
 
             from rsflow.sample import ensure_sample_catalog
 
-            print(ensure_sample_catalog(Path(args.cache_dir) if args.cache_dir else None))
+            try:
+                print(ensure_sample_catalog(Path(args.cache_dir) if args.cache_dir else None))
+            except (FileExistsError, NotADirectoryError, PermissionError) as exc:  # a file on the way, read-only
+                raise RequestError("--cache-dir", f"cannot build the sample catalog there: {exc.strerror or exc} "
+                                                  f"({exc.filename})") from None
             return 0
     except RequestError as exc:
         print(f"rsflow {args.command}: error: {redact(str(exc))}", file=sys.stderr)

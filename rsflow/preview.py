@@ -675,5 +675,7 @@ def run_preview(args: argparse.Namespace) -> int:
         if exc.field == "max_rows":
             raise RequestError("--max-rows", exc.reason) from None
         raise
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:  # where it is written
+        raise RequestError("--output", f"cannot write {output}: {exc.strerror or exc}") from None
     print(f"wrote {summary.rows} rows ({summary.tiles} tiles, {summary.objects} objects) to {summary.path}")
     return 0

@@ -339,3 +339,17 @@ def test_an_empty_preview_title_still_means_no_title(tmp_path, capsys):
     code = main(["preview", str(tmp_path / "nothing-here"), "--title", ""])
     err = capsys.readouterr().err
     assert code == 2 and "must not be empty" not in err and "--title" not in err
+
+
+def test_paths_under_a_file_are_bad_input_not_tracebacks(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["sample-catalog", "--cache-dir", str(a_file)]) == 2
+    assert capsys.readouterr().err.startswith("rsflow sample-catalog: error: --cache-dir: cannot build the sample catalog")
+    from rsflow.output import write_empty
+
+    result = tmp_path / "result"
+    write_empty(str(result))
+    code = main(["preview", str(result), "-o", str(a_file / "map.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("rsflow preview: error: --output: cannot write "), err

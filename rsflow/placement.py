@@ -65,8 +65,8 @@ def parse_resources(text: str | None, flag: str) -> Resources | None:
     amount (a sliver such as 0.001 places without limiting; a whole number limits how many fit).
 
     Raises:
-        RequestError: (``flag``) a malformed pair, a non-positive amount, or one of Ray's own resources
-            (CPU, GPU, memory are set by rsflow itself).
+        RequestError: (``flag``) a malformed pair, a non-positive amount, a name given twice, or one of
+            Ray's own resources (CPU, GPU, memory are set by rsflow itself).
     """
     if text is None or text.strip().lower() in ("", "auto"):
         return None
@@ -80,6 +80,8 @@ def parse_resources(text: str | None, flag: str) -> Resources | None:
             raise RequestError(flag, f"expected NAME=AMOUNT[,NAME=AMOUNT...], 'auto' or 'none', got {part.strip()!r}")
         if name in _RAY_BUILTIN:
             raise RequestError(flag, f"{name} is set by rsflow itself; name custom resources only")
+        if name in out:
+            raise RequestError(flag, f"{name} is given twice; give each resource once")
         try:
             value = float(amount)
         except ValueError:

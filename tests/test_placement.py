@@ -42,6 +42,7 @@ def test_resource_flags_parse(text, expected):
         ("x=nan", "must be > 0"),
         ("x=1e308", "at most 1e"),  # overflowed inside Ray Data after the cluster started
         ("GPU=1", "set by rsflow itself"),
+        ("foo=1,foo=2", "foo is given twice"),  # the last one won without a word
     ],
 )
 def test_bad_resource_flags_name_the_flag(text, match):

@@ -612,6 +612,8 @@ def _check_lengths(values: tuple[str, ...], flag: str) -> None:
         bad = sorted({f"U+{ord(c):04X}" for c in v if unicodedata.category(c) in ("Cc", "Cs") and c != "\t"})
         if bad:
             raise RequestError(flag, f"an input holds control characters ({', '.join(bad[:5])}): {v[:40]!r}")
+        if all(c.isspace() or unicodedata.category(c) == "Cf" for c in v):  # e.g. only zero-width spaces
+            raise RequestError(flag, f"an input is empty (only blanks or invisible characters): {v[:40]!r}")
 
 
 def parse_task_inputs(
@@ -657,7 +659,8 @@ def parse_task_inputs(
         regions=region_list,
     )
     for values, flag in ((inputs.questions, "--question"), (inputs.categories, "--detect"),
-                         (inputs.expressions, "--refer"), (inputs.classes, "--classes")):
+                         (inputs.expressions, "--refer"), (inputs.classes, "--classes"),
+                         (tuple(r.region_id for r in inputs.regions), "--regions")):  # ids go into rows and logs
         _check_lengths(values, flag)
     if len(", ".join(inputs.classes)) > 4 * MAX_INPUT_CHARS:
         raise RequestError("--classes", "the class list is too long for one prompt")

@@ -408,9 +408,17 @@ def test_task_file_named_adapters(tmp_path):
         ({"tasks": ("vqa",), "question": ["\x1b[2J clear the screen"]}, "--question"),
         ({"tasks": ("refer",), "refer": ["the ship\x07"]}, "--refer"),
         ({"tasks": ("vqa",), "question": ["x" * 1001]}, "--question"),
+        ({"tasks": ("vqa",), "question": ["\u200b\u200b"]}, "--question"),  # only zero-width spaces
+        ({"tasks": ("region-caption",), "regions": "ESC_ID"}, "--regions"),  # a region id holding an escape
     ],
 )
 def test_prompt_inputs_are_bounded_and_free_of_control_characters(tmp_path, kw, flag):
+    if kw.get("regions") == "ESC_ID":
+        path = tmp_path / "regions.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+            "type": "Feature", "id": "lot\x1b[2J", "properties": {},
+            "geometry": {"type": "Point", "coordinates": [-75.68, 37.655]}}]}))
+        kw = {**kw, "regions": str(path)}
     with pytest.raises(RequestError) as err:
         _req(tmp_path, **kw)
     assert err.value.field == flag

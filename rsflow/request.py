@@ -749,7 +749,8 @@ def _probe_writable(output: str) -> None:
         raise RequestError("--output", f"cannot write to {output}: {type(exc).__name__}: {reason}") from None
 
 
-def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None) -> str:
+def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None,
+                  probe: bool = True) -> str:
     """The output directory, checked: a local one must not be a file, must be empty unless ``overwrite``
     (which replaces an rsflow dataset only: a folder without ``_manifest.json`` is someone else's files)
     or ``resume``, must not hold the working directory or a local catalog the run reads, and must be
@@ -772,7 +773,8 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
         if "/" not in output.split("://", 1)[1].strip("/"):  # s3://bucket: no folder beside it to stage in
             raise RequestError("--output", f"{output} is a bucket root; give a folder in it, e.g. "
                                            f"{output.rstrip('/')}/region-run (a run stages beside its output)")
-        _probe_writable(output.rstrip("/"))
+        if probe:
+            _probe_writable(output.rstrip("/"))
         return output.rstrip("/")
     path = Path(output.removeprefix("file://")).expanduser()
     if path.exists() and not path.is_dir():
@@ -839,10 +841,13 @@ def parse_request(
     max_tiles: int = 100_000,
     resume: bool = False,
     engine: str = "transformers",
+    probe_output: bool = True,
 ) -> RegionRequest:
     """Validate loose user input into one :class:`RegionRequest`.
 
-    Keyword names equal the CLI's flag names (``--tile-size`` -> ``tile_size``).
+    Keyword names equal the CLI's flag names (``--tile-size`` -> ``tile_size``); ``probe_output=False``
+    leaves out the write probe of an object-store output (a monitor probes its root itself, when a run
+    starts: reading its config writes nothing).
 
     Raises:
         RequestError: for the first bad value, naming its flag.
@@ -951,7 +956,7 @@ def parse_request(
         aoi=aoi,
         stac=stac,
         collections=cols,
-        output=_check_output(output, overwrite, resume=bool(resume), stac=stac),
+        output=_check_output(output, overwrite, resume=bool(resume), stac=stac, probe=probe_output),
         model=model,
         datetime=dt,
         max_cloud=max_cloud,

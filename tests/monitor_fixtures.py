@@ -272,3 +272,78 @@ def serve_stac_on(port: int, hrefs: Sequence[Path], log_path: Path) -> Iterator[
         yield server
     finally:
         server.stop()
+
+
+# --- a monitor without Ray: the region pipeline replaced by a stand-in -----------------------------------
+
+
+def plain_item(
+    item_id: str, when: str, collection: str = "c1", *, assets: bool = True, geometry: bool = True
+) -> dict[str, Any]:
+    """A STAC item over :data:`PLAIN_BBOX`'s area (no real files: only :class:`FakeRegion` sees it)."""
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "id": item_id,
+        "collection": collection,
+        "geometry": (
+            {"type": "Polygon", "coordinates": [[[-76, 37], [-75, 37], [-75, 38], [-76, 38], [-76, 37]]]}
+            if geometry
+            else None
+        ),
+        "bbox": [-76, 37, -75, 38],
+        "properties": {"datetime": when, "eo:cloud_cover": 1},
+        "assets": {"visual": {"href": "/nonexistent.tif"}} if assets else {},
+        "links": [],
+    }
+
+
+PLAIN_BBOX = [-75.6, 37.5, -75.5, 37.6]
+"""An AOI inside every :func:`plain_item`."""
+
+
+def write_items(path: Path, items: Sequence[dict[str, Any]]) -> Path:
+    """``items`` as a FeatureCollection file (a local STAC source)."""
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": list(items)}))
+    return path
+
+
+def plain_monitor_doc(catalog: Path, output: Path, **extra: Any) -> dict[str, Any]:
+    """A monitor over a local item file, for runs whose region pipeline is a :class:`FakeRegion`."""
+    doc = {"name": "plain", "aoi": {"bbox": PLAIN_BBOX}, "stac": str(catalog), "collections": ["c1"],
+           "tasks": {"questions": ["Is there water?"]}, "model": {"model": "smoke"}, "output": str(output),
+           "start": "2024-05-01", "lock": {"expiry": "2m"}}
+    doc.update(extra)
+    return doc
+
+
+class FakeRegion:
+    """Stands in for :func:`rsflow.pipeline.run_region`: records the item ids of each call and either raises
+    ``self.error`` (a run that dies in the pipeline; also whenever ``self.killer`` is among the items) or
+    returns a complete run with no rows (its items done);
+    :meth:`connect` stands in for the connection to the cluster."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.error: BaseException | None = None
+        self.killer: str | None = None
+        """An item whose presence kills every run (a scene that makes a worker run out of memory)."""
+        self.connect_error: BaseException | None = None
+        """Raised by :meth:`connect` (stands in for ``rsflow.pipeline._ensure_ray``): a cluster that cannot be
+        reached."""
+
+    def connect(self, address: str | None = None) -> None:
+        if self.connect_error is not None:
+            raise self.connect_error
+
+    def __call__(self, request: Any, *, address: str | None = None, items: Any = None) -> Any:
+        from rsflow.pipeline import RunResult
+
+        self.calls.append(sorted(str(i["id"]) for i in items))
+        if self.error is not None:
+            raise self.error
+        if self.killer in self.calls[-1]:
+            raise RuntimeError(f"worker died processing {self.killer} (simulated)")
+        manifest = {"files": [], "counts": {"rows_written": 0}, "prompts": [], "model": {"id": "fake"},
+                    "tile_spec": {}}
+        return RunResult(output=request.output, manifest=manifest)

@@ -25,6 +25,7 @@ from rsflow.monitor.changes import cell_id, detect_changes
 from rsflow.monitor.config import ChangeRules, parse_monitor_config
 from rsflow.monitor.ledger import ItemRecord, Ledger, advance_watermark, load_ledger, save_ledger
 from rsflow.monitor.lock import LockLost, MonitorLock, MonitorLocked, read_lock
+from rsflow.monitor.run import run_monitor
 from rsflow.monitor.schedule import parse_cron, parse_duration
 from rsflow.monitor.webhook import sign
 
@@ -88,6 +89,7 @@ BAD = [
     ({"lookback": "120d"}, "lookback", "longer than the limit of 90d"),
     ({"lookback": 5}, "lookback", "duration"),
     ({"output": "/dev/null/monitor"}, "output", "is a file"),
+    ({"output": "/"}, "output", "is a filesystem or bucket root"),  # it became the config file's own folder
     ({"output": "nosuchproto://bucket/monitor"}, "output", "cannot write to nosuchproto://"),
     ({"name": "Harbour Watch"}, "name", "lower-case"),
     ({"aoi": {"bbox": [1, 2, 3]}}, "aoi.bbox", "four numbers"),
@@ -98,13 +100,33 @@ BAD = [
     # found when the model is resolved or the catalog searched: still nothing written into the new root
     ({"model": {"model": "/no/such/model"}}, "model.model", "no such folder"),
     ({"collections": ["nope"]}, "collections", "has no collection 'nope'"),
+    # what the pipeline checks against the model, checked before the lock: found inside the run, each run
+    # counted an attempt against every pending scene, and after three they were given up for good
+    ({"tasks": {"detect": ["ship"]}}, "tasks", "needs a model of the geochat family"),
+    ({"tile": {"overlap_px": 100}}, "tile.overlap_px", ""),
+    ({"model": {"model": "smoke", "image_size": 336}}, "model.image_size", "does not match the vision tower"),
     ({"collections": []}, "collections", "names no collection"),
     ({"schedule": "0 25 * * *"}, "schedule", "0-23"),
     ({"start": "yesterday"}, "start", "date"),
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts", "between 1"),
     ({"lock": {"expiry": "2s"}}, "lock.expiry", "between"),
     ({"change": {"object_iou": 2}}, "change.object_iou", "IoU"),
+    # a value that is there but false or empty is not an absent key
+    ({"tile": 0}, "tile", "must be a mapping"),
+    ({"retry": []}, "retry", "must be a mapping"),
+    ({"change": False}, "change", "must be a mapping"),
+    ({"lock": ""}, "lock", "must be a mapping"),
+    # .nan and .inf pass every comparison by failing it: a NaN threshold turned every count_changed off
+    ({"change": {"min_count_change": float("nan")}}, "change.min_count_change", "finite"),
+    ({"change": {"min_count_change": float("inf")}}, "change.min_count_change", "finite"),
+    ({"change": {"object_iou": float("nan")}}, "change.object_iou", "finite"),
+    ({"max_cloud": float("nan")}, "max_cloud", "finite"),
     ({"webhook": {"url": "ftp://x"}}, "webhook.url", "http"),
+    # URLs the POST would fail on, weeks later when changes are first found: refused when the file is read
+    ({"webhook": {"url": "http://"}}, "webhook.url", "names no host"),
+    ({"webhook": {"url": "http://127.0.0.1:99999/hook"}}, "webhook.url", "Port out of range"),
+    ({"webhook": {"url": "http://127.0.0.1:8080/my hook"}}, "webhook.url", "spaces"),
+    ({"webhook": {"url": "http://127.0.0.1:80x/hook"}}, "webhook.url", "not a valid URL"),
     (
         {"webhook": {"url": "http://127.0.0.1:9/h", "secret_env": "s3cr3t value"}},
         "webhook.secret_env",
@@ -348,6 +370,87 @@ def test_a_webhook_behind_a_redirect_is_not_counted_as_delivered():
     assert seen == [("POST", "/hook")]
 
 
+def test_a_webhook_that_cannot_be_delivered_is_a_failed_result_never_an_exception(monkeypatch):
+    """send_webhook runs after the run's commit: anything it raised failed a committed run, and every later
+    run that owed the same changes. A receiver that answers something that is not HTTP (BadStatusLine), URLs
+    urllib refuses (a space, a port out of range or not a number) and any other error are failed results."""
+    import socket
+    import threading
+    import urllib.request
+
+    from rsflow.monitor.config import WebhookConfig
+    from rsflow.monitor.webhook import send_webhook
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def answer_garbage():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"garbage\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        results = {
+            url: send_webhook(WebhookConfig(url=url, timeout_seconds=5), {"changes": 1}, backoff_seconds=0.0)
+            for url in (
+                f"http://127.0.0.1:{port}/hook",
+                f"http://127.0.0.1:{port}/my hook",
+                "http://127.0.0.1:99999/hook",
+                "http://127.0.0.1:80x/hook",
+            )
+        }
+    finally:
+        listener.close()
+    assert all(not r.delivered and r.status is None and r.error for r in results.values()), results
+    assert results[f"http://127.0.0.1:{port}/hook"].error.startswith("BadStatusLine")
+    assert results[f"http://127.0.0.1:{port}/my hook"].error.startswith("InvalidURL")
+    assert "my hook" not in results[f"http://127.0.0.1:{port}/my hook"].error  # urllib quotes the path
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug somewhere below urllib")
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", broken)
+    result = send_webhook(WebhookConfig(url="http://127.0.0.1:9/hook"), {"changes": 1}, backoff_seconds=0.0)
+    assert not result.delivered and result.error == "RuntimeError: a bug somewhere below urllib"
+
+
+def test_a_webhook_url_is_recorded_and_logged_with_its_scheme_and_host_only(tmp_path, caplog, monkeypatch):
+    """Slack, Discord and Zapier hook URLs carry their token in the path: run records (config.summary(), under
+    an output root that is often a shared bucket), log lines and delivery errors show the scheme and host,
+    and a short hash of the rest that tells two hooks apart, never the path or the query."""
+    import logging
+
+    from rsflow.monitor.config import WebhookConfig
+    from rsflow.monitor.webhook import send_webhook
+
+    monkeypatch.setenv("RSFLOW_TEST_HOOK_SECRET", "x")
+    urls = ["https://hooks.example.com/api/webhooks/1234/SECRETTOKEN?thread=OTHERTOKEN",
+            "https://hooks.example.com/api/webhooks/1234/ANOTHERTOKEN"]
+    shown = []
+    for url in urls:
+        doc = _config(tmp_path, webhook={"url": url, "secret_env": "RSFLOW_TEST_HOOK_SECRET"})
+        summary = json.dumps(parse_monitor_config(doc, base_dir=tmp_path).summary())
+        for secret in ("SECRETTOKEN", "OTHERTOKEN", "ANOTHERTOKEN", "webhooks", "1234"):
+            assert secret not in summary
+        shown.append(json.loads(summary)["webhook"]["url"])
+    assert all(u.startswith("https://hooks.example.com/") for u in shown) and shown[0] != shown[1]
+
+    caplog.set_level(logging.DEBUG, logger="rsflow")
+    for url in ("http://127.0.0.1:9/api/webhooks/1234/SECRETTOKEN", "http://127.0.0.1:9/api/SECRET TOKEN"):
+        result = send_webhook(WebhookConfig(url=url, timeout_seconds=2), {"changes": 1}, attempts=1)
+        assert not result.delivered and "SECRET" not in result.error and "webhooks" not in result.error
+    assert caplog.records and not [r for r in caplog.records if "SECRET" in r.getMessage()]
+    assert any("http://127.0.0.1:9/<path " in r.getMessage() for r in caplog.records)
+
+
 # --- change rules on hand-made rows -----------------------------------------------------------------
 
 _T = (10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
@@ -439,6 +542,31 @@ def test_change_kinds():
     assert (flip.before_value, flip.after_value) == ("no", "yes")
 
 
+def test_cells_of_grids_in_degrees_are_told_apart_as_finely_as_grids_in_metres():
+    """A cell is quantised in pixels of its own grid: two EPSG:4326 grids of ~10 m pixels that differ (here by
+    6.5 px at the far edge of a 504 px window, or by a third of a pixel) are other places, while the same grid
+    read with float noise from two items' metadata is one. Fixed decimals of degrees (0.001 deg, ~110 m)
+    made the different grids one cell and compared their tiles as the same place."""
+    deg = [8.983e-5, 0.0, -76.1000, 0.0, -8.983e-5, 37.5]
+    other = [9.02e-5, 0.0, -76.1004, 0.0, -9.02e-5, 37.5004]
+    third = [*deg[:2], deg[2] + deg[0] / 3, *deg[3:]]
+    noisy = [deg[0] * (1 + 1e-12), 0.0, deg[2] + 1e-12, 0.0, deg[4], deg[5] - 1e-12]
+    cell = cell_id("EPSG:4326", deg, 504, 504)
+    assert cell != cell_id("EPSG:4326", other, 504, 504) and cell != cell_id("EPSG:4326", third, 504, 504)
+    assert cell == cell_id("EPSG:4326", noisy, 504, 504)
+    utm = list(_T)
+    here = cell_id("EPSG:32618", utm, 64, 64)
+    assert here != cell_id("EPSG:32618", [*utm[:2], utm[2] + 10 / 3, *utm[3:]], 64, 64)
+    assert here == cell_id("EPSG:32618", [*utm[:2], utm[2] + 1e-7, *utm[3:]], 64, 64)
+
+    q = "Is there water?"
+    rows = pd.DataFrame([
+        {**_row("i1", "2024-05-01", "vqa", q, answer="no"), "native_crs": "EPSG:4326", "transform": deg},
+        {**_row("i2", "2024-05-11", "vqa", q, answer="yes"), "native_crs": "EPSG:4326", "transform": other},
+    ])
+    assert detect_changes(rows, ChangeRules()).empty  # not one place: nothing to compare
+
+
 def test_an_unparsed_answer_neither_hides_nor_makes_a_change_and_two_models_are_not_compared():
     """no -> (unparsed) -> yes is a flip, as with a failed tile between; an unparsed answer in one granule of
     an instant does not veto what the next instant changed; and after the config moved to another model,
@@ -495,6 +623,50 @@ def test_an_object_seen_by_either_granule_of_an_instant_has_not_appeared_later()
     ])
     changes = detect_changes(rows, ChangeRules(min_count_change=5, object_iou=0.3))
     assert "object_appeared" not in set(changes["change"])  # b had x, a had z
+
+
+def _model_row(item, day, task, key, text, *, cut):
+    """A model-stage row as rsflow.interpret reads it (tests/test_interpret.py's), ``answer_cut`` as the
+    model runner sets it when generation stopped at max_new_tokens."""
+    return {
+        "tile_id": f"{item}:r0c0", "item_id": item, "collection": "c", "datetime": f"{day}T10:00:00Z",
+        "task": task, "prompt": key, "prompt_key": key, "region_id": None, "text": text,
+        "model_id": "geochat",
+        "status": "ok", "stage": "infer", "error": None, "crs": "EPSG:32618", "col_off": 0, "row_off": 0,
+        "width": 64, "height": 64, "res": 10.0, "transform": list(_T), "nodata_fraction": 0.0,
+        "footprint_wkb": shapely.to_wkb(box(-75.0, 37.0, -74.993, 37.006)), "prompt_index": 0,
+        "answer_cut": cut,
+    }
+
+
+def test_an_answer_cut_at_max_new_tokens_is_no_count_and_no_objects():
+    """A reply that ran into max_new_tokens lost the boxes (or digits) after the cut: its row says so in
+    parse_error, after whatever else the parser noted (here the unterminated box the cut left), and its count
+    and objects are no observation, as an unparsed answer is. It used to make count_changed plus an
+    object_vanished per missing ship; the observations around it are still compared."""
+    from rsflow.interpret import ANSWER_CUT_NOTE, interpret_row
+
+    ships = [f"{{<{18 * k + 2}><10><{18 * k + 8}><16>|<0>}}" for k in range(5)]
+    more = ships + ["{<2><60><8><66>|<0>}", "{<40><60><46><66>|<0>}"]  # two ships more on the third date
+    n = "How many ships are there?"
+    model_rows = [
+        _model_row("d1", "2024-05-01", "detect", "ship", "".join(ships), cut=False),
+        _model_row("d2", "2024-05-11", "detect", "ship", "".join(ships[:3]) + "{<56><1", cut=True),
+        _model_row("d3", "2024-05-21", "detect", "ship", "".join(more), cut=False),
+        _model_row("d1", "2024-05-01", "vqa", n, "12", cut=False),
+        _model_row("d2", "2024-05-11", "vqa", n, "1", cut=True),  # "1" of "12": the digits after the cut
+        _model_row("d3", "2024-05-21", "vqa", n, "12", cut=False),
+    ]
+    rows = [r for m in model_rows for r in interpret_row(m)]
+    cut_tile = next(r for r in rows if r["item_id"] == "d2" and r["kind"] == "tile" and r["task"] == "detect")
+    assert cut_tile["object_count"] == 3 and ANSWER_CUT_NOTE in cut_tile["parse_error"]
+    assert cut_tile["parse_error"] != ANSWER_CUT_NOTE  # the cut is one note among others
+    frame = pd.DataFrame(rows)
+    frame["geometry"] = [shapely.from_wkb(g) for g in frame["geometry"]]
+
+    changes = detect_changes(frame, ChangeRules(min_count_change=2, object_iou=0.3))
+    got = sorted(zip(changes["change"], changes["before_item_id"], changes["after_item_id"], strict=True))
+    assert got == [("count_changed", "d1", "d3"), *[("object_appeared", "d1", "d3")] * 2]
 
 
 def _fake_search(items, max_items, order):
@@ -607,6 +779,171 @@ def test_a_run_that_dies_counts_an_attempt_and_a_failed_item_no_longer_found_is_
     assert _count_vanished(ledger, partial, start, None, "r3", 3) == ([], [])  # an incomplete search says nothing
     assert _count_vanished(ledger, complete, start, None, "r3", 3) == ([], ["old"])
     assert ledger.items["old"].state == "given_up"
+
+
+# --- whole runs, the region pipeline replaced (no Ray) ---------------------------------------------------
+
+
+@pytest.fixture
+def fake_region(monkeypatch):
+    """rsflow.pipeline.run_region replaced by a :class:`~tests.monitor_fixtures.FakeRegion`."""
+    import rsflow.pipeline
+    from tests.monitor_fixtures import FakeRegion
+
+    fake = FakeRegion()
+    monkeypatch.setattr(rsflow.pipeline, "run_region", fake)
+    monkeypatch.setattr(rsflow.pipeline, "_ensure_ray", fake.connect)  # the monitor connects before it counts
+    return fake
+
+
+def test_an_item_given_up_in_a_run_that_finds_nothing_new_exits_4_and_moves_the_watermark(
+    tmp_path, fake_region, capsys
+):
+    """The item of a run that died is given up by the next run before anything runs (max_attempts 1): that run
+    finds nothing new, but it gave an item up, so it exits 4 as the README says, and the watermark moves past
+    the item as a processed run's would. It used to exit 0 with the watermark left behind."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    catalog = write_items(tmp_path / "items.json", [plain_item("A", "2024-05-02T10:00:00Z")])
+    path = _write(tmp_path, plain_monitor_doc(catalog, tmp_path / "out", retry={"max_attempts": 1}))
+    fake_region.error = MemoryError("worker OOM (simulated)")
+    with pytest.raises(MemoryError):
+        main(["monitor", "run", "--config", str(path)])
+    fake_region.error = None
+    capsys.readouterr()
+    assert main(["monitor", "run", "--config", str(path)]) == 4
+    out = capsys.readouterr().out
+    assert "nothing new" in out and "1 given up" in out
+    ledger = load_ledger(str(tmp_path / "out"), "plain")
+    assert ledger.items["A"].state == "given_up" and ledger.watermark == "2024-05-02T10:00:00Z"
+    assert fake_region.calls == [["A"]]
+    assert main(["monitor", "run", "--config", str(path)]) == 0  # given up once, reported once
+
+
+def test_items_the_search_refuses_are_failed_items_of_the_ledger_and_the_exit_code(
+    tmp_path, fake_region, capsys
+):
+    """An item with no assets, and a second item with an id another collection's item already has, are refused
+    by the search (the region job makes them failed rows). The monitor records them as failed items with the
+    reason (ledger, status, last_run.json, exit 4), gives them up after max_attempts, and no longer says a
+    thing about them then. They used to be dropped with a log line, the run exiting 0."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    items = [plain_item("A", "2024-05-02T10:00:00Z", "c1"), plain_item("A", "2024-05-03T10:00:00Z", "c2"),
+             plain_item("B", "2024-05-04T10:00:00Z", "c1", assets=False)]
+    catalog = write_items(tmp_path / "items.json", items)
+    out = tmp_path / "out"
+    doc = plain_monitor_doc(catalog, out, collections=["c1", "c2"], retry={"max_attempts": 2})
+    path = _write(tmp_path, doc)
+    assert main(["monitor", "run", "--config", str(path)]) == 4
+    assert fake_region.calls == [["A"]]
+    ledger = load_ledger(str(out), "plain")
+    assert {k: (r.state, r.attempts) for k, r in ledger.items.items()} == {
+        "A": ("done", 1), "B": ("failed", 1), "c2/A": ("failed", 1)}
+    assert ledger.items["B"].error == "refused: the item has no assets"
+    assert "another item with id 'A'" in ledger.items["c2/A"].error
+    last = json.loads((out / "_monitor" / "last_run.json").read_text())
+    assert last["items_failed"] == 2 and set(last["items_refused"]) == {"B", "c2/A"}
+    capsys.readouterr()
+    assert main(["monitor", "status", str(path)]) == 0
+    assert "failed    B (1 attempts): refused: the item has no assets" in capsys.readouterr().out
+
+    assert main(["monitor", "run", "--config", str(path)]) == 4  # nothing new; both given up
+    ledger = load_ledger(str(out), "plain")
+    assert {k: r.state for k, r in ledger.items.items()} == {"A": "done", "B": "given_up", "c2/A": "given_up"}
+    assert main(["monitor", "run", "--config", str(path)]) == 0
+    assert fake_region.calls == [["A"]]
+
+    # two items with one id, each found by another search of a split window, are told apart there too
+    from rsflow.monitor.run import collect_items
+
+    first = plain_item("X", "2024-05-02T10:00:00Z", "c1")
+    second = plain_item("X", "2024-05-20T10:00:00Z", "c2")
+    search, _ = _fake_search([first, second], 1, "oldest")
+    found = collect_items(search, datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 31, tzinfo=UTC),
+                          now=datetime(2024, 6, 1, tzinfo=UTC), is_pending=lambda i: True, max_items=5)
+    assert [i["collection"] for i in found.items] == ["c2"]  # newer windows first
+    assert [(i["collection"], why.split(" (")[0]) for i, why in found.refused] == [
+        ("c1", "another item with id 'X'")]
+
+
+@pytest.mark.parametrize("outage", ["unreachable", "lost", "died"])
+def test_after_an_outage_the_backlog_and_a_new_scene_are_processed_by_the_next_run_or_two(
+    outage, tmp_path, fake_region
+):
+    """Two scheduled runs fail while the cluster is down, then it is back and a new scene arrives (findings:
+    every later run used to process one scene, the new one waiting six runs, and three outage runs gave good
+    scenes up). A cluster that cannot be reached ("unreachable": ray.init raises ConnectionError, before any
+    attempt is counted) or that goes away under the run ("lost": the pipeline raises ConnectionError, and
+    the attempts are given back) costs the items nothing: the next run does them all. A run that dies in the
+    pipeline for a reason the monitor cannot tell from a scene that kills runs ("died") counts attempts, so
+    the next run tries the oldest scene alone, with the new one, and its normal finish ends the isolation:
+    the run after it does the rest. No scene is given up (default max_attempts 3)."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    items = [plain_item(f"s{k}", f"2024-05-{k + 2:02d}T10:00:00Z") for k in range(6)]
+    catalog = write_items(tmp_path / "items.json", items)
+    out = tmp_path / "out"
+    config = parse_monitor_config(plain_monitor_doc(catalog, out), base_dir=tmp_path, check_env=False)
+    backlog = [f"s{k}" for k in range(6)]
+    for _ in range(2):
+        if outage == "unreachable":
+            fake_region.connect_error = ConnectionError("could not connect to the Ray cluster (simulated)")
+        else:
+            error = ConnectionError if outage == "lost" else RuntimeError
+            fake_region.error = error("cluster down (simulated)")
+        with pytest.raises((ConnectionError, RuntimeError), match="simulated"):
+            run_monitor(config)
+    assert fake_region.calls == ([] if outage == "unreachable" else [backlog, backlog])
+    ledger = load_ledger(str(out), "plain")
+    assert {r.attempts for r in ledger.items.values()} == ({2} if outage == "died" else set())
+
+    fake_region.error = fake_region.connect_error = None
+    write_items(catalog, [*items, plain_item("new", "2024-05-20T10:00:00Z")])
+    done = []
+    for _ in range(3):
+        result = run_monitor(config)
+        assert not result.items_failed and not result.items_given_up
+        done.append(result.items_done)
+    if outage == "died":
+        assert done == [["new", "s0"], backlog[1:], []]
+    else:
+        assert done == [["new", *backlog], [], []]
+    ledger = load_ledger(str(out), "plain")
+    assert {r.state for r in ledger.items.values()} == {"done"} and len(ledger.items) == 7
+    assert ledger.watermark == "2024-05-20T10:00:00Z"
+
+
+def test_a_scene_that_kills_runs_is_given_up_alone_while_the_others_and_a_new_scene_are_done(
+    tmp_path, fake_region
+):
+    """The isolation that follows two crashed runs ends with the first run that finishes: the scenes held back
+    get back the attempt of their last crash and run together again; when the culprit is among them it kills
+    that run, and it is then tried alone and given up. No innocent scene is given up, and a scene that arrives
+    meanwhile is not held back."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    items = [plain_item("a", "2024-05-02T10:00:00Z"), plain_item("p", "2024-05-03T10:00:00Z"),
+             plain_item("b", "2024-05-04T10:00:00Z")]
+    catalog = write_items(tmp_path / "items.json", items)
+    out = tmp_path / "out"
+    config = parse_monitor_config(plain_monitor_doc(catalog, out), base_dir=tmp_path, check_env=False)
+    fake_region.killer = "p"
+    outcomes = []
+    for run in range(6):
+        if run == 4:
+            write_items(catalog, [*items, plain_item("new", "2024-05-10T10:00:00Z")])
+        try:
+            result = run_monitor(config)
+            outcomes.append((result.items_done, result.items_given_up))
+        except RuntimeError:
+            outcomes.append("died")
+    assert fake_region.calls == [
+        ["a", "b", "p"], ["a", "b", "p"], ["a"], ["b", "p"], ["new", "p"], ["b", "new"]]
+    assert outcomes == ["died", "died", (["a"], []), "died", "died", (["b", "new"], ["p"])]
+    ledger = load_ledger(str(out), "plain")
+    assert {k: r.state for k, r in ledger.items.items()} == {"a": "done", "b": "done", "new": "done",
+                                                              "p": "given_up"}
 
 
 # --- scheduling files ------------------------------------------------------------------------------

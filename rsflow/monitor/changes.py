@@ -20,9 +20,12 @@ compared:
 ========================  =====================================================================
 
 Answers that did not parse (null ``answer`` / ``label`` / ``object_count``) are not observations (the
-observations before and after them are compared), answers of different models (``model_id``: another
-checkpoint or adapter, after the config changed) are never compared with each other, and captions and
-region captions (free text that always differs) are not compared.
+observations before and after them are compared), nor are counts of an answer the model stopped at
+``max_new_tokens`` (its ``parse_error`` holds :data:`rsflow.interpret.ANSWER_CUT_NOTE`: the boxes or the
+number after the cut are missing, so its count and objects would read as ships that vanished), answers
+of different models (``model_id``: another checkpoint or adapter, after the config changed) are never
+compared with each other, and captions and region captions (free text that always differs) are not
+compared.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ CHANGE_KINDS = (
 #: Columns of the ``changes`` GeoParquet, in order, with their meaning.
 CHANGE_COLUMNS: dict[str, str] = {
     "change": "answer_flipped | answer_changed | count_changed | class_changed | object_appeared | object_vanished",
-    "cell_id": "the place: hash of (native CRS, window origin, resolution, window size)",
+    "cell_id": "the place: hash of (native CRS, window origin in pixels, resolution, window size)",
     "task": "vqa | classify | detect | refer",
     "prompt": "the user text asked",
     "prompt_key": "the input the prompt came from (question, class list, category, expression)",
@@ -89,6 +92,7 @@ RESULT_COLUMNS_USED = (
     "answer_number",
     "label",
     "object_count",
+    "parse_error",
     "status",
     "native_crs",
     "transform",
@@ -102,9 +106,16 @@ _YES_NO = ("yes", "no")
 
 
 def cell_id(native_crs: str, transform: Iterable[float], width: int, height: int) -> str:
-    """The place a tile covers, independent of the item: native CRS, grid origin, resolution, size."""
+    """The place a tile covers, independent of the item: native CRS, grid origin, resolution, size.
+
+    Quantised relative to the pixel, whatever the CRS's unit: the origin in pixels to 1/1000 of one, the
+    resolution to 7 significant digits (a drift under 1/1000 px across a 10,000 px window). Fixed decimals
+    in CRS units (0.001 for the origin) were 1/10,000 px in metres but 11 px of a 10 m grid in degrees
+    (EPSG:4326), where different grids made one cell and were compared as one place."""
     a, _, c, _, e, f = (float(v) for v in list(transform)[:6])
-    key = f"{native_crs}|{c:.3f}|{f:.3f}|{a:.6f}|{e:.6f}|{int(width)}x{int(height)}"
+    col, row = (c / a, f / e) if a and e else (c, f)  # the origin in pixels of the grid
+    col, row = round(col, 3) + 0.0, round(row, 3) + 0.0  # + 0.0: -0.0 is 0.0
+    key = f"{native_crs}|{col:.3f}|{row:.3f}|{a:.7g}|{e:.7g}|{int(width)}x{int(height)}"
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -133,21 +144,28 @@ class Observation:
     tile_id: str
     datetime: pd.Timestamp
     value: str | None
-    """What is compared: the vqa answer, the class, the object count (as text); None if unparsed."""
+    """What is compared: the vqa answer, the class, the object count (as text); None if unparsed, or a
+    count (objects, a numeric answer) of an answer cut at ``max_new_tokens``."""
     number: float | None
     """The vqa answer as a number, or the object count."""
     geometry: BaseGeometry | None = field(default=None, compare=False)
     model_id: str = ""
     """The model (with its adapter) that answered: answers of two models are never compared."""
+    cut: bool = False
+    """The answer reached ``max_new_tokens`` before it ended."""
 
 
 def observations(rows: pd.DataFrame) -> list[Observation]:
     """The ok tile rows of ``rows`` (with ``cell_id``) as :class:`Observation` s, sorted by cell,
     task, prompt, time and item."""
+    from rsflow.interpret import ANSWER_CUT_NOTE  # here: rsflow.interpret brings Ray Data in
+
     tiles = rows[(rows["kind"] == "tile") & (rows["status"] == "ok")]
     out = []
     for r in tiles.itertuples(index=False):
-        value, number = _value(r)
+        # parse_error joins every note with "; " (a box that did not project, then the cut): look for the cut
+        cut = ANSWER_CUT_NOTE in (_text(getattr(r, "parse_error", None)) or "")
+        value, number = _value(r, cut=cut)
         out.append(
             Observation(
                 cell_id=r.cell_id,
@@ -161,6 +179,7 @@ def observations(rows: pd.DataFrame) -> list[Observation]:
                 number=number,
                 geometry=r.geometry,
                 model_id=_text(getattr(r, "model_id", None)) or "",
+                cut=cut,
             )
         )
     out.sort(key=lambda o: (o.cell_id, o.task, o.prompt_key, o.prompt, o.model_id, o.datetime, o.item_id))
@@ -183,13 +202,21 @@ def _number(value: Any) -> float | None:
     return None if np.isnan(number) else number
 
 
-def _value(r: Any) -> tuple[str | None, float | None]:
+def _value(r: Any, *, cut: bool = False) -> tuple[str | None, float | None]:
+    """(value, number) of a tile row; an answer cut short has no count: the boxes, or the digits, after the
+    cut are missing (``object_count`` counts the boxes written, whatever the reply was going to say). A cut
+    yes/no answer or class keeps its first words, which are the answer."""
     task = r.task
     if task == "vqa":
-        return _text(r.answer), _number(r.answer_number)
+        number = _number(r.answer_number)
+        if cut and number is not None:
+            return None, None
+        return _text(r.answer), number
     if task == "classify":
         return _text(r.label), None
     if task in ("detect", "refer"):
+        if cut:
+            return None, None
         count = _number(r.object_count)
         return (None, None) if count is None else (str(int(count)), count)
     return _text(r.text), None
@@ -420,7 +447,9 @@ def timelines(rows: pd.DataFrame, changes: pd.DataFrame) -> dict[str, Timeline]:
             continue
         columns = sorted({(o.task, o.prompt_key) for o in cell_obs})
         values = {
-            (o.item_id, (o.task, o.prompt_key)): o.value if o.value is not None else "(no answer)"
+            (o.item_id, (o.task, o.prompt_key)): o.value
+            if o.value is not None
+            else "(answer cut short)" if o.cut else "(no answer)"
             for o in cell_obs
         }
         changed = {k for k in values if (cell, k[0], k[1][0], k[1][1]) in changed_keys}

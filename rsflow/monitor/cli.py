@@ -4,7 +4,8 @@
 ``<monitors dir>/NAME.yaml`` (``--monitors-dir``, default ``$RSFLOW_MONITORS`` or ``monitors``).
 
 Exit codes (:mod:`rsflow.errors`): 0 done (also when there was nothing new); 4 committed, but some
-items failed this run (they are retried by the next runs, or were given up); 2 bad config or flags
+items failed this run (they are retried by the next runs, or were given up; also in a run that processed
+nothing new); 2 bad config or flags
 (one line naming the key); 3 another run holds the monitor's lock (one line naming it); 5 the STAC
 source could not be searched; 1 anything else.
 """
@@ -95,12 +96,20 @@ def run_monitor_command(args: argparse.Namespace) -> int:
     except MonitorLocked as exc:
         print(f"rsflow monitor: locked: {exc}", file=sys.stderr)
         return EXIT_LOCKED
+    failed_or_given_up = EXIT_PARTIAL if result.items_failed or result.items_given_up else EXIT_OK
     if result.outcome == "nothing-new":
+        # nothing was processed, but items may have failed or been given up without running (a run that died
+        # with them, a search that no longer returns them): exit 4 says so, as after a run that processed some
+        tail = (
+            f"; {len(result.items_failed)} failed (will retry), {len(result.items_given_up)} given up"
+            if failed_or_given_up
+            else ""
+        )
         print(
             f"monitor {config.name}: nothing new since {result.search_window.split('/')[0]} "
-            f"({result.items_found} items found, all done or given up); watermark {result.watermark}"
+            f"({result.items_found} items found, all done or given up){tail}; watermark {result.watermark}"
         )
-        return EXIT_OK
+        return failed_or_given_up
     hook = ""
     if result.webhook is not None:
         hook = (
@@ -111,4 +120,4 @@ def run_monitor_command(args: argparse.Namespace) -> int:
         f"{len(result.items_failed)} failed (will retry), {len(result.items_given_up)} given up; "
         f"{result.new_changes} changes; watermark {result.watermark}{hook}; output {config.output}"
     )
-    return EXIT_PARTIAL if result.items_failed or result.items_given_up else EXIT_OK
+    return failed_or_given_up

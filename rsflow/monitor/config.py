@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import uuid
@@ -282,7 +283,7 @@ def parse_monitor_config(
         raise RequestError("collections", f"must be a list of collection ids, got {collections!r}")
 
     tasks = _tasks(doc["tasks"], base_dir, source)
-    tile = _mapping(doc.get("tile") or {}, "tile", _TILE_KEYS, source)
+    tile = _section(doc, "tile", _TILE_KEYS, source)
     model = _model(doc["model"], base_dir, source)
     output = check_output_root(doc["output"], base_dir)
 
@@ -303,7 +304,7 @@ def parse_monitor_config(
             stac=stac,
             profile=_optional_string(doc.get("profile"), "profile"),
             tile_size=tile_size,
-            overlap=overlap or 0,
+            overlap=0 if overlap is None else overlap,
             gsd=_number(tile.get("gsd_m"), "tile.gsd_m"),
             max_nodata=numbers["max_nodata"] if numbers["max_nodata"] is not None else 0.5,
             tasks=(),
@@ -311,8 +312,10 @@ def parse_monitor_config(
             merge="iou",
             merge_iou=numbers["merge_iou"] if numbers["merge_iou"] is not None else 0.5,
             preview=False,
-            # The real output of each run is a scratch folder under the root (see rsflow.monitor.run).
+            # The real output of each run is a scratch folder under the root (see rsflow.monitor.run); the root
+            # is probed when a run starts (probe_output_root): reading the config writes nothing.
             output=_scratch_placeholder(output),
+            probe_output=False,
             overwrite=True,
             model=model,
             model_actors=wholes["model_actors"],
@@ -333,14 +336,14 @@ def parse_monitor_config(
     start = _start(doc.get("start"))
     schedule = parse_cron(doc["schedule"]) if doc.get("schedule") is not None else None
 
-    retry = _mapping(doc.get("retry") or {}, "retry", _RETRY_KEYS, source)
+    retry = _section(doc, "retry", _RETRY_KEYS, source)
     max_attempts = _whole(retry.get("max_attempts"), "retry.max_attempts")
     if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise RequestError(
             "retry.max_attempts", f"must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {max_attempts}"
         )
 
-    change_doc = _mapping(doc.get("change") or {}, "change", _CHANGE_KEYS, source)
+    change_doc = _section(doc, "change", _CHANGE_KEYS, source)
     min_count = _number(change_doc.get("min_count_change"), "change.min_count_change")
     object_iou = _number(change_doc.get("object_iou"), "change.object_iou")
     rules = ChangeRules(
@@ -352,7 +355,7 @@ def parse_monitor_config(
     if not 0 < rules.object_iou <= 1:
         raise RequestError("change.object_iou", f"is an IoU in (0, 1], got {rules.object_iou}")
 
-    lock = _mapping(doc.get("lock") or {}, "lock", _LOCK_KEYS, source)
+    lock = _section(doc, "lock", _LOCK_KEYS, source)
     expiry = parse_duration(lock["expiry"], "lock.expiry") if "expiry" in lock else DEFAULT_LOCK_EXPIRY
     if not MIN_LOCK_EXPIRY <= expiry <= MAX_LOCK_EXPIRY:
         raise RequestError(
@@ -388,6 +391,8 @@ def check_output_root(value: Any, base_dir: Path) -> str:
         RequestError: ``output``.
     """
     root = _string(value, "output").rstrip("/")
+    if not root or root == "file:/" or root.endswith(":/"):  # "/" stripped to "" read as the config's own folder
+        raise RequestError("output", f"{value!r} is a filesystem or bucket root; give a folder for the monitor")
     refuse_output_in_job_copy(root, "output", base=base_dir)  # relative roots are from the config's folder
     if "://" in root and not root.startswith("file://"):
         import fsspec
@@ -436,7 +441,7 @@ def probe_output_root(root: str) -> None:
     try:
         store.write_bytes_atomic(probe, b"rsflow\n")
         store.remove(probe)
-    except Exception as exc:  # any storage failure means the same thing to the user
+    except Exception as exc:  # noqa: BLE001 - any storage failure means the same thing to the user
         raise RequestError(
             "output", f"cannot write to {root}: {type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from None
@@ -447,14 +452,51 @@ def _scratch_placeholder(root: str) -> str:
 
 
 def _redact_url(url: str) -> str:
-    """A URL without its query string and user info (they may carry tokens)."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The URL as records and logs show it: its scheme and host (and port), with its path and query
+    replaced by a short hash of them. Hook URLs (Slack, Discord, Zapier) carry their token in the path,
+    and run records sit under an output root that is often a shared bucket; the hash still tells two
+    hooks of one host apart. Never raises, whatever the text."""
+    import hashlib
+    from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:  # a port out of range, a broken [IPv6] host: say no more than the scheme
+        return f"{url.split(':', 1)[0][:16]}://<unreadable URL>"
+    if port is not None:
+        host = f"{host}:{port}"
+    rest = url.split("://", 1)[-1][len(parts.netloc):] if "://" in url else url
+    tag = f"/<path {hashlib.sha256(rest.encode()).hexdigest()[:8]}>" if rest not in ("", "/") else ""
+    return f"{parts.scheme}://{host}{tag}"
+
+
+def _check_webhook_url(url: str) -> None:
+    """Refuse, when the file is read, a URL the POST would fail on: a webhook is called only when a run
+    finds changes, which can be weeks after the config was written.
+
+    Raises:
+        RequestError: ``webhook.url``.
+    """
+    from urllib.parse import urlsplit
+
+    shown = _redact_url(url)
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise RequestError(
+            "webhook.url", f"must not hold spaces or control characters (percent-encode them), got {shown!r}"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise RequestError("webhook.url", f"is not a valid URL ({exc}), got {shown!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise RequestError("webhook.url", f"must be an http(s) URL, got {shown!r}")
+    if not parts.hostname:
+        raise RequestError("webhook.url", f"names no host, got {shown!r}")
+    if port == 0:
+        raise RequestError("webhook.url", f"port must be between 1 and 65535, got {shown!r}")
 
 
 def _mapping(value: Any, key: str, known: tuple[str, ...], source: str) -> dict[str, Any]:
@@ -474,6 +516,14 @@ def _mapping(value: Any, key: str, known: tuple[str, ...], source: str) -> dict[
     return value
 
 
+def _section(doc: dict[str, Any], key: str, known: tuple[str, ...], source: str) -> dict[str, Any]:
+    """An optional mapping of ``doc`` (``tile``, ``retry``, ...): absent or null is empty, anything else
+    must be a mapping. ``tile: 0``, ``retry: []`` or ``change: false`` are refused, not read as absent: they
+    say the user meant something, and it is not what the run would do."""
+    value = doc.get(key)
+    return {} if value is None else _mapping(value, key, known, source)
+
+
 def _string(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RequestError(key, f"must be a non-empty string, got {value!r}")
@@ -489,6 +539,8 @@ def _number(value: Any, key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):  # YAML's .nan and .inf: NaN fails every comparison, so range checks miss it
+        raise RequestError(key, f"must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -561,8 +613,7 @@ def _webhook(value: Any, source: str, check_env: bool) -> WebhookConfig | None:
         return None
     hook = _mapping(value, "webhook", _WEBHOOK_KEYS, source)
     url = _string(hook.get("url"), "webhook.url")
-    if not url.startswith(("http://", "https://")):
-        raise RequestError("webhook.url", f"must be an http(s) URL, got {_redact_url(url)!r}")
+    _check_webhook_url(url)
     secret_env = hook.get("secret_env")
     if secret_env is not None:
         if not isinstance(secret_env, str) or not _ENV_NAME.match(secret_env):
@@ -577,4 +628,4 @@ def _webhook(value: Any, source: str, check_env: bool) -> WebhookConfig | None:
     timeout = _number(hook.get("timeout_seconds"), "webhook.timeout_seconds")
     if timeout is not None and not 0 < timeout <= 300:
         raise RequestError("webhook.timeout_seconds", f"must be in (0, 300], got {timeout}")
-    return WebhookConfig(url=url, secret_env=secret_env, timeout_seconds=timeout or 10.0)
+    return WebhookConfig(url=url, secret_env=secret_env, timeout_seconds=10.0 if timeout is None else timeout)

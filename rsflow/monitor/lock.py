@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 from rsflow.errors import RsflowError
 from rsflow.monitor import store
@@ -222,7 +222,7 @@ class MonitorLock:
                 logger.info("monitor %s: lock released by run %s", self.monitor, self.run_id)
         self._info = None
 
-    def __enter__(self) -> MonitorLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -21,21 +21,26 @@ A run, in order (:func:`run_monitor`):
 4. searches items from ``watermark - lookback`` (or ``start``; earlier when an item to retry is
    older), every one of them however the API orders a capped search (:func:`collect_items`), and
    keeps the newest ``max_items`` not done and not given up (the older ones are the ledger's backfill,
-   which the next runs search first);
-5. saves their attempts in the ledger (a run that dies in the pipeline has tried them), then runs the
-   region pipeline on exactly those items (:func:`rsflow.pipeline.run_region`, into
-   ``_monitor/work/<run id>``);
+   which the next runs search first); items the search refuses (no assets, an id another item has) are
+   failed items of the ledger, with the reason; after two runs that died with an item, the oldest such
+   item runs alone among the others (:func:`_isolate_crashed`);
+5. connects to the cluster (one that cannot be reached fails the run here, with nothing counted), saves
+   the items' attempts in the ledger (a run that dies in the pipeline has tried them; a pipeline that
+   raises ``ConnectionError`` gives them back), then runs the region pipeline on exactly those items
+   (:func:`rsflow.pipeline.run_region`, into ``_monitor/work/<run id>``);
 6. writes the rows of the items that succeeded into the date partitions, one new file per date,
    each atomically, and its run record;
 7. **commits**: saves the ledger (items done, failed items' attempts, items given up, watermark,
-   the run's files) in one atomic write. Until then nothing it wrote counts: a run killed before
+   the run's files, and, after a run that tried a crash suspect alone, the other suspects cleared:
+   :func:`_clear_suspects`) in one atomic write. Until then nothing it wrote counts: a run killed before
    this leaves the watermark, the runs and the done items as they were (its items only have one more
    attempt), and step 3 of the next run deletes its files, so no (tile, date, task, prompt) row is
    ever in the dataset twice;
 8. recomputes ``changes.parquet`` and ``report.html`` from the committed results, calls the
    webhook when this run's items brought changes, and deletes its work folder.
 
-A run that finds nothing new writes nothing but ``_monitor/last_run.json``. The changes and report
+A run that finds nothing new writes nothing but ``_monitor/last_run.json`` (and the ledger, when it gave
+items up or counted failures of items it did not run: refused, no longer found). The changes and report
 carry the id of the run they reflect; any run that finds them behind the ledger (a run killed
 between steps 7 and 8) rebuilds them.
 """
@@ -111,6 +116,8 @@ class MonitorRunResult:
     changes_by_kind: dict[str, int] = field(default_factory=dict)
     watermark: str | None = None
     webhook: WebhookResult | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    """Items the search refused (ledger key -> why); also in ``items_failed`` or ``items_given_up``."""
 
 
 def run_monitor(config: MonitorConfig, *, address: str | None = None) -> MonitorRunResult:
@@ -122,14 +129,18 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
         SourceError: the STAC source could not be searched (nothing committed).
     """
     from rsflow.errors import ModelError
-    from rsflow.models.spec import model_input_size, resolve_adapter, resolve_model_dir
+    from rsflow.models.spec import model_input_size, resolve_adapter, resolve_model_dir, resolve_prompt_format
 
     started = datetime.now(UTC)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     try:  # the model's files, read before the lock is taken or anything searched or written
-        resolve_adapter(config.request.model)
-        resolve_model_dir(config.request.model)
-        model_input_size(config.request.model)
+        request = config.request
+        resolve_adapter(request.model)
+        resolve_model_dir(request.model)
+        # What the pipeline checks against the model, checked here: found inside run_region, each failed run
+        # counted an attempt against every pending scene, and after three the scenes were given up for good.
+        request.tile.resolved(model_input_size(request.model))  # an overlap or --image-size the model refuses
+        request.inputs.prompts(request.tasks, resolve_prompt_format(request.model))  # a task the family cannot do
     except ModelError as exc:
         raise RequestError("model.model", str(exc)) from None
     except RequestError as exc:  # named by its flag (--model, --adapter): the config key instead
@@ -164,6 +175,7 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
             items_done=len(result.items_done),
             items_failed=len(result.items_failed),
             items_given_up=len(result.items_given_up),
+            items_refused=result.refused,
             new_changes=result.new_changes,
             watermark=result.watermark,
             removed_leftovers=len(result.removed),
@@ -241,14 +253,8 @@ def _run_locked(
             backfill["before"],
         )
     pending = _isolate_crashed(found.pending, ledger)
-    held = {str(i["id"]) for i in pending}
-    for item in found.pending:  # held back while a crash is isolated: kept in the ledger, so searched again
-        item_id = str(item["id"])
-        if item_id not in held and item_id not in ledger.items:
-            ledger.items[item_id] = ItemRecord(
-                id=item_id, collection=str(item.get("collection") or ""), datetime=str(_item_time(item) or ""),
-                state="failed", attempts=0, run_id=run_id, error=WAITING,
-            )
+    # the suspect tried alone, if any: a normal finish of this run clears the others (below)
+    isolated = [str(i["id"]) for i in pending if _is_suspect(ledger.items.get(str(i["id"])))]
     skipped = len(found.items) - len(found.pending)
     logger.info(
         "monitor %s: %d items since %s (%d searches), %d already done or given up, %d to process",
@@ -263,10 +269,13 @@ def _run_locked(
         ledger, found, window_start, window_end, run_id,
         config.max_attempts,
     )
-    given_up_before = [*interrupted, *vanished_given_up]  # given up without running again
+    refused_failed, refused_given_up, refused = _record_refused(ledger, found, run_id, config.max_attempts)
+    vanished_failed += refused_failed  # failed without running: both kinds count like a run's failures
+    given_up_before = [*interrupted, *vanished_given_up, *refused_given_up]  # given up without running again
     if not pending:
         if backfill != ledger.backfill or vanished_failed or given_up_before:
             ledger.backfill = backfill
+            advance_watermark(ledger)  # items given up count as in a processed run: the search moves on
             lock.check()
             save_ledger(root, ledger)
         if any(r.notified is False for r in ledger.runs):  # changes an earlier run committed but never sent
@@ -282,11 +291,18 @@ def _run_locked(
             items_given_up=given_up_before,
             removed=removed,
             watermark=ledger.watermark,
+            refused=refused,
         )
+
+    # The cluster first: one that cannot be reached (ray.init raises ConnectionError) fails the run before any
+    # attempt is counted below. During an outage every run died with all its items, and after two such runs
+    # the items were tried one a run and given up after max_attempts, while nothing was wrong with them.
+    _connect(address)
 
     # Each item's attempt is counted before the pipeline runs: a run that dies inside it (an OOM kill, a
     # worker crash, a pipeline error) leaves them failed with one more attempt, so that an item that always
     # crashes is tried alone next time and then given up instead of holding every new item back for ever.
+    before_attempt = {str(i["id"]): ledger.items.get(str(i["id"])) for i in pending}
     attempts_now = {}
     for item in pending:
         item_id = str(item["id"])
@@ -300,11 +316,18 @@ def _run_locked(
     save_ledger(root, ledger)
 
     scratch = store.join(root, WORK_DIR, run_id)
-    region = run_region(
-        dataclasses.replace(request, output=scratch, overwrite=False, preview=False),
-        address=address,
-        items=pending,
-    )
+    try:
+        region = run_region(
+            dataclasses.replace(request, output=scratch, overwrite=False, preview=False),
+            address=address,
+            items=pending,
+        )
+    except (ConnectionError, RequestError):
+        # The cluster went away (or never answered) under the run, or the request is bad: not the items'
+        # doing. The driver is alive to say so, so their records are put back as they were: the run fails,
+        # and no attempt is counted.
+        _restore(root, ledger, lock, before_attempt)
+        raise
     table = _region_rows(scratch, region.manifest)
     outcome = item_outcomes(table, pending)
     done = [i for i in pending if outcome[str(i["id"])]["failed"] is None]
@@ -339,6 +362,13 @@ def _run_locked(
             tiles=info["tiles"],
             rows=info["rows"],
         )
+    cleared = _clear_suspects(ledger, set(attempts_now)) if isolated else []
+    if cleared:
+        logger.info(
+            "monitor %s: the run that tried %s alone finished: %d items held back meanwhile are no longer "
+            "suspected of crashing runs (the next run takes them together): %s",
+            config.name, isolated[0], len(cleared), ", ".join(cleared[:10]),
+        )
     advance_watermark(ledger)
     ledger.backfill = backfill
     record_name = posixpath.join(RUNS_DIR, f"{run_id}.json")
@@ -355,8 +385,10 @@ def _run_locked(
             "searches": found.searches,
             "backfill": backfill,
         },
-        "items": {"done": [str(i["id"]) for i in done], "failed": failed, "given_up": given_up},
-        "errors": {k: v["failed"] for k, v in outcome.items() if v["failed"]},
+        "items": {"done": [str(i["id"]) for i in done], "failed": failed, "given_up": given_up,
+                  "cleared": cleared},
+        "errors": {**{k: v["failed"] for k, v in outcome.items() if v["failed"]},
+                   **{k: f"refused: {v}" for k, v in refused.items()}},
         "files": files,
         "region_manifest": region.manifest,
     }
@@ -406,6 +438,7 @@ def _run_locked(
         changes_by_kind=by_kind,
         watermark=ledger.watermark,
         webhook=hook,
+        refused=refused,
     )
 
 
@@ -463,8 +496,9 @@ def _notify(
 INTERRUPTED = "the run that processed it did not finish (killed, or the pipeline raised)"
 """``error`` of items whose attempt began in a run that never recorded its outcome."""
 
-WAITING = "not tried yet: held back while the item that crashed runs was tried alone"
-"""``error`` of new items a run left for later while it isolated a crash (:func:`_isolate_crashed`)."""
+CLEARED = ("a run that died had it, but a run without it then finished: that attempt is not held against it "
+           "(given back)")
+"""``error`` of a crash suspect that a finished isolating run cleared (:func:`_clear_suspects`)."""
 
 VANISHED = "no longer returned by the search (the AOI, max_cloud or the catalog changed)"
 """``error`` of a failed item that a complete search of its time no longer finds."""
@@ -483,6 +517,9 @@ class Collected:
     searches: int
     crowded: list[str] = field(default_factory=list)
     """Instants (one second) holding more than ``max_items`` items: only ``max_items`` of them were seen."""
+    refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    """Items the search returned but refused, with why (``SearchResult.refused``: no geometry, no assets, an
+    id another item has; also an id another search of the window returned for another item)."""
 
     @property
     def complete(self) -> bool:
@@ -502,14 +539,16 @@ def collect_items(
     many done ones it holds.
 
     Args:
-        search: ``(start_iso, end_iso_or_"..") -> result`` with ``items`` and ``reached_max_items``.
+        search: ``(start_iso, end_iso_or_"..") -> result`` with ``items``, ``reached_max_items`` and
+            ``refused`` (optional).
         start, end: the window (UTC); ``now`` bounds an open end for splitting.
     """
     stack: list[tuple[datetime, datetime | None]] = [(start, end)]
     items: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {}
     crowded: list[str] = []
+    refused: list[tuple[dict[str, Any], str]] = []
     searches = 0
     while stack:
         begin, finish = stack.pop()
@@ -525,18 +564,66 @@ def collect_items(
             crowded.append(_iso(begin))
             logger.warning("more than max_items %d items between %s and %s: only %d of them are seen",
                            max_items, _iso(begin), _iso(upper), len(found.items))
-        new = [i for i in found.items if str(i["id"]) not in seen]
+        refused += list(getattr(found, "refused", None) or [])
+        new = []
+        for item in found.items:  # an item on the edge of two windows comes back: the same one, dropped
+            first = seen.setdefault(str(item["id"]), item)
+            if first is item:
+                new.append(item)
+            elif (item.get("collection"), _item_time(item)) != (first.get("collection"), _item_time(first)):
+                refused.append((item, _same_id(first)))  # another item with that id: rsflow keys items by id
         waiting = [i for i in new if is_pending(i)]
-        seen.update(str(i["id"]) for i in new)
         items += new
         if len(pending) + len(waiting) > max_items:  # this window has them all: the newest that fit
             waiting.sort(key=lambda i: (parse_time(_item_time(i)) or begin, str(i["id"])), reverse=True)
             room = max_items - len(pending)
             pending += waiting[:room]
             before = parse_time(_item_time(waiting[room])) or upper  # inclusive: the done ones come back
-            return Collected(items, pending, {"start": _iso(start), "before": _iso(before)}, searches, crowded)
+            backfill = {"start": _iso(start), "before": _iso(before)}
+            return Collected(items, pending, backfill, searches, crowded, refused)
         pending += waiting
-    return Collected(items, pending, None, searches, crowded)
+    return Collected(items, pending, None, searches, crowded, refused)
+
+
+def _same_id(first: dict[str, Any]) -> str:
+    """Why an item is refused whose id ``first`` has (the words of :func:`rsflow.search._screen`)."""
+    return (f"another item with id {str(first.get('id'))!r} (collection {first.get('collection')!r}, "
+            f"datetime {_item_time(first)!r}) was found first; rsflow keys results by item id")
+
+
+def _record_refused(
+    ledger: Ledger, found: Collected, run_id: str, max_attempts: int
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """Items the search refused are failed items of the ledger, with the reason, an attempt per run that
+    finds them so, and given up after ``max_attempts``, as items the pipeline fails are: they used to be
+    dropped with a log line, so that a scene never showed in the ledger, ``status`` or the exit code. An item
+    whose id another item holds (the kept one, or a ledger record of another collection) is recorded as
+    ``collection/id``. Returns the keys (still failed, given up) and each key's reason."""
+    kept = {str(i["id"]) for i in found.items}
+    reasons: dict[str, str] = {}
+    failed: list[str] = []
+    given_up: list[str] = []
+    for item, reason in found.refused:
+        item_id, collection = str(item.get("id")), str(item.get("collection") or "")
+        known = ledger.items.get(item_id)
+        key = item_id
+        if item_id in kept or (known is not None and known.collection != collection):
+            key = f"{collection}/{item_id}"
+        record = ledger.items.get(key)
+        if key in reasons or (record is not None and record.state != "failed"):  # done, given up: said so
+            continue
+        reasons[key] = reason
+        attempts = (record.attempts if record else 0) + 1
+        state = "given_up" if attempts >= max_attempts else "failed"
+        ledger.items[key] = ItemRecord(
+            id=key, collection=collection, datetime=str(_item_time(item) or ""), state=state,
+            attempts=attempts, run_id=run_id, error=f"refused: {reason}",
+        )
+        (given_up if state == "given_up" else failed).append(key)
+    if reasons:
+        logger.warning("%d items refused by the search, recorded as failed: %s", len(reasons),
+                       "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:5]))
+    return failed, given_up, reasons
 
 
 def _give_up_interrupted(ledger: Ledger, max_attempts: int) -> list[str]:
@@ -550,15 +637,65 @@ def _give_up_interrupted(ledger: Ledger, max_attempts: int) -> list[str]:
     return ids
 
 
+def _is_suspect(record: ItemRecord | None) -> bool:
+    """Its last attempt was in a run that died, and it has had two attempts or more: after a second crash
+    the run may die of one of its items, not of the cluster."""
+    return (record is not None and record.state == "failed" and record.error == INTERRUPTED
+            and record.attempts >= 2)
+
+
 def _isolate_crashed(pending: list[dict[str, Any]], ledger: Ledger) -> list[dict[str, Any]]:
-    """After a second run died with an item in it (:data:`INTERRUPTED`, two attempts or more), that item
-    runs alone, oldest first, so that the one that kills runs is found and given up while the others go
-    on; otherwise ``pending`` as it is."""
-    crashed = [i for i in pending if (r := ledger.items.get(str(i["id"]))) is not None
-               and r.error == INTERRUPTED and r.attempts >= 2]
+    """The items a run takes when some are crash suspects (:func:`_is_suspect`): the oldest suspect alone
+    among them, with every item that is not one (new scenes are never held back); otherwise ``pending``.
+
+    Suspects are tried one a run, never together: each has one attempt or less left before ``max_attempts``
+    with the default 3, so a run of two that died again would give up the innocent with the culprit. If the
+    suspect kills the run again it is given up on its own; if the run finishes, the crash was not its doing,
+    and the other suspects are cleared (:func:`_clear_suspects`): the isolation ends there, and the next run
+    takes them all together again (an outage of the cluster made every item a suspect)."""
+    crashed = [i for i in pending if _is_suspect(ledger.items.get(str(i["id"])))]
     if not crashed:
         return pending
-    return [min(crashed, key=lambda i: (str(_item_time(i) or ""), str(i["id"])))]
+    alone = min(crashed, key=lambda i: (str(_item_time(i) or ""), str(i["id"])))
+    return [i for i in pending if i is alone or i not in crashed]
+
+
+def _clear_suspects(ledger: Ledger, tried: set[str]) -> list[str]:
+    """After an isolating run finished normally, the crash suspects it held back (all of the ledger's, also
+    those beyond ``max_items``) are no longer suspects: the cluster worked, and the item tried alone was not
+    the cause, or is now failed or done on its own. Each gets back the attempt of the crash that made it a
+    suspect (error :data:`CLEARED`), so that a culprit still among them, which kills their next run together,
+    makes them suspects again (two attempts), not items given up. Returns their ids."""
+    cleared = []
+    for record in ledger.items.values():
+        if record.id not in tried and _is_suspect(record):
+            record.attempts -= 1
+            record.error = CLEARED
+            cleared.append(record.id)
+    return sorted(cleared)
+
+
+def _connect(address: str | None) -> None:
+    """Connect to the Ray cluster the region run will use (:func:`rsflow.pipeline.run_region` does the same,
+    and then does nothing more)."""
+    from rsflow.pipeline import _ensure_ray
+
+    _ensure_ray(address)
+
+
+def _restore(root: str, ledger: Ledger, lock: MonitorLock, records: dict[str, ItemRecord | None]) -> None:
+    """Put back the item records of a run's attempt count (``None``: an item the ledger did not know), for a
+    run that failed of no item's doing. Failing to save is only logged: the run's own error says more."""
+    for item_id, record in records.items():
+        if record is None:
+            ledger.items.pop(item_id, None)
+        else:
+            ledger.items[item_id] = record
+    try:
+        lock.check()
+        save_ledger(root, ledger)
+    except Exception:  # the caller re-raises the run's error
+        logger.warning("could not put the items' attempts back in the ledger", exc_info=True)
 
 
 def _count_vanished(ledger: Ledger, found: Collected, start: datetime | None, end: datetime | None, run_id: str,
@@ -571,7 +708,10 @@ def _count_vanished(ledger: Ledger, found: Collected, start: datetime | None, en
     given_up: list[str] = []
     if not found.complete or start is None:
         return failed, given_up
-    ids = {str(i["id"]) for i in found.items}
+    # items the search refused were found, and are counted by _record_refused (under either key it may use)
+    refused = {key for i, _ in found.refused
+               for key in (str(i.get("id")), f"{i.get('collection') or ''}/{i.get('id')}")}
+    ids = {str(i["id"]) for i in found.items} | refused
     for record in ledger.items.values():
         when = parse_time(record.datetime)
         if record.state != "failed" or record.id in ids or when is None or when < start or (end and when > end):

@@ -4,17 +4,20 @@ The body is signed, not carried: with ``webhook.secret_env`` set, the header
 ``X-Rsflow-Signature-256: sha256=<hex>`` holds the HMAC-SHA256 of the exact body bytes under the
 secret (the scheme GitHub webhooks use), so a receiver that knows the secret can check the sender
 and the body while the secret itself never travels. The secret is read from the environment at call
-time and kept in no object, log line, file or manifest; logs name the URL without its query string.
+time and kept in no object, log line, file or manifest; logs and records name the URL by its scheme and
+host only (:func:`~rsflow.monitor.config._redact_url`: hook URLs carry their token in the path).
 
-Delivery: up to ``attempts`` tries with backoff on connection errors and HTTP 429/5xx. A webhook that
-keeps failing does not fail the run (its results are already committed); the failure is logged and
-recorded in the run's ``last_run.json``.
+Delivery: up to ``attempts`` tries with backoff on connection errors, answers that are not HTTP and HTTP
+429/5xx. A webhook that keeps failing does not fail the run (it is called after the commit: raising there
+would fail a run whose items are committed, and every later run that owes the same changes); the failure is
+logged and recorded in the run's ``last_run.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -62,7 +65,8 @@ def send_webhook(
     """POST ``payload`` as JSON to ``config.url`` (signed when ``config.secret_env`` is set).
 
     Returns:
-        A :class:`WebhookResult`; never raises for delivery failures.
+        A :class:`WebhookResult`; never raises: whatever goes wrong in the delivery (a receiver that does
+        not answer HTTP, a URL urllib refuses, anything else) is a failed result with the reason.
     """
     body = json.dumps(payload, sort_keys=True, default=str).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "rsflow-monitor"}
@@ -80,8 +84,8 @@ def send_webhook(
     error: str | None = None
     opener = urllib.request.build_opener(_NoRedirect)
     for attempt in range(1, attempts + 1):
-        request = urllib.request.Request(config.url, data=body, headers=headers, method="POST")
         try:
+            request = urllib.request.Request(config.url, data=body, headers=headers, method="POST")
             with opener.open(request, timeout=config.timeout_seconds) as response:
                 status = int(response.status)
             if not 200 <= status < 300:
@@ -97,8 +101,33 @@ def send_webhook(
             if exc.code not in _RETRY_STATUS:
                 break
         except (urllib.error.URLError, OSError) as exc:
-            status, error = None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            status, error = None, _reason(exc, getattr(exc, "reason", exc), config.url)
+        except (http.client.InvalidURL, ValueError) as exc:  # the URL (a bad port, a space): no use retrying
+            status, error = None, _reason(exc, exc, config.url)
+            break
+        except http.client.HTTPException as exc:  # an answer that is not HTTP (BadStatusLine, IncompleteRead)
+            status, error = None, _reason(exc, exc, config.url)
+        except Exception as exc:  # noqa: BLE001 - the run is committed: nothing here may fail it
+            status, error = None, _reason(exc, exc, config.url)
+            break
         if attempt < attempts:
             time.sleep(backoff_seconds * 2 ** (attempt - 1))
     logger.error("webhook %s failed after %d attempt(s): %s", where, attempt, error)
     return WebhookResult(delivered=False, status=status, attempts=attempt, error=error)
+
+
+def _reason(exc: BaseException, detail: object, url: str) -> str:
+    """``Type: detail`` for the result and the log, with the URL's path and query taken out (urllib's
+    messages quote them, and hook URLs carry their token there)."""
+    from urllib.parse import urlsplit
+
+    text = f"{type(exc).__name__}: {detail}"
+    try:
+        parts = urlsplit(url)
+        pieces = {url, url[len(f"{parts.scheme}://{parts.netloc}"):], parts.path, parts.query}
+    except ValueError:  # a broken [IPv6] host: the URL as a whole, then
+        pieces = {url}
+    for secret in sorted(pieces, key=len, reverse=True):
+        if len(secret) > 1:
+            text = text.replace(secret, "<path>")
+    return " ".join(text.split())[:500]

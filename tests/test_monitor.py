@@ -260,6 +260,26 @@ def test_run_3_processes_nothing_and_leaves_every_output_byte_unchanged(scenario
     assert last["outcome"] == "nothing-new" and last["items_found"] == 1
 
 
+def test_an_edit_of_the_change_rules_rebuilds_the_changes_without_waiting_for_a_new_scene(scenario, tmp_path):
+    """changes.parquet carries the rules it was computed with: a run that finds nothing new rebuilds it
+    after `change:` was edited (it stayed under the old rules until a new scene arrived), and leaves it
+    byte for byte when the rules are the same."""
+    from rsflow.monitor.ledger import load_ledger
+    from rsflow.monitor.run import CHANGES_NAME, ensure_changes_report
+
+    out = tmp_path / "out"
+    shutil.copytree(scenario.out, out)
+    same = load_monitor_config(write_config(tmp_path / "same.yaml", {**scenario.doc, "output": str(out)}))
+    before = (out / CHANGES_NAME).read_bytes()
+    ensure_changes_report(same, load_ledger(str(out), same.name))
+    assert (out / CHANGES_NAME).read_bytes() == before
+    edited = load_monitor_config(write_config(
+        tmp_path / "edited.yaml", {**scenario.doc, "output": str(out), "change": {"min_count_change": 7}}))
+    ensure_changes_report(edited, load_ledger(str(out), edited.name))
+    rules = json.loads(pq.read_schema(out / CHANGES_NAME).metadata[b"rsflow:change_rules"])
+    assert rules["min_count_change"] == 7
+
+
 def test_results_are_geoparquet_partitioned_by_date_without_duplicates(scenario):
     gdf = _results(scenario.out)
     assert gdf.crs.to_epsg() == 4326

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import posixpath
 import uuid
@@ -66,7 +67,7 @@ from shapely.geometry import mapping
 from rsflow.errors import RequestError
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
-from rsflow.monitor.config import MonitorConfig, as_config_error, probe_output_root
+from rsflow.monitor.config import ChangeRules, MonitorConfig, as_config_error, probe_output_root
 from rsflow.monitor.ledger import (
     ItemRecord,
     Ledger,
@@ -90,6 +91,8 @@ REPORT_NAME = "report.html"
 LAST_RUN_NAME = "_monitor/last_run.json"
 #: Schema metadata key of changes.parquet: the committed run it reflects.
 CHANGES_RUN_KEY = b"rsflow:monitor_run"
+#: Schema metadata key of changes.parquet: the change rules it was computed with (``_rules_tag``).
+CHANGES_RULES_KEY = b"rsflow:change_rules"
 
 
 @dataclass(frozen=True)
@@ -890,9 +893,10 @@ def ensure_changes_report(config: MonitorConfig, ledger: Ledger, *, force: bool 
     if not ledger.runs:
         return pd.DataFrame(columns=list(CHANGE_COLUMNS))
     last_run = ledger.runs[-1].run_id
-    if (
+    rules = _rules_tag(config.change)
+    if (  # an edit of the change rules rebuilds too: it waited for the next new scene
         not force
-        and _changes_run(root) == last_run
+        and _changes_tags(root) == (last_run, rules)
         and store.read_bytes(store.join(root, REPORT_NAME)) is not None
     ):
         return pd.DataFrame(columns=list(CHANGE_COLUMNS))
@@ -917,13 +921,18 @@ def ensure_changes_report(config: MonitorConfig, ledger: Ledger, *, force: bool 
     # The report first: changes.parquet carries the run id that says both are up to date, so a run
     # stopped between the two writes leaves them to be rebuilt, not a report one run behind.
     store.write_bytes_atomic(store.join(root, REPORT_NAME), page.encode())
-    store.write_bytes_atomic(store.join(root, CHANGES_NAME), changes_parquet_bytes(changes, last_run))
+    store.write_bytes_atomic(store.join(root, CHANGES_NAME), changes_parquet_bytes(changes, last_run, rules=rules))
     logger.info("monitor %s: %d changes, report written", config.name, len(changes))
     return changes
 
 
-def changes_parquet_bytes(changes: pd.DataFrame, run_id: str) -> bytes:
-    """The changes as GeoParquet 1.1 bytes (EPSG:4326, bbox covering, zstd), tagged with ``run_id``."""
+def _rules_tag(rules: ChangeRules) -> str:
+    return json.dumps(dataclasses.asdict(rules), sort_keys=True)
+
+
+def changes_parquet_bytes(changes: pd.DataFrame, run_id: str, *, rules: str | None = None) -> bytes:
+    """The changes as GeoParquet 1.1 bytes (EPSG:4326, bbox covering, zstd), tagged with ``run_id`` and the
+    change rules they were computed with."""
     import geopandas as gpd
 
     from rsflow.output import _geoarrow_table
@@ -951,20 +960,23 @@ def changes_parquet_bytes(changes: pd.DataFrame, run_id: str) -> bytes:
     arrow = arrow.cast(pa.schema(fields, metadata=arrow.schema.metadata))
     meta = {k: v for k, v in (arrow.schema.metadata or {}).items() if k != b"pandas"}
     meta[CHANGES_RUN_KEY] = run_id.encode()
+    if rules is not None:
+        meta[CHANGES_RULES_KEY] = rules.encode()
     buffer = io.BytesIO()
     pq.write_table(arrow.replace_schema_metadata(meta), buffer, compression="zstd")
     return buffer.getvalue()
 
 
-def _changes_run(root: str) -> str | None:
+def _changes_tags(root: str) -> tuple[str | None, str | None]:
+    """The run and the change rules ``changes.parquet`` reflects (None where it has no such tag)."""
     fs, path = store.filesystem(store.join(root, CHANGES_NAME))
     try:
         with fs.open(path, "rb") as fh:
             meta = pq.read_schema(fh).metadata or {}
     except (FileNotFoundError, pa.ArrowInvalid):
-        return None
-    value = meta.get(CHANGES_RUN_KEY)
-    return value.decode() if value else None
+        return None, None
+    run, rules = meta.get(CHANGES_RUN_KEY), meta.get(CHANGES_RULES_KEY)
+    return (run.decode() if run else None), (rules.decode() if rules else None)
 
 
 def webhook_payload(

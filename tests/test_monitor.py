@@ -448,6 +448,9 @@ def test_a_killed_run_changes_nothing_and_the_next_redoes_only_the_unfinished_it
         k: v for k, v in was["items"].items() if k not in interrupted}
     orphans = sorted(k for k in after_kill if k not in before and k.startswith(("results/", "runs/")))
     assert [k.split("/")[0] for k in orphans] == ["results", "runs"], orphans
+    # its rows are in a hidden pending file: readers of OUTPUT/results see what was committed, nothing more
+    assert orphans[0].rsplit("/", 1)[1].startswith(".part-") and orphans[0].endswith(".pending")
+    assert len(_results(root)) == len(_results(scenario.base / "after-run-1"))
     killed_lock = json.loads(after_kill["_monitor/lock.json"])
 
     # its lock is still live: a run started now (the job entrypoint, in its own process) exits non-zero

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import shapely
 import yaml
@@ -255,6 +256,38 @@ def test_a_write_that_dies_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(Path(url).read_text()) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+def test_result_files_are_hidden_until_committed_and_a_kill_between_commit_and_rename_is_rolled_forward(tmp_path):
+    """write_partitions writes a hidden pending file, which readers of OUTPUT/results skip; the ledger's
+    commit lists the final name, publish_partitions renames it, and a run killed between the two has the
+    rename finished by the next run's cleanup, while an uncommitted pending file is deleted."""
+    import geopandas as gpd
+    import shapely
+
+    from rsflow.monitor.ledger import RunRecord
+    from rsflow.monitor.run import publish_partitions, remove_leftovers, write_partitions
+    from rsflow.output import WRITTEN_SCHEMA
+
+    row = {name: None for name in WRITTEN_SCHEMA.names}
+    row.update(tile_id="t", item_id="i", kind="tile", task="vqa", prompt="q", prompt_key="q", status="ok",
+               datetime=datetime(2024, 5, 1, tzinfo=UTC), geometry=shapely.to_wkb(shapely.box(0, 0, 1, 1)))
+    table = pa.Table.from_pylist([row], schema=WRITTEN_SCHEMA)
+    root = str(tmp_path)
+    files = write_partitions(root, "r1", table)
+    assert files == ["results/date=2024-05-01/part-r1.parquet"]
+    assert [p.name for p in (tmp_path / "results" / "date=2024-05-01").iterdir()] == [".part-r1.parquet.pending"]
+    assert not (tmp_path / "results" / "date=2024-05-01" / "part-r1.parquet").exists()
+    write_partitions(root, "r2", table)  # a run that will never commit
+    ledger = Ledger(monitor="harbour", runs=[RunRecord(
+        run_id="r1", started="s", finished="f", items_done=["i"], items_failed=[], items_given_up=[],
+        files=files, request_fingerprint="x")])
+    removed = remove_leftovers(root, ledger)  # the commit happened, the rename did not: finished here
+    assert removed == ["results/date=2024-05-01/.part-r2.parquet.pending"]
+    assert [p.name for p in (tmp_path / "results" / "date=2024-05-01").iterdir()] == ["part-r1.parquet"]
+    assert len(gpd.read_parquet(tmp_path / "results")) == 1
+    publish_partitions(root, files)  # a second rename finds nothing to move
+    assert [p.name for p in (tmp_path / "results" / "date=2024-05-01").iterdir()] == ["part-r1.parquet"]
 
 
 def test_ledger_round_trip_and_watermark(tmp_path):
@@ -1013,6 +1046,7 @@ def test_partitions_ledger_changes_and_report_on_an_object_store(tmp_path):
         CHANGES_NAME,
         REPORT_NAME,
         ensure_changes_report,
+        publish_partitions,
         remove_leftovers,
         write_partitions,
     )
@@ -1046,6 +1080,7 @@ def test_partitions_ledger_changes_and_report_on_an_object_store(tmp_path):
         )
     )
     save_ledger(root, ledger)
+    publish_partitions(root, files)  # the commit's rename of the hidden pending files
     changes = ensure_changes_report(cfg, load_ledger(root, "harbour"))
     assert list(changes["change"]) == ["answer_flipped"]
     assert store.read_bytes(store.join(root, CHANGES_NAME)) and store.read_bytes(
@@ -1056,7 +1091,7 @@ def test_partitions_ledger_changes_and_report_on_an_object_store(tmp_path):
     # an uncommitted partition (a killed run's) is removed; committed ones stay
     write_partitions(root, "run-2", table.slice(0, 1))
     removed = remove_leftovers(root, load_ledger(root, "harbour"))
-    assert removed == ["results/date=2024-05-01/part-run-2.parquet"]
+    assert removed == ["results/date=2024-05-01/.part-run-2.parquet.pending"]
     assert store.list_files(store.join(root, "results")) == [f.removeprefix("results/") for f in files]
     store.remove(root, recursive=True)
 

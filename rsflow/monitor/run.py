@@ -413,6 +413,7 @@ def _run_locked(
 
     lock.check()  # never commit over a run that took an expired lock over
     save_ledger(root, ledger)  # <- the commit
+    publish_partitions(root, files)  # a kill before this is rolled forward by the next run (remove_leftovers)
     logger.info(
         "monitor %s: run %s committed: %d items done, %d failed, %d given up; watermark %s",
         config.name,
@@ -743,6 +744,13 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
     for folder in (RESULTS_DIR, RUNS_DIR):
         for rel in store.list_files(store.join(root, folder)):
             path = posixpath.join(folder, rel)
+            head, name = posixpath.split(path)
+            if name.startswith(".") and name.endswith(PENDING_SUFFIX):
+                final = posixpath.join(head, name[1 : -len(PENDING_SUFFIX)])
+                if final in committed:  # committed, killed before its rename: finish it
+                    publish_partitions(root, [final])
+                    logger.warning("published %s, which a run committed but did not rename", final)
+                    continue
             if path not in committed:
                 store.remove(store.join(root, path))
                 removed.append(path)
@@ -872,9 +880,33 @@ def write_partitions(root: str, run_id: str, table: pa.Table) -> list[str]:
         )
         part = part.take(order).drop(["_key"])
         rel = posixpath.join(RESULTS_DIR, f"date={day}", f"part-{run_id}.parquet")
-        store.write_parquet_atomic(part, store.join(root, rel))
+        store.write_parquet_atomic(part, store.join(root, pending_name(rel)))
         files.append(rel)
     return files
+
+
+PENDING_SUFFIX = ".pending"
+"""A result file is written under a hidden name (:func:`pending_name`) and renamed to its own by
+:func:`publish_partitions` once the ledger that lists it is committed: a reader of ``OUTPUT/results``
+(geopandas and pyarrow skip hidden files) never sees the rows of a run that was killed before its commit."""
+
+
+def pending_name(rel: str) -> str:
+    """``results/date=D/part-R.parquet`` -> ``results/date=D/.part-R.parquet.pending``."""
+    folder, name = posixpath.split(rel)
+    return posixpath.join(folder, f".{name}{PENDING_SUFFIX}")
+
+
+def publish_partitions(root: str, files: list[str]) -> None:
+    """Rename each committed result file from its pending name to its own (a file already there, from a
+    run that renamed it before it was killed, is left)."""
+    for rel in files:
+        if not rel.startswith(RESULTS_DIR + "/"):
+            continue
+        fs, src = store.filesystem(store.join(root, pending_name(rel)))
+        if fs.exists(src):
+            _, dst = store.filesystem(store.join(root, rel))
+            fs.mv(src, dst)
 
 
 def read_results(root: str, ledger: Ledger) -> pd.DataFrame:

@@ -290,6 +290,31 @@ def test_result_files_are_hidden_until_committed_and_a_kill_between_commit_and_r
     assert [p.name for p in (tmp_path / "results" / "date=2024-05-01").iterdir()] == ["part-r1.parquet"]
 
 
+def test_status_shows_the_items_of_the_run_holding_the_lock_as_in_progress(tmp_path, monkeypatch):
+    """A run counts its items' attempts before the pipeline runs, so until it commits the ledger has them
+    failed by a run that did not finish: status said so of a live run's items; it says running now."""
+    import rsflow.monitor.lock as lock_module
+    from rsflow.monitor.run import INTERRUPTED, format_status, monitor_status
+
+    monkeypatch.setattr(lock_module, "_SETTLE_SECONDS", 0.01)
+    cfg = parse_monitor_config(_config(tmp_path), base_dir=tmp_path)
+    ledger = Ledger(monitor=cfg.name)
+    for item_id, run in (("a", "run-now"), ("b", "run-before")):
+        ledger.items[item_id] = ItemRecord(id=item_id, collection="c", datetime="2024-05-01T10:00:00Z",
+                                           state="failed", attempts=1, run_id=run, error=INTERRUPTED)
+    save_ledger(cfg.output, ledger)
+    lock = MonitorLock(cfg.output, cfg.name, "run-now", timedelta(minutes=5), heartbeat=False)
+    lock.acquire()
+    status = monitor_status(cfg)
+    assert [r.id for r in status.in_progress] == ["a"] and [r.id for r in status.failed] == ["b"]
+    assert status.counts["failed"] == 1 and status.counts["in_progress"] == 1
+    text = format_status(status)
+    assert "1 failed (to retry), 0 given up, 1 in progress" in text and "running   a (attempt 1, run run-now" in text
+    lock.release()
+    status = monitor_status(cfg)  # no live holder: a run that did not finish
+    assert [r.id for r in status.failed] == ["a", "b"] and not status.in_progress
+
+
 def test_ledger_round_trip_and_watermark(tmp_path):
     ledger = Ledger(monitor="harbour")
     ledger.items["a"] = ItemRecord(

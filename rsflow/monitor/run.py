@@ -1111,6 +1111,9 @@ class MonitorStatus:
     next_due: datetime | None
     lock: LockInfo | None
     lock_expired: bool
+    in_progress: list[ItemRecord] = field(default_factory=list)
+    """Items the run holding a live lock is processing now (their attempt is counted before the pipeline
+    runs, so the ledger has them failed and interrupted until it commits: not a failure yet)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1121,6 +1124,7 @@ class MonitorStatus:
             "counts": self.counts,
             "failed": [dataclasses.asdict(r) for r in self.failed],
             "given_up": [dataclasses.asdict(r) for r in self.given_up],
+            "in_progress": [dataclasses.asdict(r) for r in self.in_progress],
             "runs_committed": self.runs_committed,
             "schedule": self.schedule,
             "next_due": _iso(self.next_due) if self.next_due else None,
@@ -1145,13 +1149,21 @@ def monitor_status(config: MonitorConfig, *, now: datetime | None = None) -> Mon
         base = parse_time(last.get("started")) if last else None
         next_due = config.schedule.next_after(base or now)
     lock = read_lock(root)
+    live = lock.run_id if lock is not None and not lock.expired(now) else None
+    running = {r.id for r in ledger.items.values()
+               if live is not None and r.state == "failed" and r.error == INTERRUPTED and r.run_id == live}
+    counts = ledger.counts()
+    counts["failed"] -= len(running)
+    counts["in_progress"] = len(running)
     return MonitorStatus(
         name=config.name,
         output=root,
         last_run=last,
         watermark=ledger.watermark,
-        counts=ledger.counts(),
-        failed=sorted((r for r in ledger.items.values() if r.state == "failed"), key=lambda r: r.id),
+        counts=counts,
+        in_progress=sorted((ledger.items[k] for k in running), key=lambda r: r.id),
+        failed=sorted((r for r in ledger.items.values() if r.state == "failed" and r.id not in running),
+                      key=lambda r: r.id),
         given_up=sorted((r for r in ledger.items.values() if r.state == "given_up"), key=lambda r: r.id),
         runs_committed=len(ledger.runs),
         schedule=config.schedule.expression if config.schedule else None,
@@ -1183,10 +1195,13 @@ def format_status(status: MonitorStatus, *, now: datetime | None = None) -> str:
         f"  last run:   {last_line}",
         f"  watermark:  {status.watermark or 'none (no item processed yet)'}",
         (
-            f"  items:      {c['done']} done, {c['failed']} failed (to retry), {c['given_up']} given up; "
-            f"{status.runs_committed} runs committed"
+            f"  items:      {c['done']} done, {c['failed']} failed (to retry), {c['given_up']} given up"
+            + (f", {c['in_progress']} in progress" if c.get("in_progress") else "")
+            + f"; {status.runs_committed} runs committed"
         ),
     ]
+    for r in status.in_progress[:20]:
+        lines.append(f"    running   {r.id} (attempt {r.attempts}, run {r.run_id}, which holds the lock)")
     for r in status.failed[:20]:
         lines.append(f"    failed    {r.id} ({r.attempts} attempts): {r.error}")
     for r in status.given_up[:20]:

@@ -353,3 +353,23 @@ def test_paths_under_a_file_are_bad_input_not_tracebacks(tmp_path, capsys):
     code = main(["preview", str(result), "-o", str(a_file / "map.html")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("rsflow preview: error: --output: cannot write "), err
+
+
+def test_a_job_driver_allocates_arrow_memory_from_the_system_allocator(monkeypatch):
+    """pyarrow's default mimalloc pool kept the driver's end-of-run Arrow memory (the final sort and write):
+    its peak RSS grew 1.19x from a 2,000 to a 20,000 px scene, 1.12x on the system allocator (bench)."""
+    import pyarrow as pa
+
+    from rsflow.cli import use_system_arrow_pool
+
+    before = pa.default_memory_pool()
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    try:
+        use_system_arrow_pool()
+        assert pa.default_memory_pool().backend_name == "system"
+        pa.set_memory_pool(before)
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", before.backend_name)  # the user's choice wins
+        use_system_arrow_pool()
+        assert pa.default_memory_pool().backend_name == before.backend_name
+    finally:
+        pa.set_memory_pool(before)

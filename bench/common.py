@@ -173,9 +173,14 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    status = [line[3:] for line in git("status", "--porcelain").splitlines() if line[3:].startswith("rsflow/")]
+    import hashlib
+
+    status = [line[3:] for line in git("status", "--porcelain").splitlines()
+              if line[3:].startswith(("rsflow/", "bench/"))]
+    diff = git("diff", "HEAD", "--", "rsflow", "bench")
     return {"commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
-            "rsflow_files_changed": status}
+            "rsflow_files_changed": status,  # rsflow/ and bench/ files that differ from the commit
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
 
 
 # ---------------------------------------------------------------------------------------------- scenes

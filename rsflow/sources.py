@@ -47,7 +47,7 @@ __all__ = [
 
 Signing = Literal["planetary-computer"]
 _SIGNING_CHOICES: tuple[str, ...] = ("planetary-computer",)
-_PC_INSTALL = "pip install 'planetary-computer>=1.0' (or pip install 'rsflow[planetary-computer]')"
+_PC_INSTALL = "pip install 'planetary-computer>=1.0' (or pip install -e '.[planetary-computer]' in the rsflow checkout)"
 
 
 class BandRef(NamedTuple):

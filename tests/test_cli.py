@@ -112,7 +112,9 @@ def test_bad_input_exits_2_with_one_line(args, flag, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(["--bbox", "-75.7,37.7,-75.6,37.6"], "--bbox"), (["--tasks", "paint"], "--tasks"), (["--overlap", "x"], "--overlap")],
+    [(["--bbox", "-75.7,37.7,-75.6,37.6"], "--bbox"), (["--tasks", "paint"], "--tasks"), (["--overlap", "x"], "--overlap"),
+     # refused against the (default, demo) model: its DEMO warning was logged before the error line
+     (["--tasks", "detect", "--detect", "ship"], "--tasks")],
 )
 def test_the_job_script_itself_exits_2_without_a_traceback(args, flag, tmp_path):
     proc = subprocess.run(

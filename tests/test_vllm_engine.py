@@ -54,7 +54,7 @@ def test_engine_vllm_without_vllm_exits_2_with_the_install_line_before_anything_
     err = capsys.readouterr().err.strip()
     # The engine is checked first: a bad --stac in the same command is not what it complains about.
     assert err == "rsflow region: error: --engine: " + V.VLLM_INSTALL
-    assert "pip install 'rsflow[vllm]'" in err and "--stac" not in err
+    assert "pip install -e '.[vllm]' in the rsflow checkout" in err and "--stac" not in err
     assert not searched and not (tmp_path / "out").exists()
     # With vLLM importable the same command gets as far as --stac (still nothing searched).
     _vllm(monkeypatch, installed=True)

@@ -96,7 +96,7 @@ def check_caption_scorers(metrics: Sequence[str], tokenizer: str) -> None:
     if tokenizer not in TOKENIZERS:
         raise RequestError("--tokenizer", f"{tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     if importlib.util.find_spec("pycocoevalcap") is None:
-        raise RequestError("--metrics", "caption metrics need the pycocoevalcap package: pip install 'rsflow[eval]'")
+        raise RequestError("--metrics", "caption metrics need the pycocoevalcap package: pip install -e '.[eval]' in the rsflow checkout")
     needs = [m for m in metrics if m in JAVA_METRICS] + (["the PTB tokenizer"] if tokenizer == "ptb" else [])
     if needs and not java_available():
         raise RequestError(

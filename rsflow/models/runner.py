@@ -151,7 +151,7 @@ def _resolve_attn(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
             raise RequestError(
                 "--attn-implementation",
                 "flash_attention_2 needs a CUDA device and the flash-attn package "
-                "(pip install 'rsflow[gpu]'); use sdpa or auto",
+                "(pip install -e '.[gpu]' in the rsflow checkout); use sdpa or auto",
             )
         if dtype not in (torch.float16, torch.bfloat16):
             raise RequestError("--attn-implementation", "flash_attention_2 needs --dtype bfloat16 or float16")

@@ -138,7 +138,7 @@ logger = logging.getLogger(__name__)
 ENGINES: Final[tuple[str, ...]] = ("transformers", "vllm")
 """``--engine`` values: ``ModelRunner`` actors, or Ray Data's vLLM processor."""
 
-VLLM_INSTALL: Final[str] = "vllm is not installed: pip install 'rsflow[vllm]' (needs a CUDA GPU)"
+VLLM_INSTALL: Final[str] = "vllm is not installed: pip install -e '.[vllm]' in the rsflow checkout (needs a CUDA GPU)"
 
 PASS_THROUGH: Final[str] = "rsflow:pass-through"
 """``__inference_error__`` value the preprocess gives rows that must not be inferred: Ray's LLM

@@ -402,9 +402,9 @@ def check_output_root(value: Any, base_dir: Path) -> str:
             fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError) as exc:
             hint = (
-                " (pip install 'rsflow[s3]')"
+                " (pip install -e '.[s3]' in the rsflow checkout)"
                 if scheme == "s3"
-                else " (pip install 'rsflow[gcs]')"
+                else " (pip install -e '.[gcs]' in the rsflow checkout)"
                 if scheme in ("gs", "gcs")
                 else ""
             )

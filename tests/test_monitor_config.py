@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,6 +112,7 @@ BAD = [
     ({"start": "yesterday"}, "start", "date"),
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts", "between 1"),
     ({"lock": {"expiry": "2s"}}, "lock.expiry", "between"),
+    ({"lock": {"max_hold": "10m"}}, "lock.max_hold", "longer than lock.expiry (30m)"),
     ({"change": {"object_iou": 2}}, "change.object_iou", "IoU"),
     # a value that is there but false or empty is not an absent key
     ({"tile": 0}, "tile", "must be a mapping"),
@@ -369,6 +371,25 @@ def test_a_held_lock_refuses_a_second_run_and_an_expired_one_is_taken_over(root,
     second.release()
     assert read_lock(root) is None
     store.remove(store.join(root, "_monitor"), recursive=True)
+
+
+def test_a_run_holding_the_lock_past_max_hold_stops_renewing_it_so_a_hung_run_is_taken_over(tmp_path):
+    """The heartbeat renewed a hung run's lock for as long as its driver lived, and every scheduled run after
+    it exited 3. Past lock.max_hold it stops: the lock expires, and the hung run can no longer commit."""
+    root = str(tmp_path)
+    hung = MonitorLock(root, "harbour", "run-1", timedelta(seconds=2), max_hold=timedelta(seconds=0.5))
+    alive = MonitorLock(str(tmp_path / "other"), "harbour", "run-2", timedelta(seconds=2))  # no max_hold
+    hung.acquire()
+    alive.acquire()
+    try:
+        time.sleep(3.5)
+        assert read_lock(root).expired(datetime.now(UTC))
+        with pytest.raises(LockLost):
+            hung.check()
+        alive.check()  # renewed all along
+    finally:
+        hung.release()
+        alive.release()
 
 
 def test_the_heartbeat_keeps_a_live_lock_from_expiring(tmp_path):

@@ -93,7 +93,7 @@ _TILE_KEYS = ("size_px", "overlap_px", "gsd_m")
 _MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name != "adapters")
 _RETRY_KEYS = ("max_attempts",)
 _CHANGE_KEYS = ("min_count_change", "object_iou")
-_LOCK_KEYS = ("expiry",)
+_LOCK_KEYS = ("expiry", "max_hold")
 _WEBHOOK_KEYS = ("url", "secret_env", "timeout_seconds")
 def as_config_error(exc: RequestError) -> RequestError:
     """``exc`` with the request flag it names (``--collections``) replaced by the config key that feeds
@@ -187,6 +187,8 @@ class MonitorConfig:
     """Runs that may try an item before it is given up."""
     lock_expiry: timedelta = DEFAULT_LOCK_EXPIRY
     """A lock not renewed for this long (its run was killed) may be taken over."""
+    lock_max_hold: timedelta = timedelta(hours=24)
+    """A run holding the lock this long stops renewing it (a hung run), so that the next takes over."""
     change: ChangeRules = field(default_factory=ChangeRules)
     """What counts as a change."""
     webhook: WebhookConfig | None = None
@@ -205,6 +207,7 @@ class MonitorConfig:
             "schedule": self.schedule.expression if self.schedule else None,
             "max_attempts": self.max_attempts,
             "lock_expiry": format_duration(self.lock_expiry),
+            "lock_max_hold": format_duration(self.lock_max_hold),
             "change": dataclasses.asdict(self.change),
             "webhook": {"url": _redact_url(self.webhook.url), "secret_env": self.webhook.secret_env}
             if self.webhook
@@ -363,6 +366,12 @@ def parse_monitor_config(
             f"must be between {format_duration(MIN_LOCK_EXPIRY)} and {format_duration(MAX_LOCK_EXPIRY)}, "
             f"got {format_duration(expiry)}",
         )
+    max_hold = parse_duration(lock["max_hold"], "lock.max_hold") if "max_hold" in lock else timedelta(hours=24)
+    if not expiry < max_hold <= timedelta(days=7):
+        raise RequestError(
+            "lock.max_hold", f"must be longer than lock.expiry ({format_duration(expiry)}) and at most 7d, "
+                             f"got {format_duration(max_hold)}",
+        )
 
     webhook = _webhook(doc.get("webhook"), source, check_env)
     return MonitorConfig(
@@ -374,6 +383,7 @@ def parse_monitor_config(
         schedule=schedule,
         max_attempts=max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS,
         lock_expiry=expiry,
+        lock_max_hold=max_hold,
         change=rules,
         webhook=webhook,
         source=source,

@@ -127,13 +127,18 @@ class MonitorLock:
     """
 
     def __init__(
-        self, root: str, monitor: str, run_id: str, expiry: timedelta, *, heartbeat: bool = True
+        self, root: str, monitor: str, run_id: str, expiry: timedelta, *, heartbeat: bool = True,
+        max_hold: timedelta | None = None,
     ) -> None:
         self.root = root
         self.monitor = monitor
         self.run_id = run_id
         self.expiry = expiry
         self.heartbeat = heartbeat
+        self.max_hold = max_hold
+        """The heartbeat stops renewing once the lock has been held this long: a run that hangs (a driver
+        alive but stuck, which the heartbeat kept renewing for ever) then loses the lock after ``expiry``,
+        the next run takes it over, and the hung one can no longer commit. None: renewed while alive."""
         self.took_over: LockInfo | None = None
         """The expired lock this run replaced, if any."""
         self._info: LockInfo | None = None
@@ -274,7 +279,15 @@ class MonitorLock:
 
     def _renew_loop(self) -> None:
         interval = max(1.0, self.expiry.total_seconds() / 3)
+        started = datetime.now(UTC)
         while not self._stop.wait(interval):
+            if self.max_hold is not None and datetime.now(UTC) - started >= self.max_hold:
+                logger.error(
+                    "monitor %s: run %s has held the lock for lock.max_hold (%s): no longer renewed, so the "
+                    "next run takes it over after lock.expiry and this run cannot commit",
+                    self.monitor, self.run_id, self.max_hold,
+                )
+                return
             try:
                 self.renew()
             except Exception:  # a storage hiccup: try again at the next beat, the expiry leaves room

@@ -156,7 +156,7 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
             raise as_config_error(exc) from None
     probe_output_root(root)
     _check_ledger_owner(root, config.name)
-    with MonitorLock(root, config.name, run_id, config.lock_expiry) as lock:
+    with MonitorLock(root, config.name, run_id, config.lock_expiry, max_hold=config.lock_max_hold) as lock:
         last: dict[str, Any] = {"run_id": run_id, "started": _iso(started), "outcome": "failed"}
         if lock.took_over is not None:
             last["took_over_lock_of"] = lock.took_over.run_id

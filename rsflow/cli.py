@@ -22,6 +22,7 @@ from rsflow.errors import (
     RequestError,
     RsflowError,
     SourceError,
+    request_error_in,
 )
 from rsflow.evaluate.cli import add_eval_parser, run_eval_command
 from rsflow.hrefs import RedactingFilter, redact
@@ -429,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     except RsflowError:
         logger.exception("rsflow %s failed", args.command)
         return EXIT_ERROR
+    except Exception as exc:
+        wrapped = request_error_in(exc)  # raised in a Ray task or actor, it arrives wrapped in Ray's errors
+        if wrapped is None:
+            raise
+        print(f"rsflow {args.command}: error: {redact(str(wrapped))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C: what was kept (a staging directory to --resume) is already said
         print(f"rsflow {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ failure and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 # Exit statuses of the ``rsflow`` commands and the jobs (README, "Exit codes").
@@ -62,3 +63,30 @@ class SourceError(RsflowError):
 
 class ModelError(RsflowError):
     """A model or adapter could not be loaded as asked."""
+
+
+_WRAPPED_REQUEST_ERROR: Final = re.compile(r"rsflow\.errors\.RequestError: (\S+): (.+)$", re.MULTILINE)
+"""The last line of a remote traceback that ended in a RequestError."""
+_ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def request_error_in(exc: BaseException) -> RequestError | None:
+    """The :class:`RequestError` an exception stands for, where a Ray task or actor raised it: Ray Data
+    hands it to the driver wrapped (``RayTaskError(UserCodeException)`` from a stage's function,
+    ``ActorDiedError`` from an actor's ``__init__``, such as a model actor refusing its settings), with the
+    original only in the text of the remote traceback. None when there is none.
+
+    Looked for in the exception itself, its ``cause`` / ``__cause__`` chain, then the last
+    ``rsflow.errors.RequestError: FIELD: REASON`` line of its text.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RequestError):
+            return current
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    text = _ANSI.sub("", str(exc))
+    found = _WRAPPED_REQUEST_ERROR.findall(text)
+    return RequestError(found[-1][0], found[-1][1].strip()) if found else None

@@ -375,3 +375,33 @@ def test_a_job_driver_allocates_arrow_memory_from_the_system_allocator(monkeypat
         assert pa.default_memory_pool().backend_name == before.backend_name
     finally:
         pa.set_memory_pool(before)
+
+
+def test_a_request_error_raised_in_a_ray_stage_is_one_line_and_exit_2(ray_local, tmp_path, capsys, monkeypatch):
+    """Ray Data wraps what a stage's function or an actor's __init__ raises (RayTaskError(UserCodeException),
+    ActorDiedError): a RequestError from a worker was a 300-line traceback and exit 1; the CLI finds it in the
+    wrapper and prints its one line, exit 2."""
+    import ray
+
+    from rsflow.errors import RequestError, request_error_in
+
+    def refuse(batch):
+        raise RequestError("--attn-implementation", "flash_attention_2 needs a CUDA device")
+
+    with pytest.raises(Exception) as info:  # whatever Ray wraps it in
+        ray.data.range(2).map_batches(refuse).materialize()
+    found = request_error_in(info.value)
+    assert not isinstance(info.value, RequestError)
+    assert (found.field, found.reason) == ("--attn-implementation", "flash_attention_2 needs a CUDA device")
+    assert request_error_in(ValueError("no such thing")) is None
+
+    import rsflow.cli
+
+    def run_region_raising(args):
+        raise info.value
+
+    monkeypatch.setattr(rsflow.cli, "_run_region", run_region_raising)
+    capsys.readouterr()  # Ray Data's own log lines of the stage above
+    assert main(["region", "--model", "noop", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rsflow region: error: --attn-implementation: flash_attention_2 needs a CUDA device"

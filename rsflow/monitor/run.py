@@ -23,7 +23,7 @@ A run, in order (:func:`run_monitor`):
    keeps the newest ``max_items`` not done and not given up (the older ones are the ledger's backfill,
    which the next runs search first); items the search refuses (no assets, an id another item has) are
    failed items of the ledger, with the reason; after two runs that died with an item, the oldest such
-   item runs alone among the others (:func:`_isolate_crashed`);
+   item runs alone (:func:`_isolate_crashed`; the others wait, recorded);
 5. connects to the cluster (one that cannot be reached fails the run here, with nothing counted), saves
    the items' attempts in the ledger (a run that dies in the pipeline has tried them; a pipeline that
    raises ``ConnectionError`` gives them back), then runs the region pipeline on exactly those items
@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 import shapely
 from shapely.geometry import mapping
 
-from rsflow.errors import RequestError
+from rsflow.errors import RequestError, request_error_in
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
 from rsflow.monitor.config import ChangeRules, MonitorConfig, as_config_error, probe_output_root
@@ -258,6 +258,14 @@ def _run_locked(
     pending = _isolate_crashed(found.pending, ledger)
     # the suspect tried alone, if any: a normal finish of this run clears the others (below)
     isolated = [str(i["id"]) for i in pending if _is_suspect(ledger.items.get(str(i["id"])))]
+    held = {str(i["id"]) for i in pending}
+    for item in found.pending:  # held back while a crash is isolated: kept in the ledger, so searched again
+        item_id = str(item["id"])
+        if item_id not in held and item_id not in ledger.items:
+            ledger.items[item_id] = ItemRecord(
+                id=item_id, collection=str(item.get("collection") or ""), datetime=str(_item_time(item) or ""),
+                state="failed", attempts=0, run_id=run_id, error=WAITING,
+            )
     skipped = len(found.items) - len(found.pending)
     logger.info(
         "monitor %s: %d items since %s (%d searches), %d already done or given up, %d to process",
@@ -325,11 +333,12 @@ def _run_locked(
             address=address,
             items=pending,
         )
-    except (ConnectionError, RequestError):
-        # The cluster went away (or never answered) under the run, or the request is bad: not the items'
-        # doing. The driver is alive to say so, so their records are put back as they were: the run fails,
-        # and no attempt is counted.
-        _restore(root, ledger, lock, before_attempt)
+    except Exception as exc:
+        # The cluster went away (or never answered) under the run, or the request is bad (also as a Ray
+        # worker raised it, wrapped in Ray's errors): not the items' doing. The driver is alive to say so,
+        # so their records are put back as they were: the run fails, and no attempt is counted.
+        if isinstance(exc, ConnectionError) or request_error_in(exc) is not None:
+            _restore(root, ledger, lock, before_attempt)
         raise
     table = _region_rows(scratch, region.manifest)
     outcome = item_outcomes(table, pending)
@@ -500,6 +509,9 @@ def _notify(
 INTERRUPTED = "the run that processed it did not finish (killed, or the pipeline raised)"
 """``error`` of items whose attempt began in a run that never recorded its outcome."""
 
+WAITING = "not tried yet: held back while the item that crashed runs was tried alone"
+"""``error`` of new items a run left for later while it isolated a crash (:func:`_isolate_crashed`)."""
+
 CLEARED = ("a run that died had it, but a run without it then finished: that attempt is not held against it "
            "(given back)")
 """``error`` of a crash suspect that a finished isolating run cleared (:func:`_clear_suspects`)."""
@@ -649,19 +661,19 @@ def _is_suspect(record: ItemRecord | None) -> bool:
 
 
 def _isolate_crashed(pending: list[dict[str, Any]], ledger: Ledger) -> list[dict[str, Any]]:
-    """The items a run takes when some are crash suspects (:func:`_is_suspect`): the oldest suspect alone
-    among them, with every item that is not one (new scenes are never held back); otherwise ``pending``.
+    """The items a run takes when some are crash suspects (:func:`_is_suspect`): the oldest suspect alone;
+    otherwise ``pending``.
 
-    Suspects are tried one a run, never together: each has one attempt or less left before ``max_attempts``
-    with the default 3, so a run of two that died again would give up the innocent with the culprit. If the
-    suspect kills the run again it is given up on its own; if the run finishes, the crash was not its doing,
-    and the other suspects are cleared (:func:`_clear_suspects`): the isolation ends there, and the next run
-    takes them all together again (an outage of the cluster made every item a suspect)."""
+    Alone, because a suspect has one attempt or less left before ``max_attempts`` with the default 3: in a
+    run with others (a new scene that kills runs, say) that died again it would be given up for another
+    item's crash. If the suspect kills the run again it is given up on its own; if the run finishes, the
+    crash was not its doing, and the other suspects are cleared (:func:`_clear_suspects`): the isolation
+    ends there, and the next run takes them all, and the items held back meanwhile, together again (after an
+    outage of the cluster, which made every item a suspect, the backlog is done in two runs)."""
     crashed = [i for i in pending if _is_suspect(ledger.items.get(str(i["id"])))]
     if not crashed:
         return pending
-    alone = min(crashed, key=lambda i: (str(_item_time(i) or ""), str(i["id"])))
-    return [i for i in pending if i is alone or i not in crashed]
+    return [min(crashed, key=lambda i: (str(_item_time(i) or ""), str(i["id"])))]
 
 
 def _clear_suspects(ledger: Ledger, tried: set[str]) -> list[str]:

@@ -770,7 +770,8 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
         if scheme in ("http", "https"):
             raise RequestError("--output", f"{scheme}:// is read-only here; write to a local folder or an object "
                                            "store (s3://, gs://, az://)")
-        if "/" not in output.split("://", 1)[1].strip("/"):  # s3://bucket: no folder beside it to stage in
+        rest = output.split("://", 1)[1]
+        if not rest.startswith("/") and "/" not in rest.strip("/"):  # s3://bucket: no folder beside it to stage in
             raise RequestError("--output", f"{output} is a bucket root; give a folder in it, e.g. "
                                            f"{output.rstrip('/')}/region-run (a run stages beside its output)")
         if probe:

@@ -91,7 +91,9 @@ BAD = [
     ({"lookback": "120d"}, "lookback", "longer than the limit of 90d"),
     ({"lookback": 5}, "lookback", "duration"),
     ({"output": "/dev/null/monitor"}, "output", "is a file"),
-    ({"output": "/"}, "output", "is a filesystem or bucket root"),  # it became the config file's own folder
+    ({"output": "/"}, "output", "is a filesystem root or no path"),  # it became the config file's own folder
+    ({"output": "s3://"}, "output", "is a filesystem root or no path"),  # it became a local folder "s3:"
+    ({"output": "file:///"}, "output", "is a filesystem root or no path"),
     ({"output": "nosuchproto://bucket/monitor"}, "output", "cannot write to nosuchproto://"),
     ({"name": "Harbour Watch"}, "name", "lower-case"),
     ({"aoi": {"bbox": [1, 2, 3]}}, "aoi.bbox", "four numbers"),

@@ -273,6 +273,7 @@ def test_output_checks(tmp_path, monkeypatch):
         with pytest.raises(RequestError, match=r"^--output: memory://bucket/? is a bucket root; give a folder in it"):
             _req(tmp_path, output=root)
     assert _req(tmp_path, output="memory://bucket/run").output == "memory://bucket/run"
+    assert _req(tmp_path, output="memory:///run").output == "memory:///run"  # a folder at the root, no bucket
     assert not [p for p in fsspec.filesystem("memory").find("/bucket") if ".probe-" in p]  # its probe is gone
     with pytest.raises(RequestError, match=r"^--output: https:// is read-only"):
         _req(tmp_path, output="https://example.com/results")

@@ -400,9 +400,10 @@ def check_output_root(value: Any, base_dir: Path) -> str:
     Raises:
         RequestError: ``output``.
     """
-    root = _string(value, "output").rstrip("/")
-    if not root or root == "file:/" or root.endswith(":/"):  # "/" stripped to "" read as the config's own folder
-        raise RequestError("output", f"{value!r} is a filesystem or bucket root; give a folder for the monitor")
+    raw = _string(value, "output").strip()
+    root = raw.rstrip("/")
+    if not root or raw.endswith("://") or root in ("file:", "file://"):  # "/" stripped to "" was the config's folder
+        raise RequestError("output", f"{value!r} is a filesystem root or no path; give a folder for the monitor")
     refuse_output_in_job_copy(root, "output", base=base_dir)  # relative roots are from the config's folder
     if "://" in root and not root.startswith("file://"):
         import fsspec

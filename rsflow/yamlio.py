@@ -44,5 +44,9 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)``, but a mapping with a repeated key raises :class:`DuplicateKeyError`
-    (a ``yaml.YAMLError``, so callers that report bad YAML report it too)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    (a ``yaml.YAMLError``, so callers that report bad YAML report it too), and so does a value Python will
+    not build (an integer of more than 4,300 digits raised a plain ValueError, a traceback)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except ValueError as exc:
+        raise yaml.YAMLError(f"a value cannot be read: {exc}") from None

@@ -126,6 +126,7 @@ BAD = [
     ({"change": {"min_count_change": float("inf")}}, "change.min_count_change", "finite"),
     ({"change": {"object_iou": float("nan")}}, "change.object_iou", "finite"),
     ({"max_cloud": float("nan")}, "max_cloud", "finite"),
+    ({"max_cloud": 10**400}, "max_cloud", "finite"),  # too large for a float: an OverflowError traceback
     ({"webhook": {"url": "ftp://x"}}, "webhook.url", "http"),
     # URLs the POST would fail on, weeks later when changes are first found: refused when the file is read
     ({"webhook": {"url": "http://"}}, "webhook.url", "names no host"),

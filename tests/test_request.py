@@ -492,6 +492,10 @@ def test_every_yaml_file_rsflow_reads_refuses_a_key_given_twice(tmp_path):
     with pytest.raises(RequestError, match="unknown key 'defaults'"):  # read past the merge: only the key is wrong
         _req(tmp_path, tasks=(), task_file=str(tf))
 
+    tf.write_text("tasks: [vqa]\nquestions: [" + "1" * 5000 + "]\n")  # Python will not build the number
+    with pytest.raises(RequestError, match=r"^--task-file: .* is not valid YAML: a value cannot be read: Exceeds"):
+        _req(tmp_path, tasks=(), task_file=str(tf))
+
     monitor = tmp_path / "monitor.yaml"
     monitor.write_text("name: a\noutput: out\nname: b\n")
     with pytest.raises(RequestError, match="key 'name' appears twice") as err:

@@ -550,8 +550,12 @@ def _number(value: Any, key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(key, f"must be a number, got {value!r}")
-    if not math.isfinite(value):  # YAML's .nan and .inf: NaN fails every comparison, so range checks miss it
-        raise RequestError(key, f"must be a finite number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:  # YAML's .nan and .inf: NaN fails every comparison, so range checks miss it
+        raise RequestError(key, f"must be a finite number, got {str(value)[:40]!r}")
     return float(value)
 
 

@@ -62,7 +62,7 @@ class HrefPolicy:
         if not stac.startswith(("http://", "https://")):
             return cls(local_catalog=True, allowed_hosts=hosts)
         host = (urlparse(stac).hostname or "").lower()
-        return cls(local_catalog=_is_loopback_name(host), allowed_hosts=hosts)
+        return cls(local_catalog=is_loopback_name(host), allowed_hosts=hosts)
 
     def check(self, href: str) -> None:
         """Raise :class:`HrefRefused` with the reason when ``href`` may not be read."""
@@ -96,7 +96,8 @@ def _short(href: str, limit: int = 120) -> str:
     return href if len(href) <= limit else href[: limit - 3] + "..."
 
 
-def _is_loopback_name(host: str) -> bool:
+def is_loopback_name(host: str) -> bool:
+    """``localhost`` (or a name under it) or a loopback address."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
-import ipaddress
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from rsflow.errors import RequestError, SourceError
-from rsflow.hrefs import redact
+from rsflow.hrefs import is_loopback_name, redact
 from rsflow.yamlio import load_yaml
 
 logger = logging.getLogger(__name__)
@@ -391,7 +390,7 @@ def _other_hosts(stac: str, patterns: tuple[str, ...]) -> list[str]:
     that names no web host, or one that names this host)."""
     url = urlsplit(stac.strip())
     host = (url.hostname or "").lower()
-    if url.scheme.lower() not in ("http", "https") or not host or _is_loopback(host):
+    if url.scheme.lower() not in ("http", "https") or not host or is_loopback_name(host):
         return []
     named = []
     for pattern in patterns:
@@ -401,15 +400,6 @@ def _other_hosts(stac: str, patterns: tuple[str, ...]) -> list[str]:
     if any(fnmatch.fnmatchcase(host, name) for name in named):
         return []
     return sorted(set(named))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _for_collection(profiles: dict[str, SourceProfile], collection: str) -> list[SourceProfile]:

@@ -16,7 +16,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 
-from rsflow.read import read_batch, read_chip
+from rsflow.read import read_batch, read_blocks, read_chip
 from rsflow.synthetic import ASSETS, BLOCK_PX, CRS, RES_M, scene_transform, write_synthetic_scene
 from tests.read_fixtures import CountingOpener
 
@@ -195,53 +195,51 @@ def test_read_batch_keeps_one_array_for_the_batch(scene: list[Path]) -> None:
     assert out["image"].flags["C_CONTIGUOUS"]
 
 
-def test_a_row_of_tiles_reads_the_windows_under_the_row_and_no_more(
-    scene: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """read_batch reads a run of tiles on one grid row as one window per band: the windows read (counted)
-    are exactly the row's span, one tile high, never the scene."""
+@pytest.fixture
+def windows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, int]]:
+    """Every window read through ``rsflow.read._read_aligned`` (col_off, row_off, width, height), in order."""
     import rsflow.read
 
-    windows: list[tuple[int, int, int, int]] = []
+    seen: list[tuple[int, int, int, int]] = []
     real = rsflow.read._read_aligned
 
     def counting(src: Any, band: int, window: Any, nodata: Any) -> Any:
-        windows.append((int(window.col_off), int(window.row_off), int(window.width), int(window.height)))
+        seen.append((int(window.col_off), int(window.row_off), int(window.width), int(window.height)))
         return real(src, band, window, nodata)
 
     monkeypatch.setattr(rsflow.read, "_read_aligned", counting)
-    tiles = [_tile(scene, c, 256, 128) for c in (512, 640, 768, 896)]
+    return seen
+
+
+def _planned(tiles: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Tile rows as the read stage gets them: columns of objects, every tile planned and ok."""
     batch = {k: np.array([t[k] for t in tiles], dtype=object) for k in tiles[0]}
-    batch.update(status=np.array(["ok"] * 4, dtype=object), error=np.array([None] * 4, dtype=object),
-                 stage=np.array(["plan"] * 4, dtype=object))
-    out = read_batch(batch, max_nodata=1.0)
+    n = len(tiles)
+    batch.update(status=np.array(["ok"] * n, dtype=object), error=np.array([None] * n, dtype=object),
+                 stage=np.array(["plan"] * n, dtype=object))
+    return batch
+
+
+def test_a_row_of_tiles_reads_the_windows_under_the_row_and_no_more(
+    scene: list[Path], windows: list[tuple[int, int, int, int]]
+) -> None:
+    """read_batch reads a run of tiles on one grid row as one window per band: the windows read (counted)
+    are exactly the row's span, one tile high, never the scene."""
+    out = read_batch(_planned([_tile(scene, c, 256, 128) for c in (512, 640, 768, 896)]), max_nodata=1.0)
     assert list(out["status"]) == ["ok"] * 4
     assert windows == [(512, 256, 512, 128)] * 3  # one window per band across the four tiles
     assert sum(w * h for _, _, w, h in windows) == 3 * 4 * 128 * 128 < 3 * SCENE_PX * SCENE_PX
 
 
 def test_a_planning_unit_read_by_its_read_task_reads_its_own_rows_of_tiles_and_no_more(
-    scene: list[Path], monkeypatch: pytest.MonkeyPatch
+    scene: list[Path], windows: list[tuple[int, int, int, int]]
 ) -> None:
     """What a read task runs in production (read_blocks over a planning unit, yielded a block at a time):
     the windows read (counted) are one per band and row of the unit's tiles, spanning the unit's columns,
     so the pixels read are the unit's own, never the scene (issue 10: a scene is never read whole)."""
-    import rsflow.read
-
-    windows: list[tuple[int, int, int, int]] = []
-    real = rsflow.read._read_aligned
-
-    def counting(src: Any, band: int, window: Any, nodata: Any) -> Any:
-        windows.append((int(window.col_off), int(window.row_off), int(window.width), int(window.height)))
-        return real(src, band, window, nodata)
-
-    monkeypatch.setattr(rsflow.read, "_read_aligned", counting)
     size, cols, rows = 128, (256, 384, 512), (640, 768)  # a unit of 2 rows x 3 tiles, row by row
-    tiles = [_tile(scene, c, r, size) for r in rows for c in cols]
-    batch = {k: np.array([t[k] for t in tiles], dtype=object) for k in tiles[0]}
-    batch.update(status=np.array(["ok"] * 6, dtype=object), error=np.array([None] * 6, dtype=object),
-                 stage=np.array(["plan"] * 6, dtype=object))
-    blocks = list(rsflow.read.read_blocks(batch, tiles_per_block=3, max_nodata=1.0))
+    batch = _planned([_tile(scene, c, r, size) for r in rows for c in cols])
+    blocks = list(read_blocks(batch, tiles_per_block=3, max_nodata=1.0))
     assert [list(b["status"]) for b in blocks] == [["ok"] * 3] * 2
     assert sorted(windows) == sorted([(256, r, 3 * size, size) for r in rows] * 3)
     assert sum(w * h for _, _, w, h in windows) == 3 * 6 * size * size < 3 * SCENE_PX * SCENE_PX

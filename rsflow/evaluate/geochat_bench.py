@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from rsflow.errors import RequestError
-from rsflow.evaluate.rsvqa import RSVQA_IMAGE_DIRS, load_rsvqa
+from rsflow.evaluate.rsvqa import RSVQA_IMAGE_DIRS, keep_question_types, load_rsvqa
 from rsflow.evaluate.samples import Sample, polygon_json
 from rsflow.models.prompts import IDENTIFY_PREFIX, IMAGE_TOKEN, REFER_PREFIX, REFER_SUFFIX
 from rsflow.presets import scene_normal_form
@@ -314,10 +314,4 @@ def load_vqa_jsonl(
     if disagree:
         logger.warning("%s: %d line(s) name another category than RSVQA's question type; RSVQA's type is scored",
                        path.name, disagree)
-    if question_types:
-        present = sorted({s.group for s in samples})
-        unknown = [t for t in question_types if t not in present]
-        if unknown:
-            raise RequestError("--question-types", f"{', '.join(unknown)} not in {path.name} (it has {', '.join(present)})")
-        samples = [s for s in samples if s.group in question_types]
-    return samples
+    return keep_question_types(samples, question_types, path.name)

@@ -62,6 +62,21 @@ RSVQA_IMAGE_DIRS: Final[dict[str, str]] = {prefix: layout["images"] for prefix, 
 """Image folder under an RSVQA folder, by file prefix (``Images_LR``, ``Data``)."""
 
 
+def keep_question_types(samples: list[Sample], question_types: Sequence[str] | None, where: str) -> list[Sample]:
+    """The samples of ``question_types`` (all when none are given).
+
+    Raises:
+        RequestError: (``--question-types``) a type no sample of ``where`` has.
+    """
+    if not question_types:
+        return samples
+    present = sorted({s.group for s in samples})
+    unknown = [t for t in question_types if t not in present]
+    if unknown:
+        raise RequestError("--question-types", f"{', '.join(unknown)} not in {where} (it has {', '.join(present)})")
+    return [s for s in samples if s.group in question_types]
+
+
 def _read_list(path: Path, key: str) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -167,12 +182,7 @@ def load_rsvqa(
                 group=str(full["type"]),
             )
         )
-    if question_types:
-        present = sorted({s.group for s in samples})
-        unknown = [t for t in question_types if t not in present]
-        if unknown:
-            raise RequestError("--question-types", f"{', '.join(unknown)} not in this split (it has {', '.join(present)})")
-        samples = [s for s in samples if s.group in question_types]
+    samples = keep_question_types(samples, question_types, "this split")
     if not samples:
         raise RequestError("--data", f"{q_path} has no active question")
     return samples

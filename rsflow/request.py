@@ -485,7 +485,8 @@ def parse_questions_file(path: str | Path) -> list[str]:
 
 
 def parse_regions(path: str | Path, aoi: BaseGeometry | None = None) -> tuple[Region, ...]:
-    """Regions for region-caption from a GeoJSON file (FeatureCollection, Feature or geometry), EPSG:4326.
+    """Regions for region-caption from a GeoJSON file (FeatureCollection, Feature or geometry), EPSG:4326
+    (a top-level ``crs`` member naming another CRS is honoured, as for ``--intersects``).
 
     Raises:
         RequestError: naming ``--regions``: unreadable, invalid, duplicate ids, or a region outside the AOI.
@@ -514,8 +515,11 @@ def parse_regions(path: str | Path, aoi: BaseGeometry | None = None) -> tuple[Re
         rid = str(rid).strip()
         if not rid:
             raise RequestError("--regions", f"feature {i} of {path} has an empty id")
+        geometry = feature.get("geometry") or {}
+        if isinstance(obj.get("crs"), dict) and isinstance(geometry, dict) and "crs" not in geometry:
+            geometry = {**geometry, "crs": obj["crs"]}  # the file's CRS (GeoJSON 2008) holds for every feature
         try:
-            geom = parse_intersects(feature.get("geometry") or {})
+            geom = parse_intersects(geometry)
         except RequestError as exc:
             raise RequestError("--regions", f"region {rid!r}: {exc.reason}") from None
         if aoi is not None and not geom.intersects(aoi):

@@ -132,6 +132,23 @@ def test_a_geojson_crs_member_is_honoured():
         parse_intersects({**lonlat, "crs": {"type": "name", "properties": {"name": "EPSG:nope"}}})
 
 
+def test_a_regions_file_crs_member_is_honoured(tmp_path):
+    """A ``--regions`` FeatureCollection in EPSG:3857 (as QGIS writes it) was read as degrees: every region
+    was refused as outside lon/lat. Its ``crs`` now holds for each feature, as for ``--intersects``."""
+    ring = [[-8427000.0, 4530000.0], [-8423000.0, 4530000.0], [-8423000.0, 4534000.0], [-8427000.0, 4530000.0]]
+    fc = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}},
+          "features": [{"type": "Feature", "id": "field", "properties": {},
+                        "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    path = tmp_path / "regions.geojson"
+    path.write_text(json.dumps(fc))
+    (region,) = parse_regions(path)
+    minx, miny, maxx, maxy = region.geometry.bounds
+    assert region.region_id == "field" and -75.71 < minx < maxx < -75.66 and 37.63 < miny < maxy < 37.68
+    path.write_text(json.dumps({**fc, "crs": {"type": "name", "properties": {"name": "EPSG:nope"}}}))
+    with pytest.raises(RequestError, match=r"^--regions: region 'field': the GeoJSON 'crs' 'EPSG:nope' is not a CRS"):
+        parse_regions(path)
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [

@@ -630,8 +630,11 @@ def parse_task_inputs(
     refer: list[str] | tuple[str, ...] = (),
     regions: str | None = None,
     aoi: BaseGeometry | None = None,
+    prompts_flag: str | None = None,
 ) -> TaskInputs:
     """Flags of the task inputs -> :class:`TaskInputs`, checked against the tasks asked for.
+    ``prompts_flag`` is what a refusal of too many prompts per tile names (default: the flag that gave
+    the most of them; ``--task-file`` when the file gave some).
 
     Raises:
         RequestError: a task without its input (vqa without ``--question``, classify without
@@ -674,7 +677,7 @@ def parse_task_inputs(
     many = {"--questions" if questions else "--question": len(inputs.questions), "--detect": len(inputs.categories),
             "--refer": len(inputs.expressions)}
     if sum(many.values()) > MAX_PROMPTS_PER_TILE:  # each is a generation on every tile: --max-tiles does not see it
-        flag = max(many, key=lambda k: many[k])
+        flag = prompts_flag or max(many, key=lambda k: many[k])
         raise RequestError(flag, f"{sum(many.values())} prompts per tile (questions, categories and expressions); "
                                  f"at most {MAX_PROMPTS_PER_TILE}: each one is a generation on every tile")
     if [q for q in question if not q.strip()]:
@@ -931,6 +934,7 @@ def parse_request(
     inputs = parse_task_inputs(
         task_list, question=question, questions=questions, classes=classes, detect=detect, refer=refer,
         regions=regions, aoi=aoi,
+        prompts_flag="--task-file" if task_file and any(from_file.get(k) for k in ("questions", "detect", "refer")) else None,
     )
     known = {name for name, _ in model.adapters}
     for task, name in task_adapters:

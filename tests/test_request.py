@@ -345,6 +345,10 @@ def test_prompts_per_tile_are_bounded_and_a_json_questions_file_is_refused(tmp_p
         _req(tmp_path, tasks=("vqa",), questions=str(many))
     with pytest.raises(RequestError, match=r"^--detect: 301 prompts per tile"):
         _req(tmp_path, tasks=("vqa", "detect"), question=["Any water?"], detect=",".join(f"c{k}" for k in range(300)))
+    task_file = tmp_path / "tasks.yaml"  # the file's questions: the refusal names the file, not --question
+    task_file.write_text("questions:\n" + "".join(f"  - Is there object number {k}?\n" for k in range(300)))
+    with pytest.raises(RequestError, match=r"^--task-file: 300 prompts per tile"):
+        _req(tmp_path, tasks=(), task_file=str(task_file))
     as_json = tmp_path / "train.json"
     as_json.write_text(json.dumps([{"id": 1, "conversations": [{"from": "human", "value": "Is there water?"}]}],
                                   indent=1))

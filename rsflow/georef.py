@@ -164,6 +164,9 @@ def split_at_antimeridian(geom: BaseGeometry) -> BaseGeometry:
     """
     if geom.is_empty or not isinstance(geom, Polygon):
         return geom
+    through = _through_pole(np.asarray(geom.exterior.coords))
+    if through is not None:
+        return _wrap_lonlat(through) if through.bounds[0] < -180.0 or through.bounds[2] > 180.0 else orient(through, 1.0)
     minx, miny, maxx, maxy = geom.bounds
     if maxx - minx > 180.0:
         winding = _pole_winding(np.asarray(geom.exterior.coords)[:, 0])
@@ -176,6 +179,41 @@ def split_at_antimeridian(geom: BaseGeometry) -> BaseGeometry:
     elif minx >= -180.0 and maxx <= 180.0 and miny >= -90.0 and maxy <= 90.0:
         return geom
     return _wrap_lonlat(cast(Polygon, geom))
+
+
+_POLE_EPS = 1e-9
+"""Degrees from +-90 latitude within which a reprojected vertex is the pole itself."""
+
+
+def _through_pole(coords: np.ndarray) -> Polygon | None:
+    """A closed ring that passes through a pole (a tile with the pole on its corner or edge) as the lon/lat
+    polygon it bounds, longitudes continuous (they may run past +-180); ``None`` for any other ring.
+
+    At the pole a vertex's longitude means nothing (pyproj gives the projection's central meridian), and an
+    edge through the pole between two vertices jumps 180 degrees of longitude: taken as a longitude step,
+    either made a ring that seemed to wind round the pole (the whole polar cap, up to twice the tile) or cut
+    a wedge into the tile. Here the ring runs from the vertex after the pole to the vertex before it,
+    unrolled, and closes along the pole's latitude.
+    """
+    ring = coords[:-1]
+    at_pole = np.abs(np.abs(ring[:, 1]) - 90.0) <= _POLE_EPS
+    if at_pole.all():
+        return None
+    keep = ring[~at_pole]
+    steps = (np.diff(keep[:, 0], append=keep[:1, 0]) + 180.0) % 360.0 - 180.0  # keep[k] -> keep[k + 1], cyclic
+    # where the ring crosses the pole: after a vertex followed by pole vertices, or a step of 180 degrees
+    crossing = at_pole[(np.flatnonzero(~at_pole) + 1) % len(ring)] | (np.abs(np.abs(steps) - 180.0) <= 1e-6)
+    if int(crossing.sum()) != 1 or len(keep) < 3:
+        return None  # no pole on the ring (or a ring that crosses it more than once: not a tile's)
+    last = int(np.flatnonzero(crossing)[0])
+    arc = np.roll(keep, -(last + 1), axis=0)  # from the vertex after the crossing to the one before it
+    arc_steps = np.roll(steps, -(last + 1))[:-1]
+    lon = arc[0, 0] + np.concatenate([[0.0], np.cumsum(arc_steps)])
+    north = ring[at_pole][:, 1].mean() > 0 if at_pole.any() else keep[:, 1].mean() > 0
+    pole = 90.0 if north else -90.0
+    shell = np.vstack([np.column_stack([lon, arc[:, 1]]), [[lon[-1], pole], [lon[0], pole]]])
+    poly = Polygon(shell)
+    return poly if poly.is_valid else None
 
 
 def _eastward(coords: np.ndarray) -> np.ndarray:

@@ -305,8 +305,9 @@ def footprints_4326(minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: 
     polygons = shapely.polygons(ring)
     bounds = shapely.bounds(polygons)
     # rings across the antimeridian or round a pole, and windows of a geographic grid that run past 180 or a pole
-    odd = (bounds[:, 2] - bounds[:, 0] > 180.0) | (bounds[:, 0] < -180.0) | (bounds[:, 2] > 180.0)
-    odd |= (bounds[:, 1] < -90.0) | (bounds[:, 3] > 90.0)
+    # (a ring through a pole, on a vertex or between two, spans 180 degrees or reaches +-90)
+    odd = (bounds[:, 2] - bounds[:, 0] >= 180.0 - 1e-6) | (bounds[:, 0] < -180.0) | (bounds[:, 2] > 180.0)
+    odd |= (bounds[:, 1] <= -90.0 + 1e-9) | (bounds[:, 3] >= 90.0 - 1e-9)
     for i in np.flatnonzero(odd):
         polygons[i] = split_at_antimeridian(polygons[i])
     return polygons

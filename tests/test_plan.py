@@ -165,6 +165,30 @@ def test_the_footprint_of_a_tile_that_holds_a_pole_is_the_cap_round_it(crs, boun
         assert (shapely.covers(foot, shapely.points(lon, lat)) == covered).all()
 
 
+@pytest.mark.parametrize("crs", ["EPSG:3413", "EPSG:3031"])
+@pytest.mark.parametrize("bounds", [
+    (0.0, 0.0, 10000.0, 10000.0), (-10000.0, -10000.0, 0.0, 0.0),  # the pole on a corner (a vertex of the ring)
+    (-5000.0, 0.0, 5000.0, 10000.0), (-10000.0, -5000.0, 0.0, 5000.0),  # on an edge, at a vertex
+    (-3000.0, 0.0, 7000.0, 10000.0), (-10000.0, -7000.0, 0.0, 3000.0),  # on an edge, between two vertices
+])
+def test_the_footprint_of_a_tile_with_the_pole_on_its_corner_or_edge_is_the_tile(crs, bounds):
+    """The pole's vertex has no longitude of its own (pyproj gives the central meridian), and an edge through
+    the pole jumps 180 degrees: such footprints were the whole polar cap (469 of 1,600 points around the
+    tile wrongly inside) or missed a wedge of the tile."""
+    foot = footprint_4326(bounds, crs)
+    assert foot.is_valid and all(shapely.is_ccw(p.exterior) for p in shapely.get_parts(foot))
+    to_4326 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    minx, miny, maxx, maxy = bounds
+    u = np.linspace(0.013, 0.987, 31)
+    inside = np.array([(minx + a * (maxx - minx), miny + b * (maxy - miny)) for a in u for b in u])
+    around = np.linspace(-0.5, 1.5, 41)
+    outside = np.array([(minx + a * (maxx - minx), miny + b * (maxy - miny)) for a in around for b in around
+                        if not (-0.03 < a < 1.03 and -0.03 < b < 1.03)])
+    for points, covered in ((inside, True), (outside, False)):
+        lon, lat = to_4326.transform(points[:, 0], points[:, 1])
+        assert (shapely.covers(foot, shapely.points(lon, lat)) == covered).all()
+
+
 def test_edge_tile_is_kept_and_ids_are_deterministic():
     spec = TileSpec(size_px=32)
     aoi = _aoi_from_pixels(90, 90, 99.5, 99.5)  # the bottom-right corner of a 100 px scene

@@ -354,3 +354,23 @@ def run_figures(m: dict[str, Any]) -> dict[str, Any]:
         "placement": m.get("placement"),
         "wall_seconds": m["_bench"]["wall_seconds"],
     }
+
+
+def past_start_up(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
+    """Two runs' figures (:func:`run_figures`) over a smaller and a larger area -> a per-tile rate (extra
+    tiles / extra seconds: what a long run approaches) and the fixed seconds of a run (the smaller run's
+    seconds less its tiles at that rate: the model actors' start, the first tasks, the final sort and
+    write), or an ``error`` when the runs' noise hides the split.
+
+    >>> past_start_up({"tiles_read": 256, "pipeline_seconds": 4.0}, {"tiles_read": 1024, "pipeline_seconds": 7.0})
+    {'tiles_per_second': 256.0, 'fixed_seconds': 3.0}
+    """
+    extra_tiles = large["tiles_read"] - small["tiles_read"]
+    extra_seconds = large["pipeline_seconds"] - small["pipeline_seconds"]
+    if extra_tiles <= 0 or extra_seconds <= 0:
+        return {"error": "the larger run was not longer"}
+    rate = extra_tiles / extra_seconds
+    fixed = small["pipeline_seconds"] - small["tiles_read"] / rate
+    if fixed < 0:
+        return {"error": f"fixed cost came out negative ({fixed:.3f} s)"}
+    return {"tiles_per_second": round(rate, 1), "fixed_seconds": round(fixed, 3)}

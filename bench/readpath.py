@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Section, Target, band_paths, run_figures, run_region, scene, settle
+from bench.common import Section, Target, band_paths, past_start_up, run_figures, run_region, scene, settle
 from bench.memory import RssSampler
 
 _SOURCES: list[Any] = []
@@ -141,18 +141,11 @@ def steady_state(cache: Path, work: Path, small_px: int, large: dict[str, Any], 
         m = run_region(items, bbox, out, "--model", "noop", "--tile-size", str(tile_px), "--max-tiles", "1000000")
         runs.append(run_figures(m))
     small = min(runs, key=lambda f: f["pipeline_seconds"])
-    big = large["pipeline"]
-    extra_tiles = big["tiles_read"] - small["tiles_read"]
-    extra_seconds = big["pipeline_seconds"] - small["pipeline_seconds"]
-    if extra_tiles <= 0 or extra_seconds <= 0:
-        return {"scene_px": small_px, "error": "the larger scene's run was not longer", "small": small}
-    rate = extra_tiles / extra_seconds
-    fixed = small["pipeline_seconds"] - small["tiles_read"] / rate
-    if fixed < 0:  # the runs' noise is larger than the fixed cost: no split to report
-        return {"scene_px": small_px, "error": f"fixed cost came out negative ({fixed:.3f} s)", "small": small}
-    return {"scene_px": small_px, "small": small, "tiles_per_second": round(rate, 1),
-            "fixed_seconds": round(fixed, 3),
-            "ratio_to_bare": round(rate / large["bare"]["tiles_per_second"], 3),
+    split = past_start_up(small, large["pipeline"])
+    if "error" in split:
+        return {"scene_px": small_px, "error": split["error"], "small": small}
+    return {"scene_px": small_px, "small": small, **split,
+            "ratio_to_bare": round(split["tiles_per_second"] / large["bare"]["tiles_per_second"], 3),
             "small_seconds_each": [f["pipeline_seconds"] for f in runs]}
 
 

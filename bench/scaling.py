@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.common import Section, run_figures, run_region, scene, start_ray
+from bench.common import Section, past_start_up, run_figures, run_region, scene, start_ray
 
 NEEDED_CPUS = 3
 
@@ -46,16 +46,26 @@ def run(cache: Path, work: Path, quick: bool, warm_up: Any) -> Section:
     r_ratio = reads[2]["tiles_read_per_second"] / reads[1]["tiles_read_per_second"]
 
     items, b = scene(2_000, cache)
-    aoi = b if not quick else (b[0], b[1], (b[0] + b[2]) / 2, (b[1] + b[3]) / 2)  # quick: a quarter
-    actors = {}
+    quarter = (b[0], b[1], (b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+    aoi = b if not quick else quarter  # quick: a quarter
+    actors, starts = {}, {}
     for k in (1, 2):
         m = run_region(items, aoi, work / f"scale-actors-{k}", "--model", "smoke", "--tasks", "caption",
                        "--max-new-tokens", "16", "--model-actors", str(k), "--read-workers", "1")
         actors[k] = run_figures(m)
+        if not quick:  # a quarter of the scene as well: what the actor count does past each run's start-up
+            m = run_region(items, quarter, work / f"scale-actors-{k}-quarter", "--model", "smoke", "--tasks",
+                           "caption", "--max-new-tokens", "16", "--model-actors", str(k), "--read-workers", "1")
+            starts[k] = past_start_up(run_figures(m), actors[k])
     a_ratio = actors[2]["tiles_read_per_second"] / actors[1]["tiles_read_per_second"]
     sec.figures.update(read_workers=reads, read_workers_ratio=round(r_ratio, 3), model_actors=actors,
                        model_actors_ratio=round(a_ratio, 3),
                        model_actors_aoi="a quarter of the 2,000 px scene" if quick else "the whole 2,000 px scene")
+    if starts:
+        sec.figures["model_actors_past_start_up"] = starts
+        if all("tiles_per_second" in starts[k] for k in (1, 2)):
+            sec.figures["model_actors_past_start_up_ratio"] = round(
+                starts[2]["tiles_per_second"] / starts[1]["tiles_per_second"], 3)
     n_read, n_act = reads[1]["tiles_read"], actors[1]["tiles_read"]
     sec.rows += [
         (f"no-op tiles/s, 1 / 2 read workers (8,000 px scene, {n_read} tiles)",
@@ -64,6 +74,18 @@ def run(cache: Path, work: Path, quick: bool, warm_up: Any) -> Section:
         (f"smoke tiles/s, 1 / 2 model actors (64 px, {n_act} tiles, caption)",
          f"{actors[1]['tiles_read_per_second']:.1f} / {actors[2]['tiles_read_per_second']:.1f}"),
         ("  ratio 2 / 1 model actors", f"{a_ratio:.2f}x"),
+    ]
+    if "model_actors_past_start_up_ratio" in sec.figures:
+        rate = {k: starts[k]["tiles_per_second"] for k in (1, 2)}
+        fixed = {k: starts[k]["fixed_seconds"] for k in (1, 2)}
+        sec.rows += [
+            ("  past start-up (whole scene less a quarter): tiles/s, 1 / 2 actors", f"{rate[1]:.1f} / {rate[2]:.1f}"),
+            ("  ratio 2 / 1 model actors past start-up", f"{sec.figures['model_actors_past_start_up_ratio']:.2f}x"),
+            ("  fixed seconds per run (start-up, last writes), 1 / 2 actors", f"{fixed[1]:.2f} / {fixed[2]:.2f}"),
+        ]
+    elif starts:
+        sec.rows.append(("  past start-up", "; ".join(f"{k} actors: {starts[k].get('error', 'ok')}" for k in starts)))
+    sec.rows += [
         ("Ray logical CPUs for this section", f"{sec.figures['ray_logical_cpus']} (on {cores} cores)"),
     ]
     return sec

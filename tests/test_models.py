@@ -368,6 +368,27 @@ def test_adapter_is_merged_and_changes_logits(tiny_model_dir: Path, tiny_adapter
         assert torch.equal(p, q), name
 
 
+def test_an_adapter_whose_weights_fit_no_layer_is_refused(tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """peft loads a LoRA whose tensor names fit no layer (here: the original LLaVA repository's
+    ``model.layers...`` names in a peft folder, as an RS-LLaVA adapter without its config.json reads) with
+    one UserWarning and its factors at their initial values: the merge changed nothing while every row
+    named the adapter. It is refused now, as a single --adapter and as a named adapter."""
+    from safetensors.torch import load_file, save_file
+
+    renamed = tmp_path / "repo-layout"
+    shutil.copytree(tiny_adapter_dir, renamed)
+    weights = load_file(renamed / "adapter_model.safetensors")
+    assert any("language_model." in k for k in weights)
+    save_file({k.replace("model.language_model.", "model."): v for k, v in weights.items()},
+              renamed / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match=r"^--adapter .*repo-layout.*: its LoRA weights do not fit the model's layers"):
+        load_model(ModelSpec(model=str(tiny_model_dir), adapter=str(renamed)), device="cpu")
+    for named in ((("water", str(renamed)),), (("ok", str(tiny_adapter_dir)), ("water", str(renamed)))):
+        with pytest.raises(ModelError, match=r"^adapter 'water' .*: its LoRA weights do not fit"):
+            load_model(ModelSpec(model=str(tiny_model_dir), adapters=named), device="cpu")
+
+
 # --------------------------------------------------------------------------- ModelRunner
 
 

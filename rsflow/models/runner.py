@@ -176,18 +176,53 @@ def _suppress_unspeakable(model: Any, tokenizer: Any) -> None:
 def _load_named_adapters(model: Any, named: tuple[tuple[str, str], ...]) -> Any:
     """Wrap ``model`` in a PeftModel holding every named adapter, unmerged: switching is
     ``set_adapter(name)``, the bare base is ``disable_adapter()``, and the base weights exist once."""
+    first_name, first_ref = named[0]
+    peft_model = _peft_from_pretrained(model, first_ref, f"adapter {first_name!r}", adapter_name=first_name)
+    for name, ref in named[1:]:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+                result = peft_model.load_adapter(ref, adapter_name=name)
+        except Exception as exc:
+            raise ModelError(f"cannot load adapter {name!r} ({ref!r}): {type(exc).__name__}: {exc}") from exc
+        missing = list(getattr(result, "missing_keys", []) or [])
+        if missing:
+            _refuse_missing_adapter_keys(f"{len(missing)} of them, e.g. {missing[0]}", f"adapter {name!r}", ref)
+    return peft_model
+
+
+def _peft_from_pretrained(model: Any, ref: str, what: str, **kwargs: Any) -> Any:
+    """``PeftModel.from_pretrained(model, ref)``, refusing an adapter whose weights did not all load.
+
+    peft loads an adapter whose tensor names fit no layer of the model (e.g. an RS-LLaVA adapter in the
+    original LLaVA repository's key layout without the ``config.json`` that identifies it) with one
+    ``UserWarning`` and the LoRA factors left at their initial values: the merge then changed nothing (or
+    merged random factors), and the run still named the adapter in every row's model id.
+    """
     from peft import PeftModel
 
-    first_name, first_ref = named[0]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
-            peft_model = PeftModel.from_pretrained(model, first_ref, adapter_name=first_name)
-            for name, ref in named[1:]:
-                peft_model.load_adapter(ref, adapter_name=name)
+            peft_model = PeftModel.from_pretrained(model, ref, **kwargs)
     except Exception as exc:
-        raise ModelError(f"cannot load the named adapters {named!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"cannot load {what} {ref!r}: {type(exc).__name__}: {exc}") from exc
+    for w in caught:
+        text = str(w.message)
+        if "missing adapter keys" in text:  # "Found missing adapter keys while loading the checkpoint: [...]"
+            _refuse_missing_adapter_keys(text.split(":", 1)[-1].strip()[:200], what, ref)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return peft_model
+
+
+def _refuse_missing_adapter_keys(missing: str, what: str, ref: str) -> None:
+    raise ModelError(
+        f"{what} {ref!r}: its LoRA weights do not fit the model's layers (missing: {missing}); an adapter in the "
+        "original LLaVA repository's layout needs the config.json and non_lora_trainables.bin it was released "
+        "with beside it (or convert it with `rsflow convert`)"
+    )
 
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> LoadedModel:
@@ -258,15 +293,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
         )
 
     if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            with warnings.catch_warnings():
-                # peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
-                peft_model = PeftModel.from_pretrained(model, adapter)
-        except Exception as exc:
-            raise ModelError(f"cannot load --adapter {adapter!r}: {type(exc).__name__}: {exc}") from exc
+        peft_model = _peft_from_pretrained(model, adapter, "--adapter")
         # Merge W + (alpha/r)·B·A into the base Linear layers, as LLaVA's builder does: inference
         # never trains the adapter, a merged layer costs no extra matmuls per token, and the result is
         # a plain LlavaForConditionalGeneration that generate() treats like any other checkpoint.

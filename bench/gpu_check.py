@@ -4,7 +4,7 @@ Run on a machine with a CUDA GPU (never part of the test suite)::
 
     python bench/gpu_check.py [--out DIR] [--quick]
 
-1. The tiny model through ``ModelRunner`` with the defaults a GPU gets (bf16; flash-attention 2 when
+1. The tiny model through ``ModelRunner`` with the defaults a GPU gets (float16 for its float32 checkpoint; flash-attention 2 when
    ``flash_attn`` is importable, else SDPA): every row answered, dtype/device as expected, and the
    answers equal those of an fp32 run on the same GPU for the first tokens where they agree.
 2. The LLaVA-1.5-7B architecture (published dimensions; random weights, since real ones cannot be
@@ -91,7 +91,7 @@ def main() -> int:
     result["tiny"] = {
         "device": str(runner.loaded.device), "dtype": str(runner.loaded.dtype),
         "attn_implementation": runner.loaded.attn_implementation, "rows_ok": ok, "rows": len(rows["status"]),
-        "seconds": round(tiny_s, 3), "bf16_equals_fp32_texts": same,
+        "seconds": round(tiny_s, 3), "half_equals_fp32_texts": same,
     }
     print(json.dumps(result["tiny"]), flush=True)
     assert ok == 16, rows["error"]

@@ -141,7 +141,7 @@ def region_arguments() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-        help="weights and compute (auto: bf16 on a GPU, fp32 on CPU)",
+        help="weights and compute (auto: on a GPU the checkpoint's float16 or bfloat16, else float16; fp32 on CPU)",
     )
     model.add_argument(
         "--attn-implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",

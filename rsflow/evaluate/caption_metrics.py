@@ -61,8 +61,15 @@ _PUNCTUATIONS: Final[frozenset[str]] = frozenset(
      "(", ")", "{", "}", "[", "]", '"'}
 )
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:['.][a-z0-9]+)*|'s|n't|\.\.\.|--|[^\sa-z0-9]")
-EMPTY_CANDIDATE: Final[str] = "__empty__"
-"""Stands for an empty candidate after tokenisation (the scorers misbehave on empty strings)."""
+EMPTY_CANDIDATE: Final[str] = "EMPTYCAPTION"
+"""The one token that stands for an empty or failed candidate, put in AFTER tokenising (the scorers
+misbehave on empty strings; ``reference/benchmarks.md`` 6.1 step 3: "a placeholder token").
+
+Both tokenizers lower-case, so no tokenised reference holds a token with a capital letter: the
+placeholder matches none under BLEU, ROUGE and CIDEr, and adds one word to the hypothesis length (a
+placeholder run through a tokenizer, such as ``__empty__``, became ``__ empty __``: three or five tokens,
+one of them the ordinary caption word "empty"). METEOR lower-cases it again; ``emptycaption`` is no
+English word, so its stem, synonym and paraphrase matchers find nothing either."""
 
 
 def parse_metrics(value: str | Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
@@ -181,9 +188,12 @@ def score_captions(
         raise ValueError("no caption to score")
     ids = sorted(candidates)
     gts = tokenize({i: list(references[i]) for i in ids}, tokenizer)
-    # an empty line would shift PTBTokenizer's line-to-id mapping: empty candidates never reach it
-    res = tokenize({i: [str(candidates[i] or "").strip() or EMPTY_CANDIDATE] for i in ids}, tokenizer)
-    res = {i: [c if c.strip() else EMPTY_CANDIDATE for c in res.get(i, [""])] for i in ids}
+    # Only answered candidates are tokenised (an empty line would shift PTBTokenizer's line-to-id mapping);
+    # the placeholder goes in after tokenising, for those and for answers that tokenise to nothing ("."),
+    # so it stays one token no tokenizer could make.
+    answered = {i: [text] for i in ids if (text := str(candidates[i] or "").strip())}
+    tokens = tokenize(answered, tokenizer) if answered else {}
+    res = {i: [c if c.strip() else EMPTY_CANDIDATE for c in tokens.get(i, [""])] for i in ids}
     out: dict[str, Any] = {"n": len(ids), "tokenizer": tokenizer}
     for metric in metrics:
         if metric == "bleu":

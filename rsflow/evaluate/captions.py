@@ -8,8 +8,9 @@ Layout (``reference/benchmarks.md`` 2)::
 
 ``{"images": [{"filename", "imgid", "split", "sentids", "sentences": [{"raw", "tokens", "imgid",
 "sentid"}, ...]}, ...]}``: one sample per image of the split (``test`` by default), every ``raw``
-sentence a reference (five each; duplicates kept, as the papers scored them). The image path is the
-image folder joined with ``filename``, never rebuilt from ids.
+sentence a reference (five each; duplicates kept, as the papers scored them; an image with another
+number of ``raw`` sentences is scored against those it has, and one warning counts such images). The
+image path is the image folder joined with ``filename``, never rebuilt from ids.
 
 Prompt: the model family's caption instruction (``prompts.TASK_PROMPTS["caption"]``: RS-LLaVA's
 "Provide a description of the image.", otherwise "Describe the image in detail.").
@@ -37,6 +38,8 @@ _ANNOTATIONS: Final[dict[str, tuple[str, ...]]] = {
     "sydney": ("dataset.json",),
 }
 _IMAGE_DIRS: Final[tuple[str, ...]] = ("imgs", "images", "RSICD_images", ".")
+REFERENCES_PER_IMAGE: Final[int] = 5
+"""Reference sentences per image in all three datasets (``reference/benchmarks.md`` 2.3, checklist 8)."""
 
 
 def _annotation_file(data: Path, flavour: str) -> Path:
@@ -75,7 +78,8 @@ def load_captions(data: Path, *, flavour: str, prompt_format: str, split: str | 
 
     Raises:
         RequestError: (``--data``) no annotation file, not the Karpathy shape, an image without
-            ``filename`` or ``sentences``, no image folder; (``--split``) an unknown split.
+            ``filename`` (or one that is not a file name) or ``sentences``, no image folder; (``--split``)
+            an unknown split.
     """
     split = split or SPLITS[0]
     if split not in SPLITS:
@@ -87,26 +91,47 @@ def load_captions(data: Path, *, flavour: str, prompt_format: str, split: str | 
         raise RequestError("--data", f"cannot read {path}: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise RequestError("--data", f"{path} is not a Karpathy-style caption file: expected {{\"images\": [...]}}")
-    records = [r for r in doc["images"] if isinstance(r, dict) and r.get("split") == split]
-    if not records:
+    indexed = [(k, r) for k, r in enumerate(doc["images"]) if isinstance(r, dict) and r.get("split") == split]
+    if not indexed:
         raise RequestError("--data", f"{path} has no image with split {split!r}")
-    for i, r in enumerate(records):
+    for k, r in indexed:
         if "filename" not in r or not isinstance(r.get("sentences"), list) or not r["sentences"]:
-            raise RequestError("--data", f"{path}: image {i} of split {split!r} lacks filename or sentences")
+            raise RequestError("--data", f"{path}: images[{k}] (split {split!r}) lacks filename or sentences")
+        name = r["filename"]
+        if not isinstance(name, str) or not name.strip() or Path(name).name in ("", ".", ".."):
+            # str(None) would make a sample 'None' whose image is then "missing", far from the cause
+            raise RequestError("--data", f"{path}: images[{k}] (split {split!r}) has filename {name!r}: "
+                                         "expected the image's file name")
+    records = [r for _, r in indexed]
     folder = images.resolve() if images is not None else _image_dir(data, records)
     prompt = task_prompts("caption", prompt_format)[0]
     samples = []
+    not_five = 0
     for r in records:
-        refs = tuple(str(s["raw"]) for s in r["sentences"] if isinstance(s, dict) and "raw" in s)
+        refs = tuple(s["raw"] for s in r["sentences"] if isinstance(s, dict) and _reference(s.get("raw")))
         if not refs:
             raise RequestError("--data", f"{path}: image {r['filename']!r} has no sentence with 'raw' text")
+        not_five += len(refs) != REFERENCES_PER_IMAGE
         samples.append(
             Sample(
-                sample_id=str(r["filename"]),
-                image_path=str(folder / str(r["filename"])),
+                sample_id=r["filename"],
+                image_path=str(folder / r["filename"]),
                 task="caption",
                 prompt=prompt,
                 references=refs,
             )
         )
+    if not_five:
+        # Scored anyway (the papers' files have five everywhere), but BLEU's closest reference length,
+        # CIDEr's document frequencies and METEOR all move with the number of references.
+        logger.warning(
+            "%s: %d of %d images of split %r do not have exactly %d reference sentences with 'raw' text "
+            "(the datasets have %d each); their captions are scored against the ones they have",
+            path, not_five, len(samples), split, REFERENCES_PER_IMAGE, REFERENCES_PER_IMAGE,
+        )
     return samples
+
+
+def _reference(raw: Any) -> bool:
+    """Whether a sentence's ``raw`` is a reference (text; ``str(None)`` would make "None" one)."""
+    return isinstance(raw, str) and bool(raw.strip())

@@ -79,11 +79,23 @@ def _image_dir(data: Path, images: Path | None, first_image_id: str) -> Path:
     )
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _polygon(value: Any) -> list[tuple[float, float]]:
-    """One ground-truth object: 4 ``[x, y]`` corners, or 8 numbers."""
-    if isinstance(value, list) and len(value) == 8 and all(isinstance(v, int | float) for v in value):
+    """One ground-truth object: 4 ``[x, y]`` corners, or 8 numbers.
+
+    Raises:
+        ValueError: another shape, or a coordinate that is not a number (``[null, 10]``: ``float(None)``
+            would be a TypeError traceback, not one line naming the file and line).
+    """
+    if isinstance(value, list) and len(value) == 8 and all(_number(v) for v in value):
         return [(float(value[i]), float(value[i + 1])) for i in range(0, 8, 2)]
     if isinstance(value, list) and len(value) == 4 and all(isinstance(p, list) and len(p) == 2 for p in value):
+        bad = next((p for p in value if not all(_number(v) for v in p)), None)
+        if bad is not None:
+            raise ValueError(f"corner {bad!r} is not two numbers")
         return [(float(x), float(y)) for x, y in value]
     raise ValueError(f"expected 4 [x, y] corners, got {value!r}")
 
@@ -92,6 +104,9 @@ def _require(path: Path, number: int, row: dict[str, Any], keys: tuple[str, ...]
     missing = [k for k in keys if k not in row]
     if missing:
         raise RequestError("--data", f"{path.name} line {number} lacks {', '.join(missing)}")
+    null = [k for k in keys if row[k] is None]  # str(None) would make an image 'None.png' or a prompt 'None'
+    if null:
+        raise RequestError("--data", f"{path.name} line {number} has null {', '.join(null)}")
 
 
 def load_referring(data: Path, *, images: Path | None = None) -> list[Sample]:

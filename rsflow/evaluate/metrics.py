@@ -106,9 +106,12 @@ def vqa_metrics(
 
     Returns:
         ``accuracy`` (OA), ``average_accuracy`` (AA), ``correct``, ``n``, ``per_type`` {type: {accuracy,
-        correct, n}} and, with ``reported_types``, ``reported_types``, ``correct_reported_types``,
-        ``n_reported_types``, ``accuracy_reported_types`` and ``average_accuracy_reported_types`` (the
-        last two None when no question of those types was scored: not a 0 beside a paper's figure).
+        correct, n}} and, with ``reported_types``, ``reported_types``, ``missing_reported_types`` (those
+        with no scored question), ``correct_reported_types``, ``n_reported_types`` (over the types
+        present), ``accuracy_reported_types`` and ``average_accuracy_reported_types``. The last two are
+        None unless every reported type has a scored question: a paper's figure averages all of them, and
+        the same name over a subset (``--question-types presence``; a ``--limit`` draw without the rare
+        rural_urban) would sit beside it as if comparable.
     """
     overall, per = accuracy_by_group(outcomes)
     out: dict[str, Any] = {
@@ -120,13 +123,15 @@ def vqa_metrics(
     }
     if reported_types:
         sub = [per[t] for t in reported_types if t in per]
+        missing = [t for t in reported_types if t not in per]
         c, n = sum(a.correct for a in sub), sum(a.n for a in sub)
         out.update(
             reported_types=list(reported_types),
+            missing_reported_types=missing,
             correct_reported_types=c,
             n_reported_types=n,
-            accuracy_reported_types=c / n if n else None,
-            average_accuracy_reported_types=sum(a.accuracy for a in sub) / len(sub) if sub else None,
+            accuracy_reported_types=c / n if n and not missing else None,
+            average_accuracy_reported_types=sum(a.accuracy for a in sub) / len(sub) if sub and not missing else None,
         )
     return out
 

@@ -152,3 +152,16 @@ PUBLISHED["geochat-lrben"] = (PUBLISHED["rsvqa-lr"][0],
                               _GEOCHAT_VQA_NOTE.format(file="lrben.jsonl") + PUBLISHED["rsvqa-lr"][1])
 PUBLISHED["geochat-hrben"] = (PUBLISHED["rsvqa-hr"][0],
                               _GEOCHAT_VQA_NOTE.format(file="hrben.jsonl") + PUBLISHED["rsvqa-hr"][1])
+
+PUBLISHED_SPLITS: Final[dict[str, str]] = {
+    "rsvqa-lr": "test",  # GeoChat's LRBEN, RS-LLaVA's LR test
+    "rsvqa-hr": "test_phili",  # GeoChat's HRBEN: test set 2 (Philadelphia), not test set 1 (`test`)
+    "ucm-captions": "test",
+    "sydney-captions": "test",
+    "rsicd": "test",
+    "rsflow-demo": "test",  # the held-out blocks the demo model's card recorded its figures on
+}
+"""Benchmark -> the split its published (or recorded) numbers were measured on (``reference/benchmarks.md``
+1.6, 2.4, checklist 8). A run of another ``--split`` gets no published column: the same rows, its own
+numbers only, and a note saying why. Benchmarks not named have a single question list (GeoChat-Bench's
+files, scene folders)."""

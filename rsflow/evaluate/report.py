@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsflow.evaluate.published import PUBLISHED, PublishedRow
+from rsflow.evaluate.published import PUBLISHED, PUBLISHED_SPLITS, PublishedRow
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,14 @@ def markdown_table(
     context: Sequence[str] = (),
     recorded: Sequence[PublishedRow] | None = None,
     recorded_note: str = "",
+    split: str | None = None,
 ) -> str:
     """The run's numbers beside the published ones, as Markdown.
+
+    The published column is left out, with a note saying why, where ``split`` is not the split the
+    published numbers were measured on (:data:`~rsflow.evaluate.published.PUBLISHED_SPLITS`: RSVQA-HR
+    ``test`` is test set 1, GeoChat's HRBEN test set 2). A reported-types average the run could not
+    compute (a reported type without a scored question) reads n/a, and a note names the missing types.
 
     Args:
         benchmark: benchmark name (the key of :data:`~rsflow.evaluate.published.PUBLISHED`).
@@ -77,11 +83,23 @@ def markdown_table(
         context: lines printed above the table (split, samples, decoding, ...).
         recorded: rows to use instead of the published ones (e.g. a model card's recorded figures).
         recorded_note: the note under ``recorded`` rows.
+        split: the split the run scored (None: the benchmark's default, or it has none).
 
     Returns:
         The Markdown text: heading, context, table, note.
     """
     rows, note = (list(recorded), recorded_note) if recorded is not None else PUBLISHED.get(benchmark, ([], ""))
+    notes = [note] if note else []
+    measured = PUBLISHED_SPLITS.get(benchmark)
+    if rows and split is not None and measured is not None and split != measured:
+        rows = [PublishedRow(r.label, r.metric) for r in rows]  # the run's numbers, nothing beside them
+        notes.insert(0, f"The published numbers were measured on the `{measured}` split, and this run scored "
+                        f"`{split}`: they are left out, as they would not be comparable.")
+    missing = metrics.get("missing_reported_types") or []
+    if missing and metrics.get("reported_types"):
+        notes.append(f"The averages over {', '.join(metrics['reported_types'])} are n/a: no {', '.join(missing)} "
+                     "question was scored (--question-types or a --limit sample left them out), and the "
+                     "published figures average every one of those types.")
     if not rows:  # no published comparison: every top-level number of the run
         rows = [PublishedRow(k, k) for k, v in metrics.items() if isinstance(v, float)]
     sources = list(dict.fromkeys(src for r in rows for src in r.values))
@@ -95,8 +113,8 @@ def markdown_table(
         cells = [_fmt(None if ours is None else ours * 100.0)] + [_fmt(r.values.get(s)) for s in sources]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += ["", "Values in percent (the run's 0-1 metrics x100; CIDEr x100 too)."]
-    if note:
-        lines += ["", note]
+    for n in notes:
+        lines += ["", n]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ Each split file keeps list position == record id and fills the ids of other spli
 ``{"id": N, "active": false}``: only ``active`` records are used. A question's answer is the answer record
 whose ``id`` is ``answers_ids[0]`` (else the one whose ``question_id`` is the question's id). If an
 active split record lacks its text (a form some LR releases are said to have), the text is taken from the
-whole-dataset tables. GeoChat's LRBEN is the LR ``test`` split, its HRBEN the HR ``test_phili`` split
+whole-dataset tables, joined the same two ways. A field of the wrong kind (a null id, ``answers_ids`` that
+is not a list, a blank question) is refused as ``--data`` naming the file and the record. GeoChat's LRBEN is the LR ``test`` split, its HRBEN the HR ``test_phili`` split
 (test set 2, Philadelphia); the question types GeoChat reports are presence, comparison and rural/urban
 (LR) and presence and comparison (HR); every type present is scored here, each on its own.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -77,18 +79,51 @@ def keep_question_types(samples: list[Sample], question_types: Sequence[str] | N
     return [s for s in samples if s.group in question_types]
 
 
-def _read_list(path: Path, key: str) -> list[dict[str, Any]]:
+def _read_list(path: Path, key: str, *, active: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """The records of ``{key: [...]}`` with their positions in the list (RSVQA's record ids), the
+    ``active`` ones only if asked."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RequestError("--data", f"cannot read {path}: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
         raise RequestError("--data", f"{path} is not an RSVQA file: expected a JSON object {{{key!r}: [...]}}")
-    return [r for r in doc[key] if isinstance(r, dict)]
+    return [(k, r) for k, r in enumerate(doc[key]) if isinstance(r, dict) and (not active or r.get("active") is True)]
 
 
-def _by_id(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    return {int(r["id"]): r for r in records if "id" in r}
+def _whole(value: Any, where: str) -> int:
+    """An id field as an int (RSVQA writes ints; digit strings pass too).
+
+    Raises:
+        RequestError: (``--data``) None, a bool, a fraction or text that is not a number, named by
+            ``where`` (file and record): a bare ``int()`` would end the run in a TypeError traceback.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise RequestError("--data", f"{where} is {value!r}, not a whole number")
+
+
+def _by_id(records: list[tuple[int, dict[str, Any]]], path: Path, key: str) -> dict[int, dict[str, Any]]:
+    """Records by ``id`` (those without one are left out)."""
+    return {_whole(r["id"], f"{path.name}: the id of {key}[{k}]"): r for k, r in records if "id" in r}
+
+
+def _text(value: Any) -> str | None:
+    """A question, type or answer field as text; None where it is not text (null, a list, ...) or blank
+    (``str()`` would make a null answer the reference "None", and a blank question an empty prompt)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a count answer written as a number ("7" is what RSVQA writes)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _by_question(answers: dict[int, dict[str, Any]], path: Path) -> dict[int, dict[str, Any]]:
+    """Answer records by ``question_id`` (the join's fallback when ``answers_ids`` is absent)."""
+    return {_whole(a["question_id"], f"{path.name}: the question_id of answer {aid}"): a
+            for aid, a in answers.items() if "question_id" in a}
 
 
 def load_rsvqa(
@@ -112,7 +147,8 @@ def load_rsvqa(
         Samples with ``group`` = the question type and one reference answer each.
 
     Raises:
-        RequestError: (``--data``) a split file is missing or not RSVQA's shape, a question has no answer;
+        RequestError: (``--data``) a split file is missing or not RSVQA's shape, a record's id, img_id,
+            answers_ids, question, type or answer is of the wrong kind, a question has no answer;
             (``--split``) an unknown split; (``--question-types``) a type not in the split.
     """
     layout = _LAYOUT[prefix]
@@ -133,43 +169,66 @@ def load_rsvqa(
         raise RequestError(
             "--data", f"{data} has no {layout['images']}/ image folder (RSVQA's <img_id>.tif files); or give --images"
         )
-    questions = [q for q in _read_list(q_path, "questions") if q.get("active") is True]
-    answers = _by_id([a for a in _read_list(a_path, "answers") if a.get("active") is True])
-    answers_by_question = {int(a["question_id"]): a for a in answers.values() if "question_id" in a}
+    active = _read_list(q_path, "questions", active=True)
+    for k, q in active:
+        if "id" not in q:
+            raise RequestError("--data", f"{q_path.name}: questions[{k}] is active and has no id")
+    questions = _by_id(active, q_path, "questions")
+    if len(questions) < len(active):  # keyed by id: a question twice would be asked once
+        counts = Counter(_whole(q["id"], "") for _, q in active)
+        twice = next(i for i, n in counts.items() if n > 1)
+        raise RequestError("--data", f"{q_path.name}: question id {twice} occurs twice among the active records")
+    answers = _by_id(_read_list(a_path, "answers", active=True), a_path, "answers")
+    answers_by_question = _by_question(answers, a_path)
     images_path = data / f"{name}_images.json"
     active_images = (
-        {int(i["id"]) for i in _read_list(images_path, "images") if i.get("active") is True}
+        set(_by_id(_read_list(images_path, "images", active=True), images_path, "images"))
         if images_path.is_file()
         else None
     )
     q_table: dict[int, dict[str, Any]] | None = None
-    a_table: dict[int, dict[str, Any]] | None = None
-    if any("question" not in q or "type" not in q or "img_id" not in q for q in questions):
+    a_tables: tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]] | None = None
+    a_file = data / layout["tables"][1]
+    if any("question" not in q or "type" not in q or "img_id" not in q for q in questions.values()):
         q_file = data / layout["tables"][0]
         if not q_file.is_file():
             raise RequestError("--data", f"{q_path.name} holds questions without text and {q_file.name} is missing")
-        q_table = _by_id(_read_list(q_file, "questions"))
+        q_table = _by_id(_read_list(q_file, "questions"), q_file, "questions")
 
     samples: list[Sample] = []
-    for q in sorted(questions, key=lambda r: int(r["id"])):
-        qid = int(q["id"])
+    for qid in sorted(questions):
+        q = questions[qid]
+        where = f"question {qid} of {q_path.name}"
         full = {**(q_table.get(qid, {}) if q_table is not None else {}), **q}
         if "question" not in full or "img_id" not in full or "type" not in full:
-            raise RequestError("--data", f"question {qid} of {q_path.name} has no question/img_id/type")
-        answer = None
-        ids = full.get("answers_ids") or []
-        if ids:
-            answer = answers.get(int(ids[0]))
-        if answer is None:
-            answer = answers_by_question.get(qid)
+            raise RequestError("--data", f"{where} has no question/img_id/type")
+        text, qtype = _text(full["question"]), _text(full["type"])
+        if text is None or qtype is None:  # vqa_prompt would blame a --question flag rsflow eval does not have
+            field, value = ("question", full["question"]) if text is None else ("type", full["type"])
+            raise RequestError("--data", f"{where} has {field} {value!r}: expected non-empty text")
+        img_id = _whole(full["img_id"], f"the img_id of {where}")
+        ids = full.get("answers_ids")
+        ids = [] if ids is None else ids
+        if not isinstance(ids, list):
+            raise RequestError("--data", f"{where} has answers_ids {ids!r}: expected a list of answer ids")
+        first = _whole(ids[0], f"answers_ids[0] of {where}") if ids else None
+        # answers_ids[0], else the answer whose question_id is this question's (reference/benchmarks.md 1.4)
+        answer = answers.get(first) if first is not None else None
         if answer is None or "answer" not in answer:
-            if a_table is None:
-                a_file = data / layout["tables"][1]
-                a_table = _by_id(_read_list(a_file, "answers")) if a_file.is_file() else {}
-            answer = a_table.get(int(ids[0])) if ids else None
+            answer = answers_by_question.get(qid, answer)
+        if answer is None or "answer" not in answer:  # a split record without text: the whole-dataset table
+            if a_tables is None:
+                table = _by_id(_read_list(a_file, "answers"), a_file, "answers") if a_file.is_file() else {}
+                a_tables = (table, _by_question(table, a_file))
+            answer = a_tables[0].get(first) if first is not None else None
+            if answer is None or "answer" not in answer:
+                answer = a_tables[1].get(qid)
         if answer is None or "answer" not in answer:
-            raise RequestError("--data", f"question {qid} of {q_path.name} has no answer in {a_path.name}")
-        img_id = int(full["img_id"])
+            raise RequestError("--data", f"{where} has no answer in {a_path.name}"
+                                         + (f" or {a_file.name}" if a_file.is_file() else ""))
+        reference = _text(answer["answer"])
+        if reference is None:
+            raise RequestError("--data", f"the answer of {where} is {answer['answer']!r}: expected non-empty text")
         if active_images is not None and img_id not in active_images:
             logger.warning("question %d refers to image %d, which is not active in %s", qid, img_id, images_path.name)
         samples.append(
@@ -177,9 +236,9 @@ def load_rsvqa(
                 sample_id=str(qid),
                 image_path=str((image_dir / f"{img_id}.tif").resolve()),
                 task="vqa",
-                prompt=vqa_prompt(str(full["question"])),
-                references=(str(answer["answer"]),),
-                group=str(full["type"]),
+                prompt=vqa_prompt(text),
+                references=(reference,),
+                group=qtype,
             )
         )
     samples = keep_question_types(samples, question_types, "this split")

@@ -6,9 +6,9 @@ Steps (every check before any inference):
    the PTB tokenizer), the model (``--model``/``--adapter``) and whether its family can do the task;
 2. the samples, read from the benchmark's files as distributed (``--data``), then ``--limit`` of them
    chosen with ``--seed`` (a seeded shuffle, so a larger limit gives a superset), and their images;
-3. the output folder: a new one, or one holding an earlier run of the same benchmark, split and model
-   (``run.json``), whose predictions are reused (status ok, same prompt, same model id): no inference
-   for them;
+3. the output folder: a new one, or one holding an earlier run of the same benchmark, data (``--data``,
+   ``--images``, ``--questions``), split, model and decoding (``run.json``), whose predictions are reused
+   (status ok, same prompt, same model id, same image file): no inference for them;
 4. inference on the rest through :func:`rsflow.pipeline.infer_images` (the region job's ``ModelRunner``
    actors; images from files, each image asking its own samples' prompts), each batch of predictions
    written as a part file as soon as it arrives (a killed run keeps what it finished);
@@ -46,7 +46,7 @@ from rsflow.errors import RequestError
 from rsflow.evaluate.benchmarks import BENCHMARKS, Benchmark, LoadRequest, get_benchmark
 from rsflow.evaluate.caption_metrics import TOKENIZERS, check_caption_scorers, parse_metrics
 from rsflow.evaluate.metrics import round_floats
-from rsflow.evaluate.published import PublishedRow
+from rsflow.evaluate.published import PUBLISHED_SPLITS, PublishedRow
 from rsflow.evaluate.report import (
     markdown_table,
     write_atomic,
@@ -198,10 +198,15 @@ def _check_images(samples: Sequence[Sample]) -> None:
 
 
 def _identity(config: EvalConfig, bench: Benchmark, mid: str, prompt_format: str) -> dict[str, Any]:
-    """What must match for an earlier run's predictions to be reused."""
+    """What must match for an earlier run's predictions to be reused.
+
+    ``images`` (``--images``) is part of the data: predictions made on another image folder are not this
+    run's (None where the images are found under ``--data``, as in records written before it was here).
+    """
     return {
         "benchmark": bench.name,
         "data": str(Path(config.data).resolve()),
+        "images": str(Path(config.images).resolve()) if config.images else None,
         "split": config.split or (bench.splits[0] if bench.splits else None),
         "model_id": mid,
         "prompt_format": prompt_format,
@@ -236,7 +241,7 @@ def _prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> 
 
     Raises:
         RequestError: (``--output``) a folder that is not an eval output, or one of another benchmark,
-            data, split, model or decoding (unless ``overwrite``).
+            data (``--data``, ``--images``, ``--questions``), split, model or decoding (unless ``overwrite``).
     """
     import json
 
@@ -271,12 +276,16 @@ def _prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> 
 
 
 def _reusable(row: Mapping[str, Any] | None, sample: Sample, mid: str) -> bool:
+    """Whether an earlier prediction answers ``sample`` as this run would ask it: the same prompt, model
+    and image file (a sample whose image path changed, e.g. a record written before ``--images`` was part
+    of the identity, is inferred again, not scored on another picture)."""
     return (
         row is not None
         and row.get("status") == "ok"
         and row.get("text") is not None
         and row.get("prompt") == sample.prompt
         and row.get("model_id") == mid
+        and row.get("image") == sample.image_path
     )
 
 
@@ -518,11 +527,15 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     recorded = _recorded_rows(card) if bench.name == "rsflow-demo" else None
     table = markdown_table(
         bench.name, f"{bench.title}: {mid}", metrics, run_label=str(card.get("name") or mid), context=context,
-        recorded=recorded,
+        recorded=recorded, split=identity["split"],
         recorded_note="The model's own held-out figures, as its training run recorded them "
         "(rsflow.finetune.demo.evaluate_demo)." if recorded else "",
     )
     write_text_atomic(out / TABLE, table)
+    measured = PUBLISHED_SPLITS.get(bench.name)
+    if measured is not None and identity["split"] not in (None, measured):
+        logger.warning("%s: the published numbers are of the %s split, not %s: %s shows none beside this run",
+                       bench.name, measured, identity["split"], TABLE)
     record.update(
         status="complete",
         finished=datetime.now(UTC).isoformat(),
@@ -545,9 +558,13 @@ def headline(metrics: Mapping[str, Any]) -> str:
     if "iou_threshold" in m:
         return f"acc@{m['iou_threshold']} {100 * float(m['accuracy']):.2f} ({m['found']}/{m['objects']} objects)"
     overall = f"accuracy {100 * float(m['accuracy']):.2f} ({m['correct']}/{m['n']})"
+    types = "/".join(m.get("reported_types") or ())
     if m.get("accuracy_reported_types") is None:
-        return overall
+        missing = m.get("missing_reported_types") or ()
+        if not types or not missing:
+            return overall
+        # not an average over some of the types under the papers' name for all of them
+        return f"{overall}; over {types}: n/a (no {', '.join(missing)} question scored)"
     # the paper's headline first: GeoChat's LRBEN/HRBEN leave count (and area) out
-    types = "/".join(m["reported_types"])
     return (f"accuracy over {types} {100 * float(m['accuracy_reported_types']):.2f} "
             f"({m['correct_reported_types']}/{m['n_reported_types']}); all types: {overall}")

@@ -413,6 +413,33 @@ def write_empty(directory: str) -> str:
     return name
 
 
+def dataset_geo(directory: str, files: list[str]) -> dict[str, Any]:
+    """The extent and geometry types of the whole dataset, per table (``objects-*`` files and the tile
+    rows' ``part-*`` files), from each file's own GeoParquet ``geo`` metadata (footers only).
+
+    Each file's ``geo`` is exact for that file, but a reader of the folder (``pyarrow.dataset``, which
+    geopandas and GDAL build on) shows the first file's, and ``objects-*`` sort first: its bbox left out
+    the tiles at the dataset's edges. A geometry split at the antimeridian has a bbox from -180 to 180
+    (GeoParquet's covering bbox cannot wrap), so bbox reads near +-180 need an exact ``intersects`` after.
+    """
+    fs, root = fsspec.core.url_to_fs(directory)
+    tables: dict[str, dict[str, Any]] = {}
+    for name in sorted(files):
+        geo = json.loads((pq.read_metadata(posixpath.join(root, name), filesystem=fs).metadata or {})
+                         .get(b"geo", b"{}"))
+        column = geo.get("columns", {}).get(geo.get("primary_column", "geometry"), {})
+        entry = tables.setdefault("objects" if name.startswith("objects-") else "tiles",
+                                  {"files": 0, "bbox": None, "geometry_types": []})
+        entry["files"] += 1
+        entry["geometry_types"] = sorted({*entry["geometry_types"], *column.get("geometry_types", [])})
+        bbox = column.get("bbox")
+        if bbox and all(math.isfinite(v) for v in bbox):
+            old = entry["bbox"]
+            entry["bbox"] = bbox if old is None else [min(old[0], bbox[0]), min(old[1], bbox[1]),
+                                                      max(old[2], bbox[2]), max(old[3], bbox[3])]
+    return tables
+
+
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     """Write ``_manifest.json`` (sorted keys) into ``directory``."""
     fs, root = fsspec.core.url_to_fs(directory)

@@ -755,6 +755,7 @@ def run_region(
             status="complete",
             finished=datetime.now(UTC).isoformat(),
             files=sorted(fs_files),
+            geo=out.dataset_geo(staging, fs_files),
             counts={
                 "items_found": len(items),
                 "items_failed": len({f["item_id"] for f in s.failures if f["stage"] == "plan"}),

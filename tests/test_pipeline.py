@@ -132,6 +132,10 @@ def test_manifest_records_the_run(default_run):
                                   "total_seconds"}
     assert m["timings"]["infer_seconds_sum"] > 0
     assert sorted(p.name for p in default_run.iterdir() if p.suffix == ".parquet") == m["files"]
+    # the whole dataset's extent (a reader of the folder shows the first file's geo metadata only)
+    tiles = m["geo"]["tiles"]
+    assert tiles["files"] == len(m["files"]) and tiles["geometry_types"] == ["Polygon"] and "objects" not in m["geo"]
+    assert tiles["bbox"] == pytest.approx(list(gpd.read_parquet(default_run).total_bounds), abs=1e-12)
     # nothing half-written left beside the output
     assert not list(default_run.parent.glob(".*staging*"))
 

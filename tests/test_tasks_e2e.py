@@ -139,6 +139,8 @@ def test_detections_of_overlapping_tiles_merge_into_objects_no_larger_than_a_box
     assert (gdf[gdf["kind"] == "tile"]["object_count"] == 1).all()
     m = json.loads((merged / "_manifest.json").read_text())
     assert m["counts"]["objects_detected"] == len(all_objects) and m["counts"]["objects_written"] == len(objects)
+    assert m["geo"]["objects"]["bbox"] == pytest.approx(list(objects.total_bounds), abs=1e-12)
+    assert m["geo"]["tiles"]["bbox"] == pytest.approx(list(gdf[gdf["kind"] == "tile"].total_bounds), abs=1e-12)
 
 
 def test_a_rotated_box_keeps_its_rotation_on_the_map(ray_local, sample_catalog, fixed_box_model_dir, tmp_path):  # noqa: F811

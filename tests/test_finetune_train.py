@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from rsflow.errors import RequestError
-from rsflow.finetune.config import FinetuneConfig, load_config
+from rsflow.finetune.config import FinetuneConfig, check_config, load_config
 from rsflow.finetune.train import _collate, get_lr, read_steps, row_digest, run_finetune
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def _layout(base: Path) -> tuple[int, int, int]:
 
 def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, text_only: range = range(0),
                     seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image); the
+    """``n`` rows; the last ``failed`` are data-stage failures (``ok`` False, empty ids, black image, reason
+    ``tokenization_mismatch``); the
     first ``truncated`` are marked as cut by ``max_length`` (``PrepareBatch``'s ``truncated``); those in
     ``text_only`` have no image (``has_image`` False, no image span: mix665k's text conversations),
     and answer as if dark."""
@@ -54,7 +55,7 @@ def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, 
         if i >= n - failed:
             rows.append({"input_ids": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
                          "pixel_values": np.zeros((3, size, size), np.float32), "ok": False, "truncated": False,
-                         "has_image": True})
+                         "has_image": True, "reason": "tokenization_mismatch: label arithmetic does not match"})
             continue
         bright = bool(i % 2) and i not in text_only
         pixels = rng.normal(0.8 if bright else -0.8, 0.3, (3, size, size)).astype(np.float32)
@@ -65,7 +66,7 @@ def _synthetic_rows(base: Path, n: int, *, failed: int = 0, truncated: int = 0, 
         labels = ids.copy()
         labels[: len(ids) - len(answer)] = -100  # only the answer (and </s>) is supervised
         rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels * (i not in text_only), "ok": True,
-                     "truncated": i < truncated, "has_image": i not in text_only})
+                     "truncated": i < truncated, "has_image": i not in text_only, "reason": None})
     return rows
 
 
@@ -184,6 +185,8 @@ def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
         ({}, ["output=s3://bucket/runs"], "output", "is a URL: runs are stored in a folder"),
         ({}, ["output="], "output", "give the folder runs are stored in"),
         ({"output": "__FILE__/runs"}, [], "output", "is a file"),  # was a traceback 20 s in, after Ray started
+        # 16 image tokens + the v1 template leave no room for an answer token: every row failed in the workers
+        ({}, ["max_length=40"], "max_length", "40 cannot hold even a one-word sample of stage instruct"),
     ],
 )
 def test_bad_configs_fail_in_one_line_naming_the_key_before_any_worker(
@@ -263,6 +266,9 @@ def test_run_finetune_checks_lora_targets_before_launching(
         ({"use_gpu": True}, "use_gpu", "asks one GPU for each of 2 worker(s), and this Ray has room for 0"),
         ({"cpus_per_worker": 64.0}, "cpus_per_worker", "2 worker(s) of 64 CPUs do not fit this Ray"),
         ({"cpus_per_worker": 1.5}, "cpus_per_worker", "room for 1"),  # 3 CPUs in all, but 1.5 + 1.5 > 2
+        # the workers fit, but Ray Data's row-preparing actor (1 CPU) never gets one: it hung for ever
+        ({"cpus_per_worker": 1.0}, "cpus_per_worker",
+         "for the 1 data-preparation actor(s) that need 1 CPU each (--data-actors)"),
     ],
 )
 def test_workers_a_local_ray_cannot_place_are_refused_before_the_trainer_starts(
@@ -291,6 +297,213 @@ def test_workers_a_local_ray_cannot_place_are_refused_before_the_trainer_starts(
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
     with pytest.raises(AssertionError, match="TorchTrainer was built"):
         run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
+
+
+def test_a_base_in_the_llava_repository_format_is_told_to_convert_it(tmp_path: Path) -> None:
+    """transformers cannot read ``model_type: llava_llama``; its error said to upgrade transformers."""
+    base = tmp_path / "llava-v1.5-7b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu"}))
+    for stage in ("align", "instruct"):
+        with pytest.raises(RequestError, match=re.escape(f"convert it first with `rsflow convert {base} DST`")) as info:
+            check_config(FinetuneConfig(stage=stage, base=str(base), output=str(tmp_path / "runs")))
+        assert info.value.field == "base"
+        assert "--image-size 504 --projector" in str(info.value) and "upgrade" not in str(info.value)
+
+
+def test_max_length_is_checked_against_the_image_span_where_truncation_counts_it(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """GeoChat's 1296 image tokens with max_length 1024 and truncation 'expanded' made every row fail in
+    the workers; here the tiny base's 16 image tokens and its one-word shortest sample set the floor."""
+    from transformers import AutoTokenizer
+
+    from rsflow.finetune.data import PrepareBatch
+
+    def config(**kw: Any) -> FinetuneConfig:
+        return FinetuneConfig(base=str(tiny_model_dir), output=str(tmp_path / "runs"), **kw)
+
+    with pytest.raises(RequestError, match="with truncation 'expanded' it counts 16 image position") as info:
+        check_config(config(stage="align", max_length=17))
+    assert info.value.field == "max_length"
+    check_config(config(stage="align", max_length=18))
+    check_config(config(stage="align", max_length=17, truncation="text"))  # the image is one position there
+    # the floor is exact: one below it, the shortest sample keeps no supervised token
+    assert AutoTokenizer.from_pretrained(tiny_model_dir) is not None
+    prepare = PrepareBatch(str(tiny_model_dir), template="plain", max_length=17)
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    batch = {"id": np.array(["a"], object), "image_path": np.array([str(image)], object),
+             "conversations": np.array([json.dumps([{"from": "human", "value": "<image>\nA"},
+                                                    {"from": "gpt", "value": "A"}])], object)}
+    assert prepare(batch)["reason"][0].startswith("no_supervised_tokens")
+    prepare = PrepareBatch(str(tiny_model_dir), template="plain", max_length=18)
+    assert bool(prepare(batch)["ok"][0])
+
+
+def test_align_export_keeps_every_frozen_tensor_of_the_base_bit_for_bit(tmp_path: Path) -> None:
+    """With bf16 the training copy is bfloat16; export/model (stage 2's base, the region job's --model)
+    used to be that copy, every float16 weight of the base rounded. It must be the base's own tensors,
+    in the base's dtype, with only the projector replaced; the "before" checksums are the base's."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from rsflow.finetune.train import _build_model, _export_weights, _param_checksums
+    from rsflow.models.tiny import build_tiny_llava
+
+    base = build_tiny_llava(tmp_path / "base16", seed=1, dtype="float16")
+    config = FinetuneConfig(stage="align", base=str(base), output=str(tmp_path / "runs"), name="a16",
+                            use_gpu=True, bf16=True)  # the recipe's align.yaml; nothing here touches a GPU
+    before: dict[str, str] = {}
+    model = _build_model(config, before)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}  # the training copy is still bfloat16
+    # "before" is the base as stored (float16), not the rounded copy
+    assert before == _param_checksums(LlavaForConditionalGeneration.from_pretrained(base, dtype="auto"))
+    trained = {n: p.detach() + 0.25 for n, p in model.named_parameters() if p.requires_grad}
+    _export_weights(tmp_path / "export", model, trained, config)
+
+    ours, theirs = load_file(str(tmp_path / "export" / "model" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    projector = {k for k in theirs if "multi_modal_projector" in k}
+    assert len(projector) == 4
+    for key in sorted(set(theirs) - projector):
+        assert ours[key].dtype == theirs[key].dtype == torch.float16, key
+        assert torch.equal(ours[key], theirs[key]), key
+    for key in projector:  # the trained values, as projector.safetensors holds them
+        assert torch.equal(ours[key], trained[f"model.{key}"].float()), key
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export" / "model")
+    assert reloaded.dtype == torch.float16
+
+
+def test_param_checksums_after_are_the_bases_for_a_weight_training_left_alone() -> None:
+    from rsflow.finetune.train import _checksums_after
+
+    before = {"frozen": "f16", "proj": "p16"}  # the base's tensors, float16
+    loaded = {"frozen": "bf", "proj": "p32"}  # the training copy, bfloat16 / float32
+    assert _checksums_after(before, loaded, {"frozen": "bf", "proj": "p32-trained"}) == {
+        "frozen": "f16", "proj": "p32-trained"}
+    assert _checksums_after(before, loaded, {"frozen": "bf-moved", "proj": "p32"}) == {
+        "frozen": "bf-moved", "proj": "p16"}
+
+
+def test_failed_rows_are_counted_per_reason_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The data stage's reasons (tokenization mismatch, bad image, no supervised token) reached only a
+    DEBUG line inside the Ray Data actors and a per-step count; now per reason in steps.csv, a WARNING
+    on the driver and failed_rows.json, as the loader's skipped records are."""
+    import logging
+
+    from rsflow.finetune.train import _reason_codes, _reason_counts, _report_failed_rows, _step_row
+
+    rows = [{"ok": True, "reason": float("nan")}, {"ok": False, "reason": "tokenization_mismatch: 5 vs 7"},
+            {"ok": False, "reason": "image_decode_error: OSError: broken"}, {"ok": False},
+            {"ok": False, "reason": "no_supervised_tokens: max_length 16 cuts every answer token"}]
+    codes = _reason_codes()
+    counts = _reason_counts(rows, codes)
+    assert {c: n for c, n in zip(codes, counts, strict=True) if n} == {
+        "tokenization_mismatch": 1, "image_decode_error": 1, "no_supervised_tokens": 1, "other": 1}
+    sums = [0.0, 1.0, 0.0, 4.0, 0.0, *counts]
+    line = _step_row(1, 0, 8, 1.0, {"lora": 1e-4}, sums, 1, time.perf_counter(), codes)
+    assert line["failed_reasons"] == "image_decode_error:1;tokenization_mismatch:1;no_supervised_tokens:1;other:1"
+
+    config = FinetuneConfig(base="b", data="train.json", output=str(tmp_path), name="r")
+    config.run_dir.mkdir(parents=True)
+    steps = [{**{k: str(v) for k, v in line.items()}, "samples": "8"},
+             {"failed_rows": "2", "failed_reasons": "tokenization_mismatch:2", "samples": "16"},
+             {"failed_rows": "0", "failed_reasons": "", "samples": "24"}]
+    with caplog.at_level(logging.WARNING, logger="rsflow.finetune.train"):
+        got = _report_failed_rows(config, steps)
+    assert got == {"image_decode_error": 1, "no_supervised_tokens": 1, "other": 1, "tokenization_mismatch": 3}
+    assert "6 of 24 rows read failed in the data stage" in caplog.text
+    assert "tokenization_mismatch: 3" in caplog.text
+    report = json.loads((config.run_dir / "failed_rows.json").read_text())
+    assert (report["n_failed"], report["rows_read"], report["failed"]) == (6, 24, got)
+
+
+def test_a_relaunch_with_other_training_settings_is_refused_naming_both_values(
+    ray_local: Any, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relaunch restores the optimizer and scheduler state from the checkpoint: a new lr was not used
+    while every record claimed it, a new max_steps moved the schedule mid-run."""
+    import ray.train.torch
+
+    def no_trainer(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("TorchTrainer was built")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = _config(tiny_model_dir, tmp_path, "relaunch", max_steps=20)
+    with pytest.raises(AssertionError, match="TorchTrainer was built"):  # the first launch records its settings
+        run_finetune(config, None, num_rows=100)  # type: ignore[arg-type]
+    for changes, key, message in [
+        ({"lr": 1e-4}, "lr", "was started with lr 0.005, now 0.0001"),
+        ({"max_steps": 30}, "max_steps", "was started for 20 steps, now 30"),
+        ({"max_length": 4096}, "max_length", "was started with max_length 2048, now 4096"),
+        ({"lora_r": 8}, "lora_r", "was started with lora_r 4, now 8"),
+        ({"base": str(tmp_path)}, "base", f"now {str(tmp_path)!r}"),
+    ]:
+        if key == "base":  # check_config needs a LLaVA there
+            import shutil
+
+            shutil.copytree(tiny_model_dir, tmp_path / "other-base")
+            changes = {"base": str(tmp_path / "other-base")}
+            message = f"now {str(tmp_path / 'other-base')!r}"
+        with pytest.raises(RequestError, match=re.escape(message)) as info:
+            run_finetune(replace(config, **changes), None, num_rows=100)  # type: ignore[arg-type]
+        assert info.value.field == key
+    # what changes neither the rows nor the arithmetic may change
+    with pytest.raises(AssertionError, match="TorchTrainer was built"):
+        run_finetune(replace(config, checkpoint_every=3, max_failures=2), None, num_rows=100)  # type: ignore[arg-type]
+
+
+def test_run_folder_state_files_are_written_atomically_and_a_broken_one_is_named(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A crash while writing _done.json (or run_meta.json, ...) left truncated JSON, and every relaunch then
+    died in json.loads with a traceback."""
+    from rsflow.finetune import train as train_module
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "attempts.txt").write_text("1\n")
+    real_write_text = Path.write_text
+
+    def crash_half_way(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(Path, "write_text", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train_module._next_attempt(run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train_module._write_atomic(run_dir / "_done.json", json.dumps({"result": {"steps": 1}}))
+    monkeypatch.undo()
+    assert (run_dir / "attempts.txt").read_text() == "1\n"  # the old file, whole
+    assert not (run_dir / "_done.json").exists()
+    assert train_module._next_attempt(run_dir) == 2
+
+    # a truncated one (from before): one line naming the file, no traceback
+    (run_dir / "_done.json").write_text('{"config": {"lr": 0.')
+    config = _config(tiny_model_dir, tmp_path / "runs", "r")
+    with pytest.raises(RequestError, match="cannot be read .*delete it and relaunch") as info:
+        run_finetune(config, None)  # type: ignore[arg-type]
+    assert info.value.field == str(run_dir / "_done.json")
+    (run_dir / "_done.json").unlink()
+    (run_dir / "run_meta.json").write_text('{"rows": 1')
+    with pytest.raises(RequestError, match="cannot be read") as info:
+        train_module._check_relaunch(run_dir / "run_meta.json", {})
+    assert info.value.field == str(run_dir / "run_meta.json")
+    (run_dir / "_done.json").write_text("")
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    config_path = _write_yaml(tmp_path / "run.yaml", tiny_model_dir, data, name="r")
+    assert _finetune_cli().main(["--stage", "instruct", "--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"finetune: error: {run_dir / '_done.json'}: cannot be read")
 
 
 # ---------------------------------------------------------------------------------------------- Ray runs
@@ -401,6 +614,10 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
         assert sum(int(r["rows_digest"]) for r in in_epoch) == all_rows
         assert sum(int(r["failed_rows"]) for r in in_epoch) == 2
         assert sum(int(r["truncated_rows"]) for r in in_epoch) == 3
+    # the failed rows' reasons, all workers, every step once: in the result, the model card and a file
+    assert result.failed_rows == {"tokenization_mismatch": 4}
+    failed_report = json.loads((run_dir / "failed_rows.json").read_text())
+    assert (failed_report["n_failed"], failed_report["failed"]) == (4, {"tokenization_mismatch": 4})
 
     # the loss goes down on the learnable target
     losses = [float(r["loss"]) for r in steps]
@@ -433,6 +650,7 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
     assert (export / "llava_repo" / "adapter_model.bin").is_file()
     card = (run_dir / "MODEL_CARD.md").read_text()
     assert "40 (320 samples) in 2 attempt(s)" in card
+    assert "could not build (not trained on): tokenization_mismatch: 4" in card
     assert (run_dir / "loss.csv").read_text().count("\n") == 41
 
     # the restart changed nothing: an uninterrupted run (same rows, seeds and schedule) is identical

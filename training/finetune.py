@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_finetune(config, None)  # type: ignore[arg-type]  # a finished run needs no data
         else:
             dataset, rows = prepare_dataset(config, args.data_actors)
-            result = run_finetune(config, dataset, num_rows=rows)
+            result = run_finetune(config, dataset, num_rows=rows, data_actors=args.data_actors)
     except RequestError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return 2

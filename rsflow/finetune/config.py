@@ -408,6 +408,7 @@ def check_config(config: FinetuneConfig) -> None:
     base = Path(config.base).expanduser()
     if not (base / "config.json").is_file():
         raise RequestError("base", f"{base} is not a transformers model folder (no config.json)")
+    _check_base_format(base)
     if config.data and not Path(config.data).expanduser().exists():
         raise RequestError("data", f"{Path(config.data).expanduser()} does not exist (a JSON file, or Parquet)")
     if config.image_root and not Path(config.image_root).expanduser().is_dir():
@@ -418,6 +419,7 @@ def check_config(config: FinetuneConfig) -> None:
         raise RequestError("output", f"cannot store runs in {output}: {existing} is a file")
     if not os.access(existing, os.W_OK):
         raise RequestError("output", f"cannot store runs in {output}: {existing} is not writable")
+    _check_max_length(config, base)
     if config.stage == "instruct":
         names = language_model_linear_names(base)
         for target in config.lora_targets:
@@ -428,6 +430,75 @@ def check_config(config: FinetuneConfig) -> None:
                     f"{target!r} matches no linear layer of the language model in {base} "
                     f"(it has: {', '.join(leaves)})",
                 )
+
+
+def _check_base_format(base: Path) -> None:
+    """A base in a format ``rsflow convert`` turns into a transformers LLaVA is named as such: reading it
+    with transformers fails with "does not recognize this architecture ... upgrade transformers"
+    (``model_type: llava_llama``, the format of every published LLaVA/GeoChat checkpoint), which sends
+    the user the wrong way. Other folders are left to the checks that follow."""
+    from rsflow.models.formats import _has_mm_keys, _is_llava_repo_config, detect_format
+
+    try:
+        fmt = detect_format(base, flag="base")
+    except RequestError:  # e.g. a LLaVA-repo config whose weights are missing: still say what it is
+        try:
+            raw = json.loads((base / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # the transformers read below says what is wrong
+        if not isinstance(raw, dict) or raw.get("model_type") == "llava" or not (
+                _is_llava_repo_config(raw) or _has_mm_keys(raw)):
+            return
+        fmt = "llava-repo"
+    if fmt == "hf-llava":
+        return
+    how = {
+        "llava-repo": "a model in the original LLaVA repository's format",
+        "llava-repo-lora": "a LoRA adapter in the original LLaVA repository's format",
+        "peft": "a peft adapter, not a model",
+        "bare-lm": "a language model without a vision tower",
+    }.get(fmt, f"a {fmt!r} folder")
+    if fmt == "peft":
+        raise RequestError("base", f"{base} is {how}: give the transformers LLaVA it was trained on as base")
+    raise RequestError("base", (
+        f"{base} is {how}, not a transformers LLaVA: convert it first with `rsflow convert {base} DST` "
+        "(GeoChat's stage-2 base, LLaVA-v1.5-7B at 504 px with LLaVA's stage-1 projector: add "
+        "`--image-size 504 --projector mm_projector.bin`, see training/configs/geochat.yaml) and set base to DST"))
+
+
+def _check_max_length(config: FinetuneConfig, base: Path) -> None:
+    """``max_length`` must hold the shortest sample the stage's template can make: the template's own
+    tokens, the image span (counted when ``truncation`` is ``expanded``: ``(image_size / patch_size)^2``
+    features per image, 576 at 336 px, 1296 for GeoChat's 504 px) and one supervised token. Below that
+    every row of the run becomes ``no_supervised_tokens`` inside the Ray Data actors and the run starts a
+    cluster to fail there (GeoChat's 1296 image tokens with ``max_length: 1024`` and ``expanded``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rsflow.finetune.data import IGNORE_INDEX, _layout, tokenize_with_labels
+
+    try:
+        hf_config = AutoConfig.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        layout = _layout(hf_config, tokenizer, None)
+        template = "plain" if config.stage == "align" else "v1"
+        shortest = [{"from": "human", "value": "<image>\nA"}, {"from": "gpt", "value": "A"}]
+        sample = tokenize_with_labels(shortest, tokenizer, template=template, max_length=1 << 30,
+                                      image_token_id=layout.image_token_id, n_image_tokens=layout.n_image_tokens,
+                                      truncation=config.truncation)
+    except Exception as exc:  # noqa: BLE001 - no tokenizer or an odd config: the other checks and the data stage say
+        logger.debug("max_length not checked against %s: %s", base, exc)
+        return
+    first = next(k for k, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+    image = layout.n_image_tokens if config.truncation == "expanded" else 1
+    need = first + 1 - (layout.n_image_tokens - 1 if config.truncation == "text" else 0)
+    if config.max_length < need:
+        raise RequestError("max_length", (
+            f"{config.max_length} cannot hold even a one-word sample of stage {config.stage}: with truncation "
+            f"{config.truncation!r} it counts {image} image position(s) of {base} "
+            f"({layout.n_image_tokens} image tokens at {layout.image_size} px) and the template's tokens, "
+            f"{need} up to and with the first supervised one; every row would fail in the data stage "
+            "(no_supervised_tokens): raise max_length"
+            + (" (or use truncation: text, GeoChat's)" if config.truncation == "expanded" else "")))
 
 
 def language_model_linear_names(base: str | Path) -> list[str]:

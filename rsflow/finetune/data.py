@@ -98,6 +98,12 @@ TOKENIZATION_MISMATCH: Final[str] = "tokenization_mismatch"
 NO_SUPERVISED_TOKENS: Final[str] = "no_supervised_tokens"
 """Every answer token was cut by ``max_length``: the sample would contribute no loss."""
 
+ROW_REASONS: Final[tuple[str, ...]] = (
+    MALFORMED, BAD_TURNS, NO_IMAGE_TOKEN, EXTRA_IMAGE_TOKEN, NO_IMAGE, MISSING_IMAGE, IMAGE_DECODE_ERROR,
+    TOKENIZATION_MISMATCH, NO_SUPERVISED_TOKENS,
+)
+"""Every reason code a ``PrepareBatch`` row can fail with (the training loop counts rows per code)."""
+
 MAX_EXAMPLES: Final[int] = 20
 """Example ids kept per reason in a ``RecordReport``."""
 

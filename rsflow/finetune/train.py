@@ -30,9 +30,11 @@ Exactly-once, across worker failures and relaunches:
 Outputs of a finished run, under ``<output>/<name>/``: ``export/adapter/`` (peft
 ``save_pretrained``; stage instruct), ``export/projector.safetensors`` (the projector, transformers
 names), ``export/llava_repo/`` (the same in the LLaVA repository's format), ``MODEL_CARD.md``,
-``steps.csv``, ``loss.csv``, ``loss.png`` (when matplotlib is installed), ``param_checksums.json``
-(CRC-32 of every parameter before and after training: what changed is exactly what trained) and
-``_done.json``; Ray Train's ``checkpoint_*`` folders sit beside them.
+``steps.csv``, ``loss.csv``, ``loss.png`` (when matplotlib is installed), ``failed_rows.json`` (rows
+the data stage could not build, per reason), ``param_checksums.json`` (CRC-32 of every parameter before
+training, as the base stores it, and after: what changed is exactly what trained) and ``_done.json``;
+Ray Train's ``checkpoint_*`` folders sit beside them. The run-folder state files are written atomically
+(temporary file + ``os.replace``), and one that cannot be read is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -79,6 +81,7 @@ STEPS_COLUMNS: Final[tuple[str, ...]] = (
     "projector_lr",  # learning rate of the projector group (empty when it is frozen)
     "rows_digest",  # sum of row_digest over the step's rows, all workers
     "failed_rows",  # rows with ok == False in the step (no loss from them)
+    "failed_reasons",  # their reason codes, "code:count;..." (empty when none failed)
     "truncated_rows",  # rows max_length cut in the step (trained on what is left)
     "attempt",  # 1 for the first launch, +1 for every restart or relaunch
     "seconds",  # wall time of the step on rank 0
@@ -87,6 +90,15 @@ STEPS_COLUMNS: Final[tuple[str, ...]] = (
 
 PROJECTOR_KEY: Final[str] = "multi_modal_projector"
 """Name part of the LLaVA projector's parameters (transformers ``LlavaForConditionalGeneration``)."""
+
+FAILED_ROWS_FILE: Final[str] = "failed_rows.json"
+"""Per-reason totals of the rows the data stage could not build (``ok`` False), written by ``_finish``."""
+
+DATA_ACTOR_CPUS: Final[float] = 1.0
+"""Ray logical CPUs of each data-preparation actor (``prepare_dataset``), beside the workers'."""
+
+_OTHER_REASON = "other"
+"""Code of a failed row whose reason names no ``rsflow.finetune.data.ROW_REASONS`` code."""
 
 _STATE_FILE = "state.pt"
 _META_FILE = "run_meta.json"
@@ -126,6 +138,10 @@ class FinetuneResult:
 
     already_done: bool = False
     """True when the run had finished before this call and nothing was done."""
+
+    failed_rows: dict[str, int] = field(default_factory=dict)
+    """Rows the data stage could not build (``ok`` False, not trained on), per reason code, over all
+    steps (a row read in several epochs counts in each); empty when every row trained."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,12 +227,17 @@ def _collate(
 # model: load, freeze per stage
 
 
-def _build_model(config: FinetuneConfig) -> Any:
+def _build_model(config: FinetuneConfig, checksums: dict[str, str] | None = None) -> Any:
     """Load the base LLaVA and leave trainable exactly what the stage trains.
 
     The vision tower is always frozen. ``align``: only the projector. ``instruct``: peft LoRA on
     ``lora_targets`` inside the language model (+ the projector when ``train_projector``). Trainable
-    weights are float32; with ``bf16`` the frozen ones are bfloat16.
+    weights are float32; with ``bf16`` the frozen ones are bfloat16, else float32.
+
+    The base is read in its own dtype (float16 for the published models) and only then cast to the
+    training dtype, so that ``checksums`` (filled when given: ``_param_checksums`` of every parameter as
+    the base stores it, LoRA factors as initialised) is comparable with the base's files: casting
+    float16 to bfloat16 rounds, and a checksum of the cast copy says nothing about the base.
     """
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -224,7 +245,7 @@ def _build_model(config: FinetuneConfig) -> Any:
 
     hf_logging.disable_progress_bar()
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(config.base, dtype=dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(config.base, dtype="auto")
     model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
     model.config.text_config.use_cache = False
     model.requires_grad_(False)
@@ -251,9 +272,13 @@ def _build_model(config: FinetuneConfig) -> Any:
         for name, param in model.named_parameters():
             if PROJECTOR_KEY in name:
                 param.requires_grad_(True)
+    if checksums is not None:
+        checksums.update(_param_checksums(model))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+        elif not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)  # what from_pretrained(dtype=...) would have done
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -299,6 +324,16 @@ def _param_checksums(model: Any) -> dict[str, str]:
         data = param.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
         out[name] = f"{zlib.crc32(data.tobytes()):08x}"
     return out
+
+
+def _checksums_after(
+    before: Mapping[str, str], loaded: Mapping[str, str], now: Mapping[str, str]
+) -> dict[str, str]:
+    """``param_checksums.json``'s ``after``: a weight whose training copy is bit for bit what was loaded
+    (``loaded``: checksums of the copy in the training dtype, taken at the start of this launch) gets
+    its ``before`` (the base's tensor, in the base's dtype), so that "what changed is exactly what
+    trained" holds against the base's files; any other gets the checksum of its trained value."""
+    return {name: before.get(name, value) if loaded.get(name) == value else value for name, value in now.items()}
 
 
 def _wrap(model: Any, config: FinetuneConfig) -> Any:
@@ -385,10 +420,36 @@ def _write_pid(run_dir: Path, rank: int) -> None:
     (folder / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder and ``os.replace`` (as ``steps.csv``):
+    a crash mid-write leaves the previous file (or none), never a truncated one that every later
+    relaunch would trip over (DESIGN: no half-written file that a later run would trust)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_state(path: Path, parse: Any = json.loads) -> Any:
+    """A run-folder state file (``_done.json``, ``run_meta.json``, ``param_checksums.json``,
+    ``attempts.txt``) parsed with ``parse``; one that cannot be parsed (written by a version that did not
+    write atomically and crashed mid-write, or edited by hand) is a ``RequestError`` naming the file."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise RequestError(str(path), (
+            f"cannot be read ({type(exc).__name__}: {reason}); it was probably cut short while being written: "
+            "delete it and relaunch (the run resumes from its last checkpoint)")) from None
+
+
+def _parse_attempts(text: str) -> int:
+    return int(text.strip() or 0)
+
+
 def _next_attempt(run_dir: Path) -> int:
     path = run_dir / "attempts.txt"
-    attempt = int(path.read_text().strip() or 0) + 1 if path.is_file() else 1
-    path.write_text(f"{attempt}\n")
+    attempt = _read_state(path, _parse_attempts) + 1 if path.is_file() else 1
+    _write_atomic(path, f"{attempt}\n")
     return attempt
 
 
@@ -451,12 +512,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # -- model and optimizer ----------------------------------------------------------------------
     torch.manual_seed(config.seed)  # the same LoRA init on every rank (DDP also broadcasts rank 0's)
-    model = _build_model(config)
+    checksums_before: dict[str, str] = {}  # the base's tensors as stored (rank 0)
+    model = _build_model(config, checksums_before if master else None)
     llava = _llava_config(model)
     pad_id = llava.text_config.pad_token_id
     pad_id = int(pad_id) if pad_id is not None else 0
     image_token_id, image_tokens = int(llava.image_token_index), int(llava.image_seq_length)
-    checksums_before = _param_checksums(model) if master else {}
+    checksums_loaded = _param_checksums(model) if master else {}  # the training copy, before any step
     model = _wrap(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     projector = [p for n, p in model.named_parameters() if p.requires_grad and PROJECTOR_KEY in n]
@@ -470,7 +532,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = 0
         if master:
             _reset_steps_csv(run_dir, keep_through=0)
-            (run_dir / _CHECKSUMS_FILE).write_text(json.dumps({"before": checksums_before}, sort_keys=True))
+            _write_atomic(run_dir / _CHECKSUMS_FILE, json.dumps({"before": checksums_before}, sort_keys=True))
             logger.info("starting %s from scratch: %d steps of %d samples", config.name, total_steps,
                         config.global_batch)
     else:
@@ -496,11 +558,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: no all-reduce while accumulating
     pixel_dtype = _vision_dtype(model)
     micro_per_epoch = steps_per_epoch * config.grad_accum
+    reasons = _reason_codes()
+    n_sums = 5 + len(reasons)  # loss, supervised micro-batches, rows digest, failed rows, cut rows, per reason
     model.train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         skip = done_in_epoch * config.grad_accum  # this worker's micro-batches consumed before a restart
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, supervised micro-batches, rows digest, failed rows, cut rows
+        sums = torch.zeros(n_sums, dtype=torch.float64)
         micro = 0
         started = time.perf_counter()
         batches = shard.iter_batches(batch_size=config.per_worker_batch, batch_format="numpy", drop_last=True)
@@ -533,8 +597,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             digest = sum(row_digest(r["input_ids"]) for r in rows)
             failed = sum(not bool(r.get("ok", True)) for r in rows)
             cut = sum(bool(r.get("truncated", False)) for r in rows)
-            sums += torch.tensor([float(loss.detach()), float(supervised), float(digest), float(failed), float(cut)],
-                                 dtype=torch.float64)
+            sums += torch.tensor([float(loss.detach()), float(supervised), float(digest), float(failed), float(cut),
+                                  *_reason_counts(rows, reasons)], dtype=torch.float64)
             micro += 1
             if not last_micro:
                 continue
@@ -565,7 +629,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
             samples = step * config.global_batch
             if master:
-                row = _step_row(step, epoch, samples, loss_value, lrs, sums, attempt, started)
+                row = _step_row(step, epoch, samples, loss_value, lrs, sums, attempt, started, reasons)
                 _append_step(run_dir, row)
                 logger.info("step %d/%d epoch %d samples %d loss %.4f lr %s", step, total_steps, epoch,
                             samples, loss_value, row["lr"])
@@ -598,15 +662,52 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if master:
         _export_weights(run_dir / "export", _unwrap(model), model_state, config)
         checksums_path = run_dir / _CHECKSUMS_FILE
-        checksums = json.loads(checksums_path.read_text()) if checksums_path.is_file() else {}
-        checksums["after"] = _param_checksums(_unwrap(model))
-        checksums_path.write_text(json.dumps(checksums, sort_keys=True))
+        checksums = _read_state(checksums_path) if checksums_path.is_file() else {}
+        checksums.setdefault("before", checksums_before)
+        checksums["after"] = _checksums_after(checksums["before"], checksums_loaded, _param_checksums(_unwrap(model)))
+        _write_atomic(checksums_path, json.dumps(checksums, sort_keys=True))
         logger.info("finished %s at step %d", config.name, step)
+
+
+def _reason_codes() -> tuple[str, ...]:
+    """The per-reason slots of a step's sums: every ``PrepareBatch`` code, then ``_OTHER_REASON``."""
+    from rsflow.finetune.data import ROW_REASONS
+
+    return (*ROW_REASONS, _OTHER_REASON)
+
+
+def _reason_counts(rows: Sequence[Mapping[str, Any]], codes: Sequence[str]) -> list[float]:
+    """Failed rows (``ok`` False) of a micro-batch per code of ``codes`` (a missing or unknown reason
+    counts as the last, ``_OTHER_REASON``). Counted as numbers beside the step's other sums, so one
+    all-reduce totals them over the workers."""
+    from rsflow.finetune.data import reason_code
+
+    counts = [0.0] * len(codes)
+    for row in rows:
+        if not bool(row.get("ok", True)):
+            code = reason_code(row.get("reason"))
+            counts[codes.index(code) if code in codes else len(codes) - 1] += 1.0
+    return counts
+
+
+def _format_reasons(counts: Mapping[str, int]) -> str:
+    """``{"tokenization_mismatch": 2}`` -> ``"tokenization_mismatch:2"`` (``steps.csv`` ``failed_reasons``)."""
+    return ";".join(f"{code}:{n}" for code, n in counts.items() if n)
+
+
+def _parse_reasons(text: str | None) -> dict[str, int]:
+    """Inverse of ``_format_reasons`` (empty or missing: none)."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(";"):
+        code, sep, n = item.rpartition(":")
+        if sep and code:
+            out[code] = out.get(code, 0) + int(n)
+    return out
 
 
 def _step_row(
     step: int, epoch: int, samples: int, loss: float, lrs: Mapping[str, float], sums: Any, attempt: int,
-    started: float,
+    started: float, reasons: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One ``steps.csv`` line (``STEPS_COLUMNS``)."""
     lr = lrs["lora"] if "lora" in lrs else lrs["projector"]
@@ -619,6 +720,7 @@ def _step_row(
         "projector_lr": f"{lrs['projector']:.6g}" if "projector" in lrs else "",
         "rows_digest": int(sums[2]),
         "failed_rows": int(sums[3]),
+        "failed_reasons": _format_reasons({code: int(sums[5 + k]) for k, code in enumerate(reasons)}),
         "truncated_rows": int(sums[4]),
         "attempt": attempt,
         "seconds": f"{time.perf_counter() - started:.3f}",
@@ -654,19 +756,35 @@ def _export_weights(
             projector[_projector_name(name)] = tensor.detach().to("cpu").contiguous()
     save_file(projector, str(export_dir / "projector.safetensors"))
     if config.stage == "align":
-        _export_model(export_dir / "model", model, config)
+        _export_model(export_dir / "model", projector, config)
 
 
-def _export_model(model_dir: Path, model: Any, config: FinetuneConfig) -> None:
+def _export_model(model_dir: Path, projector: Mapping[str, Any], config: FinetuneConfig) -> None:
     """Stage 1's result as a complete transformers LLaVA folder (the base with the aligned projector):
     the ``base`` of stage 2, and what ``--model`` loads in the region job (stage 2's adapter then goes
-    on top with ``--adapter``). Processor, tokenizer and ``rsflow.json`` come from the base."""
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model.config.use_cache = True
-    model.config.text_config.use_cache = True
+    on top with ``--adapter``). Processor, tokenizer and ``rsflow.json`` come from the base.
+
+    Every weight but the projector is the base's own tensor, bit for bit and in the base's dtype: the
+    base is read again (on CPU, in its stored dtype) rather than saving the training copy, whose frozen
+    weights are bfloat16 with ``bf16`` (float16 rounded: LLaVA's stage 1 saves only the projector and
+    stage 2 starts from the original float16 language model). The projector (``projector``: transformers
+    names, as in ``projector.safetensors``) is stored as trained, float32; loaders cast it with the rest.
+    """
+    from transformers import LlavaForConditionalGeneration
+
     from rsflow.models.formats import save_llava_hf
 
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(config.base, dtype="auto")
+    params = dict(model.named_parameters())
+    missing = sorted(set(projector) - set(params))
+    if missing:
+        raise RuntimeError(f"the base {config.base} has no parameter {missing[0]} (projector names changed?)")
+    for name, tensor in projector.items():
+        params[name].data = tensor.detach().to("cpu").clone()
+    model.config.use_cache = True
+    model.config.text_config.use_cache = True
     save_llava_hf(model, model_dir)  # the published checkpoints' tensor names: --engine vllm loads it too
     base = Path(config.base)
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -739,13 +857,14 @@ def prepare_dataset(config: FinetuneConfig, data_actors: int = 1) -> tuple[ray.d
         fn_constructor_kwargs={"model_dir": config.base, "template": template, "max_length": config.max_length,
                                "truncation": config.truncation},
         compute=ray.data.ActorPoolStrategy(size=data_actors),
+        num_cpus=DATA_ACTOR_CPUS,  # what check_cluster_fits counts
         batch_size=max(1, config.per_worker_batch),
     )
     return dataset, len(items)
 
 
 def run_finetune(
-    config: FinetuneConfig, dataset: ray.data.Dataset, *, num_rows: int | None = None
+    config: FinetuneConfig, dataset: ray.data.Dataset, *, num_rows: int | None = None, data_actors: int = 1
 ) -> FinetuneResult:
     """Fine-tune on Ray Train; resume a run that stopped; do nothing for a run that finished.
 
@@ -756,12 +875,15 @@ def run_finetune(
             same rows in the same order every time it runs (it is run again after a failure):
             shuffle the records, seeded, before preparing them; no unseeded shuffle here.
         num_rows: rows in ``dataset`` when known (else ``dataset.count()`` runs the dataset once).
+        data_actors: Ray Data actors preparing the rows (``prepare_dataset``), each holding
+            ``DATA_ACTOR_CPUS`` beside the workers (``check_cluster_fits``).
 
     Returns:
         What the run produced (``already_done`` when it had finished before).
 
     Raises:
-        RequestError: bad config, too few rows for one step, a relaunch with a different batch layout.
+        RequestError: bad config, too few rows for one step, a relaunch with a different batch layout
+            or training setting, a run-folder state file that cannot be read.
         ray.train.TrainingFailedError: the run failed more than ``max_failures`` times.
     """
     import ray.data
@@ -773,13 +895,13 @@ def run_finetune(
     run_dir = config.run_dir
     done_path = run_dir / DONE_MARKER
     if done_path.is_file():
-        done = json.loads(done_path.read_text())
+        done = _read_state(done_path)
         differs = sorted(k for k, v in config.to_dict().items() if done.get("config", {}).get(k) != v)
         logger.warning("run %s already finished (%s): nothing to do%s", config.name, done_path,
                        f"; the config given differs in {', '.join(differs)}" if differs else "")
         return FinetuneResult(**{**done["result"], "duration_seconds": 0.0, "already_done": True})
 
-    check_cluster_fits(config)
+    check_cluster_fits(config, data_actors)
     rows = int(num_rows) if num_rows is not None else dataset.count()
     steps_per_epoch = rows // config.workers // config.per_worker_batch // config.grad_accum
     if steps_per_epoch < 1:
@@ -789,10 +911,13 @@ def run_finetune(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     meta = {"rows": rows, "workers": config.workers, "global_batch": config.global_batch,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": config.seed,
-            "shuffle": config.shuffle}
+            "shuffle": config.shuffle, "settings": {k: config.to_dict()[k] for k in RELAUNCH_SETTINGS}}
     _check_relaunch(run_dir / _META_FILE, meta)
+    for name in (_CHECKSUMS_FILE, "attempts.txt"):  # read by the workers: refuse a broken one here, in one line
+        if (run_dir / name).is_file():
+            _read_state(run_dir / name, _parse_attempts if name.endswith(".txt") else json.loads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _write_atomic(run_dir / _META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     # Ray Train's default ingest options (the driver's DataContext) + preserve_order: the same rows
     # reach the same worker in the same order on every start. (Copied rather than rebuilt with
@@ -825,14 +950,18 @@ def run_finetune(
     return _finish(config, checkpoint, time.perf_counter() - started, meta)
 
 
-def check_cluster_fits(config: FinetuneConfig) -> None:
-    """The training workers' resources against the Ray this run uses, before any worker starts.
+def check_cluster_fits(config: FinetuneConfig, data_actors: int = 1) -> None:
+    """The training workers' and the data-preparation actors' resources against the Ray this run uses,
+    before any worker starts.
 
     On a Ray this process runs on its own (no ``RAY_ADDRESS`` and no ``ray start`` cluster on the
     machine, or ``RAY_ADDRESS=local``) nothing can join later, and Ray Train would wait for ever for a
     worker that cannot be placed (``use_gpu: true`` without a GPU, ``cpus_per_worker: 64`` on 2 CPUs):
-    that is refused. On a cluster (``ray job submit`` sets ``RAY_ADDRESS``; a ``ray start``/``ray up``
-    head) an autoscaler may add the nodes, so a shortfall is only logged.
+    that is refused. So is a layout whose workers fit but leave no whole CPU for the ``data_actors``
+    actors of ``prepare_dataset`` (``DATA_ACTOR_CPUS`` each; ``workers: 2, cpus_per_worker: 1`` on 2
+    CPUs): the workers start, Ray Data waits for a CPU that never frees, and the run hangs with no error.
+    On a cluster (``ray job submit`` sets ``RAY_ADDRESS``; a ``ray start``/``ray up`` head) an autoscaler
+    may add the nodes, so a shortfall is only logged.
 
     Raises:
         RequestError: ``use_gpu`` or ``cpus_per_worker`` (or ``workers``) that the local Ray cannot place.
@@ -843,19 +972,31 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
         ray.init()  # what Ray Data and Ray Train would start on first use (RAY_ADDRESS when set)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     gpus = 1.0 if config.use_gpu else 0.0
-    placeable = sum(
-        min(int(node.get("CPU", 0.0) // config.cpus_per_worker),
-            int(node.get("GPU", 0.0) // gpus) if gpus else config.workers)
-        for node in nodes
-    )
-    if placeable >= config.workers:
+    fits = [min(int(node.get("CPU", 0.0) // config.cpus_per_worker),
+                int(node.get("GPU", 0.0) // gpus) if gpus else config.workers) for node in nodes]
+    placeable = sum(fits)
+    # the workers' placement group is made first; the actors then take whole CPUs from what is left
+    left, actor_room = config.workers, 0
+    for node, fit in zip(nodes, fits, strict=True):
+        taken = min(fit, left)
+        left -= taken
+        actor_room += int((node.get("CPU", 0.0) - taken * config.cpus_per_worker + 1e-9) // DATA_ACTOR_CPUS)
+    if placeable >= config.workers and actor_room >= data_actors:
         return
     from rsflow.pipeline import starts_local_ray
 
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
     all_gpus = sum(node.get("GPU", 0.0) for node in nodes)
     have = f"{len(nodes)} node(s), {cpus:g} CPUs, {all_gpus:g} GPUs"
-    if gpus and all_gpus < config.workers:
+    if placeable >= config.workers:
+        key = "cpus_per_worker"
+        spare = (cpus - data_actors * DATA_ACTOR_CPUS) / config.workers
+        reason = (f"{config.workers} worker(s) of {config.cpus_per_worker:g} CPUs leave {actor_room} whole CPU(s) "
+                  f"of this Ray ({have}) for the {data_actors} data-preparation actor(s) that need "
+                  f"{DATA_ACTOR_CPUS:g} CPU each (--data-actors), and Ray Data would wait for ever: lower "
+                  "cpus_per_worker" + (f" (e.g. {math.floor(spare * 10) / 10:g})" if spare >= 0.1 else "")
+                  + " or workers")
+    elif gpus and all_gpus < config.workers:
         key = "use_gpu"
         reason = (f"asks one GPU for each of {config.workers} worker(s), and this Ray has room for {placeable} "
                   f"({have}): set use_gpu: false or run on a cluster with GPUs")
@@ -870,11 +1011,27 @@ def check_cluster_fits(config: FinetuneConfig) -> None:
     raise RequestError(key, reason)
 
 
+RELAUNCH_SETTINGS: Final[tuple[str, ...]] = (
+    "stage", "base", "data", "lr", "projector_lr", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm",
+    "max_length", "truncation", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_projector", "bf16",
+)
+"""Config keys a relaunch must keep (``run_meta.json`` ``settings``): a resumed run restores the
+optimizer's and the scheduler's state (each group's peak ``lr`` included) and the trainable weights from
+its checkpoint, so a new value would not be used while the model card, the checkpoints' ``config.json``
+and ``_done.json`` claimed it (``lr``), would move the schedule mid-run (``max_steps``/``epochs``, checked
+as ``total_steps``), or would put the weights on another model or other rows (``base``, ``data``,
+``lora_*``, ``max_length``). Keys that change neither the rows nor the arithmetic may change:
+``checkpoint_every``, ``keep_checkpoints``, ``max_failures``, ``cpus_per_worker``, ``use_gpu``,
+``gradient_checkpointing``, ``strategy``, ``image_root`` (the same images, elsewhere)."""
+
+
 def _check_relaunch(meta_path: Path, meta: Mapping[str, Any]) -> None:
-    """A resumed run must split and order its rows as before, or rows would be skipped or repeated."""
+    """A resumed run must split and order its rows as before, or rows would be skipped or repeated, and
+    keep every ``RELAUNCH_SETTINGS`` key (a ``run_meta.json`` written before they were recorded has no
+    ``settings``: only the batch layout is checked then)."""
     if not meta_path.is_file():
         return
-    before = json.loads(meta_path.read_text())
+    before = _read_state(meta_path)
     for key in ("rows", "workers", "global_batch", "steps_per_epoch", "seed", "shuffle"):
         if before.get(key) != meta[key]:
             raise RequestError(
@@ -882,6 +1039,18 @@ def _check_relaunch(meta_path: Path, meta: Mapping[str, Any]) -> None:
                 f"run {meta_path.parent} was started with {key} {before.get(key)}, now {meta[key]}; "
                 "resuming would change which rows are skipped: keep it, or use a new name",
             )
+    if "total_steps" in before and before["total_steps"] != meta["total_steps"]:
+        raise RequestError("max_steps", (
+            f"run {meta_path.parent} was started for {before['total_steps']} steps, now {meta['total_steps']} "
+            "(max_steps, or epochs x steps per epoch); resuming would jump the learning-rate schedule mid-run: "
+            "keep it, or use a new name"))
+    settings = before.get("settings")
+    for key in RELAUNCH_SETTINGS if isinstance(settings, dict) else ():
+        if key in settings and settings[key] != meta["settings"][key]:
+            raise RequestError(key, (
+                f"run {meta_path.parent} was started with {key} {settings[key]!r}, now {meta['settings'][key]!r}; "
+                "resuming continues from its checkpoint (weights, optimizer and schedule state), so the new "
+                "value would not be what trained: keep it, or use a new name"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,6 +1064,7 @@ def _finish(
     export_dir = run_dir / "export"
     steps = read_steps(run_dir)
     _write_loss_files(run_dir, steps)
+    failed = _report_failed_rows(config, steps)
     exported = _export_llava_repo(config, export_dir)
     result = FinetuneResult(
         run_dir=str(run_dir),
@@ -906,13 +1076,41 @@ def _finish(
         checkpoint=checkpoint,
         attempts=len({row["attempt"] for row in steps}),
         duration_seconds=round(seconds, 3),
+        failed_rows=failed,
     )
     _write_model_card(run_dir / "MODEL_CARD.md", config, result, steps, meta, exported)
     done = {"config": config.to_dict(), "result": asdict(result), "finished_at": time.time()}
-    (run_dir / DONE_MARKER).write_text(json.dumps(done, indent=2, sort_keys=True) + "\n")
+    _write_atomic(run_dir / DONE_MARKER, json.dumps(done, indent=2, sort_keys=True) + "\n")
     logger.info("run %s done: %d steps, final loss %s, outputs in %s", config.name, result.steps,
                 result.final_loss, export_dir)
     return result
+
+
+def _report_failed_rows(config: FinetuneConfig, steps: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Rows the data stage could not build, per reason, from ``steps.csv`` (which holds every step once,
+    across restarts): logged at WARNING and written to ``failed_rows.json`` in the run folder, as the
+    records a loader skips are (``RecordReport``), because inside the Ray Data actors the reasons are only
+    logged at DEBUG and a tokenizer whose round arithmetic is off would otherwise drop every multi-turn
+    sample of a run that still "succeeds"."""
+    by_reason: dict[str, int] = {}
+    for row in steps:
+        for code, n in _parse_reasons(row.get("failed_reasons")).items():
+            by_reason[code] = by_reason.get(code, 0) + n
+    n_failed = sum(int(row.get("failed_rows") or 0) for row in steps)
+    if n_failed > sum(by_reason.values()):  # lines written before the reasons were counted
+        by_reason[_OTHER_REASON] = by_reason.get(_OTHER_REASON, 0) + n_failed - sum(by_reason.values())
+    by_reason = dict(sorted(by_reason.items()))
+    rows_read = int(steps[-1]["samples"]) if steps else 0
+    report = {"source": f"{config.data or '(dataset given in code)'}: the data stage (PrepareBatch)",
+              "rows_read": rows_read, "n_failed": n_failed, "failed": by_reason,
+              "note": "rows with ok == False, not trained on; a row read in several epochs counts in each; "
+                      "per step in steps.csv (failed_rows, failed_reasons)"}
+    _write_atomic(config.run_dir / FAILED_ROWS_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if n_failed:
+        logger.warning("%s: %d of %d rows read failed in the data stage and were not trained on (%s); see %s",
+                       config.name, n_failed, rows_read, ", ".join(f"{k}: {v}" for k, v in by_reason.items()),
+                       config.run_dir / FAILED_ROWS_FILE)
+    return by_reason
 
 
 def _write_loss_files(run_dir: Path, steps: Sequence[Mapping[str, str]]) -> None:
@@ -998,6 +1196,9 @@ def _write_model_card(
         f"- Steps: {result.steps} ({result.samples} samples) in {result.attempts} attempt(s); "
         f"loss {first:.4f} at step 1, {last:.4f} "
         "at the end (`loss.csv`, `steps.csv`).",
+        "- Rows the data stage could not build (not trained on): "
+        + (", ".join(f"{k}: {v}" for k, v in result.failed_rows.items()) if result.failed_rows else "none")
+        + f" (`{FAILED_ROWS_FILE}`).",
         f"- Wall time of the last launch: {result.duration_seconds:.1f} s.",
         "",
         "## Files",

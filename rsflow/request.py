@@ -756,6 +756,38 @@ def _probe_writable(output: str) -> None:
         raise RequestError("--output", f"cannot write to {output}: {type(exc).__name__}: {reason}") from None
 
 
+def _check_remote_output(output: str, *, overwrite: bool, resume: bool) -> None:
+    """An object-store ``output`` that already holds files is refused before the run, as a local one is:
+    it was only found at the commit, after the whole area had been read and inferred (a RayJob retried
+    after a partial run redid hours of GPU work, then failed). ``--overwrite`` replaces an rsflow dataset
+    only (one with ``_manifest.json``); ``--resume`` continues it.
+
+    Raises:
+        RequestError: (``--output`` / ``--overwrite``) as above, or the listing failed.
+    """
+    import fsspec
+
+    from rsflow.output import MANIFEST_NAME
+
+    try:
+        fs, path = fsspec.core.url_to_fs(output)
+        try:
+            held = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            held = []
+    except Exception as exc:  # noqa: BLE001 - any storage failure means the same thing to the user
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise RequestError("--output", f"cannot list {output}: {type(exc).__name__}: {reason}") from None
+    if not held or resume:
+        return
+    if not overwrite:
+        raise RequestError("--output", f"{output} already holds files; choose a new prefix, pass --overwrite "
+                                       "to replace an rsflow dataset, or --resume it")
+    if not any(str(h).rstrip("/").rsplit("/", 1)[-1] == MANIFEST_NAME for h in held):
+        raise RequestError("--overwrite", f"replaces an rsflow dataset only, and {output} holds other files "
+                                          f"(no {MANIFEST_NAME})")
+
+
 def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: str | None = None,
                   probe: bool = True) -> str:
     """The output directory, checked: a local one must not be a file, must be empty unless ``overwrite``
@@ -783,6 +815,7 @@ def _check_output(output: str, overwrite: bool, *, resume: bool = False, stac: s
                                            f"{output.rstrip('/')}/region-run (a run stages beside its output)")
         if probe:
             _probe_writable(output.rstrip("/"))
+            _check_remote_output(output.rstrip("/"), overwrite=overwrite, resume=resume)
         return output.rstrip("/")
     path = Path(output.removeprefix("file://")).expanduser()
     if path.exists() and not path.is_dir():

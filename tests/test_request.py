@@ -294,6 +294,17 @@ def test_output_checks(tmp_path, monkeypatch):
     assert not [p for p in fsspec.filesystem("memory").find("/bucket") if ".probe-" in p]  # its probe is gone
     with pytest.raises(RequestError, match=r"^--output: https:// is read-only"):
         _req(tmp_path, output="https://example.com/results")
+    # an object-store output that holds files is refused before the run (it was found only at the commit,
+    # after the whole area was inferred: a retried RayJob redid hours of GPU work, then failed)
+    memfs = fsspec.filesystem("memory")
+    memfs.pipe_file("/bucket/held/part-00000.parquet", b"x")
+    with pytest.raises(RequestError, match=r"^--output: memory://bucket/held already holds files; .*--resume"):
+        _req(tmp_path, output="memory://bucket/held")
+    with pytest.raises(RequestError, match=r"^--overwrite: replaces an rsflow dataset only, .*no _manifest.json"):
+        _req(tmp_path, output="memory://bucket/held", overwrite=True)
+    memfs.pipe_file("/bucket/held/_manifest.json", b"{}")
+    assert _req(tmp_path, output="memory://bucket/held", overwrite=True).output == "memory://bucket/held"
+    memfs.rm("/bucket/held", recursive=True)
     # an object store that cannot be written: one line before the search, not a traceback mid-run
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "pipe_file",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError("AccessDenied: no credentials")))

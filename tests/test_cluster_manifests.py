@@ -18,10 +18,10 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import os
 import re
 import shlex
 import shutil
-import os
 import subprocess
 import tomllib
 from collections.abc import Iterator

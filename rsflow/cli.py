@@ -204,6 +204,12 @@ def region_arguments() -> argparse.ArgumentParser:
         help="custom Ray resources every model actor asks for, e.g. rsflow_gpu_node=0.001; "
         "'none' for none (default auto: rsflow_gpu_node=0.001 when the cluster has it)",
     )
+    run.add_argument(
+        "--require-gpu", action="store_true",
+        help="model actors ask for one GPU each even when none has joined the cluster yet, and wait for the "
+        "autoscaler to add GPU nodes (default: run the model on CPU, with a warning, when the job starts "
+        "without GPUs)",
+    )
     run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started on "
                      "this machine, else a new local Ray; 'local': a new local Ray)")
     run.add_argument(
@@ -297,6 +303,7 @@ def _run_region(args: argparse.Namespace) -> int:
         max_model_actors=args.max_model_actors,
         read_resources=args.read_resources,
         model_resources=args.model_resources,
+        require_gpu=args.require_gpu,
         allow_host=args.allow_host,
         max_tiles=args.max_tiles,
         resume=bool(args.resume),

@@ -705,7 +705,7 @@ def run_region(
                                 read_max=plan.read_max, resources=plan.read_resources)
             ds = (add_vllm_stage if request.engine == "vllm" else add_model_stage)(
                 ds, spec=spec, prompts=prompts, region_adapter=use.get("region-caption"), actors=plan.min_actors,
-                max_actors=plan.max_actors, gpus=plan.gpus, resources=plan.model_resources,
+                max_actors=plan.max_actors, gpus=plan.gpus or plan.actor_gpus, resources=plan.model_resources,
             )
             ds = ds.map_batches(interpret_batch, batch_format="pandas", fn_kwargs={"classes": inputs.classes},
                                 batch_size=interpret_batch_rows(spec, call_tiles * len(prompts)))

@@ -13,7 +13,10 @@ nothing extra when none does (a laptop, a cluster without kinds). ``--read-resou
 Planning and reads always ask for one CPU and never for a GPU.
 
 Model actors. Each asks for one GPU when the cluster has GPUs when the job starts, else runs on
-one CPU (with a warning). The pool is Ray Data's autoscaling ``ActorPoolStrategy(min_size,
+one CPU (with a warning). ``--require-gpu`` makes each ask for one GPU whatever the cluster holds at the
+start: where none has joined yet (``ray up`` returns with the head alone; a GPU pod being rescheduled),
+the actors wait for one, and that demand is what makes Ray's autoscaler add GPU nodes; without it such a
+run keeps a 7B model on CPU for its whole length. The pool is Ray Data's autoscaling ``ActorPoolStrategy(min_size,
 max_size)``: ``--min-model-actors`` (default 1) to ``--max-model-actors`` (default: the GPUs
 present, at least 1); a maximum above the GPUs present lets the pool grow onto GPU nodes the
 cluster's autoscaler adds. ``--model-actors N`` is a fixed pool of N.
@@ -107,6 +110,8 @@ class StagePlacement:
     """Smallest model-actor pool (default 1)."""
     max_model_actors: int | None = None
     """Largest model-actor pool (default: the GPUs present when the job starts, at least 1)."""
+    require_gpu: bool = False
+    """Model actors ask for one GPU each even when no GPU has joined the cluster yet (they wait for one)."""
 
     def __post_init__(self) -> None:
         for name in ("min_model_actors", "max_model_actors"):
@@ -126,6 +131,7 @@ class StagePlacement:
             "model_resources": "auto" if self.model_resources is None else dict(self.model_resources),
             "min_model_actors": self.min_model_actors,
             "max_model_actors": self.max_model_actors,
+            "require_gpu": self.require_gpu,
         }
 
 
@@ -134,7 +140,7 @@ class ClusterPlan:
     """How the region job's stages are placed and sized on one cluster."""
 
     gpus: int
-    """GPUs in the cluster when the job starts (0: the model runs on CPU)."""
+    """GPUs in the cluster when the job starts (0: the model runs on CPU, unless ``wait_for_gpus``)."""
     min_actors: int
     """Model actors the pool starts with and keeps."""
     max_actors: int
@@ -145,13 +151,21 @@ class ClusterPlan:
     """Custom Ray resources each planning and read task asks for (besides one CPU)."""
     model_resources: dict[str, float]
     """Custom Ray resources each model actor asks for (besides one GPU, or one CPU without GPUs)."""
+    wait_for_gpus: bool = False
+    """No GPU yet, and ``--require-gpu``: the model actors ask for one each and wait for the autoscaler."""
+
+    @property
+    def actor_gpus(self) -> int:
+        """GPUs each model actor asks for: 1 where the cluster has GPUs or the run waits for them, else 0."""
+        return 1 if self.gpus or self.wait_for_gpus else 0
 
     def to_json(self) -> dict[str, Any]:
         """The plan as plain JSON (for the run manifest)."""
         return {
             "gpus": self.gpus,
             "model_actors": {"min": self.min_actors, "max": self.max_actors},
-            "model_actor_gpus": 1 if self.gpus else 0,
+            "model_actor_gpus": self.actor_gpus,
+            "wait_for_gpus": self.wait_for_gpus,
             "read_max": self.read_max,
             "read_resources": dict(self.read_resources),
             "model_resources": dict(self.model_resources),
@@ -201,6 +215,7 @@ def plan_cluster(
     if model_actors is not None and (placement.min_model_actors or placement.max_model_actors):
         raise RequestError("--model-actors", "is a fixed pool; give it or --min/--max-model-actors, not both")
     gpus = int(sum(n.get("GPU", 0) for n in nodes))
+    waiting = placement.require_gpu and gpus == 0
     if model_actors is not None:
         low = high = model_actors
     else:
@@ -210,7 +225,7 @@ def plan_cluster(
     model_resources = _resolve(placement.model_resources, GPU_NODE_RESOURCE, nodes, "--model-resources")
     read_nodes = [n for n in nodes if _fits(n, read_resources)]
     read_cpus = int(sum(n.get("CPU", 0) for n in read_nodes))
-    shared = not gpus and any(_fits(n, model_resources) for n in read_nodes)
+    shared = not gpus and not placement.require_gpu and any(_fits(n, model_resources) for n in read_nodes)
     actor_cpus = low * model_cpus if shared else 0.0
     if shared and read_cpus and read_cpus - actor_cpus < 1:
         flag = "--model-actors" if model_actors is not None else "--min-model-actors"
@@ -220,15 +235,19 @@ def plan_cluster(
             f"reading tiles; use at most {max(1, int((read_cpus - 1) // max(model_cpus, 1e-9)))} here",
         )
     all_cpus = int(sum(n.get("CPU", 0) for n in nodes))
-    if not gpus and all_cpus and low > all_cpus:  # each actor is a process (the no-op model's ask no CPU)
+    if not gpus and not placement.require_gpu and all_cpus and low > all_cpus:  # each actor is a process
         flag = "--model-actors" if model_actors is not None else "--min-model-actors"
         raise RequestError(flag, f"{low} model actors without a GPU on a cluster of {all_cpus} CPUs; use at most "
                                  f"{all_cpus}")
     read_max = read_workers or max(1, int(read_cpus - actor_cpus))
-    if gpus == 0:
-        logger.warning("no GPU in the Ray cluster: the model runs on CPU")
+    if waiting:
+        logger.warning("--require-gpu: no GPU in the Ray cluster yet; the %d model actor(s) wait for the autoscaler "
+                       "to add GPU nodes (reads go on meanwhile)", low)
+    elif gpus == 0:
+        logger.warning("no GPU in the Ray cluster: the model runs on CPU (--require-gpu waits for one instead)")
     return ClusterPlan(
         gpus=gpus,
+        wait_for_gpus=waiting,
         min_actors=low,
         max_actors=high,
         read_max=read_max,

@@ -878,6 +878,7 @@ def parse_request(
     max_model_actors: int | None = None,
     read_resources: str | None = None,
     model_resources: str | None = None,
+    require_gpu: bool = False,
     allow_host: list[str] | tuple[str, ...] = (),
     max_tiles: int = 100_000,
     resume: bool = False,
@@ -988,6 +989,7 @@ def parse_request(
     placement = StagePlacement(
         read_resources=parse_resources(read_resources, "--read-resources"),
         model_resources=parse_resources(model_resources, "--model-resources"),
+        require_gpu=bool(require_gpu),
         min_model_actors=min_model_actors,
         max_model_actors=max_model_actors,
     )

@@ -145,3 +145,39 @@ def test_more_cpu_model_actors_than_cpus_are_refused_even_for_the_no_op_model():
     with pytest.raises(RequestError, match=r"^--model-actors: 1024 model actors without a GPU on a cluster of 2 CPUs"):
         plan_cluster(nodes, StagePlacement(), model_actors=1024, model_cpus=0.0)
     assert plan_cluster(nodes, StagePlacement(), model_actors=2, model_cpus=0.0).min_actors == 2
+
+
+def test_require_gpu_waits_for_gpu_nodes_instead_of_running_the_model_on_cpu(caplog):
+    """`ray up` returns with the head alone, and a GPU pod may be rescheduled: a job that started then kept
+    its model on CPU for its whole length (a 7B model in fp32 ran out of memory there). With --require-gpu
+    the actors ask for a GPU each and wait: that demand is what makes Ray's autoscaler add GPU nodes."""
+    with caplog.at_level(logging.WARNING, logger="rsflow.placement"):
+        plan = plan_cluster([HEAD, CPU_NODE], StagePlacement(require_gpu=True, max_model_actors=4))
+    assert plan.gpus == 0 and plan.wait_for_gpus and plan.actor_gpus == 1
+    assert (plan.min_actors, plan.max_actors) == (1, 4)
+    assert plan.read_max == 8  # the actors will not share the CPU node: reads keep all its CPUs
+    assert plan.to_json()["model_actor_gpus"] == 1 and plan.to_json()["wait_for_gpus"] is True
+    assert "--require-gpu: no GPU in the Ray cluster yet" in caplog.text
+    # a laptop with CPUs only: the CPU-actor limits do not apply (the actors do not run there)
+    assert plan_cluster([LAPTOP], StagePlacement(require_gpu=True), model_actors=3).actor_gpus == 1
+    # GPUs present: as without the flag
+    present = plan_cluster([HEAD, GPU_NODE], StagePlacement(require_gpu=True))
+    assert present.gpus == 1 and not present.wait_for_gpus and present.actor_gpus == 1
+    without = plan_cluster([HEAD, CPU_NODE], StagePlacement())
+    assert without.actor_gpus == 0 and not without.wait_for_gpus
+
+
+def test_require_gpu_is_a_flag_and_a_monitor_key(tmp_path):
+    from rsflow.cli import build_parser
+    from rsflow.monitor.config import load_monitor_config
+
+    args = build_parser().parse_args(["region", "--require-gpu"])
+    assert args.require_gpu is True and build_parser().parse_args(["region"]).require_gpu is False
+    config = tmp_path / "m.yaml"
+    base = ("name: m\naoi: {bbox: [12.0, 41.0, 12.1, 41.1]}\nstac: sample\ntasks: {tasks: [caption]}\n"
+            "model: {model: noop}\noutput: out\n")
+    config.write_text(base + "require_gpu: true\n")
+    assert load_monitor_config(config).request.placement.require_gpu is True
+    config.write_text(base + "require_gpu: 'yes'\n")
+    with pytest.raises(RequestError, match=r"^require_gpu: must be true or false"):
+        load_monitor_config(config)

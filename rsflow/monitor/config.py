@@ -80,6 +80,7 @@ TOP_KEYS = (
     "model",
     "model_actors",
     "read_workers",
+    "require_gpu",
     "merge_iou",
     "output",
     "retry",
@@ -138,6 +139,7 @@ _FLAG_TO_KEY = {
     "--batch-size": "model.batch_size",
     "--model-actors": "model_actors",
     "--read-workers": "read_workers",
+    "--require-gpu": "require_gpu",
     "adapters": "tasks.adapters",
 }
 
@@ -323,6 +325,7 @@ def parse_monitor_config(
             model=model,
             model_actors=wholes["model_actors"],
             read_workers=wholes["read_workers"],
+            require_gpu=_flag_value(doc.get("require_gpu"), "require_gpu"),
         )
     except RequestError as exc:
         raise as_config_error(exc) from None
@@ -557,6 +560,15 @@ def _number(value: Any, key: str) -> float | None:
     if not finite:  # YAML's .nan and .inf: NaN fails every comparison, so range checks miss it
         raise RequestError(key, f"must be a finite number, got {str(value)[:40]!r}")
     return float(value)
+
+
+def _flag_value(value: Any, key: str) -> bool:
+    """A yes/no key: ``true``/``false`` (YAML booleans), absent meaning no."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(key, f"must be true or false, got {value!r}")
+    return value
 
 
 def _whole(value: Any, key: str) -> int | None:

@@ -157,43 +157,44 @@ def geometry_keys(wkb: Any) -> np.ndarray:
 
 
 def write_geoparquet(table: pa.Table, path: str, filesystem: Any = None) -> None:
-    """Write result rows (``WRITTEN_SCHEMA``: WKB ``geometry`` in EPSG:4326) as one GeoParquet 1.1 file.
-
-    geopandas builds the GeoParquet metadata (PROJJSON CRS, geometry types, bbox covering column);
-    the Arrow types of the other columns are kept exactly, so every file of a dataset has the same
-    schema even where a column is all null in one file.
-    """
+    """Write result rows (``WRITTEN_SCHEMA``: WKB ``geometry`` in EPSG:4326) as one GeoParquet 1.1 file
+    (:func:`geoparquet_table`); the Arrow types of the other columns are kept exactly, so every file of a
+    dataset has the same schema even where a column is all null in one file."""
     table = table.select(WRITTEN_SCHEMA.names).cast(WRITTEN_SCHEMA)
     df = table.drop(["geometry"]).to_pandas(types_mapper=pd.ArrowDtype)
     geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
-    # Exterior rings counter-clockwise (and holes clockwise), as GeoParquet's `orientation` declares below
-    # and RFC 7946 asks: a tile footprint reprojected from a grid whose axes are flipped, or an object
-    # polygon from pixel rows that run down, can come out clockwise.
-    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
-    gdf = gpd.GeoDataFrame(df, geometry=gpd.GeoSeries(geoms, crs="EPSG:4326").values, crs="EPSG:4326")
-    arrow = _geoarrow_table(gdf)
-    # geopandas' own pandas metadata would name ArrowDtype list types that pandas cannot read back.
+    arrow = geoparquet_table(gpd.GeoDataFrame(df, geometry=gpd.GeoSeries(geoms, crs="EPSG:4326").values,
+                                              crs="EPSG:4326"))
+    pq.write_table(arrow, path, compression="zstd", row_group_size=50_000, filesystem=filesystem)
+
+
+def geoparquet_table(gdf: gpd.GeoDataFrame) -> pa.Table:
+    """``gdf`` as the Arrow table of a GeoParquet 1.1 file: geopandas builds the ``geo`` metadata (PROJJSON
+    CRS, geometry types, the bbox covering column), with three changes.
+
+    - Exterior rings counter-clockwise (holes clockwise), declared as ``orientation``, as RFC 7946 asks: a
+      footprint reprojected from a grid whose axes are flipped, or an object polygon from pixel rows that
+      run down, can come out clockwise.
+    - A row without a geometry (missing or empty) has a null bbox: it "MUST NOT contain a bounding box
+      value" (GeoParquet 1.1), and geopandas writes a struct of four nulls, which ``bbox IS NULL`` misses.
+    - No pandas metadata: geopandas' names ArrowDtype list types that pandas cannot read back.
+    """
+    from geopandas.io.arrow import _geopandas_to_arrow  # the table geopandas' to_parquet writes
+
+    geoms = shapely.orient_polygons(np.asarray(gdf.geometry.array, dtype=object), exterior_cw=False)
+    gdf = gdf.set_geometry(gpd.GeoSeries(geoms, crs=gdf.crs, index=gdf.index))
+    arrow = _geopandas_to_arrow(gdf, index=False, schema_version="1.1.0", write_covering_bbox=True)
     meta = {k: v for k, v in (arrow.schema.metadata or {}).items() if k != b"pandas"}
     geo = json.loads(meta[b"geo"])
-    geo["columns"]["geometry"]["orientation"] = "counterclockwise"
+    geo["columns"][geo["primary_column"]]["orientation"] = "counterclockwise"
     meta[b"geo"] = json.dumps(geo).encode()
-    # A row without a geometry "MUST NOT contain a bounding box value" (GeoParquet 1.1): geopandas writes
-    # a struct of four nulls there, which a `bbox IS NULL` filter does not see.
-    no_geometry = pa.array(shapely.is_missing(geoms))
+    no_geometry = pa.array(shapely.is_missing(geoms) | shapely.is_empty(geoms))
     if no_geometry.true_count:
         boxes = arrow.column("bbox").combine_chunks()
         fields = [boxes.field(i) for i in range(boxes.type.num_fields)]
         boxes = pa.StructArray.from_arrays(fields, fields=list(boxes.type), mask=no_geometry)
         arrow = arrow.set_column(arrow.schema.get_field_index("bbox"), "bbox", boxes)
-    pq.write_table(
-        arrow.replace_schema_metadata(meta), path, compression="zstd", row_group_size=50_000, filesystem=filesystem
-    )
-
-
-def _geoarrow_table(gdf: gpd.GeoDataFrame) -> pa.Table:
-    from geopandas.io.arrow import _geopandas_to_arrow  # the table geopandas' to_parquet writes
-
-    return _geopandas_to_arrow(gdf, index=False, schema_version="1.1.0", write_covering_bbox=True)
+    return arrow.replace_schema_metadata(meta)
 
 
 @dataclass

@@ -278,6 +278,10 @@ def test_an_edit_of_the_change_rules_rebuilds_the_changes_without_waiting_for_a_
     ensure_changes_report(edited, load_ledger(str(out), edited.name))
     rules = json.loads(pq.read_schema(out / CHANGES_NAME).metadata[b"rsflow:change_rules"])
     assert rules["min_count_change"] == 7
+    # written as the results are (rsflow.output.geoparquet_table): rings counter-clockwise, declared
+    geo = json.loads(pq.read_schema(out / CHANGES_NAME).metadata[b"geo"])
+    assert geo["columns"]["geometry"]["orientation"] == "counterclockwise" and b"pandas" not in pq.read_schema(
+        out / CHANGES_NAME).metadata
 
 
 def test_results_are_geoparquet_partitioned_by_date_without_duplicates(scenario):

@@ -391,13 +391,15 @@ def test_geoparquet_rings_are_counterclockwise_and_a_row_without_geometry_has_no
 
     clockwise = shapely.Polygon([(0, 0), (0, 1), (1, 1), (1, 0)])
     rows = [{"geometry": shapely.to_wkb(clockwise)}, {"geometry": None},
-            {"geometry": shapely.to_wkb(shapely.MultiPolygon([clockwise, box(3, 3, 4, 4)]))}]
+            {"geometry": shapely.to_wkb(shapely.MultiPolygon([clockwise, box(3, 3, 4, 4)]))},
+            {"geometry": shapely.to_wkb(shapely.from_wkt("POLYGON EMPTY"))}]
     path = tmp_path / "rows.parquet"
     write_geoparquet(pa.Table.from_pylist(rows, schema=WRITTEN_SCHEMA), str(path))
     table = pq.read_table(path)
     assert json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]["orientation"] == "counterclockwise"
-    assert table.column("bbox").to_pylist()[1] is None and table.column("bbox").null_count == 1
+    assert table.column("bbox").to_pylist()[1] is None and table.column("bbox").to_pylist()[3] is None
+    assert table.column("bbox").null_count == 2
     assert table.column("bbox").to_pylist()[0] == {"xmin": 0.0, "ymin": 0.0, "xmax": 1.0, "ymax": 1.0}
     back = gpd.read_parquet(path)
-    assert all(shapely.is_ccw(p.exterior) for g in back.geometry.dropna() for p in shapely.get_parts(g))
+    assert all(shapely.is_ccw(p.exterior) for g in back.geometry.dropna() if not g.is_empty for p in shapely.get_parts(g))
     assert len(gpd.read_parquet(path, bbox=(0.2, 0.2, 0.5, 0.5))) == 2

@@ -979,7 +979,7 @@ def changes_parquet_bytes(changes: pd.DataFrame, run_id: str, *, rules: str | No
     change rules they were computed with."""
     import geopandas as gpd
 
-    from rsflow.output import _geoarrow_table
+    from rsflow.output import geoparquet_table
 
     frame = changes.copy()
     for col in ("before_datetime", "after_datetime"):
@@ -996,7 +996,7 @@ def changes_parquet_bytes(changes: pd.DataFrame, run_id: str, *, rules: str | No
     gdf = gpd.GeoDataFrame(
         frame.drop(columns=["geometry"]), geometry=gpd.GeoSeries(list(frame["geometry"]), crs="EPSG:4326")
     )
-    arrow = _geoarrow_table(gdf)
+    arrow = geoparquet_table(gdf)
     target = {c: pa.string() for c in text_cols}
     target |= {c: pa.timestamp("us", tz="UTC") for c in ("before_datetime", "after_datetime")}
     target |= {c: pa.float64() for c in ("before_count", "after_count")}

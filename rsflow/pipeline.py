@@ -64,7 +64,7 @@ from rsflow.models.spec import (
     resolve_prompt_format,
 )
 from rsflow.models.vllm_engine import add_vllm_stage, check_vllm_available, check_vllm_spec
-from rsflow.placement import StagePlacement, plan_cluster
+from rsflow.placement import ClusterPlan, StagePlacement, plan_cluster
 from rsflow.plan import item_datetime, plan_tiles, plan_units, tile_offsets
 from rsflow.read import GDAL_REMOTE_OPTIONS, configure_gdal, read_blocks
 from rsflow.request import RegionRequest, search_geometry
@@ -298,14 +298,31 @@ def _cluster_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _cluster_shape(model_actors: int | None, read_workers: int | None) -> tuple[int, int, int]:
+def _cluster_shape(model_actors: int | None, read_workers: int | None, *, require_gpu: bool = False,
+                   address: str | None = None) -> tuple[int, int, int]:
     """``(gpus, model actors, read task limit)`` for the connected Ray cluster: one model actor per GPU
-    (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave free."""
+    (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave free.
+    ``require_gpu``: as ``--require-gpu`` (:func:`refuse_waiting_on_own_ray`)."""
     plan = plan_cluster(
-        _cluster_nodes(), StagePlacement(read_resources=(), model_resources=()),
+        _cluster_nodes(), StagePlacement(read_resources=(), model_resources=(), require_gpu=require_gpu),
         model_actors=model_actors, read_workers=read_workers,
     )
-    return plan.gpus, plan.max_actors, plan.read_max
+    refuse_waiting_on_own_ray(plan, address)
+    return plan.gpus or plan.actor_gpus, plan.max_actors, plan.read_max
+
+
+def refuse_waiting_on_own_ray(plan: ClusterPlan, address: str | None) -> None:
+    """A plan whose model actors would wait for GPUs (``--require-gpu``) on a Ray this process started
+    itself, which no node can ever join: they would wait for ever (Ray Data waits for an actor's
+    resources without a limit).
+
+    Raises:
+        RequestError: (``--require-gpu``) as above.
+    """
+    if plan.wait_for_gpus and starts_local_ray(address):
+        raise RequestError("--require-gpu", "this machine has no GPU, and the local Ray this run starts can never "
+                                            "gain one: run on a cluster with GPU nodes (--address), or leave "
+                                            "--require-gpu out to run the model on CPU")
 
 
 def _configured(ds: Any) -> Any:
@@ -472,6 +489,7 @@ def infer_images(
     model_actors: int | None = None,
     read_workers: int | None = None,
     address: str | None = None,
+    require_gpu: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Images from files through the region job's infer stage; yields the model rows batch by batch.
 
@@ -499,7 +517,8 @@ def infer_images(
     if not rows:
         return
     _ensure_ray(address)
-    gpus, actors, read_max = _cluster_shape(model_actors, read_workers)
+    gpus, actors, read_max = _cluster_shape(model_actors, read_workers,
+                                            require_gpu=require_gpu and spec.model != NOOP_MODEL, address=address)
     ds = _configured(ray.data.from_items(list(rows)))
     ds = ds.map_batches(
         read_image_batch,
@@ -672,7 +691,9 @@ def run_region(
             plan = plan_cluster(
                 _cluster_nodes(), request.placement, model_actors=request.model_actors,
                 read_workers=request.read_workers, model_cpus=model_actor_cpus(spec),
+                model_needs_gpu=spec.model != NOOP_MODEL,
             )
+            refuse_waiting_on_own_ray(plan, address)
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])
             call_tiles = read_batch_tiles(tile_spec.size_px, per_unit)

@@ -196,6 +196,7 @@ def plan_cluster(
     model_actors: int | None = None,
     read_workers: int | None = None,
     model_cpus: float = 1.0,
+    model_needs_gpu: bool = True,
 ) -> ClusterPlan:
     """Place and size the stages for a cluster (see the module docstring for the rules).
 
@@ -206,6 +207,8 @@ def plan_cluster(
         read_workers: most read tasks at once (``--read-workers``); default: the CPUs of the nodes
             reads may use, less the CPUs of the model actors where CPU-only model actors share those nodes.
         model_cpus: CPUs a model actor asks for without GPUs (the no-op model asks for none).
+        model_needs_gpu: False for the no-op model, whose actors never ask for a GPU (``require_gpu``
+            does not apply to it).
 
     Raises:
         RequestError: ``--model-actors`` together with ``--min-model-actors``/``--max-model-actors``;
@@ -215,7 +218,7 @@ def plan_cluster(
     if model_actors is not None and (placement.min_model_actors or placement.max_model_actors):
         raise RequestError("--model-actors", "is a fixed pool; give it or --min/--max-model-actors, not both")
     gpus = int(sum(n.get("GPU", 0) for n in nodes))
-    waiting = placement.require_gpu and gpus == 0
+    waiting = placement.require_gpu and model_needs_gpu and gpus == 0
     if model_actors is not None:
         low = high = model_actors
     else:
@@ -225,7 +228,7 @@ def plan_cluster(
     model_resources = _resolve(placement.model_resources, GPU_NODE_RESOURCE, nodes, "--model-resources")
     read_nodes = [n for n in nodes if _fits(n, read_resources)]
     read_cpus = int(sum(n.get("CPU", 0) for n in read_nodes))
-    shared = not gpus and not placement.require_gpu and any(_fits(n, model_resources) for n in read_nodes)
+    shared = not gpus and not waiting and any(_fits(n, model_resources) for n in read_nodes)
     actor_cpus = low * model_cpus if shared else 0.0
     if shared and read_cpus and read_cpus - actor_cpus < 1:
         flag = "--model-actors" if model_actors is not None else "--min-model-actors"
@@ -235,14 +238,16 @@ def plan_cluster(
             f"reading tiles; use at most {max(1, int((read_cpus - 1) // max(model_cpus, 1e-9)))} here",
         )
     all_cpus = int(sum(n.get("CPU", 0) for n in nodes))
-    if not gpus and not placement.require_gpu and all_cpus and low > all_cpus:  # each actor is a process
+    if not gpus and not waiting and all_cpus and low > all_cpus:  # each actor is a process
         flag = "--model-actors" if model_actors is not None else "--min-model-actors"
         raise RequestError(flag, f"{low} model actors without a GPU on a cluster of {all_cpus} CPUs; use at most "
                                  f"{all_cpus}")
     read_max = read_workers or max(1, int(read_cpus - actor_cpus))
     if waiting:
         logger.warning("--require-gpu: no GPU in the Ray cluster yet; the %d model actor(s) wait for the autoscaler "
-                       "to add GPU nodes (reads go on meanwhile)", low)
+                       "to add GPU nodes (reads go on meanwhile)%s", low,
+                       "" if high > low else f"; the pool stays at {low} actor(s): give --max-model-actors N to "
+                       "grow onto more GPU nodes as they join")
     elif gpus == 0:
         logger.warning("no GPU in the Ray cluster: the model runs on CPU (--require-gpu waits for one instead)")
     return ClusterPlan(

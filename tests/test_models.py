@@ -369,7 +369,7 @@ def test_adapter_is_merged_and_changes_logits(tiny_model_dir: Path, tiny_adapter
 
 
 @pytest.mark.parametrize(("config", "expected"), [
-    ({"dtype": "bfloat16"}, torch.bfloat16),  # rsflow's finetuning exports
+    ({"dtype": "bfloat16"}, torch.bfloat16),  # a checkpoint saved in bfloat16
     ({"torch_dtype": "float16"}, torch.float16),  # the published LLaVA-1.5 / GeoChat / RS-LLaVA weights
     ({"text_config": {"torch_dtype": "bfloat16"}}, torch.bfloat16),
     ({"dtype": "float32"}, torch.float16),

@@ -165,6 +165,27 @@ def test_require_gpu_waits_for_gpu_nodes_instead_of_running_the_model_on_cpu(cap
     assert present.gpus == 1 and not present.wait_for_gpus and present.actor_gpus == 1
     without = plan_cluster([HEAD, CPU_NODE], StagePlacement())
     assert without.actor_gpus == 0 and not without.wait_for_gpus
+    # the no-op model's actors never ask for a GPU: the flag does not apply
+    noop = plan_cluster([HEAD, CPU_NODE], StagePlacement(require_gpu=True), model_cpus=0.0, model_needs_gpu=False)
+    assert noop.actor_gpus == 0 and not noop.wait_for_gpus
+    # a pool that cannot grow is said so
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rsflow.placement"):
+        plan_cluster([HEAD, CPU_NODE], StagePlacement(require_gpu=True))
+    assert "give --max-model-actors N to grow onto more GPU nodes" in caplog.text
+
+
+def test_require_gpu_on_a_ray_this_run_starts_itself_is_refused(monkeypatch):
+    """No node can join a local Ray this process starts: the actors would wait for a GPU for ever (Ray Data
+    waits for an actor's resources without a limit)."""
+    from rsflow import pipeline
+
+    waiting = plan_cluster([LAPTOP], StagePlacement(require_gpu=True))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RequestError, match=r"^--require-gpu: this machine has no GPU, and the local Ray"):
+        pipeline.refuse_waiting_on_own_ray(waiting, "local")
+    pipeline.refuse_waiting_on_own_ray(waiting, "ray://head:10001")  # a cluster: its autoscaler may add one
+    pipeline.refuse_waiting_on_own_ray(plan_cluster([LAPTOP], StagePlacement()), "local")  # not waiting
 
 
 def test_require_gpu_is_a_flag_and_a_monitor_key(tmp_path):

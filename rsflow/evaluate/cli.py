@@ -65,6 +65,9 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output instead of resuming")
     r.add_argument("--model-actors", type=_whole, help="model actors (default: one per GPU, else 1)")
     r.add_argument("--read-workers", type=_whole, help="max image read tasks (default: CPUs left)")
+    r.add_argument("--require-gpu", action="store_true",
+                   help="model actors wait for a GPU node instead of running on CPU when none has joined yet "
+                        "(as the region job's --require-gpu)")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a cluster `ray start` started "
                    "on this machine, else a new local Ray; 'local': a new local Ray)")
     return p
@@ -101,6 +104,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         model_actors=args.model_actors,
         read_workers=args.read_workers,
+        require_gpu=args.require_gpu,
     )
     result = run_eval(config, address=args.address)
     c = result.counts

@@ -137,6 +137,8 @@ class EvalConfig:
     """``--model-actors`` (default: one per GPU, else 1)."""
     read_workers: int | None = None
     """``--read-workers`` (default: the CPUs the actors leave)."""
+    require_gpu: bool = False
+    """``--require-gpu``: model actors wait for a GPU node rather than run on CPU when none has joined yet."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data.strip():
@@ -356,7 +358,7 @@ def _infer(
     done: dict[str, dict[str, Any]] = {}
     part = 0
     for batch in infer_images(rows, spec=config.model, model_actors=config.model_actors,
-                              read_workers=config.read_workers, address=address):
+                              read_workers=config.read_workers, address=address, require_gpu=config.require_gpu):
         n = len(batch["prompt_key"])
         records = [{k: batch[k][i] for k in batch} for i in range(n)]
         preds = [

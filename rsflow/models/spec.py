@@ -273,7 +273,7 @@ def resolve_model_dir(spec: ModelSpec) -> str:
 
 def gpu_auto_dtype(model_dir: str) -> str:
     """What ``--dtype auto`` runs a checkpoint in on a GPU: ``"bfloat16"`` where its ``config.json`` says
-    the weights are bfloat16 (rsflow's own finetuning exports), else ``"float16"``.
+    the weights are bfloat16, else ``"float16"`` (rsflow's stage-1 export keeps its base's dtype).
 
     The published LLaVA-1.5, GeoChat and RS-LLaVA weights are float16, and their evaluations ran in float16
     (reference models.md 5.5.6): bfloat16 keeps 3 fewer mantissa bits, so it re-rounds every weight, and a

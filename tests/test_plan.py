@@ -173,7 +173,7 @@ def test_the_footprint_of_a_tile_that_holds_a_pole_is_the_cap_round_it(crs, boun
 ])
 def test_the_footprint_of_a_tile_with_the_pole_on_its_corner_or_edge_is_the_tile(crs, bounds):
     """The pole's vertex has no longitude of its own (pyproj gives the central meridian), and an edge through
-    the pole jumps 180 degrees: such footprints were the whole polar cap (469 of 1,600 points around the
+    the pole jumps 180 degrees: such footprints were the whole polar cap (469 of 1,240 points around the
     tile wrongly inside) or missed a wedge of the tile."""
     foot = footprint_4326(bounds, crs)
     assert foot.is_valid and all(shapely.is_ccw(p.exterior) for p in shapely.get_parts(foot))

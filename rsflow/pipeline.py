@@ -49,7 +49,7 @@ import shapely
 from shapely.geometry import mapping
 
 from rsflow import output as out
-from rsflow.errors import RequestError
+from rsflow.errors import RequestError, SourceError
 from rsflow.georef import region_to_box
 from rsflow.hrefs import HrefPolicy, HrefRefused, redact
 from rsflow.interpret import interpret_batch
@@ -733,7 +733,17 @@ def run_region(
             # Rows land in the staging parts as their tasks finish (with a model, a block at a time; with the
             # no-op model, 512 rows or more), one file per task: a killed run keeps them for --resume.
             parts_sink = out.RawPartsSink(parts_dir)
-            ds.write_datasink(parts_sink)
+            if plan.wait_for_gpus:  # Ray Data waits for an actor's resources without a limit by default
+                ds.context.wait_for_min_actors_s = REQUIRE_GPU_WAIT_SECONDS
+            try:
+                ds.write_datasink(parts_sink)
+            except ray.exceptions.GetTimeoutError as exc:
+                if not plan.wait_for_gpus:
+                    raise
+                raise SourceError(
+                    f"--require-gpu: no GPU node joined the Ray cluster within {REQUIRE_GPU_WAIT_SECONDS} s, "
+                    "so no model actor could start; check the cluster's GPU node group and autoscaler "
+                    "(`ray status`), then run it again") from exc
             manifest["rows_run_now"] = int(parts_sink.rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):
@@ -963,6 +973,11 @@ def tiles_per_block(size_px: int, *, model: bool = True) -> int:
     if model:
         return _MODEL_TILES_PER_BLOCK
     return max(8, min(1024, _BLOCK_PIXELS // max(1, size_px) ** 2))
+
+REQUIRE_GPU_WAIT_SECONDS = 3600
+"""How long the model actors of a ``--require-gpu`` run that started without GPUs wait for a GPU node
+(Ray Data's ``wait_for_min_actors_s``, which holds the whole run until they are up) before the run
+stops, naming the flag: a GPU node group that cannot grow would otherwise leave the run waiting for ever."""
 
 _DRIVER_SORT_ROWS = 100_000
 """Result rows up to which the final pass sorts in the driver: about 100 MB of Arrow, plus one file

@@ -15,7 +15,8 @@ Planning and reads always ask for one CPU and never for a GPU.
 Model actors. Each asks for one GPU when the cluster has GPUs when the job starts, else runs on
 one CPU (with a warning). ``--require-gpu`` makes each ask for one GPU whatever the cluster holds at the
 start: where none has joined yet (``ray up`` returns with the head alone; a GPU pod being rescheduled),
-the actors wait for one, and that demand is what makes Ray's autoscaler add GPU nodes; without it such a
+the actors wait for one (the run starts once one is up, and stops after an hour without one:
+``rsflow.pipeline.REQUIRE_GPU_WAIT_SECONDS``), and that demand is what makes Ray's autoscaler add GPU nodes; without it such a
 run keeps a 7B model on CPU for its whole length. The pool is Ray Data's autoscaling ``ActorPoolStrategy(min_size,
 max_size)``: ``--min-model-actors`` (default 1) to ``--max-model-actors`` (default: the GPUs
 present, at least 1); a maximum above the GPUs present lets the pool grow onto GPU nodes the
@@ -245,7 +246,7 @@ def plan_cluster(
     read_max = read_workers or max(1, int(read_cpus - actor_cpus))
     if waiting:
         logger.warning("--require-gpu: no GPU in the Ray cluster yet; the %d model actor(s) wait for the autoscaler "
-                       "to add GPU nodes (reads go on meanwhile)%s", low,
+                       "to add GPU nodes (the run starts once one is up)%s", low,
                        "" if high > low else f"; the pool stays at {low} actor(s): give --max-model-actors N to "
                        "grow onto more GPU nodes as they join")
     elif gpus == 0:

@@ -478,3 +478,23 @@ def test_resume_of_a_committed_run_carries_its_rows_as_one_part_with_each_tile_c
     table = pq.read_table(part).to_pylist()
     assert sorted(r["tile_id"] for r in table if r["_primary"]) == ["A", "B", "C", "D"]
     assert len(table) == 12
+
+
+def test_require_gpu_stops_naming_the_flag_when_no_gpu_node_joins(
+    ray_local: Any, sample_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """On a cluster whose GPU group cannot grow, --require-gpu's model actors waited for ever (Ray Data
+    waits for an actor's resources without a limit). The run now stops after its wait, in one line naming
+    the flag (exit 5), before any tile was read. The test's local Ray stands for such a cluster."""
+    from rsflow import pipeline
+    from rsflow.errors import EXIT_UNAVAILABLE
+
+    monkeypatch.setattr(pipeline, "starts_local_ray", lambda address=None: False)  # as if joined to a cluster
+    monkeypatch.setattr(pipeline, "REQUIRE_GPU_WAIT_SECONDS", 2)
+    out = tmp_path / "out"
+    rc = main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", "-75.70,37.650,-75.69,37.655",
+               *FLAGS, "--require-gpu", "--output", str(out)])
+    assert rc == EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert "could not start: --require-gpu: no GPU node joined the Ray cluster within 2 s" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.staging*"))  # nothing was read: nothing kept

@@ -299,16 +299,24 @@ def _cluster_nodes() -> list[dict[str, float]]:
 
 
 def _cluster_shape(model_actors: int | None, read_workers: int | None, *, require_gpu: bool = False,
-                   address: str | None = None) -> tuple[int, int, int]:
-    """``(gpus, model actors, read task limit)`` for the connected Ray cluster: one model actor per GPU
-    (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave free.
-    ``require_gpu``: as ``--require-gpu`` (:func:`refuse_waiting_on_own_ray`)."""
+                   address: str | None = None) -> tuple[int, int, int, bool]:
+    """``(gpus, model actors, read task limit, waiting for GPUs)`` for the connected Ray cluster: one model
+    actor per GPU (at least one) unless ``model_actors`` says otherwise; reads on the CPUs the actors leave
+    free. ``require_gpu``: as ``--require-gpu`` (:func:`refuse_waiting_on_own_ray`)."""
     plan = plan_cluster(
         _cluster_nodes(), StagePlacement(read_resources=(), model_resources=(), require_gpu=require_gpu),
         model_actors=model_actors, read_workers=read_workers,
     )
     refuse_waiting_on_own_ray(plan, address)
-    return plan.gpus or plan.actor_gpus, plan.max_actors, plan.read_max
+    return plan.gpus or plan.actor_gpus, plan.max_actors, plan.read_max, plan.wait_for_gpus
+
+
+def gpu_wait_expired() -> SourceError:
+    """The error of a ``--require-gpu`` run whose model actors got no GPU node within
+    :data:`REQUIRE_GPU_WAIT_SECONDS` (Ray Data's ``GetTimeoutError`` from the actor pool's start)."""
+    return SourceError(f"--require-gpu: no GPU node joined the Ray cluster within {REQUIRE_GPU_WAIT_SECONDS} s, so "
+                       "no model actor could start; check the cluster's GPU node group and autoscaler (`ray status`), "
+                       "then run it again")
 
 
 def refuse_waiting_on_own_ray(plan: ClusterPlan, address: str | None) -> None:
@@ -517,8 +525,9 @@ def infer_images(
     if not rows:
         return
     _ensure_ray(address)
-    gpus, actors, read_max = _cluster_shape(model_actors, read_workers,
-                                            require_gpu=require_gpu and spec.model != NOOP_MODEL, address=address)
+    gpus, actors, read_max, waiting = _cluster_shape(model_actors, read_workers,
+                                                     require_gpu=require_gpu and spec.model != NOOP_MODEL,
+                                                     address=address)
     ds = _configured(ray.data.from_items(list(rows)))
     ds = ds.map_batches(
         read_image_batch,
@@ -528,7 +537,14 @@ def infer_images(
         memory=_IMAGE_TASK_MEMORY_BYTES,  # also keeps reads out of the model actors (they must overlap)
     )
     ds = add_model_stage(ds, spec=spec, prompts=[], actors=actors, gpus=gpus, row_prompts=True)
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    if waiting:  # as the region job: at most REQUIRE_GPU_WAIT_SECONDS for a GPU node, then one line
+        ds.context.wait_for_min_actors_s = REQUIRE_GPU_WAIT_SECONDS
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.GetTimeoutError as exc:
+        if not waiting:
+            raise
+        raise gpu_wait_expired() from exc
 
 
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
@@ -740,10 +756,7 @@ def run_region(
             except ray.exceptions.GetTimeoutError as exc:
                 if not plan.wait_for_gpus:
                     raise
-                raise SourceError(
-                    f"--require-gpu: no GPU node joined the Ray cluster within {REQUIRE_GPU_WAIT_SECONDS} s, "
-                    "so no model actor could start; check the cluster's GPU node group and autoscaler "
-                    "(`ray status`), then run it again") from exc
+                raise gpu_wait_expired() from exc
             manifest["rows_run_now"] = int(parts_sink.rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):

@@ -1059,7 +1059,7 @@ def _resume_value(key: str, value: Any) -> Any:
 
 def _write_preview(directory: str, *, title: str) -> str | None:
     """The HTML map preview inside the output (``_preview.html``); a dataset too large for one page
-    is not previewed (the run still succeeds)."""
+    is not previewed, and a preview that fails for any reason is logged (the run still succeeds)."""
     import fsspec
 
     from rsflow.preview import write_preview
@@ -1072,5 +1072,8 @@ def _write_preview(directory: str, *, title: str) -> str | None:
         write_preview(root, f"{root}/{out.PREVIEW_NAME}", title=title)
     except RequestError as exc:
         logger.warning("preview not written: %s", exc)
+        return None
+    except Exception:  # noqa: BLE001 - a page is a convenience: it never fails a run whose rows are written
+        logger.exception("preview not written (the run's result is complete without it)")
         return None
     return out.PREVIEW_NAME

@@ -217,6 +217,16 @@ def _one_line(exc: BaseException) -> str:
 # --- rows -> display values --------------------------------------------------------------------
 
 
+def safe_html(text: str) -> str:
+    """``text`` escaped for HTML, with ``{`` as ``&#123;`` (it displays the same).
+
+    branca, which folium builds pages with, compiles each rendered part of the page again as a Jinja
+    template (``Element(script(...))``): a ``{{ ... }}`` in a model's answer or a STAC item id ran as code
+    on the driver (a review ran ``id`` through it), ``{# `` failed the run after every tile was inferred,
+    and ``{{ship}}`` vanished from a caption. No ``{`` from the data ever reaches the page now."""
+    return html.escape(text).replace("{", "&#123;")
+
+
 def _clean(value: Any) -> str | None:
     """Make a value display-safe HTML: None for missing, control characters replaced, escaped, cut."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -224,7 +234,7 @@ def _clean(value: Any) -> str | None:
     text = _CONTROL_CHARS.sub("\ufffd", str(value))
     if len(text) > MAX_TEXT_CHARS:
         text = text[:MAX_TEXT_CHARS] + "\u2026"
-    return html.escape(text).replace("\r\n", "\n").replace("\n", "<br>")
+    return safe_html(text).replace("\r\n", "\n").replace("\n", "<br>")
 
 
 def _column(frame: pd.DataFrame, name: str) -> list[Any]:
@@ -328,7 +338,7 @@ def _prepare_rows(frame: gpd.GeoDataFrame) -> list[_Row]:
         geom = geoms[i]
         rows.append(
             _Row(
-                row_id=f"{tile_id}#{i}",
+                row_id=f"{tile_id}#{i}".replace("{", "%7B"),  # an id, never shown: no "{" (safe_html)
                 tile_id=tile_id,
                 task=task,
                 prompt=None if v["prompt"] is None else str(v["prompt"]),
@@ -392,10 +402,10 @@ def _tooltip(row: _Row) -> str:
     if row.is_object:
         return _clean(row.said) or "object"
     if not row.ok:
-        return html.escape(f"{row.task}: {row.status}")
+        return safe_html(f"{row.task}: {row.status}")
     if row.said is not None:
         return _clean(f"{row.task}: {row.said}") or ""
-    return html.escape(row.task)
+    return safe_html(row.task)
 
 
 # --- the map ---------------------------------------------------------------------------------
@@ -457,7 +467,7 @@ def base_map(title: str) -> folium.Map:
     """An empty self-contained map page (Leaflet inlined, OpenStreetMap as an optional online layer)."""
     fmap = folium.Map(location=None, tiles=None, zoom_start=2, control_scale=True)
     _inline_leaflet(fmap)
-    fmap.get_root().title = html.escape(title)  # type: ignore[attr-defined]
+    fmap.get_root().title = safe_html(title)  # type: ignore[attr-defined]
     folium.TileLayer(
         tiles=_OSM_TILES, attr=_OSM_ATTRIBUTION, name="OpenStreetMap (online only)", max_zoom=19, overlay=True
     ).add_to(fmap)
@@ -477,7 +487,7 @@ def _build_map(rows: list[_Row], title: str) -> folium.Map:
         while name in used_names:  # the layer control is keyed by name
             name += "\u200b"
         used_names.add(name)
-        group = folium.FeatureGroup(name=html.escape(name), overlay=True, show=layer.objects or i == shown)
+        group = folium.FeatureGroup(name=safe_html(name), overlay=True, show=layer.objects or i == shown)
         data = {"type": "FeatureCollection", "features": [_feature(r, class_colours) for r in layer.rows]}
         options: dict[str, Any] = {"pane": _OBJECT_PANE} if layer.objects else {}
         folium.GeoJson(
@@ -584,7 +594,7 @@ def _add_legend(fmap: folium.Map, title: str, rows: list[_Row], class_colours: d
         sections.append(("vqa answer", answers))
     if class_colours:
         class_counts = Counter(r.said for r in rows if _colour_key(r) == "class")
-        items = [(colour, False, html.escape(f"{name} ({class_counts[name]})"))
+        items = [(colour, False, safe_html(f"{name} ({class_counts[name]})"))
                  for name, colour in class_colours.items() if colour != _OTHER_CLASS]
         if _OTHER_CLASS in class_colours.values():
             items.append((_OTHER_CLASS, False, "other classes"))
@@ -602,7 +612,7 @@ def _add_legend(fmap: folium.Map, title: str, rows: list[_Row], class_colours: d
               if rows else "no rows")
     element = MacroElement()  # type: ignore[no-untyped-call]
     element._template = _LEGEND_TEMPLATE
-    element.title = html.escape(title)  # type: ignore[attr-defined]
+    element.title = safe_html(title)  # type: ignore[attr-defined]
     element.counts = counts  # type: ignore[attr-defined]
     element.sections = sections  # type: ignore[attr-defined]
     fmap.get_root().add_child(element)

@@ -233,3 +233,36 @@ def test_cli_functions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         run_preview(_parse(["preview", str(result), "-o", str(result / "map.html")]))
     with pytest.raises(RequestError, match="^--max-rows: "):
         run_preview(_parse(["preview", str(result), "--max-rows", "1"]))
+
+
+def test_jinja_syntax_in_answers_ids_and_titles_is_shown_never_run(tmp_path: Path) -> None:
+    """branca compiles each rendered part of a folium page again as a Jinja template: a model's answer or a
+    STAC item id holding ``{{ ... }}`` ran as code on the driver, ``{#`` failed the run after every tile was
+    inferred, and ``{{ship}}`` vanished from a caption. Now every ``{`` from the data is ``&#123;``."""
+    marker = tmp_path / "ran"
+    payload = f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
+    rows = [make_row(0, 0, kind="tile", text="{{7*7}} ships and {{ship}}"),
+            make_row(1, 0, kind="tile", text=payload),
+            make_row(2, 0, kind="tile", tile_id="t-{# open comment", text="a {% if %} b"),
+            make_row(0, 1, kind="tile", task="classify", prompt="Classify.", text="{{x}}", label="{{x}}")]
+    result = write_result(tmp_path / "result", rows)
+    page = write_preview(result, tmp_path / "map.html", title="T{{7*7}}").path.read_text(encoding="utf-8")
+    assert not marker.exists()  # the payload was not run
+    texts = {f["properties"]["tile"]: f["properties"]["text"] for f in features_in(page)}
+    assert texts["t-0-0"] == "&#123;&#123;7*7}} ships and &#123;&#123;ship}}"
+    assert texts["t-&#123;# open comment"] == "a &#123;% if %} b"
+    assert "T&#123;&#123;7*7}}" in page and "T49" not in page and "49 ships" not in page
+    assert "{{" not in page and "{%" not in page and "{#" not in page
+
+
+def test_the_monitor_report_shows_jinja_syntax_as_text() -> None:
+    """The monitor's report page is built the same way (folium, branca): a title or summary value with
+    Jinja syntax is shown, never compiled."""
+    import pandas as pd
+
+    from rsflow.monitor.report import build_report
+
+    page = build_report(title="port {{7*7}}", changes=pd.DataFrame({"change": [], "cell_id": []}), timelines={},
+                        summary={"note": "{% if x %}{# c"})
+    assert "port &#123;&#123;7*7}}" in page and "port 49" not in page
+    assert "&#123;% if x %}&#123;# c" in page and "{{" not in page and "{%" not in page

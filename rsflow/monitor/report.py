@@ -14,7 +14,6 @@ Every value shown is HTML-escaped (model text can hold markup).
 
 from __future__ import annotations
 
-import html
 import logging
 from collections import Counter
 from typing import Any
@@ -25,7 +24,7 @@ from branca.element import Element
 from shapely.geometry import mapping
 
 from rsflow.monitor.changes import Timeline
-from rsflow.preview import _check_self_contained, base_map
+from rsflow.preview import _check_self_contained, base_map, safe_html
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def _short(value: str) -> str:
 def timeline_table(timeline: Timeline) -> str:
     """The timeline of one cell as an HTML table (values escaped)."""
     head = "".join(
-        f"<th>{html.escape(task)}: {html.escape(_short(key))}</th>" for task, key in timeline.columns
+        f"<th>{safe_html(task)}: {safe_html(_short(key))}</th>" for task, key in timeline.columns
     )
     body = []
     for when, item in timeline.dates:
@@ -52,10 +51,10 @@ def timeline_table(timeline: Timeline) -> str:
         for column in timeline.columns:
             value = timeline.values.get((item, column))
             mark = (item, column) in timeline.changed
-            text = "\u2013" if value is None else html.escape(_short(value))
+            text = "\u2013" if value is None else safe_html(_short(value))
             style = f' style="background:{_CHANGED};color:#fff;font-weight:bold"' if mark else ""
             cells.append(f"<td{style}>{text}</td>")
-        body.append(f"<tr><td>{when:%Y-%m-%d %H:%M}</td><td>{html.escape(item)}</td>{''.join(cells)}</tr>")
+        body.append(f"<tr><td>{when:%Y-%m-%d %H:%M}</td><td>{safe_html(item)}</td>{''.join(cells)}</tr>")
     return (
         '<table class="rsflow-timeline"><tr><th>date (UTC)</th><th>item</th>'
         + head
@@ -82,10 +81,10 @@ def build_report(
                 "type": "Feature",
                 "geometry": mapping(tl.geometry),
                 "properties": {
-                    "cell": cell,
+                    "cell": safe_html(cell),
                     "changed": changed,
                     "popup": timeline_table(tl),
-                    "tip": f"tile {cell}: {'changed' if changed else 'no change'}",
+                    "tip": safe_html(f"tile {cell}: {'changed' if changed else 'no change'}"),
                 },
             }
         )
@@ -113,7 +112,7 @@ def build_report(
                 "geometry": mapping(r.geometry),
                 "properties": {
                     "kind": r.change,
-                    "tip": html.escape(
+                    "tip": safe_html(
                         f"{r.change}: {r.label} "
                         f"({r.before_datetime:%Y-%m-%d} \u2192 "
                         f"{r.after_datetime:%Y-%m-%d})"
@@ -152,15 +151,15 @@ def build_report(
 def _panel(title: str, changes: pd.DataFrame, timelines: dict[str, Timeline], summary: dict[str, Any]) -> str:
     counts = Counter(changes["change"]) if len(changes) else Counter()
     lines = (
-        "".join(f"<li>{html.escape(kind)}: {n}</li>" for kind, n in sorted(counts.items())) or "<li>none</li>"
+        "".join(f"<li>{safe_html(kind)}: {n}</li>" for kind, n in sorted(counts.items())) or "<li>none</li>"
     )
-    facts = "".join(f"<div>{html.escape(str(k))}: {html.escape(str(v))}</div>" for k, v in summary.items())
+    facts = "".join(f"<div>{safe_html(str(k))}: {safe_html(str(v))}</div>" for k, v in summary.items())
     changed_cells = sorted(set(changes["cell_id"])) if len(changes) else []
     sections = []
     for cell in changed_cells[:_MAX_PANEL_TILES]:
         tl = timelines.get(cell)
         if tl is not None:
-            sections.append(f"<h4>tile {html.escape(cell)}</h4>{timeline_table(tl)}")
+            sections.append(f"<h4>tile {safe_html(cell)}</h4>{timeline_table(tl)}")
     more = (
         f"<p>{len(changed_cells) - _MAX_PANEL_TILES} more changed tiles: see the changes GeoParquet.</p>"
         if len(changed_cells) > _MAX_PANEL_TILES
@@ -168,7 +167,7 @@ def _panel(title: str, changes: pd.DataFrame, timelines: dict[str, Timeline], su
     )
     return f"""
 <div class="rsflow-report">
-  <h3>{html.escape(title)}</h3>
+  <h3>{safe_html(title)}</h3>
   {facts}
   <div><b>changes</b><ul>{lines}</ul></div>
   <div><b>{len(changed_cells)} changed tiles</b> of {len(timelines)} seen on two or more dates</div>

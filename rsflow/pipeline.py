@@ -1073,7 +1073,7 @@ def _write_preview(directory: str, *, title: str) -> str | None:
     except RequestError as exc:
         logger.warning("preview not written: %s", exc)
         return None
-    except Exception:  # noqa: BLE001 - a page is a convenience: it never fails a run whose rows are written
+    except Exception:  # a page is a convenience: it never fails a run whose rows are written
         logger.exception("preview not written (the run's result is complete without it)")
         return None
     return out.PREVIEW_NAME

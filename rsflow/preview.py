@@ -657,7 +657,7 @@ def add_preview_parser(subparsers: Any) -> argparse.ArgumentParser:
         "detected objects, failed tiles) on a Leaflet map in one HTML file that also opens offline.",
     )
     p.add_argument("result", metavar="RESULT", help="result directory (GeoParquet) or file")
-    p.add_argument("-o", "--output", help="HTML file to write (default: RESULT.html beside the result)")
+    p.add_argument("-o", "--output", help="HTML file to write (default: RESULT.html beside a result folder, _NAME.html beside one file)")
     p.add_argument("--title", type=str, help="page title (default: 'rsflow preview: <RESULT name>'; \"\" for none)")
     p.add_argument(
         "--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS,
@@ -676,9 +676,21 @@ def run_preview(args: argparse.Namespace) -> int:
     result = Path(args.result)
     if not result.exists():
         raise RequestError("RESULT", f"no such file or directory: {result}")
-    output = Path(args.output) if args.output else result.parent / f"{result.resolve().name}.html"
-    if result.is_dir() and output.resolve().is_relative_to(result.resolve()):
+    where = result.resolve()
+    if args.output:
+        output = Path(args.output)
+    elif result.is_dir():  # beside the folder (`rsflow preview .` wrote into it)
+        output = where.parent / f"{where.name}.html"
+    else:  # beside the file, named so that readers of its folder skip it (pyarrow ignores "_" and ".")
+        output = where.parent / f"_{where.name}.html"
+    if result.is_dir() and output.resolve().is_relative_to(where):
         raise RequestError("--output", f"{output} is inside the result directory {result}; write it outside")
+    if (result.is_file() and output.resolve().parent == where.parent and not output.name.startswith(("_", "."))
+            and any(where.parent.glob("*.parquet"))):
+        # a dataset's folder: gpd.read_parquet(folder) then tried to read the page as Parquet and failed
+        raise RequestError("--output", f"{output} would sit among the dataset's Parquet files in {where.parent}, "
+                                       "which readers of that folder would then fail on; write it elsewhere or "
+                                       "give it a name starting with '_'")
     try:
         summary = write_preview(result, output, title=args.title, max_rows=args.max_rows)
     except RequestError as exc:

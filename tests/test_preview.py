@@ -221,7 +221,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_cli_functions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_functions(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     result = write_result(tmp_path / "run", [make_row(0, 0), make_row(1, 0, task="vqa", answer="yes")])
     assert run_preview(_parse(["preview", str(result), "-o", str(tmp_path / "map.html")])) == 0
     assert "wrote 2 rows (2 tiles, 0 objects)" in capsys.readouterr().out
@@ -233,6 +233,16 @@ def test_cli_functions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         run_preview(_parse(["preview", str(result), "-o", str(result / "map.html")]))
     with pytest.raises(RequestError, match="^--max-rows: "):
         run_preview(_parse(["preview", str(result), "--max-rows", "1"]))
+    # one file of a dataset: the page went beside it as part-000.parquet.html, and every reader of the
+    # folder then failed on it ("Parquet magic bytes not found"); now "_"-named, which readers skip
+    part = result / "part-000.parquet"
+    assert run_preview(_parse(["preview", str(part)])) == 0
+    assert (result / "_part-000.parquet.html").exists() and len(gpd.read_parquet(result)) == 2
+    with pytest.raises(RequestError, match="^--output: .* among the dataset's Parquet files"):
+        run_preview(_parse(["preview", str(part), "-o", str(result / "part.html")]))
+    # `rsflow preview .` inside a result: the page goes beside the folder, not into it
+    monkeypatch.chdir(result)
+    assert run_preview(_parse(["preview", "."])) == 0 and (tmp_path / "run.html").exists()
 
 
 def test_jinja_syntax_in_answers_ids_and_titles_is_shown_never_run(tmp_path: Path) -> None:

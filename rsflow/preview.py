@@ -298,6 +298,23 @@ class _Row:
         return self.status == "ok"
 
 
+def _across_antimeridian(geoms: np.ndarray) -> np.ndarray:
+    """Rows near the antimeridian with their western longitudes moved east by 360 (Leaflet draws
+    longitudes past 180), where that makes them span less: a result around 180 degrees (tiles the output
+    splits at the line, Fiji, Chukotka) opened on the whole world with each tile's halves at its two edges.
+    Other results are returned as they are."""
+    present = [g for g in geoms if g is not None]
+    if not present:
+        return geoms
+    minx, _, maxx, _ = shapely.total_bounds(np.asarray(present, dtype=object))
+    if maxx - minx <= 180.0:
+        return geoms
+    east = shapely.transform(geoms, lambda xy: np.column_stack([np.where(xy[:, 0] < 0, xy[:, 0] + 360.0, xy[:, 0]),
+                                                                 xy[:, 1]]))
+    e_minx, _, e_maxx, _ = shapely.total_bounds(np.asarray([g for g in east if g is not None], dtype=object))
+    return east if e_maxx - e_minx < maxx - minx else geoms
+
+
 def _prepare_rows(frame: gpd.GeoDataFrame) -> list[_Row]:
     """One ``_Row`` per dataset row, in dataset order."""
     cols = {name: _column(frame, name) for name in (*_REQUIRED, *_OPTIONAL) if name != "geometry"}
@@ -305,6 +322,7 @@ def _prepare_rows(frame: gpd.GeoDataFrame) -> list[_Row]:
     present = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     geoms[~present] = None
     geoms = shapely.transform(geoms, lambda xy: np.round(xy, COORD_DECIMALS))
+    geoms = _across_antimeridian(geoms)
     rows: list[_Row] = []
     for i in range(len(frame)):
         v = {name: col[i] for name, col in cols.items()}

@@ -276,3 +276,16 @@ def test_the_monitor_report_shows_jinja_syntax_as_text() -> None:
                         summary={"note": "{% if x %}{# c"})
     assert "port &#123;&#123;7*7}}" in page and "port 49" not in page
     assert "&#123;% if x %}&#123;# c" in page and "{{" not in page and "{%" not in page
+
+
+def test_a_result_across_the_antimeridian_opens_on_it_in_one_piece(tmp_path: Path) -> None:
+    """Tiles split at 180 degrees (as the output writes them) made the page open on the whole world, each
+    tile's halves drawn at its two edges; western longitudes now continue past 180."""
+    split = shapely.MultiPolygon([shapely.box(179.99, -17.0, 180.0, -16.99), shapely.box(-180.0, -17.0, -179.99, -16.99)])
+    rows = [make_row(0, 0, geometry=split), make_row(1, 0, geometry=shapely.box(-179.99, -17.0, -179.98, -16.99)),
+            make_row(2, 0, geometry=shapely.box(179.98, -17.0, 179.99, -16.99))]
+    page = write_preview(write_result(tmp_path / "result", rows), tmp_path / "map.html").path.read_text(encoding="utf-8")
+    (south, west), (north, east) = json.loads(re.search(r"map_\w+\.fitBounds\(\s*(\[\[.*?\]\])", page, re.DOTALL).group(1))
+    assert 179.97 < west < east < 180.03 and south == -17.0
+    xs = [x for f in features_in(page) for x, _ in shapely.get_coordinates(shapely.geometry.shape(f["geometry"]))]
+    assert min(xs) >= 179.98 and max(xs) <= 180.02

@@ -286,6 +286,6 @@ def test_a_result_across_the_antimeridian_opens_on_it_in_one_piece(tmp_path: Pat
             make_row(2, 0, geometry=shapely.box(179.98, -17.0, 179.99, -16.99))]
     page = write_preview(write_result(tmp_path / "result", rows), tmp_path / "map.html").path.read_text(encoding="utf-8")
     (south, west), (north, east) = json.loads(re.search(r"map_\w+\.fitBounds\(\s*(\[\[.*?\]\])", page, re.DOTALL).group(1))
-    assert 179.97 < west < east < 180.03 and south == -17.0
+    assert 179.97 < west < east < 180.03 and south == -17.0 and north == -16.99
     xs = [x for f in features_in(page) for x, _ in shapely.get_coordinates(shapely.geometry.shape(f["geometry"]))]
     assert min(xs) >= 179.98 and max(xs) <= 180.02

@@ -18,6 +18,7 @@ overviews down to below 512 px) from a tiled temporary GeoTIFF.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,10 @@ def _band_rows(band: int, row0: int, n_rows: int, width: int) -> np.ndarray:
 
 
 def write_band_cog(path: Path, band: int, size_px: int, *, res_m: float = RES_M) -> None:
-    """Write one synthetic band, ``size_px`` square, as a COG at ``path``."""
+    """Write one synthetic band, ``size_px`` square, as a COG at ``path`` (written beside it and renamed:
+    a run interrupted while writing, e.g. the bench's first, left a cut-short COG that the next reused)."""
     tmp = path.with_suffix(".tmp.tif")
+    part = path.with_suffix(".part.tif")
     profile: dict[str, Any] = dict(
         driver="GTiff", width=size_px, height=size_px, count=1, dtype="uint16", crs=CRS,
         transform=scene_transform(res_m), nodata=0, tiled=True, blockxsize=BLOCK_PX, blockysize=BLOCK_PX,
@@ -76,11 +79,13 @@ def write_band_cog(path: Path, band: int, size_px: int, *, res_m: float = RES_M)
                 n = min(_ROWS_PER_WRITE, size_px - row0)
                 dst.write(_band_rows(band, row0, n, size_px), 1, window=Window(0, row0, size_px, n))
         rasterio.shutil.copy(
-            tmp, path, driver="COG", BLOCKSIZE=BLOCK_PX, COMPRESS="DEFLATE", PREDICTOR="YES", LEVEL=1,
+            tmp, part, driver="COG", BLOCKSIZE=BLOCK_PX, COMPRESS="DEFLATE", PREDICTOR="YES", LEVEL=1,
             OVERVIEWS="AUTO", RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
         )
+        os.replace(part, path)
     finally:
         tmp.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
 
 
 def write_synthetic_scene(folder: Path | str, size_px: int, *, item_id: str | None = None,
@@ -107,7 +112,7 @@ def write_synthetic_scene(folder: Path | str, size_px: int, *, item_id: str | No
     assets: dict[str, Any] = {}
     for band, key in enumerate(ASSETS):
         path = folder / f"{item_id}-{key}.tif"
-        if not _is_scene_file(path, size_px):
+        if not _is_scene_file(path, size_px, transform):
             write_band_cog(path, band, size_px, res_m=res_m)
         assets[key] = {
             "href": str(path.resolve()),
@@ -140,12 +145,15 @@ def write_synthetic_scene(folder: Path | str, size_px: int, *, item_id: str | No
     return items_json
 
 
-def _is_scene_file(path: Path, size_px: int) -> bool:
+def _is_scene_file(path: Path, size_px: int, transform: Any) -> bool:
+    """A band written for this size and grid (another ``res_m`` kept the files while the item claimed the
+    new transform)."""
     if not path.is_file():
         return False
     try:
         with rasterio.open(path) as src:
-            return bool(src.width == size_px and src.height == size_px and src.count == 1)
+            return bool(src.width == size_px and src.height == size_px and src.count == 1
+                        and src.transform.almost_equals(transform))
     except rasterio.errors.RasterioIOError:
         return False
 

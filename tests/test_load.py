@@ -104,3 +104,16 @@ def test_tall_units_are_read_a_call_at_a_time(ray_local: Any, tmp_path_factory: 
     assert planning["units"] < tiles / 64  # fewer, taller units than blocks of tiles
     frame = gpd.read_parquet(out)
     assert len(frame) == tiles and frame["tile_id"].is_unique and (frame["status"] == "ok").all()
+
+
+def test_a_synthetic_scene_of_another_grid_is_written_again(tmp_path):
+    """Files of an earlier call are reused only for the same size and grid: a call with another res_m
+    kept the 10 m files while its item claimed 30 m pixels."""
+    import rasterio
+
+    write_synthetic_scene(tmp_path, 600)
+    items = write_synthetic_scene(tmp_path, 600, res_m=30.0)
+    href = json.loads(items.read_text())["features"][0]["assets"]["B04"]["href"]
+    with rasterio.open(href) as src:
+        assert src.transform.a == 30.0 and src.width == 600
+    assert not list(tmp_path.glob("*.part.tif")) and not list(tmp_path.glob("*.tmp.tif"))

@@ -397,7 +397,15 @@ def _is_current(target: Path, stamp: dict[str, str]) -> bool:
     required = ["catalog.json", "items.json", "collections.json"]
     if built.get("items_parquet"):
         required.append("items.parquet")
-    return all((target / name).is_file() for name in required)
+    if not all((target / name).is_file() for name in required):
+        return False
+    try:  # a JSON file cut short or edited by hand is rebuilt, not trusted
+        for name in required:
+            if name.endswith(".json"):
+                json.loads((target / name).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _swap_into_place(staging: Path, target: Path, stamp: dict[str, str]) -> None:

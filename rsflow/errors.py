@@ -2,7 +2,7 @@
 
 ``RequestError`` is what a user can fix by changing a flag or a config value: the CLI prints its
 message on one line and exits with status 2 (:data:`EXIT_BAD_INPUT`). ``SourceError`` (a catalog that
-cannot be searched) exits with :data:`EXIT_UNAVAILABLE`. Everything else is a bug or an outside
+cannot be searched) and ``GpuUnavailable`` (no GPU node for ``--require-gpu``) exit with :data:`EXIT_UNAVAILABLE`. Everything else is a bug or an outside
 failure and keeps its traceback.
 """
 
@@ -24,7 +24,8 @@ EXIT_PARTIAL: Final[int] = 4
 """The run finished and its output is committed, but some tiles or items failed (the manifest's
 ``failures`` lists each with its reason)."""
 EXIT_UNAVAILABLE: Final[int] = 5
-"""The run could not start: the STAC source could not be searched (down, refusing, past its retries)."""
+"""The run could not start: the STAC source could not be searched (down, refusing, past its retries), or
+no GPU node joined the cluster in time under ``--require-gpu``."""
 
 
 class RsflowError(Exception):
@@ -59,6 +60,11 @@ class SourceError(RsflowError):
 
     def __reduce__(self) -> tuple[type[SourceError], tuple[str, int | None]]:
         return type(self), (str(self), self.status_code)
+
+
+class GpuUnavailable(SourceError):
+    """``--require-gpu``: no GPU node joined the Ray cluster in time, so no model actor started (the
+    cluster's doing: the monitor counts no attempt against its scenes)."""
 
 
 class ModelError(RsflowError):

@@ -49,7 +49,7 @@ import shapely
 from shapely.geometry import mapping
 
 from rsflow import output as out
-from rsflow.errors import RequestError, SourceError
+from rsflow.errors import GpuUnavailable, RequestError
 from rsflow.georef import region_to_box
 from rsflow.hrefs import HrefPolicy, HrefRefused, redact
 from rsflow.interpret import interpret_batch
@@ -305,29 +305,48 @@ def _cluster_shape(model_actors: int | None, read_workers: int | None, *, requir
     free. ``require_gpu``: as ``--require-gpu`` (:func:`refuse_waiting_on_own_ray`)."""
     plan = plan_cluster(
         _cluster_nodes(), StagePlacement(read_resources=(), model_resources=(), require_gpu=require_gpu),
-        model_actors=model_actors, read_workers=read_workers,
+        model_actors=model_actors, read_workers=read_workers, pool_flag=None,
     )
     refuse_waiting_on_own_ray(plan, address)
     return plan.gpus or plan.actor_gpus, plan.max_actors, plan.read_max, plan.wait_for_gpus
 
 
-def gpu_wait_expired() -> SourceError:
-    """The error of a ``--require-gpu`` run whose model actors got no GPU node within
-    :data:`REQUIRE_GPU_WAIT_SECONDS` (Ray Data's ``GetTimeoutError`` from the actor pool's start)."""
-    return SourceError(f"--require-gpu: no GPU node joined the Ray cluster within {REQUIRE_GPU_WAIT_SECONDS} s, so "
-                       "no model actor could start; check the cluster's GPU node group and autoscaler (`ray status`), "
-                       "then run it again")
+_ACTORS_TIMED_OUT = "Timed out while starting actors"
+"""How Ray Data's actor pool says its ``wait_for_min_actors_s`` ran out (``GetTimeoutError``)."""
+
+
+def gpu_wait_expired(exc: BaseException) -> GpuUnavailable | None:
+    """The error of a ``--require-gpu`` run whose model actors did not start within
+    :data:`REQUIRE_GPU_WAIT_SECONDS` (Ray Data's ``GetTimeoutError`` from the actor pool's start); None
+    for any other timeout."""
+    if _ACTORS_TIMED_OUT not in str(exc):
+        return None
+    return GpuUnavailable(f"--require-gpu: no model actor started within {REQUIRE_GPU_WAIT_SECONDS} s (a GPU node "
+                          "joining, then loading the model); check the cluster's GPU node group and autoscaler "
+                          "(`ray status`), then run it again")
+
+
+def on_own_ray(address: str | None) -> bool:
+    """Whether this process runs (or, not connected yet, would start) a Ray of its own, which no node can
+    join later. Connected: whether this process started the head (``ray.init()`` without a cluster to
+    join); a process joined to a cluster, by address or ``ray://``, is not on its own Ray whatever
+    ``address`` says (a notebook that called ``ray.init("ray://head:10001")`` passes none)."""
+    import ray
+
+    if ray.is_initialized():
+        node = getattr(ray._private.worker, "_global_node", None)  # None for a ray:// client
+        return bool(node is not None and getattr(node, "head", False))
+    return starts_local_ray(address)
 
 
 def refuse_waiting_on_own_ray(plan: ClusterPlan, address: str | None) -> None:
     """A plan whose model actors would wait for GPUs (``--require-gpu``) on a Ray this process started
-    itself, which no node can ever join: they would wait for ever (Ray Data waits for an actor's
-    resources without a limit).
+    itself, which no node can ever join: they would only wait out :data:`REQUIRE_GPU_WAIT_SECONDS`.
 
     Raises:
         RequestError: (``--require-gpu``) as above.
     """
-    if plan.wait_for_gpus and starts_local_ray(address):
+    if plan.wait_for_gpus and on_own_ray(address):
         raise RequestError("--require-gpu", "this machine has no GPU, and the local Ray this run starts can never "
                                             "gain one: run on a cluster with GPU nodes (--address), or leave "
                                             "--require-gpu out to run the model on CPU")
@@ -542,9 +561,10 @@ def infer_images(
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     except ray.exceptions.GetTimeoutError as exc:
-        if not waiting:
+        expired = gpu_wait_expired(exc) if waiting else None
+        if expired is None:
             raise
-        raise gpu_wait_expired() from exc
+        raise expired from exc
 
 
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
@@ -754,9 +774,10 @@ def run_region(
             try:
                 ds.write_datasink(parts_sink)
             except ray.exceptions.GetTimeoutError as exc:
-                if not plan.wait_for_gpus:
+                expired = gpu_wait_expired(exc) if plan.wait_for_gpus else None
+                if expired is None:
                     raise
-                raise gpu_wait_expired() from exc
+                raise expired from exc
             manifest["rows_run_now"] = int(parts_sink.rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):

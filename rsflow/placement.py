@@ -198,6 +198,7 @@ def plan_cluster(
     read_workers: int | None = None,
     model_cpus: float = 1.0,
     model_needs_gpu: bool = True,
+    pool_flag: str | None = "--max-model-actors",
 ) -> ClusterPlan:
     """Place and size the stages for a cluster (see the module docstring for the rules).
 
@@ -210,6 +211,8 @@ def plan_cluster(
         model_cpus: CPUs a model actor asks for without GPUs (the no-op model asks for none).
         model_needs_gpu: False for the no-op model, whose actors never ask for a GPU (``require_gpu``
             does not apply to it).
+        pool_flag: the flag that lets a pool waiting for GPUs grow, named in its warning (None: the
+            caller has none, e.g. ``rsflow eval``).
 
     Raises:
         RequestError: ``--model-actors`` together with ``--min-model-actors``/``--max-model-actors``;
@@ -247,8 +250,9 @@ def plan_cluster(
     if waiting:
         logger.warning("--require-gpu: no GPU in the Ray cluster yet; the %d model actor(s) wait for the autoscaler "
                        "to add GPU nodes (the run starts once one is up)%s", low,
-                       "" if high > low else f"; the pool stays at {low} actor(s): give --max-model-actors N to "
-                       "grow onto more GPU nodes as they join")
+                       "" if high > low or model_actors is not None or pool_flag is None
+                       else f"; the pool stays at {low} actor(s): give {pool_flag} N to grow onto more GPU nodes "
+                       "as they join")
     elif gpus == 0:
         logger.warning("no GPU in the Ray cluster: the model runs on CPU (--require-gpu waits for one instead)")
     return ClusterPlan(

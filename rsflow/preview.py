@@ -40,13 +40,13 @@ the ``<script>`` that holds it. NUL and other control characters are replaced by
 shown values are cut at ``MAX_TEXT_CHARS`` characters.
 
 Rows in the page: each row is one GeoJSON feature whose ``row_id`` property is
-``"<tile_id>#<n>"``, ``n`` being the row's position in the dataset as
+``"<tile_id>#<n>"`` (a ``{`` in the id written ``%7B``: see :func:`safe_html`), ``n`` being the row's position in the dataset as
 ``geopandas.read_parquet(result)`` returns it, so the page can be checked against the dataset.
 A row with a null geometry is still a feature (Leaflet skips drawing it).
 
 Size limit: a dataset with more than ``max_rows`` rows is refused with a ``RequestError`` rather
 than cut, since a silently partial preview would look like a complete one. A row costs about
-0.6 KB of HTML (50,000 rows: some 30 MB, written in about 6 s, still drawn by Chromium in SVG).
+0.6 KB of HTML (50,000 rows: some 25-30 MB, written in 6-11 s, still drawn by Chromium in SVG).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+import rasterio.windows
 from affine import Affine
 from rasterio.windows import Window
 
@@ -152,8 +153,12 @@ def _is_scene_file(path: Path, size_px: int, transform: Any) -> bool:
         return False
     try:
         with rasterio.open(path) as src:
-            return bool(src.width == size_px and src.height == size_px and src.count == 1
-                        and src.transform.almost_equals(transform))
+            if not (src.width == size_px and src.height == size_px and src.count == 1
+                    and src.transform.almost_equals(transform)):
+                return False
+            # the last block: a file cut short by an interrupted write of an older rsflow has a whole header
+            src.read(1, window=rasterio.windows.Window(size_px - 1, size_px - 1, 1, 1))
+            return True
     except rasterio.errors.RasterioIOError:
         return False
 

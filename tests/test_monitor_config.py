@@ -949,7 +949,7 @@ def test_items_the_search_refuses_are_failed_items_of_the_ledger_and_the_exit_co
         ("c1", "another item with id 'X'")]
 
 
-@pytest.mark.parametrize("outage", ["unreachable", "lost", "died"])
+@pytest.mark.parametrize("outage", ["unreachable", "lost", "no-gpu", "died"])
 def test_after_an_outage_the_backlog_and_a_new_scene_are_processed_by_the_next_run_or_two(
     outage, tmp_path, fake_region
 ):
@@ -961,7 +961,9 @@ def test_after_an_outage_the_backlog_and_a_new_scene_are_processed_by_the_next_r
     pipeline for a reason the monitor cannot tell from a scene that kills runs ("died") counts attempts, so
     the next run tries the oldest scene alone (a suspect in a run with others that died again would be given
     up for their crash), and its normal finish ends the isolation: the run after it does the rest and the
-    new scene. No scene is given up (default max_attempts 3)."""
+    new scene. No scene is given up (default max_attempts 3). A --require-gpu run whose actors got no GPU
+    node ("no-gpu") is the cluster's doing too: it counted attempts, and three such runs gave scenes up."""
+    from rsflow.errors import GpuUnavailable
     from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
 
     items = [plain_item(f"s{k}", f"2024-05-{k + 2:02d}T10:00:00Z") for k in range(6)]
@@ -973,9 +975,9 @@ def test_after_an_outage_the_backlog_and_a_new_scene_are_processed_by_the_next_r
         if outage == "unreachable":
             fake_region.connect_error = ConnectionError("could not connect to the Ray cluster (simulated)")
         else:
-            error = ConnectionError if outage == "lost" else RuntimeError
+            error = {"lost": ConnectionError, "no-gpu": GpuUnavailable, "died": RuntimeError}[outage]
             fake_region.error = error("cluster down (simulated)")
-        with pytest.raises((ConnectionError, RuntimeError), match="simulated"):
+        with pytest.raises((ConnectionError, RuntimeError, GpuUnavailable), match="simulated"):
             run_monitor(config)
     assert fake_region.calls == ([] if outage == "unreachable" else [backlog, backlog])
     ledger = load_ledger(str(out), "plain")

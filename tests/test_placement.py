@@ -177,15 +177,30 @@ def test_require_gpu_waits_for_gpu_nodes_instead_of_running_the_model_on_cpu(cap
 
 def test_require_gpu_on_a_ray_this_run_starts_itself_is_refused(monkeypatch):
     """No node can join a local Ray this process starts: the actors would wait for a GPU for ever (Ray Data
-    waits for an actor's resources without a limit)."""
+    waits for an actor's resources without a limit). Once connected, what this process started decides,
+    not the address (a notebook joined to a cluster by ``ray.init("ray://...")`` passes none)."""
+    from types import SimpleNamespace
+
+    import ray
+
     from rsflow import pipeline
 
     waiting = plan_cluster([LAPTOP], StagePlacement(require_gpu=True))
+    refused = r"^--require-gpu: this machine has no GPU, and the local Ray"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(RequestError, match=r"^--require-gpu: this machine has no GPU, and the local Ray"):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # not connected yet: the address decides
+    with pytest.raises(RequestError, match=refused):
         pipeline.refuse_waiting_on_own_ray(waiting, "local")
     pipeline.refuse_waiting_on_own_ray(waiting, "ray://head:10001")  # a cluster: its autoscaler may add one
     pipeline.refuse_waiting_on_own_ray(plan_cluster([LAPTOP], StagePlacement()), "local")  # not waiting
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=False))  # joined a cluster
+    pipeline.refuse_waiting_on_own_ray(waiting, None)
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)  # a ray:// client
+    pipeline.refuse_waiting_on_own_ray(waiting, None)
+    monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=True))  # started its own
+    with pytest.raises(RequestError, match=refused):
+        pipeline.refuse_waiting_on_own_ray(waiting, "ray://head:10001")
 
 
 def test_require_gpu_is_a_flag_and_a_monitor_key(tmp_path):

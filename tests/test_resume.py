@@ -489,12 +489,12 @@ def test_require_gpu_stops_naming_the_flag_when_no_gpu_node_joins(
     from rsflow import pipeline
     from rsflow.errors import EXIT_UNAVAILABLE
 
-    monkeypatch.setattr(pipeline, "starts_local_ray", lambda address=None: False)  # as if joined to a cluster
+    monkeypatch.setattr(pipeline, "on_own_ray", lambda address=None: False)  # as if joined to a cluster
     monkeypatch.setattr(pipeline, "REQUIRE_GPU_WAIT_SECONDS", 2)
     out = tmp_path / "out"
     rc = main(["--log-level", "WARNING", "region", "--stac", str(sample_catalog), "--bbox", "-75.70,37.650,-75.69,37.655",
                *FLAGS, "--require-gpu", "--output", str(out)])
     assert rc == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
-    assert "could not start: --require-gpu: no GPU node joined the Ray cluster within 2 s" in err
+    assert "could not start: --require-gpu: no model actor started within 2 s (a GPU node joining" in err
     assert not out.exists() and not list(tmp_path.glob(".out.staging*"))  # nothing was read: nothing kept

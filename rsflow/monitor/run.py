@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 import shapely
 from shapely.geometry import mapping
 
-from rsflow.errors import RequestError, request_error_in
+from rsflow.errors import GpuUnavailable, RequestError, request_error_in
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
 from rsflow.monitor.config import ChangeRules, MonitorConfig, as_config_error, probe_output_root
@@ -334,10 +334,11 @@ def _run_locked(
             items=pending,
         )
     except Exception as exc:
-        # The cluster went away (or never answered) under the run, or the request is bad (also as a Ray
-        # worker raised it, wrapped in Ray's errors): not the items' doing. The driver is alive to say so,
-        # so their records are put back as they were: the run fails, and no attempt is counted.
-        if isinstance(exc, ConnectionError) or request_error_in(exc) is not None:
+        # The cluster went away (or never answered) under the run, it gave --require-gpu no GPU node, or the
+        # request is bad (also as a Ray worker raised it, wrapped in Ray's errors): not the items' doing. The
+        # driver is alive to say so, so their records are put back as they were: the run fails, and no
+        # attempt is counted.
+        if isinstance(exc, ConnectionError | GpuUnavailable) or request_error_in(exc) is not None:
             _restore(root, ledger, lock, before_attempt)
         raise
     table = _region_rows(scratch, region.manifest)

@@ -28,6 +28,7 @@ Benchmark evaluation (``rsflow eval``) runs the same infer stage (:func:`add_mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -315,6 +316,24 @@ _ACTORS_TIMED_OUT = "Timed out while starting actors"
 """How Ray Data's actor pool says its ``wait_for_min_actors_s`` ran out (``GetTimeoutError``)."""
 
 
+@contextlib.contextmanager
+def bounded_gpu_wait(ds: Any, waiting: bool) -> Iterator[None]:
+    """Around the run of ``ds``: where its model actors wait for GPUs (``waiting``), at most
+    :data:`REQUIRE_GPU_WAIT_SECONDS` (Ray Data waits for an actor's resources without a limit by default),
+    and that wait running out is :class:`GpuUnavailable` (:func:`gpu_wait_expired`)."""
+    import ray
+
+    if waiting:
+        ds.context.wait_for_min_actors_s = REQUIRE_GPU_WAIT_SECONDS
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError as exc:
+        expired = gpu_wait_expired(exc) if waiting else None
+        if expired is None:
+            raise
+        raise expired from exc
+
+
 def gpu_wait_expired(exc: BaseException) -> GpuUnavailable | None:
     """The error of a ``--require-gpu`` run whose model actors did not start within
     :data:`REQUIRE_GPU_WAIT_SECONDS` (Ray Data's ``GetTimeoutError`` from the actor pool's start); None
@@ -556,15 +575,8 @@ def infer_images(
         memory=_IMAGE_TASK_MEMORY_BYTES,  # also keeps reads out of the model actors (they must overlap)
     )
     ds = add_model_stage(ds, spec=spec, prompts=[], actors=actors, gpus=gpus, row_prompts=True)
-    if waiting:  # as the region job: at most REQUIRE_GPU_WAIT_SECONDS for a GPU node, then one line
-        ds.context.wait_for_min_actors_s = REQUIRE_GPU_WAIT_SECONDS
-    try:
+    with bounded_gpu_wait(ds, waiting):
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    except ray.exceptions.GetTimeoutError as exc:
-        expired = gpu_wait_expired(exc) if waiting else None
-        if expired is None:
-            raise
-        raise expired from exc
 
 
 def _profiles_for(request: RegionRequest, items: list[dict[str, Any]]) -> dict[str, SourceProfile]:
@@ -769,15 +781,8 @@ def run_region(
             # Rows land in the staging parts as their tasks finish (with a model, a block at a time; with the
             # no-op model, 512 rows or more), one file per task: a killed run keeps them for --resume.
             parts_sink = out.RawPartsSink(parts_dir)
-            if plan.wait_for_gpus:  # Ray Data waits for an actor's resources without a limit by default
-                ds.context.wait_for_min_actors_s = REQUIRE_GPU_WAIT_SECONDS
-            try:
+            with bounded_gpu_wait(ds, plan.wait_for_gpus):
                 ds.write_datasink(parts_sink)
-            except ray.exceptions.GetTimeoutError as exc:
-                expired = gpu_wait_expired(exc) if plan.wait_for_gpus else None
-                if expired is None:
-                    raise
-                raise expired from exc
             manifest["rows_run_now"] = int(parts_sink.rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):

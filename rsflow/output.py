@@ -462,7 +462,14 @@ def commit(staging: str, output: str, *, overwrite: bool) -> None:
             fs.rm(src, recursive=True)
             return
         trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-        fs.mv(dst, trash, recursive=True)
+        # On an object store the old manifest goes first: a move there is a copy and a delete per object, and
+        # ``_manifest.json`` sorts before the data files, so moving the folder whole deleted it last, and
+        # readers saw a complete manifest over a dataset losing its files.
+        old_manifest = posixpath.join(dst, MANIFEST_NAME)
+        if not local and fs.exists(old_manifest):
+            fs.mv(old_manifest, posixpath.join(trash, MANIFEST_NAME))
+        if fs.exists(dst) and (local or fs.find(dst)):
+            fs.mv(dst, trash, recursive=True)
     else:
         trash = None
     if local:

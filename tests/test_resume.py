@@ -498,3 +498,53 @@ def test_require_gpu_stops_naming_the_flag_when_no_gpu_node_joins(
     err = capsys.readouterr().err
     assert "could not start: --require-gpu: no model actor started within 2 s (a GPU node joining" in err
     assert not out.exists() and not list(tmp_path.glob(".out.staging*"))  # nothing was read: nothing kept
+
+
+@pytest.mark.parametrize("old_files", [3, 0], ids=["dataset", "manifest-only"])
+def test_an_overwrite_commit_on_an_object_store_never_shows_a_complete_manifest_over_missing_files(
+        old_files: int) -> None:
+    """An object store moves a folder as a copy and a delete per object, and ``_manifest.json`` sorts first, so
+    it was deleted last: between the steps a reader saw the old run's complete manifest over a dataset losing its
+    files (fsspec's memory filesystem, which has no rename either, stands in for s3)."""
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from rsflow import output as out
+
+    fs = fsspec.filesystem("memory")
+    root = f"/bucket-{uuid.uuid4().hex[:8]}"
+    old = [f"part-{i}.parquet" for i in range(old_files)]
+    for name in old:
+        fs.pipe_file(f"{root}/run/{name}", b"old")
+    fs.pipe_file(f"{root}/run/{out.MANIFEST_NAME}", json.dumps({"status": "complete", "files": old}).encode())
+    fs.pipe_file(f"{root}/.run.staging-x/part-new.parquet", b"new")
+    fs.pipe_file(f"{root}/.run.staging-x/{out.MANIFEST_NAME}",
+                 json.dumps({"status": "complete", "files": ["part-new.parquet"]}).encode())
+    seen: list[str] = []
+
+    def check(step: str) -> None:
+        names = {p.rsplit("/", 1)[1] for p in fs.find(f"{root}/run")}
+        if out.MANIFEST_NAME in names:
+            listed = set(json.loads(fs.cat(f"{root}/run/{out.MANIFEST_NAME}"))["files"])
+            if listed != names - {out.MANIFEST_NAME}:
+                seen.append(step)
+
+    real_rm, real_cp = MemoryFileSystem.rm_file, MemoryFileSystem.cp_file
+
+    def rm_file(self, path, **kwargs):
+        real_rm(self, path, **kwargs)
+        check(f"rm {path}")
+
+    def cp_file(self, path1, path2, **kwargs):
+        real_cp(self, path1, path2, **kwargs)
+        check(f"cp {path2}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MemoryFileSystem, "rm_file", rm_file)
+        mp.setattr(MemoryFileSystem, "cp_file", cp_file)
+        out.commit(f"memory://{root}/.run.staging-x", f"memory://{root}/run", overwrite=True)
+    assert seen == []
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{root}/run")) == [out.MANIFEST_NAME, "part-new.parquet"]
+    assert fs.find(root) == [f"{root}/run/{out.MANIFEST_NAME}", f"{root}/run/part-new.parquet"]

@@ -120,6 +120,9 @@ def interpret_row(row: dict[str, Any], *, classes: tuple[str, ...] = ()) -> list
             except ValueError as exc:  # a box that does not project: note it, keep the others
                 errors.append(f"box {i + 1}: {exc}")
                 continue
+            if poly_4326.is_empty:  # e.g. drawn in a tile's padding past a pole: nowhere on Earth
+                errors.append(f"box {i + 1}: lies outside the world (in the tile's padding past a pole)")
+                continue
             x1, y1, x2, y2, angle = box_to_pixels(box, base["window_width"], base["window_height"])
             obj = dict(base)
             obj.update(

@@ -33,7 +33,7 @@ import logging
 import math
 import posixpath
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -357,11 +357,19 @@ def merge_object_files(
     )
     polys = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
     rows = table.select(["tile_id", "item_id", "label", "task"]).to_pylist()
+    # A row without a map geometry (one an earlier version wrote for a box in padding past a pole, carried
+    # by --resume) cannot be merged: it stays an object of its own rather than failing the whole pass.
+    placed = [i for i, poly in enumerate(polys) if poly is not None and not poly.is_empty]
     detections = [
-        Detection(tile_id=r["tile_id"], item_id=r["item_id"], label=r["label"] or "", polygon_4326=poly, task=r["task"])
-        for r, poly in zip(rows, polys, strict=True)
+        Detection(tile_id=rows[i]["tile_id"], item_id=rows[i]["item_id"], label=rows[i]["label"] or "",
+                  polygon_4326=polys[i], task=rows[i]["task"])
+        for i in placed
     ]
-    merged = merge_detections(detections, iou_threshold, metric_crs=metric_crs)
+    merged = [
+        replace(m, best_index=placed[m.best_index], member_indices=[placed[k] for k in m.member_indices])
+        for m in merge_detections(detections, iou_threshold, metric_crs=metric_crs)
+    ]
+    unplaced = sorted(set(range(len(rows))) - set(placed))
     # A row carried over by --resume from a committed run is already a merged object: it stands for its
     # own source tiles and detections, which the merge adds up with the new detections it joins.
     carried = table.select(["source_tile_ids", "n_merged"]).to_pylist()
@@ -375,6 +383,10 @@ def merge_object_files(
             n += int(carried[i]["n_merged"] or 1) if sources else 1
         tile_ids.append(sorted(tiles))
         counts.append(n)
+    for i in unplaced:
+        keep.append(i)
+        tile_ids.append(carried[i]["source_tile_ids"] or [rows[i]["tile_id"]])
+        counts.append(int(carried[i]["n_merged"] or 1))
     out = table.take(pa.array(keep, type=pa.int64()))
     out = out.set_column(out.schema.get_field_index("source_tile_ids"), "source_tile_ids",
                          pa.array(tile_ids, type=pa.list_(pa.string())))

@@ -81,3 +81,16 @@ def test_batch_table_has_the_schema_and_one_primary_row_per_tile():
 def test_garbage_never_raises(text):
     rows = interpret_row(_row("detect", text, key="ship"))
     assert rows[0]["text"] == text
+
+
+def test_a_box_in_padding_past_a_pole_is_a_parse_error_not_an_empty_object():
+    """The bottom tiles of a global EPSG:4326 grid are padded past -90 degrees; a box drawn in that padding is
+    nowhere on Earth. It had become an object row with an empty geometry, which the merge pass then refused,
+    failing the whole run after every tile was inferred (and each --resume the same way)."""
+    row = _row("detect", "{<10><95><20><100>|<0>}{<10><10><20><20>|<0>}", key="iceberg")
+    row.update(crs="EPSG:4326", res=0.1, transform=[0.1, 0.0, 20.0, 0.0, -0.1, -85.0],
+               footprint_wkb=shapely.to_wkb(shapely.box(20.0, -90.0, 26.4, -85.0)))
+    tile, obj = interpret_row(row)
+    assert tile["object_count"] == 1 and tile["parse_error"].startswith("box 1: lies outside the world")
+    got = shapely.from_wkb(obj["geometry"])
+    assert got.area > 0 and got.symmetric_difference(shapely.box(20.64, -86.28, 21.28, -85.64)).area < 1e-12

@@ -194,6 +194,28 @@ def test_a_resumed_merge_keeps_the_provenance_of_objects_carried_over(tmp_path) 
         (["t1", "t2", "t3", "t4"], 4), (["t5"], 1)]
 
 
+def test_an_object_row_without_a_map_geometry_stays_unmerged_and_the_pass_goes_on(tmp_path) -> None:
+    """A raw object row with an empty geometry (as earlier versions wrote for a box in a tile's padding past a
+    pole, which --resume carries on) failed the whole merge pass; it now stays an object of its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    from rsflow.output import RAW_OBJECTS_DIR, WRITTEN_SCHEMA, merge_object_files
+
+    a, b = _det("t1", 0.0), _det("t2", 2.0)
+    geoms = [shapely.to_wkb(a.polygon_4326), shapely.to_wkb(Polygon()), shapely.to_wkb(b.polygon_4326)]
+    columns = {f.name: [None] * 3 for f in WRITTEN_SCHEMA}
+    columns.update(tile_id=["t1", "t9", "t2"], kind=["object"] * 3, item_id=["item-a"] * 3, label=["ship"] * 3,
+                   task=["detect"] * 3, geometry=geoms)
+    (tmp_path / RAW_OBJECTS_DIR).mkdir()
+    pq.write_table(pa.table(columns, schema=WRITTEN_SCHEMA), tmp_path / RAW_OBJECTS_DIR / "part.parquet")
+    names, n = merge_object_files(str(tmp_path), 0.5)
+    merged = [r for name in names for r in pq.read_table(tmp_path / name).to_pylist()]
+    assert n == 2
+    assert sorted((r["source_tile_ids"], r["n_merged"]) for r in merged) == [(["t1", "t2"], 2), (["t9"], 1)]
+
+
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_the_row_standing_for_an_object_does_not_depend_on_arrival_order(tmp_path, order) -> None:
     """Two overlapping tiles often see an object as exactly the same map polygon (grid 50 on one tile, 0

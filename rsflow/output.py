@@ -576,7 +576,8 @@ def find_resumable(output: str) -> ResumeSource | None:
     the committed run is newer, else the committed run itself when its manifest is complete; None when
     there is neither."""
     fs, root, stagings = _stagings(output)
-    candidates = [p for p in stagings if fs.exists(posixpath.join(p, RESUME_NAME))]
+    candidates = [p for p in stagings if fs.exists(posixpath.join(p, RESUME_NAME))
+                  and not fs.exists(posixpath.join(p, MANIFEST_NAME))]  # a complete result is not continued
     manifest_path = posixpath.join(root, MANIFEST_NAME)
     committed = None
     if fs.exists(manifest_path):
@@ -601,14 +602,14 @@ def find_resumable(output: str) -> ResumeSource | None:
 
 def discard_superseded(output: str, run_id: str) -> list[str]:
     """After a ``--resume`` of the interrupted run ``run_id`` committed ``output``: delete the staging
-    directories of interrupted runs older than it (``_resume.json``, no manifest), which ``--resume``
-    passed over for it (it continues the newest) and can never continue now. A complete result left in
+    directories of interrupted runs older than it (no manifest), which ``--resume`` passed over for it
+    (it continues the newest) and can never continue now, and those of resumes killed while carrying
+    rows over (neither ``_resume.json`` nor a manifest: never continued). A complete result left in
     staging (it has its manifest) and newer directories are kept. Returns the directories deleted."""
     fs, _, stagings = _stagings(output)
     gone = []
     for path in stagings:
-        if run_id_of(path) < run_id and fs.exists(posixpath.join(path, RESUME_NAME)) \
-                and not fs.exists(posixpath.join(path, MANIFEST_NAME)):
+        if run_id_of(path) < run_id and not fs.exists(posixpath.join(path, MANIFEST_NAME)):
             discard(_unstrip(output, path))
             gone.append(_unstrip(output, path))
     return gone

@@ -725,7 +725,6 @@ def run_region(
         # A run that replaces a committed output (--overwrite, or --resume of a committed run, directly or
         # through an interrupted --resume of one) may commit over it; a --resume of this run may too.
         replaces = request.overwrite or (resume is not None and (resume.committed or resume.replaces_committed))
-        _write_resume_file(staging, run_id, request, replaces_committed=replaces)
         parts_dir = f"{staging.rstrip('/')}/{out.PARTS_DIR}"
         done_tiles: set[str] = set()
         if resume is not None:
@@ -734,6 +733,10 @@ def run_region(
                                         "tiles_carried": len(done_tiles)}
             logger.info("--resume: %d tiles carried over from %s; the rest run now", len(done_tiles),
                         resume.directory)
+        # Only now does this staging directory stand for the run: written before the carry-over, a resume
+        # killed during it left an empty directory that the next --resume continued (carrying nothing) and
+        # whose commit then deleted the earlier run holding the finished rows.
+        _write_resume_file(staging, run_id, request, replaces_committed=replaces)
         if items:
             _ensure_ray(address)
             plan = plan_cluster(
@@ -861,10 +864,10 @@ def run_region(
         manifest["driver_max_rss_mb"] = _max_rss_mb()
         out.write_manifest(staging, manifest)
         finished = True  # from here on, staging holds the complete result: it is never deleted unless committed
+        fs, root = fsspec.core.url_to_fs(staging)
+        fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")  # before the parts: never a resumable run without them
         if fs_parts.exists(parts_root):
             fs_parts.rm(parts_root, recursive=True)
-        fs, root = fsspec.core.url_to_fs(staging)
-        fs.rm(f"{root.rstrip('/')}/{out.RESUME_NAME}")
         out.commit(staging, request.output, overwrite=replaces)
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
@@ -1023,7 +1026,7 @@ _DRIVER_SORT_ROWS = 100_000
 being written (``out.DRIVER_ROWS_PER_FILE``); larger outputs are sorted by Ray Data."""
 
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
-                "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile")
+                "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile", "engine")
 """Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
 _MODEL_FLAG_NAMES = {"adapters": "the task file's adapters"}
 """Model settings that no flag of their own name sets, as a ``--resume`` refusal names them."""
@@ -1078,6 +1081,8 @@ def _resume_value(key: str, value: Any) -> Any:
     ended at its last second (``...T23:59:59Z``), now at its last microsecond; the same period either way."""
     if key == "datetime" and isinstance(value, str) and value.endswith("T23:59:59Z"):
         return value[: -len("Z")] + ".999999Z"
+    if key == "engine":  # the two engines' answers may differ (kernels, image handling): no mixing them
+        return value or "transformers"  # a request written before --engine: the transformers engine
     if key == "model" and isinstance(value, dict):  # how many prompts share a generate call may change:
         return {k: v for k, v in value.items() if k not in _RESUME_MODEL_FREE}  # a smaller batch after an OOM
     return value

@@ -309,11 +309,14 @@ def test_a_committed_resume_removes_the_interrupted_runs_it_passed_over(tmp_path
     left = tmp_path / ".out.staging-20261127T083000Z-eeeeee"  # a complete result a commit refused
     newer = tmp_path / ".out.staging-20261127T120000Z-cccccc"
     other = tmp_path / ".other.staging-20261127T080000Z-dddddd"  # another output's
-    for path in (*older, left, newer, other):
+    killed = tmp_path / ".out.staging-20261127T095000Z-ffffff"  # a resume killed while carrying rows over
+    for path in (*older, left, newer, other, killed):
         (path / "_parts").mkdir(parents=True)
         (path / "_resume.json").write_text("{}")
     (left / "_resume.json").unlink()
     (left / "_manifest.json").write_text("{}")
+    (killed / "_resume.json").unlink()
+    older.append(killed)
     gone = discard_superseded(str(out), "20261127T100000Z-bbbbbb")
     assert sorted(gone) == sorted(str(p) for p in older)
     assert not any(p.exists() for p in older) and left.exists() and newer.exists() and other.exists()
@@ -548,3 +551,63 @@ def test_an_overwrite_commit_on_an_object_store_never_shows_a_complete_manifest_
     assert seen == []
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{root}/run")) == [out.MANIFEST_NAME, "part-new.parquet"]
     assert fs.find(root) == [f"{root}/run/{out.MANIFEST_NAME}", f"{root}/run/part-new.parquet"]
+
+
+def test_a_resume_killed_while_carrying_rows_over_is_not_what_the_next_resume_continues(tmp_path, monkeypatch):
+    """A resume marks its staging directory as the run to continue only once the earlier rows are carried
+    over: marked first, a resume killed during the copy left a directory with nothing in it, which the next
+    --resume continued (carrying nothing, running every tile again) and whose commit deleted the earlier run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rsflow import pipeline
+    from rsflow.models.spec import ModelSpec
+    from rsflow.output import PARTS_DIR, RESULT_SCHEMA, find_resumable
+    from rsflow.request import parse_request
+
+    out = tmp_path / "out"
+    request = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(out), model=ModelSpec(model="noop"),
+                            tasks="caption", resume=True)
+    earlier = tmp_path / ".out.staging-20261127T100000Z-aaaaaa"
+    (earlier / PARTS_DIR).mkdir(parents=True)
+    empty = {name: None for name in RESULT_SCHEMA.names}
+    rows = [{**empty, "tile_id": t, "kind": "tile", "status": "ok"} for t in ("a", "b")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), earlier / PARTS_DIR / "raw-00000-x.parquet")
+    (earlier / "_resume.json").write_text(json.dumps(
+        {"run_id": "20261127T100000Z-aaaaaa", "request": json.loads(json.dumps(request.to_json(), default=str))}))
+    real_carry = pipeline.out.carry_over
+
+    def killed_after_copying(source, staging):
+        real_carry(source, staging)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.out, "carry_over", killed_after_copying)
+    monkeypatch.setattr(pipeline, "_keep_or_discard", lambda *args, **kwargs: None)  # a hard kill tidies nothing
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_region(request, items=[])
+    assert len(list(tmp_path.glob(".out.staging-*"))) == 2  # the killed resume's directory is there
+    assert find_resumable(str(out)).directory == str(earlier)
+
+
+def test_resume_refuses_another_engine(tmp_path: Path) -> None:
+    """The two engines' answers may differ (kernels, image handling): a run is not resumed with the other one. A
+    run recorded before --engine existed ran the transformers engine."""
+    from rsflow.errors import RequestError
+    from rsflow.models.spec import ModelSpec
+    from rsflow.pipeline import _resume_source
+    from rsflow.request import parse_request
+
+    out = tmp_path / "out"
+    request = parse_request(bbox="-75.7,37.64,-75.66,37.67", output=str(out), model=ModelSpec(model="noop"),
+                            tasks="caption", resume=True)
+    stored = json.loads(json.dumps(request.to_json(), default=str))
+    staging = tmp_path / ".out.staging-20261127T100000Z-aaaaaa"
+    staging.mkdir()
+    for engine, accepted in (("vllm", False), (None, True), ("transformers", True)):
+        recorded = {k: v for k, v in stored.items() if k != "engine"} if engine is None else {**stored, "engine": engine}
+        (staging / "_resume.json").write_text(json.dumps({"run_id": "20261127T100000Z-aaaaaa", "request": recorded}))
+        if accepted:
+            assert _resume_source(request).directory == str(staging)
+        else:
+            with pytest.raises(RequestError, match="differs from the run being resumed in engine"):
+                _resume_source(request)

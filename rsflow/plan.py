@@ -195,13 +195,16 @@ def item_grid(grids: list[Grid], gsd_m: float | None) -> Grid:
     two pixel sizes (tiles are square; those bands are then read through a warp).
 
     Raises:
-        ValueError: rotated grids, or bands in different CRSs.
+        ValueError: rotated or not north-up grids (columns that do not run east, rows that do not run
+            south), or bands in different CRSs.
         RequestError: (``--gsd``) ``gsd_m`` for a CRS that does not measure in metres or feet (degrees).
     """
     if len({g.crs for g in grids}) != 1:
         raise ValueError(f"RGB bands are in different CRSs: {sorted({g.crs for g in grids})}")
     for g in grids:
-        if g.transform[1] != 0 or g.transform[3] != 0 or g.transform[4] >= 0:
+        # Columns must run east (a > 0) as rows run south (e < 0): the windows are laid east of the origin,
+        # and a grid whose columns run west would be tiled on its mirror image (every tile nodata).
+        if g.transform[1] != 0 or g.transform[3] != 0 or g.transform[4] >= 0 or g.transform[0] <= 0:
             raise ValueError(f"grid {g.transform} is rotated or not north-up; not supported")
     finest = min(grids, key=lambda g: min(abs(g.transform[0]), abs(g.transform[4])))
     a, _, c, _, e, f = finest.transform

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Interleaving, Resampling
+from rasterio.enums import ColorInterp, Interleaving, Resampling
 from rasterio.env import get_gdal_config
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -276,14 +276,21 @@ def _read_warped(src: Any, band: int, tile: dict[str, Any], transform: Affine, r
     vrt_args: dict[str, Any] = dict(
         crs=tile["crs"], transform=transform, width=width, height=height, resampling=_resampling(src_res, res)
     )
+    # A source with an alpha band of its own (an RGBA mosaic) carries it into the VRT, and GDAL refuses to
+    # add a second one: its mask then marks both the transparent pixels and those outside the scene.
+    has_alpha = ColorInterp.alpha in src.colorinterp
     if nodata is not None:
         vrt_args.update(src_nodata=nodata, nodata=nodata)
-    else:
+    elif not has_alpha:
         vrt_args.update(add_alpha=True)  # the alpha band marks pixels outside the scene
     with WarpedVRT(src, **vrt_args) as vrt:
-        data = vrt.read(band, masked=True)
-        valid = vrt.read(vrt.count) > 0 if nodata is None else ~np.ma.getmaskarray(data)
-    data = np.ma.getdata(data)
+        if nodata is not None:
+            masked = vrt.read(band, masked=True)
+            data, valid = np.ma.getdata(masked), ~np.ma.getmaskarray(masked)
+        elif has_alpha:
+            data, valid = vrt.read(band), vrt.read_masks(band) > 0
+        else:
+            data, valid = vrt.read(band), vrt.read(vrt.count) > 0
     return data, _without_nan(data, valid)
 
 
@@ -753,11 +760,22 @@ def unit_block_cache_bytes(batch: dict[str, np.ndarray]) -> int | None:
     pixel-interleaved file counts every band (GDAL caches all bands of a block it decodes).
 
     None (keep the worker's GDAL_CACHEMAX) where it cannot be told without reading: no tile left to
-    read, a source that does not open, or a source in another CRS than the tiles.
+    read, a source that does not open, a source in another CRS than the tiles, a band the source does
+    not have, or anything else that goes wrong. The sizing is an optimisation: it never raises, since
+    it runs once for the whole unit, before any tile is read, and a failure here would fail the read
+    task (and the run) instead of the tiles concerned, which the reads then record one by one.
 
     E.g. a unit 11 tiles of 336 px wide over three uint16 COGs of 512 px blocks: 9 block columns x 2
     block rows x 512 KiB x 3 bands = 27 MiB; a 2,000 px scene in one unit: 4 x 2 blocks per band, 12 MiB.
     """
+    try:
+        return _unit_block_cache_bytes(batch)
+    except Exception as exc:  # noqa: BLE001 - the reads record what is wrong, tile by tile
+        logger.debug("block cache of a unit not sized: %s", read_failure_reason(exc))
+        return None
+
+
+def _unit_block_cache_bytes(batch: dict[str, np.ndarray]) -> int | None:
     ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
     if not ok:
         return None
@@ -773,6 +791,8 @@ def unit_block_cache_bytes(batch: dict[str, np.ndarray]) -> int | None:
             return None
         if not _same_crs(src, str(first["crs"])):
             return None
+        if any(not 1 <= band <= src.count for band in bands):
+            return None  # a band the source does not have: its tiles fail, each with the reason
         if src.count > 1 and src.interleaving == Interleaving.pixel:
             bands = list(range(1, src.count + 1))
         for band in bands:

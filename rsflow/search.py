@@ -4,8 +4,9 @@ Two paths with one result type:
 
 - **api**: an ``http(s)`` STAC API, searched with pystac-client (bounded by ``max_items``, retried with
   backoff on 429/5xx for GET and POST alike, with a per-request timeout).
-- **local**: a static ``catalog.json`` (or collection), an ItemCollection / FeatureCollection JSON, a single
-  item JSON, a stac-geoparquet ``.parquet`` file, or ``"sample"`` (the embedded sample catalog,
+- **local**: a static ``catalog.json`` (or collection; its child and item links must be local paths, a
+  link by URL is refused), an ItemCollection / FeatureCollection JSON, a single item JSON, a
+  stac-geoparquet ``.parquet`` file, or ``"sample"`` (the embedded sample catalog,
   :func:`rsflow.sample.ensure_sample_catalog`). The API's filters are applied in Python.
 
 Either way the cloud filter is applied client-side too (APIs without the query extension ignore it),
@@ -21,7 +22,6 @@ import math
 import re
 import time
 from calendar import monthrange
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -517,7 +517,7 @@ def _read_local_items(path: Path) -> list[dict[str, Any]]:
     if kind == "Feature":
         return [_absolute_assets(document, path.parent)]
     if kind in ("Catalog", "Collection"):
-        return list(_walk_static(path))
+        return _walk_static(path)
     raise RequestError(
         "--stac",
         f"{path} is a {kind!r} document; expected a Catalog, Collection, FeatureCollection or Feature",
@@ -544,10 +544,18 @@ def _read_geoparquet(path: Path) -> list[dict[str, Any]]:
     return [_absolute_assets(item, path.parent) for item in features]
 
 
-def _walk_static(root: Path) -> Iterable[dict[str, Any]]:
-    """Items of a static catalog, following ``child`` and ``item`` links (local files only)."""
+def _walk_static(root: Path) -> list[dict[str, Any]]:
+    """Items of a static catalog, following ``child`` and ``item`` links (local files only).
+
+    Raises:
+        RequestError: ``--stac`` for a linked file that cannot be read, or for links by URL (``https://``,
+            ``s3://``): those items would be missing from the run, which would still succeed on the rest,
+            so the catalog is refused before any work, naming how many such links there are and the first.
+    """
     pending = [root.resolve()]
     seen: set[Path] = set()
+    items: list[dict[str, Any]] = []
+    remote: list[tuple[str, Path]] = []
     while pending:
         path = pending.pop(0)
         if path in seen:
@@ -560,17 +568,26 @@ def _walk_static(root: Path) -> Iterable[dict[str, Any]]:
                 "--stac", f"cannot read {path}, linked from the catalog {root}: {err}"
             ) from err
         if document.get("type") == "Feature":
-            yield _absolute_assets(document, path.parent)
+            items.append(_absolute_assets(document, path.parent))
             continue
         for link in document.get("links") or []:
             if link.get("rel") not in ("child", "item"):
                 continue
             href = str(link.get("href", ""))
             if "://" in href and not href.startswith("file://"):
-                logger.warning("skipping remote link %s in the static catalog %s", href, path)
+                remote.append((href, path))
                 continue
             target = Path(unquote(urlparse(href).path)) if href.startswith("file://") else Path(href)
             pending.append((path.parent / target).resolve() if not target.is_absolute() else target)
+    if remote:
+        first, holder = remote[0]
+        raise RequestError(
+            "--stac",
+            f"the static catalog {root} has {len(remote)} child/item link(s) by URL rather than local path "
+            f"(the first: {redact(first)}, in {holder}); a local static catalog is read from local files only: "
+            "pass the catalog's STAC API URL to --stac, or a local copy whose links are local paths",
+        )
+    return items
 
 
 def _absolute_assets(item: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -421,8 +421,9 @@ def band_scaling(profile: SourceProfile, item: dict[str, Any], ref: BandRef) -> 
     """Scale, offset and nodata for one band of one item: the item's own metadata wins over the profile.
 
     Looks at the asset's ``raster:bands[band - 1]`` (``scale``/``offset``/``nodata``), then STAC 1.1
-    ``bands[band - 1]`` (``raster:scale``/``raster:offset``/``nodata``), then the asset's ``nodata``; what
-    none of them states comes from the profile (``offset`` after its ``offset_rules``).
+    ``bands[band - 1]`` (``raster:scale``/``raster:offset``/``nodata``), then the asset's own
+    ``raster:scale``/``raster:offset``/``nodata`` (STAC 1.1 puts values all bands share there); what none
+    of them states comes from the profile (``offset`` after its ``offset_rules``).
 
     Args:
         profile: the source profile.
@@ -459,6 +460,9 @@ def band_scaling(profile: SourceProfile, item: dict[str, Any], ref: BandRef) -> 
         offset = offset if offset is not None else _as_float(common_band.get("raster:offset"))
         if not nodata_given and "nodata" in common_band:
             nodata, nodata_given = _nodata(common_band["nodata"]), True
+    # Raster extension v2 (STAC 1.1) puts what every band shares on the asset itself.
+    scale = scale if scale is not None else _as_float(asset.get("raster:scale"))
+    offset = offset if offset is not None else _as_float(asset.get("raster:offset"))
     if not nodata_given and "nodata" in asset:
         nodata, nodata_given = _nodata(asset["nodata"]), True
 

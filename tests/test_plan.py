@@ -252,6 +252,23 @@ def test_non_square_pixels_are_tiled_on_square_pixels_over_the_whole_scene():
     assert sorted({t.row_off for t in tiles}) == [0, 32, 64, 96]
 
 
+@pytest.mark.parametrize(
+    "transform",
+    [[-RES, 0, X0 + 100 * RES, 0, -RES, Y0], [RES, 0, X0, 0, RES, Y0 - 100 * RES], [RES, 1.0, X0, 0, -RES, Y0]],
+    ids=["columns-run-west", "rows-run-north", "rotated"],
+)
+def test_a_grid_that_is_not_north_up_is_refused(transform):
+    """A grid whose columns run west (negative x pixel size) is refused as the rotated and south-up ones
+    are: it was tiled on its mirror image, east of the scene, and every tile read as nodata."""
+    item = _item()
+    for asset in item["assets"].values():
+        asset["proj:transform"] = [*transform, 0, 0, 1]
+    aoi = _aoi_from_pixels(-100, 0, 200, 100)
+    with pytest.raises(ValueError, match=r"is rotated or not north-up; not supported"):
+        plan_tiles(item, _profile(), TileSpec(size_px=32), aoi)
+    assert tile_offsets(item, {"c": _profile()}, TileSpec(size_px=32), aoi) == []  # recorded as failed
+
+
 def test_tile_ids_do_not_depend_on_how_the_gsd_was_written():
     aoi = _aoi_from_pixels(0, 0, 100, 100)
     as_int = plan_tiles(_item(), _profile(), TileSpec(size_px=32, gsd_m=20), aoi)

@@ -404,3 +404,40 @@ def test_each_band_is_masked_with_its_own_nodata(tmp_path) -> None:
     row = rsflow.read.read_row(tiles)
     assert [f for _, f in row] == [frac, 0.0]
     np.testing.assert_array_equal(row[0][0], chip)
+
+
+def test_an_rgba_source_is_read_through_a_warp_with_its_own_alpha(tmp_path) -> None:
+    """An RGBA file (an alpha band, no nodata; drone and vendor "visual" mosaics) read on another grid
+    (``--gsd``): GDAL refuses a second alpha band, and every tile failed with "The VRT already has an alpha
+    band". Its own alpha marks the transparent pixels; those past the scene's edge are missing too."""
+    path = tmp_path / "rgba.tif"
+    data = np.zeros((4, 64, 64), dtype="uint8")
+    data[:3] = np.array([200, 150, 100], dtype="uint8")[:, None, None]
+    data[:3, :, :32] = 90  # under the transparent west half: values, not nodata
+    data[3] = 255
+    data[3, :, :32] = 0
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint8", photometric="RGB",
+                       alpha="YES", crs="EPSG:32618", transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+        dst.write(data)
+    with rasterio.open(path) as src:
+        assert src.nodata is None and src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    # 20 m pixels from source column 16: 8 transparent, 16 opaque, 8 past the east edge
+    tile = dict(_tile(0, 0, size=32, hrefs=[str(path)] * 3, res=20.0, nodata=float("nan")),
+                transform=[20.0, 0.0, X0 + 160.0, 0.0, -20.0, Y0], bands=[1, 2, 3], scale=[1.0] * 3,
+                stretch_lo=0.0, stretch_hi=255.0)
+    chip, frac = read_chip(tile)
+    assert frac == 0.5
+    assert (chip[:, 8:24] == [200, 150, 100]).all()
+    assert not chip[:, :8].any() and not chip[:, 24:].any()
+
+
+def test_a_band_the_source_does_not_have_fails_its_tiles_not_the_read_task(tmp_path) -> None:
+    """A profile band past a file's band count (band 2 of a one-band file): the read task sized the
+    unit's block cache first, raised an IndexError for the whole unit and failed the run. Each tile is
+    recorded as failed with the reason instead, and the cache is left alone."""
+    one = _cog(tmp_path / "one.tif", 128, 64)
+    unit = _unit([dict(_tile(c, 0, hrefs=[one] * 3), bands=[1, 1, 2]) for c in (0, 64)])
+    assert unit_block_cache_bytes(unit) is None
+    blocks = list(read_blocks(unit, tiles_per_block=None, max_nodata=0.5))
+    assert [s for b in blocks for s in b["status"]] == ["failed", "failed"]
+    assert all("band index 2 out of range" in e for b in blocks for e in b["error"])

@@ -276,6 +276,34 @@ def test_local_items_without_cloud_cover_are_dropped_by_max_cloud(tmp_path: Path
     assert ids(result) == ["clear"] and result.n_cloud_filtered == 1
 
 
+def test_a_static_catalog_with_links_by_url_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Items a local static catalog links by URL (a catalog published with absolute links, then downloaded)
+    were skipped with a log line only: the run succeeded on the rest. The search refuses it, naming --stac,
+    how many links are remote and the first (its token redacted), and what to pass instead."""
+    (tmp_path / "a.json").write_text(json.dumps(_feature("local")))
+    child = {"type": "Catalog", "stac_version": "1.1.0", "id": "child", "description": "",
+             "links": [{"rel": "item", "href": "s3://bucket/catalog/c.json"}]}
+    (tmp_path / "child").mkdir()
+    (tmp_path / "child" / "catalog.json").write_text(json.dumps(child))
+    root = {"type": "Catalog", "stac_version": "1.1.0", "id": "root", "description": "", "links": [
+        {"rel": "self", "href": "https://example.com/catalog/catalog.json"},  # not followed: not a refusal
+        {"rel": "item", "href": "./a.json"},
+        {"rel": "item", "href": "https://example.com/catalog/b.json?token=secret"},
+        {"rel": "child", "href": "child/catalog.json"},
+    ]}
+    (tmp_path / "catalog.json").write_text(json.dumps(root))
+    search = SearchQuery(str(tmp_path / "catalog.json"), ("c",), mapping(box(0.2, 0.2, 0.4, 0.4)))
+    refusal = r"^--stac: the static catalog .* has 2 child/item link\(s\) by URL rather than local path"
+    with pytest.raises(RequestError, match=refusal) as caught:
+        search_items(search)
+    message = str(caught.value)
+    assert "https://example.com/catalog/b.json" in message and "secret" not in message
+    assert "read from local files only" in message and "STAC API URL" in message
+    root["links"] = root["links"][:2]  # the same catalog with its local links only is searched
+    (tmp_path / "catalog.json").write_text(json.dumps(root))
+    assert ids(search_items(search)) == ["local"]
+
+
 def test_a_missing_local_file_is_a_request_error(tmp_path: Path) -> None:
     with pytest.raises(RequestError, match=r"--stac: .*not a file.*'sample'"):
         search_items(query(str(tmp_path / "nope.json")))

@@ -282,6 +282,20 @@ def test_stac_1_1_bands_are_read_too() -> None:
     assert scaling.nodata is not None and np.isnan(scaling.nodata)
 
 
+def test_stac_1_1_asset_level_scale_and_offset_are_read_after_the_bands() -> None:
+    """Raster extension v2 puts values every band shares on the asset (``raster:scale``/``raster:offset``
+    beside ``nodata``): they were ignored and the profile's defaults stretched the chips. A band's own
+    entry still wins over them, and they win over the profile (its baseline rule too)."""
+    profile = resolve_profile(EARTH_SEARCH, "sentinel-2-l2a")
+    shared = {"raster:scale": 0.0002, "raster:offset": 0.05, "nodata": 0}
+    item = make_item(shared, {"s2:processing_baseline": "03.01"})
+    scaling = band_scaling(profile, item, BandRef("red", 1))
+    assert (scaling.scale, scaling.offset, scaling.nodata, scaling.from_item) == (0.0002, 0.05, 0.0, True)
+    per_band = make_item({**shared, "bands": [{"raster:scale": 0.0003}], "raster:bands": [{"offset": -0.2}]})
+    scaling = band_scaling(profile, per_band, BandRef("red", 1))
+    assert (scaling.scale, scaling.offset) == (0.0003, -0.2)
+
+
 def test_what_the_item_does_not_say_comes_from_the_profile() -> None:
     profile = resolve_profile(EARTH_SEARCH, "sentinel-2-l2a")
     only_scale = make_item({"raster:bands": [{"scale": 0.0001}]}, {"s2:processing_baseline": "05.10"})

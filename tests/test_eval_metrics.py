@@ -33,7 +33,8 @@ from rsflow.evaluate.metrics import (
 from rsflow.evaluate.report import markdown_table
 from rsflow.evaluate.run import headline
 from rsflow.evaluate.samples import Sample, polygon_json
-from rsflow.evaluate.scoring import predicted_polygons, read_answer
+from rsflow.evaluate.scoring import predicted_polygons, read_answer, seen_square
+from rsflow.merge import rotated_iou
 from rsflow.presets import AID_CLASSES, UCMERCED_CLASSES
 
 JAVA = shutil.which("java") is not None
@@ -199,10 +200,22 @@ def test_rotated_boxes_use_the_true_polygon_iou() -> None:
     assert objects_found(half, square) == 0
 
 
-def test_boxes_scale_by_the_image_size_and_match_one_to_one() -> None:
-    # 0-100 grid on a 200 x 100 image: x * 2, y * 1
-    [poly] = predicted_polygons("{<10><20><30><60>|<0>}", 200, 100)
-    assert poly == [(20.0, 20.0), (60.0, 20.0), (60.0, 60.0), (20.0, 60.0)]
+def test_boxes_are_on_the_grid_of_the_square_the_model_saw_and_match_one_to_one() -> None:
+    # a square image: the grid spans it, x * 2 and y * 2 on 200 x 200
+    [poly] = predicted_polygons("{<10><20><30><60>|<0>}", 200, 200)
+    assert poly == [(20.0, 40.0), (60.0, 40.0), (60.0, 120.0), (20.0, 120.0)]
+    # 200 x 100 padded to a 200 px square (expand2square puts the image 50 px down): y = v * 2 - 50
+    [poly] = predicted_polygons("{<10><35><30><55>|<0>}", 200, 100)
+    assert [c for xy in poly for c in xy] == pytest.approx([20, 20, 60, 20, 60, 60, 20, 60])
+    assert predicted_polygons("{<10><35><30><55>|<0>}", 200, 100, "pad") == [poly]
+    # centre-cropped instead: the middle 100 px square, x = v + 50
+    [poly] = predicted_polygons("{<10><20><30><60>|<0>}", 200, 100, "crop")
+    assert [c for xy in poly for c in xy] == pytest.approx([60, 20, 80, 20, 80, 60, 60, 60])
+    assert seen_square(600, 400) == (600, 0.0, -100.0) and seen_square(400, 600, "crop") == (400, 0.0, 100.0)
+    # what a 600 x 400 image padded to its 600 px square shows at its top edge is at the image's top edge
+    truth = valid_polygon([[300, 0], [360, 0], [360, 40], [300, 40]])
+    [seen] = predicted_polygons("{<50><17><60><23>}", 600, 400)
+    assert rotated_iou(valid_polygon(seen), truth) == pytest.approx(0.9)  # the grid rounds 40 px to 36
     a = valid_polygon([[0, 0], [10, 0], [10, 10], [0, 10]])
     b = valid_polygon([[50, 50], [60, 50], [60, 60], [50, 60]])
     near_a = valid_polygon([[1, 0], [11, 0], [11, 10], [1, 10]])  # IoU 9/11 with a
@@ -236,10 +249,10 @@ def test_read_answer_for_a_referring_sample() -> None:
     truth = [[20, 20], [60, 20], [60, 60], [20, 60]], [[100, 10], [180, 10], [180, 50], [100, 50]]
     sample = Sample("q1", "/x.png", "refer", "p", tuple(polygon_json(t) for t in truth), group="ref",
                     size_group="small")
-    ans = read_answer(bench, sample, "{<10><20><30><60>|<0>}{<50><10><90><50>|<0>}", 200, 100)
+    ans = read_answer(bench, sample, "{<10><35><30><55>|<0>}{<50><30><90><50>|<0>}", 200, 100)
     assert ans.correct is True and ans.score == 1.0
-    assert json.loads(ans.answer or "")[0] == [[20.0, 20.0], [60.0, 20.0], [60.0, 60.0], [20.0, 60.0]]
-    half = read_answer(bench, sample, "{<10><20><30><60>}", 200, 100)
+    assert json.loads(ans.answer or "")[0] == [[20.0, 20.0], [60.0, 20.0], [60.0, 60.0], [20.0, 60.0]]  # rounded
+    half = read_answer(bench, sample, "{<10><35><30><55>}", 200, 100)
     assert (half.correct, half.score) == (False, 0.5)
     assert read_answer(bench, sample, "no box here", 200, 100).score == 0.0
 

@@ -60,6 +60,7 @@ from rsflow.models.prompts import check_tasks
 from rsflow.models.spec import (
     ModelSpec,
     check_image_size,
+    image_aspect,
     model_card,
     model_id,
     resolve_adapter,
@@ -298,11 +299,12 @@ def _str_or_none(value: Any) -> str | None:
     return str(value)
 
 
-def _prediction_row(bench: Benchmark, sample: Sample, model_row: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+def _prediction_row(bench: Benchmark, sample: Sample, model_row: Mapping[str, Any], run_id: str,
+                    aspect: str) -> dict[str, Any]:
     text = _str_or_none(model_row.get("text"))
     status = _str_or_none(model_row.get("status")) or "failed"
     width, height = int(model_row.get("image_width") or 0), int(model_row.get("image_height") or 0)
-    ans = read_answer(bench, sample, text if status == "ok" else None, width, height)
+    ans = read_answer(bench, sample, text if status == "ok" else None, width, height, aspect)
     return {
         "sample_id": sample.sample_id,
         "image": sample.image_path,
@@ -343,6 +345,7 @@ def _infer(
     from rsflow.pipeline import infer_images
 
     by_id = {s.sample_id: s for s in todo}
+    aspect = image_aspect(config.model)  # boxes are on the grid of the square the model saw
     images: dict[str, list[Sample]] = {}
     for s in todo:
         images.setdefault(s.image_path, []).append(s)
@@ -362,7 +365,7 @@ def _infer(
         n = len(batch["prompt_key"])
         records = [{k: batch[k][i] for k in batch} for i in range(n)]
         preds = [
-            _prediction_row(bench, by_id[key], r, run_id)
+            _prediction_row(bench, by_id[key], r, run_id, aspect)
             for r in records
             if (key := _str_or_none(r.get("prompt_key"))) is not None and key in by_id
         ]
@@ -375,7 +378,7 @@ def _infer(
     missing = [s for s in todo if s.sample_id not in done]
     for s in missing:  # never silently dropped: a sample the pipeline lost is a failed prediction
         done[s.sample_id] = _prediction_row(
-            bench, s, {"status": "failed", "error": "no prediction came back from the pipeline"}, run_id
+            bench, s, {"status": "failed", "error": "no prediction came back from the pipeline"}, run_id, aspect
         )
     return done
 
@@ -452,6 +455,7 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     _check_images(chosen)
     mid = model_id(spec)
     card = model_card(spec)
+    aspect = image_aspect(spec)
     out = Path(config.output)
     identity = _identity(config, bench, mid, prompt_format)
     earlier = _prepare_output(out, identity, config.overwrite)
@@ -485,7 +489,7 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     chosen_ids = {s.sample_id for s in chosen}
     # Reused rows are re-read with today's answer reading; rows of earlier runs not chosen now are kept.
     final_rows = [
-        {**_prediction_row(bench, s, by_id[s.sample_id], str(by_id[s.sample_id].get("run_id") or run_id)),
+        {**_prediction_row(bench, s, by_id[s.sample_id], str(by_id[s.sample_id].get("run_id") or run_id), aspect),
          "scored": True}
         for s in chosen
     ]
@@ -494,7 +498,7 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     _write_parquet(out / PREDICTIONS, final_rows, PREDICTION_SCHEMA.append(pa.field("scored", pa.bool_())))
     shutil.rmtree(out / PARTS, ignore_errors=True)
 
-    metrics = score(bench, chosen, by_id, caption_metrics=caption_metrics, tokenizer=config.tokenizer)
+    metrics = score(bench, chosen, by_id, caption_metrics=caption_metrics, tokenizer=config.tokenizer, aspect=aspect)
     counts = {
         "samples": len(chosen),
         "samples_in_benchmark": len(samples),

@@ -46,28 +46,43 @@ class Answer:
     """Boxes: the share of the sample's ground-truth objects found (IoU > 0.5); else None."""
 
 
-def predicted_polygons(text: str | None, width_px: int, height_px: int) -> list[list[tuple[float, float]]]:
-    """GeoChat boxes of a reply (0-100 grid) as rotated rectangles in pixels of a ``width_px`` x
-    ``height_px`` image (``georef.box_to_pixels`` then ``georef.rotated_rect_px``: geochat_demo's
-    ``bbox_and_angle_to_polygon``)."""
+def seen_square(width_px: int, height_px: int, aspect: str = "pad") -> tuple[int, float, float]:
+    """The square image the model saw, in the original image's pixels: ``(side, left, top)``, the 0-100 grid
+    of its boxes spanning it. ``"pad"``: LLaVA's ``expand2square`` pastes the image at ``((side - w) // 2,
+    (side - h) // 2)`` of a ``max(w, h)`` square, so the square starts left of and above the image;
+    ``"crop"``: the image processor's centre crop, a ``min(w, h)`` square in the middle. A square image is
+    ``(w, 0, 0)`` either way (the benchmarks' images nearly all are)."""
+    if aspect == "crop":
+        side = min(width_px, height_px)
+        return side, (width_px - side) / 2, (height_px - side) / 2
+    side = max(width_px, height_px)
+    return side, -float((side - width_px) // 2), -float((side - height_px) // 2)
+
+
+def predicted_polygons(text: str | None, width_px: int, height_px: int,
+                       aspect: str = "pad") -> list[list[tuple[float, float]]]:
+    """GeoChat boxes of a reply (0-100 grid of the square the model saw, :func:`seen_square`) as rotated
+    rectangles in pixels of the ``width_px`` x ``height_px`` image (``georef.box_to_pixels`` then
+    ``georef.rotated_rect_px``: geochat_demo's ``bbox_and_angle_to_polygon``)."""
     if not text or width_px <= 0 or height_px <= 0:
         return []
+    side, left, top = seen_square(width_px, height_px, aspect)
     polys = []
     for box in parse_boxes(text).boxes:
-        x1, y1, x2, y2, angle = box_to_pixels(box, width_px, height_px)
-        poly = rotated_rect_px(x1, y1, x2, y2, angle)
+        x1, y1, x2, y2, angle = box_to_pixels(box, side, side)
+        poly = rotated_rect_px(x1 + left, y1 + top, x2 + left, y2 + top, angle)
         polys.append([(float(x), float(y)) for x, y in list(poly.exterior.coords)[:4]])
     return polys
 
 
-def _box_outcome(sample: Sample, text: str | None, width_px: int, height_px: int) -> BoxOutcome:
-    predicted = [valid_polygon(p) for p in predicted_polygons(text, width_px, height_px)]
+def _box_outcome(sample: Sample, text: str | None, width_px: int, height_px: int, aspect: str = "pad") -> BoxOutcome:
+    predicted = [valid_polygon(p) for p in predicted_polygons(text, width_px, height_px, aspect)]
     truth = [valid_polygon(json.loads(ref)) for ref in sample.references]
     return BoxOutcome(sample.group, sample.size_group, len(truth), objects_found(predicted, truth), len(predicted))
 
 
 def read_answer(benchmark: Benchmark, sample: Sample, text: str | None, width_px: int = 0,
-                height_px: int = 0) -> Answer:
+                height_px: int = 0, aspect: str = "pad") -> Answer:
     """Read one reply as ``benchmark`` scores it.
 
     Args:
@@ -76,6 +91,7 @@ def read_answer(benchmark: Benchmark, sample: Sample, text: str | None, width_px
         text: the model's reply (None when inference failed).
         width_px: the image's width in pixels (box benchmarks scale the 0-100 grid by it).
         height_px: the image's height in pixels.
+        aspect: how the image reached the model (``pad`` or ``crop``, :func:`seen_square`).
     """
     if text is None:
         return Answer(None, None if benchmark.kind == "caption" else False, 0.0 if benchmark.kind == "boxes" else None)
@@ -86,8 +102,8 @@ def read_answer(benchmark: Benchmark, sample: Sample, text: str | None, width_px
         label = match_scene_class(text, benchmark.classes)
         return Answer(label if label is not None else benchmark.normal_form(text), label == sample.references[0])
     if benchmark.kind == "boxes":
-        outcome = _box_outcome(sample, text, width_px, height_px)
-        polys = predicted_polygons(text, width_px, height_px)
+        outcome = _box_outcome(sample, text, width_px, height_px, aspect)
+        polys = predicted_polygons(text, width_px, height_px, aspect)
         rounded = [[[round(x, 3), round(y, 3)] for x, y in poly] for poly in polys]
         return Answer(json.dumps(rounded), outcome.found == outcome.objects,
                       outcome.found / outcome.objects if outcome.objects else 0.0)
@@ -101,6 +117,7 @@ def score(
     *,
     caption_metrics: Sequence[str] = (),
     tokenizer: str = "ptb",
+    aspect: str = "pad",
 ) -> dict[str, Any]:
     """The benchmark's metrics over ``samples``.
 
@@ -111,6 +128,7 @@ def score(
             ``image_height``); every sample must have one.
         caption_metrics: caption kinds: which metrics (default: the benchmark's).
         tokenizer: caption kinds: ``ptb`` or ``simple``.
+        aspect: box kinds: how the images reached the model (``pad`` or ``crop``, :func:`seen_square`).
 
     Returns:
         The metrics (see :mod:`rsflow.evaluate.metrics`), plus ``samples`` and ``failed`` (predictions
@@ -132,7 +150,7 @@ def score(
         out = box_metrics(
             [
                 _box_outcome(s, texts[s.sample_id], int(predictions[s.sample_id].get("image_width") or 0),
-                             int(predictions[s.sample_id].get("image_height") or 0))
+                             int(predictions[s.sample_id].get("image_height") or 0), aspect)
                 for s in samples
             ]
         )

@@ -268,8 +268,8 @@ class GeoParquetDatasink(Datasink[dict[str, Any]]):
             bad = rows[rows["status"] != "ok"]
             stats["failures"].extend(
                 {"tile_id": r.tile_id, "item_id": r.item_id, "task": r.task, "prompt": r.prompt, "status": r.status,
-                 "stage": r.stage, "error": r.error}
-                for r in bad.itertuples()
+                 "stage": r.stage, "error": r.error, "primary": bool(primary)}
+                for r, primary in zip(bad.itertuples(), bad["_primary"], strict=True)
             )
             stats["read_seconds"] += float(tiles["_read_seconds"].sum())
             stats["infer_seconds"] += float(cols["_infer_seconds"].sum())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import fsspec
 import rasterio
@@ -819,35 +820,25 @@ def run_region(
         if request.preview:
             preview = _write_preview(staging, title=f"rsflow: {request.output.rstrip('/').rsplit('/', 1)[-1]}")
         s = sink.summary
-        tiles = s.tiles_by_status
-        plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}  # an item, or a unit of one
-        failed_tiles = {f["tile_id"] for f in s.failures if f["status"] == "failed"} - plan_failed
-        read_failed = {f["tile_id"] for f in s.failures if f["status"] == "failed" and f["stage"] == "read"}
-        planned = sum(tiles.values()) - len(plan_failed)
+        counts = tile_counts(s, items_found=len(items))
         manifest.update(
             status="complete",
             finished=datetime.now(UTC).isoformat(),
             files=sorted(fs_files),
             geo=out.dataset_geo(staging, fs_files),
             counts={
-                "items_found": len(items),
-                "items_failed": len({f["item_id"] for f in s.failures if f["stage"] == "plan"}),
-                "tiles_planned": planned,
-                "tiles_read": planned - len(read_failed),
-                "tiles_skipped": tiles.get("skipped", 0),
-                "tiles_failed": len(failed_tiles),
-                "tiles_ok": tiles.get("ok", 0),
+                **counts,
                 "rows_written": s.rows + (n_objects if request.merge_iou is not None else 0),
                 "objects_detected": s.objects,
                 "objects_written": n_objects,
                 "rows_by_status": s.rows_by_status,
             },
-            failures=[f for f in s.failures if f["status"] == "failed"][:1000],
-            skipped=[f for f in s.failures if f["status"] == "skipped"][:1000],
-            lists_truncated_at=1000,
+            failures=failure_list(s, "failed"),
+            skipped=failure_list(s, "skipped"),
+            lists_truncated_at=LISTED_FAILURES,
             preview=preview,
             throughput={
-                "tiles_per_second": round(tiles.get("ok", 0) / pipeline_seconds, 3) if pipeline_seconds else None,
+                "tiles_per_second": round(counts["tiles_ok"] / pipeline_seconds, 3) if pipeline_seconds else None,
                 "prompts_per_second": round(s.rows_by_status.get("ok", 0) / pipeline_seconds, 3)
                 if pipeline_seconds
                 else None,
@@ -886,6 +877,37 @@ def run_region(
         _keep_or_discard(staging, result_left=finished)
         raise
     return RunResult(output=request.output, manifest=manifest)
+
+
+LISTED_FAILURES: Final[int] = 1000
+"""The manifest lists at most this many failed rows, and as many skipped (the dataset has them all)."""
+
+
+def tile_counts(s: out.SinkSummary, *, items_found: int) -> dict[str, int]:
+    """The manifest's tile counts from what the write tasks saw: every planned tile is exactly one of ok,
+    skipped or failed. A tile is failed when any of its rows failed: one whose first prompt was answered
+    and another's generation failed had been counted as ok and as failed."""
+    tiles = s.tiles_by_status
+    plan_failed = {f["tile_id"] for f in s.failures if f["stage"] == "plan"}  # an item, or a unit of one
+    failed_tiles = {f["tile_id"] for f in s.failures if f["status"] == "failed"} - plan_failed
+    partly_failed = failed_tiles - {f["tile_id"] for f in s.failures if f["status"] == "failed" and f["primary"]}
+    read_failed = {f["tile_id"] for f in s.failures if f["status"] == "failed" and f["stage"] == "read"}
+    planned = sum(tiles.values()) - len(plan_failed)
+    return {
+        "items_found": items_found,
+        "items_failed": len({f["item_id"] for f in s.failures if f["stage"] == "plan"}),
+        "tiles_planned": planned,
+        "tiles_read": planned - len(read_failed),
+        "tiles_skipped": tiles.get("skipped", 0),
+        "tiles_failed": len(failed_tiles),
+        "tiles_ok": tiles.get("ok", 0) - len(partly_failed),
+    }
+
+
+def failure_list(s: out.SinkSummary, status: str) -> list[dict[str, Any]]:
+    """The first :data:`LISTED_FAILURES` rows of ``status`` (``failed`` or ``skipped``), as the manifest lists them."""
+    return [{k: v for k, v in f.items() if k != "primary"}
+            for f in itertools.islice((f for f in s.failures if f["status"] == status), LISTED_FAILURES)]
 
 
 def _keep_or_discard(staging: str, *, result_left: bool) -> None:

@@ -403,3 +403,33 @@ def test_geoparquet_rings_are_counterclockwise_and_a_row_without_geometry_has_no
     back = gpd.read_parquet(path)
     assert all(shapely.is_ccw(p.exterior) for g in back.geometry.dropna() if not g.is_empty for p in shapely.get_parts(g))
     assert len(gpd.read_parquet(path, bbox=(0.2, 0.2, 0.5, 0.5))) == 2
+
+
+def test_a_tile_with_one_failed_prompt_counts_once_as_failed(tmp_path: Path) -> None:
+    """Every planned tile is exactly one of ok, skipped or failed: a tile whose first prompt was answered and whose
+    second prompt's generation failed had been counted in ``tiles_ok`` and in ``tiles_failed``."""
+    import pandas as pd
+
+    from rsflow.interpret import interpret_batch
+    from rsflow.output import GeoParquetDatasink, _DriverTask
+    from rsflow.pipeline import failure_list, tile_counts
+
+    def row(tile: str, prompt_index: int, status: str) -> dict:
+        return {"tile_id": tile, "item_id": "item", "collection": "c", "datetime": "2016-05-28T16:00:00Z",
+                "task": "caption", "prompt": f"prompt {prompt_index}", "prompt_key": "", "region_id": None,
+                "text": "a field" if status == "ok" else None, "model_id": "m", "status": status,
+                "stage": "infer", "error": None if status == "ok" else "RuntimeError: boom", "crs": "EPSG:32618",
+                "col_off": 0, "row_off": 0, "width": 64, "height": 64, "res": 10.0,
+                "transform": [10.0, 0.0, 435730.0, 0.0, -10.0, 4179460.0], "nodata_fraction": 0.0,
+                "footprint_wkb": shapely.to_wkb(box(-75.70, 37.65, -75.69, 37.66)), "prompt_index": prompt_index,
+                "read_seconds": 0.1, "infer_seconds": 0.2}
+
+    rows = [row("a", 0, "ok"), row("a", 1, "failed"), row("b", 0, "ok"), row("b", 1, "ok"),
+            row("c", 0, "failed"), row("c", 1, "failed")]
+    sink = GeoParquetDatasink(str(tmp_path / "out"))
+    sink.summary.merge(sink.write([interpret_batch(pd.DataFrame(rows), classes=())], _DriverTask(0)))
+    counts = tile_counts(sink.summary, items_found=1)
+    assert (counts["tiles_planned"], counts["tiles_ok"], counts["tiles_failed"], counts["tiles_skipped"]) == (3, 1, 2, 0)
+    listed = failure_list(sink.summary, "failed")
+    assert [(f["tile_id"], f["prompt"]) for f in listed] == [("a", "prompt 1"), ("c", "prompt 0"), ("c", "prompt 1")]
+    assert "primary" not in listed[0]

@@ -180,6 +180,7 @@ def _write_yaml(path: Path, base: Path, data_path: Path, **extra: Any) -> Path:
         ({}, ["lr=.nan"], "lr", "must be a finite number"),  # it trained to NaN weights and exited 0
         ({}, ["max_grad_norm=.inf"], "max_grad_norm", "must be a finite number"),
         ({}, ["cpus_per_worker=0"], "cpus_per_worker", "must be > 0"),
+        ({}, ["epoch_shuffle_steps=-1"], "epoch_shuffle_steps", "must be a whole number >= 0"),
         ({}, ["base=..."], "base", "is not a YAML scalar"),  # the README's placeholder: was a traceback
         # Path() made s3://b/runs the local <cwd>/s3:/b/runs; an empty value the working directory
         ({}, ["output=s3://bucket/runs"], "output", "is a URL: runs are stored in a folder"),
@@ -614,6 +615,10 @@ def test_instruct_run_survives_a_killed_worker_and_does_every_step_once(
         assert sum(int(r["rows_digest"]) for r in in_epoch) == all_rows
         assert sum(int(r["failed_rows"]) for r in in_epoch) == 2
         assert sum(int(r["truncated_rows"]) for r in in_epoch) == 3
+    # the second epoch's micro-batches are made of other rows than the first's (reshuffled, seeded: the
+    # restart replayed its epoch exactly, as the sums above show)
+    by_epoch = [[int(r["rows_digest"]) for r in steps if int(r["epoch"]) == epoch] for epoch in (0, 1)]
+    assert sum(a != b for a, b in zip(*by_epoch, strict=True)) >= 15, by_epoch
     # the failed rows' reasons, all workers, every step once: in the result, the model card and a file
     assert result.failed_rows == {"tokenization_mismatch": 4}
     failed_report = json.loads((run_dir / "failed_rows.json").read_text())

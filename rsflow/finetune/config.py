@@ -142,7 +142,17 @@ class FinetuneConfig:
         default=True, metadata={"help": "shuffle the records once, seeded, before preparing them"}
     )
     """Shuffle the records once with ``seed`` before they are prepared (``training/finetune.py``), so
-    every restart sees the same order. The training loop itself never shuffles."""
+    every restart sees the same order."""
+
+    epoch_shuffle_steps: int = field(
+        default=4, metadata={"help": "epochs after the first: reshuffle each worker's rows, seeded, in a buffer of "
+                                     "this many steps' rows (0: every epoch in the first's order)"}
+    )
+    """From the second epoch on, each worker's rows pass through Ray Data's local shuffle buffer
+    (``iter_batches(local_shuffle_buffer_size=...)``) of ``epoch_shuffle_steps x per_worker_batch x
+    grad_accum`` rows, seeded by ``(seed, epoch, rank)``: the micro-batches of each epoch are made of other
+    rows than the last's, and a restart replays the same ones. The buffer holds prepared rows (pixels
+    included), so its memory grows with it; 0 keeps every epoch in the first epoch's order."""
 
     # -- what trains -----------------------------------------------------------------------------
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
@@ -222,6 +232,9 @@ class FinetuneConfig:
             raise RequestError("lr", f"must be > 0, got {self.lr}")
         if self.projector_lr is not None and self.projector_lr <= 0:
             raise RequestError("projector_lr", f"must be > 0 or null (same as lr), got {self.projector_lr}")
+        if isinstance(self.epoch_shuffle_steps, bool) or not isinstance(self.epoch_shuffle_steps, int) \
+                or self.epoch_shuffle_steps < 0:
+            raise RequestError("epoch_shuffle_steps", f"must be a whole number >= 0, got {self.epoch_shuffle_steps!r}")
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise RequestError(name, f"must be >= 0, got {getattr(self, name)}")

@@ -13,6 +13,8 @@ Exactly-once, across worker failures and relaunches:
   must produce the same rows in the same order each time it runs (shuffle the records with a seed
   before preparing them, as ``training/finetune.py`` does), and Ray Data runs with
   ``preserve_order`` (its ``streaming_split`` then deals blocks deterministically, ``equal=True``).
+  From the second epoch on each worker mixes its rows in a local shuffle buffer seeded by ``(seed,
+  epoch, rank)`` (``epoch_shuffle_steps``), which is deterministic too.
   A worker's micro-batch ``i`` of an epoch is therefore always the same rows, and a resumed run
   skips the ``(step % steps_per_epoch) * grad_accum`` micro-batches each worker had already
   consumed in that epoch (they are read and dropped, not trained on).
@@ -567,7 +569,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         sums = torch.zeros(n_sums, dtype=torch.float64)
         micro = 0
         started = time.perf_counter()
-        batches = shard.iter_batches(batch_size=config.per_worker_batch, batch_format="numpy", drop_last=True)
+        # Epochs after the first mix each worker's rows anew, seeded: a replayed epoch is the same epoch.
+        shuffle_rows = config.epoch_shuffle_steps * config.per_worker_batch * config.grad_accum if epoch else 0
+        batches = shard.iter_batches(
+            batch_size=config.per_worker_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=shuffle_rows or None,
+            local_shuffle_seed=(config.seed + 7919 * epoch + 104_729 * rank) if shuffle_rows else None,
+        )
         for index, batch in enumerate(batches):
             if index < skip or index >= micro_per_epoch:
                 continue  # trained on before the restart / a tail too short for a step: drain the stream
@@ -911,7 +919,8 @@ def run_finetune(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     meta = {"rows": rows, "workers": config.workers, "global_batch": config.global_batch,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": config.seed,
-            "shuffle": config.shuffle, "settings": {k: config.to_dict()[k] for k in RELAUNCH_SETTINGS}}
+            "shuffle": config.shuffle, "epoch_shuffle_steps": config.epoch_shuffle_steps,
+            "settings": {k: config.to_dict()[k] for k in RELAUNCH_SETTINGS}}
     _check_relaunch(run_dir / _META_FILE, meta)
     for name in (_CHECKSUMS_FILE, "attempts.txt"):  # read by the workers: refuse a broken one here, in one line
         if (run_dir / name).is_file():
@@ -1032,7 +1041,12 @@ def _check_relaunch(meta_path: Path, meta: Mapping[str, Any]) -> None:
     if not meta_path.is_file():
         return
     before = _read_state(meta_path)
-    for key in ("rows", "workers", "global_batch", "steps_per_epoch", "seed", "shuffle"):
+    # a run recorded before epochs were reshuffled replayed the first epoch's order (epoch_shuffle_steps 0)
+    before = {"epoch_shuffle_steps": 0, **before}
+    order_keys = ("rows", "workers", "global_batch", "steps_per_epoch", "seed", "shuffle")
+    if int(meta["total_steps"]) > int(meta["steps_per_epoch"]):  # it orders the epochs after the first only
+        order_keys += ("epoch_shuffle_steps",)
+    for key in order_keys:
         if before.get(key) != meta[key]:
             raise RequestError(
                 "global_batch" if key in ("workers", "global_batch", "steps_per_epoch") else key,

@@ -115,6 +115,11 @@ BAD = [
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts", "between 1"),
     ({"lock": {"expiry": "2s"}}, "lock.expiry", "between"),
     ({"lock": {"max_hold": "10m"}}, "lock.max_hold", "longer than lock.expiry (30m)"),
+    # more than timedelta holds: an OverflowError traceback, exit 1
+    ({"lookback": "99999999999w"}, "lookback", "far too long"),
+    ({"lock": {"expiry": "9999999999999d"}}, "lock.expiry", "far too long"),
+    ({"lock": {"max_hold": "9999999999999d"}}, "lock.max_hold", "far too long"),
+    ({"max_tiles": 0}, "max_tiles", "between 1"),
     ({"change": {"object_iou": 2}}, "change.object_iou", "IoU"),
     # a value that is there but false or empty is not an absent key
     ({"tile": 0}, "tile", "must be a mapping"),
@@ -133,6 +138,8 @@ BAD = [
     ({"webhook": {"url": "http://127.0.0.1:99999/hook"}}, "webhook.url", "Port out of range"),
     ({"webhook": {"url": "http://127.0.0.1:8080/my hook"}}, "webhook.url", "spaces"),
     ({"webhook": {"url": "http://127.0.0.1:80x/hook"}}, "webhook.url", "not a valid URL"),
+    ({"webhook": {"url": "https://user:pw@127.0.0.1/hook"}}, "webhook.url", "must not hold credentials"),
+    ({"webhook": {"url": "https://token@127.0.0.1/hook"}}, "webhook.url", "must not hold credentials"),
     (
         {"webhook": {"url": "http://127.0.0.1:9/h", "secret_env": "s3cr3t value"}},
         "webhook.secret_env",
@@ -847,6 +854,8 @@ def test_a_run_that_dies_counts_an_attempt_and_a_failed_item_no_longer_found_is_
         record.attempts = 2
     assert [i["id"] for i in _isolate_crashed(pending, ledger)] == ["b"]
     ledger.items["b"].attempts = 3
+    assert _give_up_interrupted(ledger, 3) == []  # its crashes were all in company: isolated, not given up
+    ledger.items["b"].alone = True  # its third attempt, alone, died too
     assert _give_up_interrupted(ledger, 3) == ["b"] and ledger.items["b"].state == "given_up"
     assert ledger.items["a"].state == "failed" and _give_up_interrupted(ledger, 3) == []
 
@@ -1286,3 +1295,246 @@ def test_status_of_a_monitor_whose_store_cannot_be_read_is_one_line(tmp_path, ca
     assert main(["monitor", "status", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rsflow monitor: error: output: cannot read s3://rsflow-test-bucket/monitor: ") and "\n" not in err
+
+
+# --- review findings: watermark, lost ledger, webhook credentials, crashes, max_tiles, ids, lock, durations ----
+
+
+def test_an_item_dated_in_the_future_does_not_move_the_watermark_past_the_next_scenes(
+    tmp_path, fake_region, caplog
+):
+    """A catalog entry with a mistyped year (2204) was processed and pushed the watermark into the future:
+    every later search started after every real scene, and the monitor said "nothing new" for ever. It is
+    processed, named in a warning, and the watermark stays at the latest scene up to the run's start, also when
+    the item is given up (refused: no assets) in a run that processes nothing."""
+    import logging
+
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    items = [plain_item("s0", "2024-05-02T10:00:00Z"), plain_item("typo", "2204-05-03T10:00:00Z")]
+    catalog = write_items(tmp_path / "items.json", items)
+    out = tmp_path / "out"
+    config = parse_monitor_config(plain_monitor_doc(catalog, out), base_dir=tmp_path, check_env=False)
+    caplog.set_level(logging.WARNING, logger="rsflow")
+    first = run_monitor(config)
+    assert first.items_done == ["s0", "typo"] and first.watermark == "2024-05-02T10:00:00Z"
+    assert any("typo (2204-05-03T10:00:00Z)" in r.getMessage() for r in caplog.records)
+    write_items(catalog, [*items, plain_item("new", "2024-05-07T10:00:00Z")])  # the next real scene
+    assert run_monitor(config).items_done == ["new"]
+    assert load_ledger(str(out), "plain").watermark == "2024-05-07T10:00:00Z"
+
+    # given up without running (refused, max_attempts 1), in a run that finds nothing else
+    write_items(catalog, [*items, plain_item("new", "2024-05-07T10:00:00Z"),
+                          plain_item("typo2", "2304-01-01T10:00:00Z", assets=False)])
+    refused = parse_monitor_config(plain_monitor_doc(catalog, out, retry={"max_attempts": 1}), base_dir=tmp_path,
+                                   check_env=False)
+    result = run_monitor(refused)
+    assert result.outcome == "nothing-new" and result.items_given_up == ["typo2"]
+    assert load_ledger(str(out), "plain").watermark == "2024-05-07T10:00:00Z"
+
+    # a ledger whose watermark is already in the future (written before the check) is set back
+    ledger = Ledger(monitor="m", watermark="2204-05-03T10:00:00Z")
+    ledger.items["s0"] = ItemRecord(id="s0", collection="c", datetime="2024-05-02T10:00:00Z", state="done",
+                                    attempts=1, run_id="r")
+    advance_watermark(ledger, datetime(2024, 6, 1, tzinfo=UTC))
+    assert ledger.watermark == "2024-05-02T10:00:00Z"
+
+
+def test_a_root_with_published_results_but_no_ledger_is_refused_and_nothing_is_deleted(tmp_path, fake_region, capsys):
+    """A missing ledger (deleted to "reset" the monitor, lost to a lifecycle rule) read as a new monitor, and
+    the cleanup of an unfinished run's files deleted every committed result and run record. The run is refused
+    now, before any work, with one line naming output and how to go on; and the cleanup never deletes a
+    published partition, even one the ledger does not list (it keeps its run record too)."""
+    from rsflow.monitor.ledger import RunRecord
+    from rsflow.monitor.run import remove_leftovers
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    catalog = write_items(tmp_path / "items.json", [plain_item("A", "2024-05-02T10:00:00Z")])
+    out = tmp_path / "out"
+    path = _write(tmp_path, plain_monitor_doc(catalog, out))
+    published = out / "results" / "date=2024-05-02" / "part-r0.parquet"
+    published.parent.mkdir(parents=True)
+    published.write_bytes(b"rows of a committed run")
+    (out / "runs").mkdir()
+    (out / "runs" / "r0.json").write_text("{}")
+    (out / "_monitor").mkdir()
+    (out / "_monitor" / "last_run.json").write_text("{}")
+    assert main(["monitor", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsflow monitor: error: output: ") and err.count("\n") == 1, err
+    assert "restore _monitor/ledger.json" in err and "new output root" in err
+    assert published.exists() and (out / "runs" / "r0.json").exists() and fake_region.calls == []
+
+    # a ledger that does not list them (restored from an older copy): kept, with their run record; what an
+    # unfinished run left (a hidden pending file, the record of a run that never committed) still goes
+    ledger = Ledger(monitor="plain", runs=[RunRecord(
+        run_id="r-old", started="s", finished="f", items_done=[], items_failed=[], items_given_up=[],
+        files=[], request_fingerprint="x")])
+    pending = published.parent / ".part-r1.parquet.pending"
+    pending.write_bytes(b"rows of a killed run")
+    (out / "runs" / "r1.json").write_text("{}")
+    removed = remove_leftovers(str(out), ledger)
+    assert sorted(removed) == ["results/date=2024-05-02/.part-r1.parquet.pending", "runs/r1.json"]
+    assert published.exists() and (out / "runs" / "r0.json").exists()
+
+
+def test_a_webhook_url_with_credentials_is_refused_and_never_leaks_its_password(tmp_path, capsys, caplog, monkeypatch):
+    """``https://user:password@host/...`` passed the config check; urllib cannot send it (InvalidURL:
+    nonnumeric port: 'password@host'), and that error, with the password, went to the log, last_run.json and
+    stdout on every run. It is refused when the file is read, and a delivery error, however it arises, is
+    scrubbed of the URL's credentials before it is logged, stored or printed."""
+    import logging
+
+    import rsflow.monitor.run as run_module
+    from rsflow.monitor.config import WebhookConfig
+    from rsflow.monitor.run import MonitorRunResult, _webhook_record
+    from rsflow.monitor.webhook import WebhookResult, send_webhook
+
+    url = "https://monitor:Tr0ub4dor@hooks.example.invalid/services/T0KEN"
+    path = _write(tmp_path, _config(tmp_path, webhook={"url": url}))
+    assert main(["monitor", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsflow monitor: error: webhook.url: must not hold credentials") and err.count("\n") == 1
+    assert "secret_env" in err and "Tr0ub4dor" not in err and not (tmp_path / "out").exists()
+
+    caplog.set_level(logging.DEBUG, logger="rsflow")
+    result = send_webhook(WebhookConfig(url=url, timeout_seconds=2), {"changes": 1}, attempts=1)
+    assert not result.delivered and result.error.startswith("InvalidURL") and "Tr0ub4dor" not in result.error
+    assert not [r for r in caplog.records if "Tr0ub4dor" in r.getMessage()]
+
+    leaked = WebhookResult(delivered=False, status=None, attempts=1, error=f"URLError: cannot open {url}")
+    assert "Tr0ub4dor" not in json.dumps(_webhook_record(leaked))  # last_run.json
+
+    def fake_run(config, address=None):
+        return MonitorRunResult(run_id="r", outcome="processed", search_window="2024-05-01T00:00:00Z/..",
+                                items_found=1, items_done=["a"], webhook=leaked)
+
+    monkeypatch.setattr(run_module, "run_monitor", fake_run)
+    path = _write(tmp_path, _config(tmp_path))
+    assert main(["monitor", "run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "webhook FAILED" in out and "Tr0ub4dor" not in out
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_with_few_attempts_a_scene_that_kills_runs_is_still_given_up_alone(max_attempts, tmp_path, fake_region):
+    """With retry.max_attempts 1 or 2, every scene of two runs that died (a node lost, an OOM elsewhere) was
+    given up by the next run before the crash could be isolated. A crash now counts against an item for giving
+    it up only when it ran alone: after an outage of two runs no scene is given up, and a scene that kills runs
+    is isolated and given up on its own while the others are done, as with the default of 3."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    items = [plain_item(f"s{k}", f"2024-05-{k + 2:02d}T10:00:00Z") for k in range(4)]
+    catalog = write_items(tmp_path / "items.json", items)
+    doc = plain_monitor_doc(catalog, tmp_path / "out", retry={"max_attempts": max_attempts})
+    config = parse_monitor_config(doc, base_dir=tmp_path, check_env=False)
+    fake_region.error = RuntimeError("worker node lost (simulated)")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="simulated"):
+            run_monitor(config)
+    fake_region.error = None
+    done = []
+    for _ in range(3):
+        result = run_monitor(config)
+        assert not result.items_given_up and not result.items_failed
+        done.append(result.items_done)
+    assert done == [["s0"], ["s1", "s2", "s3"], []]
+
+    items = [plain_item("a", "2024-05-02T10:00:00Z"), plain_item("p", "2024-05-03T10:00:00Z"),
+             plain_item("b", "2024-05-04T10:00:00Z")]
+    catalog = write_items(tmp_path / "items2.json", items)
+    doc = plain_monitor_doc(catalog, tmp_path / "out2", retry={"max_attempts": max_attempts})
+    config = parse_monitor_config(doc, base_dir=tmp_path, check_env=False)
+    fake_region.calls.clear()
+    fake_region.killer = "p"
+    outcomes = []
+    for _ in range(7):
+        try:
+            result = run_monitor(config)
+            outcomes.append((result.items_done, result.items_given_up))
+        except RuntimeError:
+            outcomes.append("died")
+    assert fake_region.calls == [["a", "b", "p"], ["a", "b", "p"], ["a"], ["b", "p"], ["p"], ["b"]]
+    assert outcomes == ["died", "died", (["a"], []), "died", "died", (["b"], ["p"]), ([], [])]
+
+
+def test_a_run_planning_more_than_max_tiles_names_the_monitor_keys_that_help(tmp_path, fake_region, capsys):
+    """The region run refuses a run whose items plan more than --max-tiles tiles; the monitor printed that, on
+    every scheduled run, telling the user to raise a flag it does not have or shrink a date range it does not
+    have. It names max_items (the items one run takes) and max_tiles, a key passed to the region run now, and
+    counts no attempt."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    catalog = write_items(tmp_path / "items.json", [plain_item(f"s{k}", f"2024-05-0{k + 2}T10:00:00Z")
+                                                    for k in range(3)])
+    out = tmp_path / "out"
+    path = _write(tmp_path, plain_monitor_doc(catalog, out))
+    fake_region.error = RequestError("--max-tiles", "the AOI plans more than 100000 tiles (100012+ counted over 3 "
+                                     "items); shrink the AOI or the date range, or raise --max-tiles")
+    assert main(["monitor", "run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsflow monitor: error: max_tiles: the AOI plans more than 100000 tiles") and err.count(
+        "\n") == 1, err
+    assert "lower max_items" in err and "raise max_tiles" in err and "--max-tiles" not in err
+    assert "date range" not in err
+    assert all(r.attempts == 0 for r in load_ledger(str(out), "plain").items.values())  # given back
+
+    cfg = parse_monitor_config(plain_monitor_doc(catalog, out, max_tiles=250_000), base_dir=tmp_path, check_env=False)
+    assert cfg.request.max_tiles == 250_000
+    assert parse_monitor_config(plain_monitor_doc(catalog, out), base_dir=tmp_path,
+                                check_env=False).request.max_tiles == 100_000
+
+
+def test_an_id_another_collections_item_holds_in_the_ledger_is_recorded_not_skipped(tmp_path, fake_region, capsys):
+    """The ledger is keyed by item id: a scene of another collection with an id done in an earlier run (the
+    first item out of the search window by then) matched that record and was skipped as processed, recorded
+    nowhere. It is refused and recorded as collection/id, as duplicates within one search are (exit 4)."""
+    from tests.monitor_fixtures import plain_item, plain_monitor_doc, write_items
+
+    first = [plain_item("A", "2024-05-02T10:00:00Z", "c1"), plain_item("B", "2024-05-15T10:00:00Z", "c1"),
+             plain_item("Z", "2024-01-01T10:00:00Z", "c2")]  # before start: the catalog has c2, the search never sees it
+    catalog = write_items(tmp_path / "items.json", first)
+    out = tmp_path / "out"
+    path = _write(tmp_path, plain_monitor_doc(catalog, out, collections=["c1", "c2"], lookback="2d"))
+    assert main(["monitor", "run", "--config", str(path)]) == 0
+    write_items(catalog, [*first, plain_item("A", "2024-05-20T10:00:00Z", "c2")])
+    capsys.readouterr()
+    assert main(["monitor", "run", "--config", str(path)]) == 4
+    assert fake_region.calls == [["A", "B"]]
+    ledger = load_ledger(str(out), "plain")
+    assert (ledger.items["A"].collection, ledger.items["A"].state) == ("c1", "done")
+    record = ledger.items["c2/A"]
+    assert (record.state, record.collection) == ("failed", "c2")
+    assert "another item with id 'A' (collection 'c1'" in record.error
+    last = json.loads((out / "_monitor" / "last_run.json").read_text())
+    assert list(last["items_refused"]) == ["c2/A"]
+
+
+def test_the_locks_own_temporaries_are_left_and_a_lock_expiry_without_offset_is_utc(tmp_path):
+    """The cleanup spared lock.json* but the lock's temporary is .lock.json.tmp-* (a leading dot): it was
+    deleted under a renewal. A lock expiry written without a UTC offset (by hand, another tool) made acquire
+    raise TypeError (naive against aware); it is read as UTC."""
+    from rsflow.monitor.run import remove_leftovers
+
+    root = str(tmp_path)
+    (tmp_path / "_monitor").mkdir()
+    for name in (".lock.json.tmp-1a2b3c4d", "lock.json.mutex.tmp-1a2b3c4d"):
+        (tmp_path / "_monitor" / name).write_text("{}")
+    (tmp_path / "_monitor" / ".ledger.json.tmp-1a2b3c4d").write_text("{}")
+    assert remove_leftovers(root, Ledger(monitor="m")) == ["_monitor/.ledger.json.tmp-1a2b3c4d"]
+    assert sorted(p.name for p in (tmp_path / "_monitor").iterdir()) == [
+        ".lock.json.tmp-1a2b3c4d", "lock.json.mutex.tmp-1a2b3c4d"]
+
+    def hand_written(expires: datetime) -> None:
+        (tmp_path / "_monitor" / "lock.json").write_text(json.dumps({
+            "run_id": "r0", "host": "h", "pid": 1, "acquired": "2024-01-01T00:00:00",
+            "expires": expires.replace(tzinfo=None).isoformat()}))
+
+    hand_written(datetime.now(UTC) + timedelta(hours=1))
+    with pytest.raises(MonitorLocked, match="r0"):
+        MonitorLock(root, "m", "r1", timedelta(minutes=1), heartbeat=False).acquire()
+    hand_written(datetime(2024, 1, 1, 0, 30))
+    lock = MonitorLock(root, "m", "r1", timedelta(minutes=1), heartbeat=False)
+    lock.acquire()
+    assert lock.took_over is not None and lock.took_over.run_id == "r0"
+    lock.release()

@@ -80,6 +80,7 @@ def config_path(args: argparse.Namespace) -> Path:
 
 def run_monitor_command(args: argparse.Namespace) -> int:
     """``rsflow monitor run|status``; returns the exit code (bad input raises RequestError)."""
+    from rsflow.hrefs import redact
     from rsflow.monitor.config import load_monitor_config
     from rsflow.monitor.lock import MonitorLocked
     from rsflow.monitor.run import format_status, monitor_status, run_monitor
@@ -111,9 +112,9 @@ def run_monitor_command(args: argparse.Namespace) -> int:
         )
         return failed_or_given_up
     hook = ""
-    if result.webhook is not None:
+    if result.webhook is not None:  # printed, not logged: no RedactingFilter sees it
         hook = (
-            "; webhook called" if result.webhook.delivered else f"; webhook FAILED ({result.webhook.error})"
+            "; webhook called" if result.webhook.delivered else f"; webhook FAILED ({redact(result.webhook.error or '')})"
         )
     print(
         f"monitor {config.name}: run {result.run_id}: {len(result.items_done)} items done, "

@@ -70,6 +70,7 @@ TOP_KEYS = (
     "collections",
     "max_cloud",
     "max_items",
+    "max_tiles",
     "profile",
     "start",
     "lookback",
@@ -98,8 +99,17 @@ _LOCK_KEYS = ("expiry", "max_hold")
 _WEBHOOK_KEYS = ("url", "secret_env", "timeout_seconds")
 def as_config_error(exc: RequestError) -> RequestError:
     """``exc`` with the request flag it names (``--collections``) replaced by the config key that feeds
-    it (``collections``): a monitor is configured by its file, not by flags."""
-    return RequestError(_FLAG_TO_KEY.get(exc.field, exc.field), exc.reason)
+    it (``collections``): a monitor is configured by its file, not by flags.
+
+    The region run's refusal of a run that plans more than ``--max-tiles`` tiles says to shrink the AOI or
+    the date range, or raise the flag; a monitor has no date range, and the tiles of a run are those of the
+    items it takes, so the message names ``max_items`` (the next runs take the items left) and ``max_tiles``:
+    the run was refused on every schedule, naming a flag the monitor does not have."""
+    reason = exc.reason
+    if exc.field == "--max-tiles" and "plans more than" in reason:
+        reason = (f"{reason.split(';')[0]}; lower max_items (the items one run takes: the next runs take the "
+                  "others, newest first), shrink the AOI, or raise max_tiles")
+    return RequestError(_FLAG_TO_KEY.get(exc.field, exc.field), reason)
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -113,6 +123,7 @@ _FLAG_TO_KEY = {
     "--collections": "collections",
     "--max-cloud": "max_cloud",
     "--max-items": "max_items",
+    "--max-tiles": "max_tiles",
     "--profile": "profile",
     "--tile-size": "tile.size_px",
     "--overlap": "tile.overlap_px",
@@ -293,7 +304,7 @@ def parse_monitor_config(
     output = check_output_root(doc["output"], base_dir)
 
     numbers = {key: _number(doc.get(key), key) for key in ("max_cloud", "max_nodata", "merge_iou")}
-    wholes = {key: _whole(doc.get(key), key) for key in ("max_items", "model_actors", "read_workers")}
+    wholes = {key: _whole(doc.get(key), key) for key in ("max_items", "max_tiles", "model_actors", "read_workers")}
     tile_size, overlap = (
         _whole(tile.get("size_px"), "tile.size_px"),
         _whole(tile.get("overlap_px"), "tile.overlap_px"),
@@ -306,6 +317,7 @@ def parse_monitor_config(
             collections=collections,
             max_cloud=numbers["max_cloud"],
             max_items=wholes["max_items"] if wholes["max_items"] is not None else 100,
+            max_tiles=wholes["max_tiles"] if wholes["max_tiles"] is not None else 100_000,
             stac=stac,
             profile=_optional_string(doc.get("profile"), "profile"),
             tile_size=tile_size,
@@ -509,6 +521,13 @@ def _check_webhook_url(url: str) -> None:
         raise RequestError("webhook.url", f"must be an http(s) URL, got {shown!r}")
     if not parts.hostname:
         raise RequestError("webhook.url", f"names no host, got {shown!r}")
+    if "@" in parts.netloc:  # urllib cannot send user:password@ (InvalidURL), and the error text held the password
+        raise RequestError(
+            "webhook.url",
+            "must not hold credentials (user:password@host: the POST cannot send them, and errors quoted them); "
+            "put the secret in the environment variable that webhook.secret_env names (it signs the body: the "
+            f"X-Rsflow-Signature-256 header), not in the URL; got {shown!r}",
+        )
     if port == 0:
         raise RequestError("webhook.url", f"port must be between 1 and 65535, got {shown!r}")
 

@@ -53,6 +53,11 @@ class ItemRecord:
     """Tiles of the item that touched the AOI (done items)."""
     rows: int = 0
     """Result rows written for it (done items)."""
+    alone: bool = False
+    """Its last attempt was in a run that had no other item. A run that dies with one item only (error
+    :data:`rsflow.monitor.run.INTERRUPTED`) died of that item or of the cluster, never of another item: only
+    such a crash gives an item up (:func:`rsflow.monitor.run._give_up_interrupted`). Absent in older ledgers
+    (False)."""
 
 
 @dataclass
@@ -155,15 +160,32 @@ def save_ledger(root: str, ledger: Ledger) -> None:
     store.write_json_atomic(ledger_path(root), ledger.to_json())
 
 
-def advance_watermark(ledger: Ledger) -> None:
-    """Set the watermark to the latest acquisition time among done and given-up items."""
+def advance_watermark(ledger: Ledger, now: datetime | None = None) -> None:
+    """Set the watermark to the latest acquisition time among done and given-up items, never later than
+    ``now`` (the run's start; default: the current time).
+
+    An item dated after ``now`` (a mistyped year in the catalog) does not count: the watermark used to jump
+    to its time, and every later search started after every real scene, saying "nothing new" for ever. A
+    watermark already in the future (written before this check) is brought back to the latest item up to
+    ``now`` (or to ``now``). Items dated in the future are still searched (the window is open at the end),
+    and done once; the run names them in a warning.
+    """
+    now = now or datetime.now(UTC)
     times = [parse_time(r.datetime) for r in ledger.items.values() if r.state in ("done", "given_up")]
-    times = [t for t in times if t is not None]
+    times = [t for t in times if t is not None and t <= now]
+    current = parse_time(ledger.watermark) if ledger.watermark else None
+    if current is not None and current > now:
+        back = max(times) if times else now
+        logger.warning("the watermark %s is in the future: set back to %s", ledger.watermark, _iso(back))
+        ledger.watermark, current = _iso(back), back
     if times:
         latest = max(times)
-        current = parse_time(ledger.watermark) if ledger.watermark else None
         if current is None or latest > current:
-            ledger.watermark = latest.isoformat().replace("+00:00", "Z")
+            ledger.watermark = _iso(latest)
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(value: str | None) -> datetime | None:

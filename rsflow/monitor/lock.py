@@ -83,9 +83,15 @@ class LockInfo:
     expires: str
 
     def expired(self, now: datetime) -> bool:
+        """Whether the lock has expired at ``now`` (aware). An ``expires`` without a UTC offset (a lock
+        written by hand or by another tool) is UTC, as every time here is: compared as it was, a naive
+        time raised TypeError in :meth:`MonitorLock.acquire`. An unreadable one has expired."""
         try:
-            return datetime.fromisoformat(self.expires) <= now
-        except ValueError:
+            expires = datetime.fromisoformat(self.expires)
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            return expires <= now
+        except (ValueError, TypeError):
             return True
 
     def to_json(self) -> dict[str, Any]:

@@ -16,8 +16,9 @@ A run, in order (:func:`run_monitor`):
 
 1. checks the model and that the output root can be written (bad input fails here, before anything);
 2. takes the lock (:mod:`rsflow.monitor.lock`) or exits, naming the holder;
-3. reads the ledger and removes what an unfinished run left: result files and run records no
-   committed run lists, work folders, temporary files;
+3. reads the ledger (a root with published results and no committed run in its ledger is refused:
+   :func:`check_results_have_a_ledger`) and removes what an unfinished run left: hidden result files and
+   run records no committed run lists, work folders, temporary files (never a published partition);
 4. searches items from ``watermark - lookback`` (or ``start``; earlier when an item to retry is
    older), every one of them however the API orders a capped search (:func:`collect_items`), and
    keeps the newest ``max_items`` not done and not given up (the older ones are the ledger's backfill,
@@ -65,6 +66,7 @@ import shapely
 from shapely.geometry import mapping
 
 from rsflow.errors import GpuUnavailable, RequestError, request_error_in
+from rsflow.hrefs import redact
 from rsflow.monitor import store
 from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_changes, timelines
 from rsflow.monitor.config import ChangeRules, MonitorConfig, as_config_error, probe_output_root
@@ -165,7 +167,7 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
         except BaseException as exc:
             if isinstance(exc, RequestError):  # found by the search (a collection the catalog lost): the key
                 exc = as_config_error(exc)
-            last.update(finished=_iso(datetime.now(UTC)), error=f"{type(exc).__name__}: {exc}"[:2000])
+            last.update(finished=_iso(datetime.now(UTC)), error=redact(f"{type(exc).__name__}: {exc}")[:2000])
             _write_last_run(root, last)
             if isinstance(exc, RequestError):
                 raise exc from None
@@ -182,10 +184,20 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
             new_changes=result.new_changes,
             watermark=result.watermark,
             removed_leftovers=len(result.removed),
-            webhook=dataclasses.asdict(result.webhook) if result.webhook else None,
+            webhook=_webhook_record(result.webhook),
         )
         _write_last_run(root, last)
     return result
+
+
+def _webhook_record(hook: WebhookResult | None) -> dict[str, Any] | None:
+    """A delivery as ``last_run.json`` stores it: its error passed through :func:`rsflow.hrefs.redact`, as
+    :mod:`~rsflow.monitor.webhook` already does (the file sits under an output root that is often shared)."""
+    if hook is None:
+        return None
+    record = dataclasses.asdict(hook)
+    record["error"] = redact(hook.error) if hook.error else hook.error
+    return record
 
 
 def _first_run(root: str) -> bool:
@@ -227,6 +239,7 @@ def _run_locked(
 
     root = config.output
     ledger = load_ledger(root, config.name)
+    check_results_have_a_ledger(root, ledger)  # before anything is deleted or searched
     removed = remove_leftovers(root, ledger)
 
     interrupted = _give_up_interrupted(ledger, config.max_attempts)
@@ -243,8 +256,13 @@ def _run_locked(
 
     found = collect_items(
         search, window_start, window_end, now=started,
-        is_pending=lambda i: _is_pending(ledger.items.get(str(i["id"]))), max_items=request.max_items,
+        is_pending=lambda i: _is_pending(ledger.items.get(str(i["id"]))) and _taken_by(ledger, i) is None,
+        max_items=request.max_items,
     )
+    for item in found.items:  # an id a ledger record of another collection holds: refused, as within a search
+        other = _taken_by(ledger, item)
+        if other is not None:
+            found.refused.append((item, _same_id_recorded(other)))
     backfill = found.backfill
     if backfill is not None:
         logger.warning(
@@ -255,6 +273,7 @@ def _run_locked(
             request.max_items,
             backfill["before"],
         )
+    _warn_future(config.name, found, started)
     pending = _isolate_crashed(found.pending, ledger)
     # the suspect tried alone, if any: a normal finish of this run clears the others (below)
     isolated = [str(i["id"]) for i in pending if _is_suspect(ledger.items.get(str(i["id"])))]
@@ -286,7 +305,7 @@ def _run_locked(
     if not pending:
         if backfill != ledger.backfill or vanished_failed or given_up_before:
             ledger.backfill = backfill
-            advance_watermark(ledger)  # items given up count as in a processed run: the search moves on
+            advance_watermark(ledger, started)  # items given up count as in a processed run: the search moves on
             lock.check()
             save_ledger(root, ledger)
         if any(r.notified is False for r in ledger.runs):  # changes an earlier run committed but never sent
@@ -322,6 +341,7 @@ def _run_locked(
         ledger.items[item_id] = ItemRecord(
             id=item_id, collection=str(item.get("collection") or ""), datetime=str(_item_time(item) or ""),
             state="failed", attempts=attempts_now[item_id], run_id=run_id, error=INTERRUPTED,
+            alone=len(pending) == 1,
         )
     lock.check()
     save_ledger(root, ledger)
@@ -382,7 +402,7 @@ def _run_locked(
             "suspected of crashing runs (the next run takes them together): %s",
             config.name, isolated[0], len(cleared), ", ".join(cleared[:10]),
         )
-    advance_watermark(ledger)
+    advance_watermark(ledger, started)  # an item dated after the run's start does not move it (a mistyped year)
     ledger.backfill = backfill
     record_name = posixpath.join(RUNS_DIR, f"{run_id}.json")
     run_record = {
@@ -602,10 +622,42 @@ def collect_items(
     return Collected(items, pending, None, searches, crowded, refused)
 
 
+def _warn_future(name: str, found: Collected, now: datetime) -> None:
+    """Name the items to process dated after ``now`` (a mistyped year, a catalog's bad entry): they are
+    processed, but do not move the watermark (:func:`~rsflow.monitor.ledger.advance_watermark`), which they
+    used to push past every real scene."""
+    future = [i for i in found.pending if (parse_time(_item_time(i)) or now) > now]
+    if future:
+        logger.warning(
+            "monitor %s: %d items are dated after this run's start %s (a wrong datetime in the catalog?); they do "
+            "not move the watermark: %s", name, len(future), _iso(now),
+            ", ".join(f"{i['id']} ({_item_time(i)})" for i in future[:10]),
+        )
+
+
 def _same_id(first: dict[str, Any]) -> str:
     """Why an item is refused whose id ``first`` has (the words of :func:`rsflow.search._screen`)."""
     return (f"another item with id {str(first.get('id'))!r} (collection {first.get('collection')!r}, "
             f"datetime {_item_time(first)!r}) was found first; rsflow keys results by item id")
+
+
+def _taken_by(ledger: Ledger, item: dict[str, Any]) -> ItemRecord | None:
+    """The ledger record of another item that has ``item``'s id (another collection), or None.
+
+    The ledger is keyed by item id: such an item matched the other's record and, when that was done, was
+    skipped as already processed, recorded nowhere (the duplicates of one search are refused and recorded
+    as ``collection/id``; those of two runs were not)."""
+    record = ledger.items.get(str(item["id"]))
+    collection = str(item.get("collection") or "")
+    if record is None or not record.collection or not collection or record.collection == collection:
+        return None
+    return record
+
+
+def _same_id_recorded(record: ItemRecord) -> str:
+    """Why an item is refused whose id a ledger record of another collection holds (cf. :func:`_same_id`)."""
+    return (f"another item with id {record.id!r} (collection {record.collection!r}, datetime "
+            f"{record.datetime!r}) is in the ledger ({record.state}); rsflow keys results by item id")
 
 
 def _record_refused(
@@ -623,6 +675,10 @@ def _record_refused(
     for item, reason in found.refused:
         item_id, collection = str(item.get("id")), str(item.get("collection") or "")
         known = ledger.items.get(item_id)
+        if known is not None and known.collection and known.collection == collection and item_id in kept:
+            # the ledger's own item, refused in this search because another collection's item with its id came
+            # first: that one is the duplicate (refused by _taken_by), not this one
+            continue
         key = item_id
         if item_id in kept or (known is not None and known.collection != collection):
             key = f"{collection}/{item_id}"
@@ -644,11 +700,18 @@ def _record_refused(
 
 
 def _give_up_interrupted(ledger: Ledger, max_attempts: int) -> list[str]:
-    """Items whose last attempt was in a run that died (:data:`INTERRUPTED`) and that have had
-    ``max_attempts`` attempts are given up. Returns their ids."""
+    """Items whose last attempt was in a run that died (:data:`INTERRUPTED`), in which they ran alone
+    (``ItemRecord.alone``), and that have had ``max_attempts`` attempts are given up. Returns their ids.
+
+    Alone: a run that died with other items may have died of any of them, or of the cluster. With
+    ``retry.max_attempts`` 1 or 2, every item of two such runs used to be given up before
+    :func:`_isolate_crashed` could try one alone; now an item that crashed only in company stays failed and is
+    isolated, so "a scene that kills runs is given up on its own" holds for every ``max_attempts``. Its
+    attempts can then pass ``max_attempts`` (one more per crash in company)."""
     ids = []
     for record in ledger.items.values():
-        if record.state == "failed" and record.error == INTERRUPTED and record.attempts >= max_attempts:
+        if (record.state == "failed" and record.error == INTERRUPTED and record.alone
+                and record.attempts >= max_attempts):
             record.state = "given_up"
             ids.append(record.id)
     return ids
@@ -750,23 +813,46 @@ def _is_pending(record: ItemRecord | None) -> bool:
 
 
 def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
-    """Delete what an unfinished run left: result files and run records no committed run lists,
-    the work folder, temporary files. Returns the relative paths removed."""
+    """Delete what an unfinished run left: hidden result files (pending, temporary) no committed run lists,
+    the run records of runs that never committed, the work folder, temporary files. Returns the relative
+    paths removed.
+
+    Never a published partition (a visible ``part-R.parquet``): only :func:`publish_partitions` makes one,
+    after the commit, so one the ledger does not list was committed by a ledger that is gone (deleted to
+    "reset" the monitor, lost, or restored from an older copy). They used to be deleted as an unfinished run's
+    files, the whole dataset with them when the ledger was missing; they are kept (with their run records) and
+    named in a warning. A root with published results and no committed run at all is refused before this
+    (:func:`check_results_have_a_ledger`)."""
     committed = ledger.committed_files()
     removed = []
-    for folder in (RESULTS_DIR, RUNS_DIR):
-        for rel in store.list_files(store.join(root, folder)):
-            path = posixpath.join(folder, rel)
-            head, name = posixpath.split(path)
-            if name.startswith(".") and name.endswith(PENDING_SUFFIX):
-                final = posixpath.join(head, name[1 : -len(PENDING_SUFFIX)])
-                if final in committed:  # committed, killed before its rename: finish it
-                    publish_partitions(root, [final])
-                    logger.warning("published %s, which a run committed but did not rename", final)
-                    continue
-            if path not in committed:
-                store.remove(store.join(root, path))
-                removed.append(path)
+    results = [posixpath.join(RESULTS_DIR, rel) for rel in store.list_files(store.join(root, RESULTS_DIR))]
+    unlisted = [p for p in results if not posixpath.basename(p).startswith(".") and p not in committed]
+    if unlisted:
+        logger.warning(
+            "kept %d published result files that no committed run of the ledger lists (was _monitor/ledger.json "
+            "restored from an older copy?); their items may be processed again beside them: %s",
+            len(unlisted), ", ".join(unlisted[:10]),
+        )
+    kept_runs = {_partition_run(p) for p in unlisted}
+    for path in results:
+        head, name = posixpath.split(path)
+        if not name.startswith("."):  # published: see the docstring
+            continue
+        if name.endswith(PENDING_SUFFIX):
+            final = posixpath.join(head, name[1 : -len(PENDING_SUFFIX)])
+            if final in committed:  # committed, killed before its rename: finish it
+                publish_partitions(root, [final])
+                logger.warning("published %s, which a run committed but did not rename", final)
+                continue
+        if path not in committed:
+            store.remove(store.join(root, path))
+            removed.append(path)
+    for rel in store.list_files(store.join(root, RUNS_DIR)):
+        path = posixpath.join(RUNS_DIR, rel)
+        if path in committed or (not rel.startswith(".") and rel.removesuffix(".json") in kept_runs):
+            continue
+        store.remove(store.join(root, path))
+        removed.append(path)
     work = store.list_files(store.join(root, WORK_DIR))
     if work:
         store.remove(store.join(root, WORK_DIR), recursive=True)
@@ -778,8 +864,10 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
         *(posixpath.join("_monitor", r) for r in store.list_files(store.join(root, "_monitor"))),
     ]:
         name = posixpath.basename(rel)
-        # lock.json* belongs to the lock (rsflow.monitor.lock), which cleans up after itself
-        if store.TMP_MARK in name and not rel.startswith(WORK_DIR) and not name.startswith("lock.json"):
+        # lock.json* belongs to the lock (rsflow.monitor.lock), which cleans up after itself: its temporaries are
+        # named .lock.json.tmp-* (store.write_bytes_atomic) and lock.json.mutex.tmp-* (_create_exclusive); one
+        # removed under a heartbeat's renewal made its os.replace fail
+        if store.TMP_MARK in name and not rel.startswith(WORK_DIR) and not name.lstrip(".").startswith("lock.json"):
             store.remove(store.join(root, rel))
             removed.append(rel)
     if removed:
@@ -787,6 +875,35 @@ def remove_leftovers(root: str, ledger: Ledger) -> list[str]:
             "removed %d files left by an unfinished run: %s", len(removed), ", ".join(removed[:10])
         )
     return removed
+
+
+def _partition_run(path: str) -> str:
+    """``results/date=D/part-R.parquet`` -> ``R``."""
+    return posixpath.basename(path).removeprefix("part-").removesuffix(".parquet")
+
+
+def check_results_have_a_ledger(root: str, ledger: Ledger) -> None:
+    """Refuse a root whose ``results/`` holds published partitions while its ledger lists no committed run.
+
+    The ledger was deleted (the obvious way to "reset" a monitor), lost (a lifecycle rule, a partial copy) or
+    replaced: its results were committed by runs it no longer knows. Going on processed every item again
+    beside those rows (so each twice), and the old cleanup deleted the whole dataset first.
+
+    Raises:
+        RequestError: ``output``, saying how to go on.
+    """
+    if ledger.runs:
+        return
+    published = [rel for rel in store.list_files(store.join(root, RESULTS_DIR))
+                 if not posixpath.basename(rel).startswith(".")]
+    if published:
+        raise RequestError(
+            "output",
+            f"{root} holds {len(published)} published result files ({RESULTS_DIR}/{published[0]}, ...) but no "
+            "ledger of the runs that committed them (_monitor/ledger.json is missing or lists no run); restore "
+            "_monitor/ledger.json from a copy, or give the monitor a new output root (to start again, move "
+            f"{RESULTS_DIR}/ and {RUNS_DIR}/ away too)",
+        )
 
 
 def _top_level_files(root: str) -> list[str]:

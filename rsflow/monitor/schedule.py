@@ -148,7 +148,12 @@ def parse_duration(value: object, field: str) -> timedelta:
     match = _DURATION.match(value) if isinstance(value, str) else None
     if match is None:
         raise RequestError(field, f"give a duration such as 90s, 30m, 12h, 5d or 2w, got {value!r}")
-    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    try:
+        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    except (OverflowError, ValueError):  # more days than timedelta holds (or a float of inf): a traceback otherwise
+        raise RequestError(
+            field, f"{value.strip()[:40]!r} is far too long; give a duration such as 90s, 30m, 12h, 5d or 2w"
+        ) from None
 
 
 def format_duration(delta: timedelta) -> str:

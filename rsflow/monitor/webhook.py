@@ -118,16 +118,28 @@ def send_webhook(
 
 def _reason(exc: BaseException, detail: object, url: str) -> str:
     """``Type: detail`` for the result and the log, with the URL's path and query taken out (urllib's
-    messages quote them, and hook URLs carry their token there)."""
+    messages quote them, and hook URLs carry their token there), and its ``user:password@`` too (the config
+    refuses one, but http.client quoted it: ``nonnumeric port: 'password@host'``); then
+    :func:`rsflow.hrefs.redact` for any other URL credentials in the text. The result goes to the log,
+    ``last_run.json`` and the CLI's output."""
     from urllib.parse import urlsplit
 
+    from rsflow.hrefs import redact
+
     text = f"{type(exc).__name__}: {detail}"
+    credentials: set[str] = set()
     try:
         parts = urlsplit(url)
         pieces = {url, url[len(f"{parts.scheme}://{parts.netloc}"):], parts.path, parts.query}
+        if "@" in parts.netloc:
+            userinfo = parts.netloc.rsplit("@", 1)[0]
+            credentials = {userinfo, *userinfo.split(":", 1), parts.username or "", parts.password or ""}
     except ValueError:  # a broken [IPv6] host: the URL as a whole, then
         pieces = {url}
     for secret in sorted(pieces, key=len, reverse=True):
         if len(secret) > 1:
             text = text.replace(secret, "<path>")
-    return " ".join(text.split())[:500]
+    for secret in sorted(credentials, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "<credentials>")
+    return redact(" ".join(text.split()))[:500]

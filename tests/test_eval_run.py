@@ -223,6 +223,13 @@ def test_resume_with_other_image_files_refuses_or_infers_them_again(
     assert "(inferred 5, reused 0, failed 0)" in capsys.readouterr().out
     assert {Path(r["image"]).parent for r in _predictions(out)} == {(data / "Images_LR").resolve()}
 
+    # an image file replaced at the same path: its predictions are made again, the others reused
+    replaced = Path(_predictions(out)[0]["image"])
+    replaced.write_bytes(replaced.read_bytes() + b"\0")  # a changed file (PNG readers ignore the tail)
+    assert _eval("rsvqa-lr", data, out) == 0
+    inferred = int(capsys.readouterr().out.split("(inferred ", 1)[1].split(",", 1)[0])
+    assert inferred == sum(r["image"] == str(replaced) for r in _predictions(out)) >= 1
+
 
 @pytest.mark.parametrize(("name", "split", "shown"), [("rsvqa-hr", "test_phili", True), ("rsvqa-hr", "test", False),
                                                       ("rsvqa-lr", "val", False)])

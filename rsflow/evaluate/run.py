@@ -99,6 +99,7 @@ PREDICTION_SCHEMA: Final[pa.Schema] = pa.schema(
         ("image_width", pa.int64()),
         ("image_height", pa.int64()),
         ("infer_seconds", pa.float64()),
+        ("image_stamp", pa.string()),
     ]
 )
 """Columns of ``predictions.parquet`` (plus ``scored``: whether this run's metrics counted the row)."""
@@ -281,7 +282,8 @@ def _prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> 
 def _reusable(row: Mapping[str, Any] | None, sample: Sample, mid: str) -> bool:
     """Whether an earlier prediction answers ``sample`` as this run would ask it: the same prompt, model
     and image file (a sample whose image path changed, e.g. a record written before ``--images`` was part
-    of the identity, is inferred again, not scored on another picture)."""
+    of the identity, is inferred again, not scored on another picture), unchanged since (its
+    :func:`image_stamp`; a row written before stamps were recorded has none and is trusted)."""
     return (
         row is not None
         and row.get("status") == "ok"
@@ -289,7 +291,18 @@ def _reusable(row: Mapping[str, Any] | None, sample: Sample, mid: str) -> bool:
         and row.get("prompt") == sample.prompt
         and row.get("model_id") == mid
         and row.get("image") == sample.image_path
+        and row.get("image_stamp") in (None, image_stamp(sample.image_path))
     )
+
+
+def image_stamp(path: str) -> str | None:
+    """``"<size>:<mtime ns>"`` of an image file (None when it cannot be read): an image replaced at the same
+    path (a re-downloaded or re-exported benchmark) has another, and its predictions are made again."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -324,6 +337,7 @@ def _prediction_row(bench: Benchmark, sample: Sample, model_row: Mapping[str, An
         "image_width": width,
         "image_height": height,
         "infer_seconds": float(model_row.get("infer_seconds") or 0.0),
+        "image_stamp": image_stamp(sample.image_path),
     }
 
 

@@ -10,9 +10,10 @@ size (what the pipeline feeds it).
 - ModelRunner: one call over the N tiles (each tile encoded once, its prompts sharing the features,
   prompts generated ``batch_size`` at a time); the batch size it picks itself (``--batch-size`` not given:
   auto from free memory, capped) and a small sweep. The target is judged at its own choice.
-- The loop of the original inference scripts: for each tile, for each prompt,
-  ``LlavaProcessor(images=tile, text=prompt)`` then ``model.generate(**inputs)``, one at a time (the image
-  is preprocessed and encoded again for every prompt).
+- The loop of the original inference scripts (:func:`seed_loop`): for each tile, for each prompt, the tile
+  through the image processor (padded to a square) and the prompt through LLaVA's ``tokenizer_image_token``,
+  then ``model.generate(input_ids, pixel_values)``, one at a time (the image is preprocessed and encoded
+  again for every prompt).
 
 A forward hook on the vision tower counts the images each path encodes. Both paths get one untimed
 warm-up call first, then the paths take turns for ``ROUNDS`` rounds and each keeps its fastest round
@@ -86,11 +87,11 @@ def seed_loop(model: Any, processor: Any, images: np.ndarray, texts: list[str]) 
     n_image = (size // int(vision.patch_size)) ** 2
     background = background_from_processor(processor.image_processor)
     for image in images:
-        pixels = processor.image_processor(
-            images=[expand2square(image, background)], return_tensors="pt", input_data_format="channels_last",
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        )["pixel_values"]
-        for text in texts:
+        for text in texts:  # the seeds' scripts load and preprocess the image with each question
+            pixels = processor.image_processor(
+                images=[expand2square(image, background)], return_tensors="pt", input_data_format="channels_last",
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            )["pixel_values"]
             ids = torch.tensor([llava_chunked_ids(tok, text, model.config.image_token_id, n_image)])
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,

@@ -187,11 +187,26 @@ def run(work: Path, quick: bool) -> Section:
         del runner
         torch.cuda.empty_cache()
         sec.figures[attn] = figures
-    best = max(runs, key=lambda e: e["tiles_per_second"])
+    best = max(runs, key=lambda e: e["tiles_per_second"]) if runs else None
     sec.figures["best_caption"] = best
+    # The targets are judged where a job runs without flags, as the batching target is: the runner's own
+    # attention kernel (flash-attention 2 when it imports), key/value cache and auto batch size; the best
+    # configuration of the sweep is reported beside them.
+    attn = "flash_attention_2" if "flash_attention_2" in attns else "sdpa"
+    mine = sec.figures.get(attn, {})
+    default = next((dict(e, attn=attn, kv_cache=mine["default_kv_cache"])
+                    for e in mine.get(mine.get("default_kv_cache"), {}).get("caption", [])
+                    if e["batch_size"] == mine.get("auto_batch_size")), None)
+    sec.figures["default_caption"] = default
+    where = (f"{attn}, {default['kv_cache']} cache, auto batch {default['batch_size']}" if default
+             else f"{attn}: the default configuration failed")
     sec.targets += [
-        Target("gpu", f"captioning tiles/s/GPU ({best['attn']}, {best['kv_cache']} cache, batch {best['batch_size']})",
-               best["tiles_per_second"], ">=", 1.5, "tiles/s"),
-        Target("gpu", "GPU busy fraction during that run", best["gpu_busy"], ">=", 0.8),
+        Target("gpu", f"captioning tiles/s/GPU at the defaults ({where})",
+               default["tiles_per_second"] if default else None, ">=", 1.5, "tiles/s"),
+        Target("gpu", "GPU busy fraction during that run", default["gpu_busy"] if default else None, ">=", 0.8),
     ]
+    if best is not None:
+        sec.rows.append((f"best captioning run of the sweep ({best['attn']}, {best['kv_cache']} cache, batch "
+                         f"{best['batch_size']}): tiles/s/GPU (GPU busy)",
+                         f"{best['tiles_per_second']:.2f} ({best['gpu_busy']})"))
     return sec

@@ -131,17 +131,32 @@ def measure(cache: Path, work: Path, size_px: int, roles: dict[int, str]) -> tup
     return sampler, run_figures(m)
 
 
+def role_ratios(small: dict[str, dict[str, Any]], large: dict[str, dict[str, Any]]) -> tuple[dict[str, float], str | None]:
+    """Each role's peak RSS ratio, large scene over small (``summary()["by_role"]`` of each run), and the worker
+    role that grew most (Ray's own processes are not workers), or None when no worker role ran in both.
+
+    >>> role_ratios({"read tasks": {"max_peak_mib": 300}, "other workers": {"max_peak_mib": 100}},
+    ...             {"read tasks": {"max_peak_mib": 330}, "other workers": {"max_peak_mib": 190}})
+    ({'read tasks': 1.1, 'other workers': 1.9}, 'other workers')
+    """
+    ratios = {role: round(large[role]["max_peak_mib"] / small[role]["max_peak_mib"], 3)
+              for role in small if role in large and small[role]["max_peak_mib"]}
+    workers = [role for role in ratios if role != "ray system"]
+    return ratios, max(workers, key=lambda role: ratios[role]) if workers else None
+
+
 def run(cache: Path, work: Path, quick: bool) -> Section:
     sec = Section("memory")
     small, large = 2_000, 20_000  # the issue's scenes, --quick too: the 20,000 px no-op run takes about 8 s
-    roles: dict[int, str] = {}
-    runs = [(size, *measure(cache, work, size, roles)) for size in (small, large)]
+    # each run labels its own processes: Ray reuses workers, and one that ran interpret tasks in the small run
+    # and read tasks in the large one had its small-run peak counted as a read task's
+    runs = [(size, *measure(cache, work, size, {})) for size in (small, large)]
     a, b = ({"scene_px": size, **sampler.summary(), "run": fig} for size, sampler, fig in runs)
     sec.figures["small"], sec.figures["large"] = a, b
     d_ratio = b["driver_peak_mib"] / a["driver_peak_mib"]
     w_ratio = b["workers_max_peak_mib"] / a["workers_max_peak_mib"] if a["workers_max_peak_mib"] else None
     sec.figures["driver_ratio"] = round(d_ratio, 3)
-    sec.figures["workers_ratio"] = round(w_ratio, 3) if w_ratio is not None else None
+    sec.figures["workers_max_ratio"] = round(w_ratio, 3) if w_ratio is not None else None
     # Ray's own measure of a worker's heap is RSS less shared pages (the object store is counted once,
     # apart): reported beside the target, which is on RSS as the issue asks.
     p_ratio = (b["workers_max_private_peak_mib"] / a["workers_max_private_peak_mib"]
@@ -158,13 +173,19 @@ def run(cache: Path, work: Path, quick: bool) -> Section:
     if p_ratio is not None:
         private = f"{a['workers_max_private_peak_mib']:.0f} / {b['workers_max_private_peak_mib']:.0f} ({p_ratio:.2f}x)"
         sec.rows.append(("max worker private MiB (RSS less shared pages), small / large scene", private))
-    # The issue asks for each worker: every role's own ratio, beside the target on the largest worker.
-    by_role = {role: round(b["by_role"][role]["max_peak_mib"] / a["by_role"][role]["max_peak_mib"], 3)
-               for role in a["by_role"] if role in b["by_role"] and a["by_role"][role]["max_peak_mib"]}
+    # The issue asks it of each worker: every role's own ratio, and the target on the largest of them (a ratio of
+    # the two runs' largest workers could pass while a smaller worker grew past 1.2x).
+    by_role, worst = role_ratios(a["by_role"], b["by_role"])
     sec.figures["ratio_by_role"] = by_role
+    sec.figures["roles_in_one_run_only"] = sorted(set(a["by_role"]) ^ set(b["by_role"]))
+    sec.figures["workers_ratio"] = by_role[worst] if worst else None
+    sec.figures["workers_ratio_role"] = worst
     sec.rows.append(("  peak RSS ratio by role, large / small scene",
                      ", ".join(f"{role} {r:.2f}x" for role, r in by_role.items())))
+    if w_ratio is not None:
+        sec.rows.append(("  largest worker of each run, large / small scene", f"{w_ratio:.2f}x"))
     what = f"{large:,} px / {small:,} px"
     sec.targets.append(Target("memory", f"driver peak RSS, {what}", sec.figures["driver_ratio"], "<=", 1.2, "x"))
-    sec.targets.append(Target("memory", f"max worker peak RSS, {what}", sec.figures["workers_ratio"], "<=", 1.2, "x"))
+    sec.targets.append(Target("memory", f"worker peak RSS, {what}, the role that grew most ({worst})",
+                              sec.figures["workers_ratio"], "<=", 1.2, "x"))
     return sec

@@ -206,7 +206,7 @@ def run(work: Path, quick: bool) -> Section:
         Target("gpu", "GPU busy fraction during that run", default["gpu_busy"] if default else None, ">=", 0.8),
     ]
     if best is not None:
-        sec.rows.append((f"best captioning run of the sweep ({best['attn']}, {best['kv_cache']} cache, batch "
-                         f"{best['batch_size']}): tiles/s/GPU (GPU busy)",
-                         f"{best['tiles_per_second']:.2f} ({best['gpu_busy']})"))
+        label = (f"best captioning run of the sweep ({best['attn']}, {best['kv_cache']} cache, batch "
+                 f"{best['batch_size']}): tiles/s/GPU (GPU busy)")
+        sec.rows.append((label, f"{best['tiles_per_second']:.2f} ({best['gpu_busy']})"))
     return sec

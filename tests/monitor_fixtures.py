@@ -347,3 +347,59 @@ class FakeRegion:
         manifest = {"files": [], "counts": {"rows_written": 0}, "prompts": [], "model": {"id": "fake"},
                     "tile_spec": {}}
         return RunResult(output=request.output, manifest=manifest)
+
+
+class RowRegion(FakeRegion):
+    """A :class:`FakeRegion` whose runs write result rows as the region job does: for each item, one vqa row per
+    tile of a row of ``columns`` 64 px tiles (the same grid on every date, so the tiles of two items are one
+    cell and are compared), into ``request.output``, listed in the manifest. ``answer(item_id, column)`` says
+    what a tile gives: ``(answer, None)`` an ok row; ``(text, error)`` a ``status=failed`` row of stage
+    ``read`` with that error (a tile that fails at every attempt: a corrupt block), which keeps the text as a
+    failed row may, so that reading it as an answer would show."""
+
+    QUESTION = "Is there water?"
+    TRANSFORM = (10.0, 0.0, 435730.0, 0.0, -10.0, 4179460.0)
+    """The tiles' grid (EPSG:32618, 10 m); column ``c`` starts ``c`` tiles east."""
+
+    def __init__(self, answer: Any, columns: int = 3) -> None:
+        super().__init__()
+        self.answer = answer
+        self.columns = columns
+
+    def __call__(self, request: Any, *, address: str | None = None, items: Any = None) -> Any:
+        import os
+
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import shapely
+        from shapely.geometry import box
+
+        from rsflow.output import WRITTEN_SCHEMA
+        from rsflow.pipeline import RunResult
+
+        super().__call__(request, address=address, items=items)  # records the call; raises as FakeRegion does
+        rows = []
+        for item in items:
+            item_id = str(item["id"])
+            for col in range(self.columns):
+                answer, error = self.answer(item_id, col)
+                transform = list(self.TRANSFORM)
+                transform[2] += col * TILE_PX * _RES
+                rows.append({
+                    "tile_id": f"{item_id}:c{col}", "kind": "tile", "item_id": item_id,
+                    "collection": str(item.get("collection") or ""), "model_id": "fake",
+                    "datetime": pd.Timestamp(item["properties"]["datetime"]).to_pydatetime(), "task": "vqa",
+                    "prompt": self.QUESTION, "prompt_key": self.QUESTION, "text": answer, "answer": answer,
+                    "status": "ok" if error is None else "failed", "error": error,
+                    "stage": "infer" if error is None else "read", "native_crs": "EPSG:32618",
+                    "transform": transform, "window_width": TILE_PX, "window_height": TILE_PX,
+                    "geometry": shapely.to_wkb(box(-75.6 + col * 0.01, 37.5, -75.593 + col * 0.01, 37.506)),
+                })
+        table = pa.Table.from_pylist([{n: r.get(n) for n in WRITTEN_SCHEMA.names} for r in rows],
+                                     schema=WRITTEN_SCHEMA)
+        os.makedirs(request.output, exist_ok=True)
+        pq.write_table(table, os.path.join(request.output, "part-0.parquet"))
+        manifest = {"files": ["part-0.parquet"], "counts": {"rows_written": table.num_rows}, "prompts": [],
+                    "model": {"id": "fake"}, "tile_spec": {}}
+        return RunResult(output=request.output, manifest=manifest)

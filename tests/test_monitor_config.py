@@ -1039,6 +1039,82 @@ def test_a_scene_that_kills_runs_is_given_up_alone_while_the_others_and_a_new_sc
                                                               "p": "given_up"}
 
 
+
+def test_a_scene_with_a_tile_that_always_fails_is_given_up_with_its_good_rows_kept(
+    tmp_path, monkeypatch, capsys
+):
+    """One tile of a scene fails at every attempt (a corrupt block): the scene is retried, then given up, as
+    before, but the run that gives it up commits its rows, the ok ones and a failed row with the reason for
+    the bad tile, so its date is in the results for every tile that could be computed. Its rows used to be
+    dropped with it (the date missing for the whole AOI). The failed row is no observation for the changes,
+    the exit code and summary still say the scene was given up, and no later run processes or publishes
+    it again."""
+    import pyarrow.parquet as pq
+
+    import rsflow.pipeline
+    from rsflow.monitor.run import CHANGES_NAME, LAST_RUN_NAME
+    from tests.monitor_fixtures import RowRegion, plain_item, plain_monitor_doc, write_items
+
+    def answer(item_id: str, col: int) -> tuple[str, str | None]:
+        if (item_id, col) == ("s1", 2):  # its text kept on the failed row: read as an answer, "yes" would flip
+            return "yes", "read failed: TIFFReadEncodedTile() failed (corrupt block)"
+        return ("yes" if item_id == "s2" else "no"), None
+
+    fake = RowRegion(answer)
+    monkeypatch.setattr(rsflow.pipeline, "run_region", fake)
+    monkeypatch.setattr(rsflow.pipeline, "_ensure_ray", fake.connect)
+    days = ("2024-05-02", "2024-05-03", "2024-05-04")
+    catalog = write_items(tmp_path / "items.json", [plain_item(f"s{k}", f"{d}T10:00:00Z") for k, d in enumerate(days)])
+    out = tmp_path / "out"
+    path = _write(tmp_path, plain_monitor_doc(catalog, out))  # retry.max_attempts: 3 (the default)
+
+    def results() -> pd.DataFrame:
+        files = sorted((out / "results").rglob("part-*.parquet"))
+        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+    codes, summaries, s1_rows = [], [], []
+    for _ in range(3):
+        codes.append(main(["monitor", "run", "--config", str(path)]))
+        summaries.append(capsys.readouterr().out)
+        s1_rows.append(int((results()["item_id"] == "s1").sum()))
+    assert fake.calls == [["s0", "s1", "s2"], ["s1"], ["s1"]]
+    assert codes == [4, 4, 4] and s1_rows == [0, 0, 3]  # retried with nothing written, then its rows committed
+    assert "0 items done, 0 failed (will retry), 1 given up (1 with their rows kept)" in summaries[2]
+
+    ledger = load_ledger(str(out), "plain")
+    s1 = ledger.items["s1"]
+    assert (s1.state, s1.attempts, s1.tiles, s1.rows) == ("given_up", 3, 3, 3)
+    assert "corrupt block" in s1.error and "rows kept: 2 of 3 tiles ok" in s1.error
+    assert ledger.runs[-1].items_given_up == ["s1"] and ledger.runs[-1].items_partial == ["s1"]
+    assert ledger.runs[-1].items_done == [] and ledger.watermark == "2024-05-04T10:00:00Z"
+    last = json.loads((out / LAST_RUN_NAME).read_text())
+    assert (last["items_given_up"], last["items_given_up_with_rows"]) == (1, 1)
+
+    rows = results()
+    got = rows[rows["item_id"] == "s1"].sort_values("tile_id")
+    assert list(got["tile_id"]) == ["s1:c0", "s1:c1", "s1:c2"]
+    assert list(got["status"]) == ["ok", "ok", "failed"] and list(got["answer"])[:2] == ["no", "no"]
+    assert got.iloc[2]["stage"] == "read" and "corrupt block" in got.iloc[2]["error"]
+    assert not rows.duplicated(["tile_id", "task", "prompt"]).any() and len(rows) == 9
+    assert sorted({p.parent.name for p in (out / "results").rglob("part-*.parquet")}) == [f"date={d}" for d in days]
+
+    # the failed tile is no observation: its cell goes from s0 straight to s2; s1's good tiles are compared
+    changes = pq.read_table(out / CHANGES_NAME).to_pandas()
+    assert sorted(zip(changes["change"], changes["before_tile_id"], changes["after_tile_id"], strict=True)) == [
+        ("answer_flipped", "s0:c2", "s2:c2"),
+        ("answer_flipped", "s1:c0", "s2:c0"),
+        ("answer_flipped", "s1:c1", "s2:c1"),
+    ]
+
+    # never processed again, nothing published twice; the status lists it as given up, with its reason
+    published = {f: f.read_bytes() for f in (out / "results").rglob("*") if f.is_file()}
+    assert main(["monitor", "run", "--config", str(path)]) == 0
+    assert "nothing new" in capsys.readouterr().out and fake.calls == [["s0", "s1", "s2"], ["s1"], ["s1"]]
+    assert {f: f.read_bytes() for f in (out / "results").rglob("*") if f.is_file()} == published
+    assert main(["monitor", "status", str(path)]) == 0
+    assert "given up  s1 (3 attempts): 1 tile(s) failed at read" in capsys.readouterr().out
+
+
 # --- scheduling files ------------------------------------------------------------------------------
 
 

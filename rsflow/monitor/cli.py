@@ -116,9 +116,11 @@ def run_monitor_command(args: argparse.Namespace) -> int:
         hook = (
             "; webhook called" if result.webhook.delivered else f"; webhook FAILED ({redact(result.webhook.error or '')})"
         )
+    # an item given up with its good tiles' rows committed is still given up (exit 4): the count says which
+    kept = f" ({len(result.items_partial)} with their rows kept)" if result.items_partial else ""
     print(
         f"monitor {config.name}: run {result.run_id}: {len(result.items_done)} items done, "
-        f"{len(result.items_failed)} failed (will retry), {len(result.items_given_up)} given up; "
+        f"{len(result.items_failed)} failed (will retry), {len(result.items_given_up)} given up{kept}; "
         f"{result.new_changes} changes; watermark {result.watermark}{hook}; output {config.output}"
     )
     return failed_or_given_up

@@ -9,7 +9,10 @@ Item states:
 
 - ``done``: its rows are in the results dataset (a file named in ``files``).
 - ``failed``: a run could not process it (``error`` says why); retried by the next runs.
-- ``given_up``: it failed ``max_attempts`` times; listed, never tried again.
+- ``given_up``: it failed ``max_attempts`` times; listed, never tried again. An item given up because some of
+  its tiles failed on every attempt while others answered has its rows in the results all the same (``rows``
+  > 0): the ok rows and a ``status=failed`` row, with the reason, for each failed tile, committed by the run
+  that gave it up. Without them its date was missing for every tile of the AOI, the good ones too.
 
 The watermark is the latest acquisition time among items that are done or given up: the next
 search starts at ``watermark - lookback`` (or earlier, at the oldest item still to retry).
@@ -50,9 +53,10 @@ class ItemRecord:
     error: str | None = None
     """Why the last attempt failed (None when done)."""
     tiles: int = 0
-    """Tiles of the item that touched the AOI (done items)."""
+    """Tiles of the item that touched the AOI (items the pipeline ran)."""
     rows: int = 0
-    """Result rows written for it (done items)."""
+    """Result rows written for it into the results: done items, and items given up with some tiles ok (their
+    failed tiles' rows included); 0 where none were written (failed, or given up with no tile ok)."""
     alone: bool = False
     """Its last attempt was in a run that had no other item. A run that dies with one item only (error
     :data:`rsflow.monitor.run.INTERRUPTED`) died of that item or of the cluster, never of another item: only
@@ -80,6 +84,10 @@ class RunRecord:
     request_fingerprint: str
     """Hash of what was asked of every tile (tasks, prompts, model, tile spec): a change means the
     results of earlier runs answer other questions."""
+    items_partial: list[str] = field(default_factory=list)
+    """Items of ``items_given_up`` whose rows this run wrote: some of their tiles failed on every attempt and
+    the others answered; their ok rows and failed tile rows are in ``files`` (their changes are this run's).
+    Absent in older ledgers (empty)."""
     notified: bool | None = None
     """With a webhook: False from the commit until its changes are delivered (a run stopped in between,
     or a delivery that failed, leaves it False and the next run sends them); None without one."""

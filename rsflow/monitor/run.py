@@ -29,8 +29,9 @@ A run, in order (:func:`run_monitor`):
    the items' attempts in the ledger (a run that dies in the pipeline has tried them; a pipeline that
    raises ``ConnectionError`` gives them back), then runs the region pipeline on exactly those items
    (:func:`rsflow.pipeline.run_region`, into ``_monitor/work/<run id>``);
-6. writes the rows of the items that succeeded into the date partitions, one new file per date,
-   each atomically, and its run record;
+6. writes the rows of the items that succeeded, and of items it gives up while some of their tiles
+   answered (the ok rows and the failed tile rows, with their reasons: everything that could be computed
+   for that date), into the date partitions, one new file per date, each atomically, and its run record;
 7. **commits**: saves the ledger (items done, failed items' attempts, items given up, watermark,
    the run's files, and, after a run that tried a crash suspect alone, the other suspects cleared:
    :func:`_clear_suspects`) in one atomic write. Until then nothing it wrote counts: a run killed before
@@ -72,6 +73,7 @@ from rsflow.monitor.changes import CHANGE_COLUMNS, RESULT_COLUMNS_USED, detect_c
 from rsflow.monitor.config import ChangeRules, MonitorConfig, as_config_error, probe_output_root
 from rsflow.monitor.ledger import (
     ItemRecord,
+    ItemState,
     Ledger,
     RunRecord,
     advance_watermark,
@@ -112,6 +114,9 @@ class MonitorRunResult:
     items_failed: list[str] = field(default_factory=list)
     """Items that failed this run and will be retried."""
     items_given_up: list[str] = field(default_factory=list)
+    items_partial: list[str] = field(default_factory=list)
+    """Items of ``items_given_up`` whose rows this run committed (some tiles failed on every attempt, the
+    others answered): their ok rows and failed tile rows are in the results."""
     files: list[str] = field(default_factory=list)
     """Files the run added (relative to the output root)."""
     removed: list[str] = field(default_factory=list)
@@ -180,6 +185,7 @@ def run_monitor(config: MonitorConfig, *, address: str | None = None) -> Monitor
             items_done=len(result.items_done),
             items_failed=len(result.items_failed),
             items_given_up=len(result.items_given_up),
+            items_given_up_with_rows=len(result.items_partial),
             items_refused=result.refused,
             new_changes=result.new_changes,
             watermark=result.watermark,
@@ -364,36 +370,47 @@ def _run_locked(
     table = _region_rows(scratch, region.manifest)
     outcome = item_outcomes(table, pending)
     done = [i for i in pending if outcome[str(i["id"])]["failed"] is None]
-    files = write_partitions(
-        root,
-        run_id,
-        table.filter(pc.is_in(table["item_id"], pa.array([str(i["id"]) for i in done], pa.string()))),
-    )
 
     # The ledger as it will be once committed.
     failed, given_up = list(vanished_failed), list(given_up_before)
+    states: dict[str, ItemState] = {}
     for item in pending:
         item_id = str(item["id"])
-        attempts = attempts_now[item_id]
-        info = outcome[item_id]
-        if info["failed"] is None:
-            state = "done"
-        elif attempts >= config.max_attempts:
-            state = "given_up"
+        if outcome[item_id]["failed"] is None:
+            states[item_id] = "done"
+        elif attempts_now[item_id] >= config.max_attempts:
+            states[item_id] = "given_up"
             given_up.append(item_id)
         else:
-            state = "failed"
+            states[item_id] = "failed"
             failed.append(item_id)
+    # An item given up while some of its tiles answered keeps its rows: the ok ones and a failed row with the
+    # reason for each failed tile, as the region run wrote them. They used to be dropped with the item, so its
+    # date was missing for every tile of the AOI (the good ones were re-inferred on each retry, then thrown
+    # away). An item to retry writes nothing: its next attempt writes them all, so no row is there twice.
+    partial = [str(i["id"]) for i in pending
+               if states[str(i["id"])] == "given_up" and outcome[str(i["id"])]["ok_tiles"]]
+    kept = [*(str(i["id"]) for i in done), *partial]
+    files = write_partitions(root, run_id, table.filter(pc.is_in(table["item_id"], pa.array(kept, pa.string()))))
+    for item in pending:
+        item_id = str(item["id"])
+        info = outcome[item_id]
+        error = info["failed"]
+        if item_id in partial:
+            error = (f"{error}; given up with its rows kept: {info['ok_tiles']} of {info['tiles']} tiles ok, the "
+                     "failed ones as status=failed rows")
+            logger.warning("monitor %s: %s given up after %d attempts: %s", config.name, item_id,
+                           attempts_now[item_id], error)
         ledger.items[item_id] = ItemRecord(
             id=item_id,
             collection=str(item.get("collection") or ""),
             datetime=str(_item_time(item) or ""),
-            state=state,
-            attempts=attempts,
+            state=states[item_id],
+            attempts=attempts_now[item_id],
             run_id=run_id,
-            error=info["failed"],
+            error=error,
             tiles=info["tiles"],
-            rows=info["rows"],
+            rows=info["rows"] if item_id in kept else 0,
         )
     cleared = _clear_suspects(ledger, set(attempts_now)) if isolated else []
     if cleared:
@@ -419,7 +436,7 @@ def _run_locked(
             "backfill": backfill,
         },
         "items": {"done": [str(i["id"]) for i in done], "failed": failed, "given_up": given_up,
-                  "cleared": cleared},
+                  "given_up_with_rows": partial, "cleared": cleared},
         "errors": {**{k: v["failed"] for k, v in outcome.items() if v["failed"]},
                    **{k: f"refused: {v}" for k, v in refused.items()}},
         "files": files,
@@ -434,6 +451,7 @@ def _run_locked(
             items_done=[str(i["id"]) for i in done],
             items_failed=failed,
             items_given_up=given_up,
+            items_partial=partial,
             files=[*files, record_name],
             request_fingerprint=request_fingerprint(region.manifest),
             notified=False if config.webhook is not None else None,
@@ -445,18 +463,19 @@ def _run_locked(
     save_ledger(root, ledger)  # <- the commit
     publish_partitions(root, files)  # a kill before this is rolled forward by the next run (remove_leftovers)
     logger.info(
-        "monitor %s: run %s committed: %d items done, %d failed, %d given up; watermark %s",
+        "monitor %s: run %s committed: %d items done, %d failed, %d given up (%d with their rows); watermark %s",
         config.name,
         run_id,
         len(done),
         len(failed),
         len(given_up),
+        len(partial),
         ledger.watermark,
     )
 
     changes = ensure_changes_report(config, ledger, force=True)
     done_ids = {str(i["id"]) for i in done}
-    new, by_kind, hook = _notify(config, ledger, lock, run_id, changes, done_ids, failed, given_up)
+    new, by_kind, hook = _notify(config, ledger, lock, run_id, changes, {*done_ids, *partial}, failed, given_up)
     store.remove(scratch, recursive=True)
     return MonitorRunResult(
         run_id=run_id,
@@ -466,6 +485,7 @@ def _run_locked(
         items_done=sorted(done_ids),
         items_failed=failed,
         items_given_up=given_up,
+        items_partial=partial,
         files=[*files, record_name],
         removed=removed,
         new_changes=len(new),
@@ -500,12 +520,12 @@ def _notify(
     config: MonitorConfig, ledger: Ledger, lock: MonitorLock, run_id: str, changes: pd.DataFrame,
     done_ids: set[str], failed: list[str], given_up: list[str],
 ) -> tuple[pd.DataFrame, dict[str, int], WebhookResult | None]:
-    """The changes that concern ``done_ids`` and the items of committed runs whose changes were never
-    delivered (``RunRecord.notified`` False), sent to the webhook; those runs are then marked notified
-    (a second ledger write) unless the delivery failed. Returns (those changes, counts by kind, the
-    delivery)."""
+    """The changes that concern ``done_ids`` (the items whose rows this run committed: done, and given up with
+    their rows) and the items of committed runs whose changes were never delivered (``RunRecord.notified``
+    False), sent to the webhook; those runs are then marked notified (a second ledger write) unless the
+    delivery failed. Returns (those changes, counts by kind, the delivery)."""
     owed = [r for r in ledger.runs if r.notified is False]
-    items = done_ids | {i for r in owed for i in r.items_done}
+    items = done_ids | {i for r in owed for i in (*r.items_done, *r.items_partial)}
     new = (
         changes[changes["after_item_id"].isin(items) | changes["before_item_id"].isin(items)]
         if len(changes)
@@ -964,8 +984,9 @@ def read_dataset_files(directory: str, files: list[str], columns: list[str] | No
 
 
 def item_outcomes(table: pa.Table, items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Item id -> ``{"failed": reason or None, "tiles": n, "rows": n}``: an item failed when any of
-    its tile rows failed (planning, reading or inference); skipped tiles (nodata) are not failures."""
+    """Item id -> ``{"failed": reason or None, "tiles": n, "ok_tiles": n, "rows": n}``: an item failed when any
+    of its tile rows failed (planning, reading or inference); skipped tiles (nodata) are not failures.
+    ``ok_tiles`` counts the tiles with an ok row (an answer): an item given up with some has its rows kept."""
     cols = table.select(["item_id", "kind", "status", "error", "stage", "tile_id"]).to_pandas()
     out = {}
     for item in items:
@@ -977,7 +998,12 @@ def item_outcomes(table: pa.Table, items: list[dict[str, Any]]) -> dict[str, dic
         if len(bad):
             first = bad.iloc[0]
             reason = f"{bad['tile_id'].nunique()} tile(s) failed at {first['stage']}: {first['error']}"
-        out[item_id] = {"failed": reason, "tiles": int(tiles["tile_id"].nunique()), "rows": len(rows)}
+        out[item_id] = {
+            "failed": reason,
+            "tiles": int(tiles["tile_id"].nunique()),
+            "ok_tiles": int(tiles.loc[tiles["status"] == "ok", "tile_id"].nunique()),
+            "rows": len(rows),
+        }
     return out
 
 

@@ -746,6 +746,7 @@ def run_region(
                 model_needs_gpu=spec.model != NOOP_MODEL,
             )
             refuse_waiting_on_own_ray(plan, address)
+            check_output_shared(staging)
             manifest["placement"] = plan.to_json()
             logger.info("placement: %s", manifest["placement"])
             call_tiles = read_batch_tiles(tile_spec.size_px, per_unit)
@@ -785,9 +786,11 @@ def run_region(
             # Rows land in the staging parts as their tasks finish (with a model, a block at a time; with the
             # no-op model, 512 rows or more), one file per task: a killed run keeps them for --resume.
             parts_sink = out.RawPartsSink(parts_dir)
+            carried_rows = out.count_part_rows(parts_dir) if done_tiles else 0
             with bounded_gpu_wait(ds, plan.wait_for_gpus):
                 ds.write_datasink(parts_sink)
             manifest["rows_run_now"] = int(parts_sink.rows)
+            check_parts_visible(parts_dir, written=parts_sink.rows, carried=carried_rows)
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):
             # The final pass: every finished row (carried over or new), in Hilbert order, as GeoParquet:
@@ -877,6 +880,56 @@ def run_region(
         _keep_or_discard(staging, result_left=finished)
         raise
     return RunResult(output=request.output, manifest=manifest)
+
+
+_SHARED_STORAGE_HINT: Final[str] = ("OUTPUT must be storage that this driver and every node of the Ray cluster "
+                                     "share: a shared filesystem mounted at the same path, or s3://, gs://, az://")
+
+
+def check_parts_visible(parts_dir: str, *, written: int, carried: int) -> None:
+    """After the stages: every row the write tasks reported is readable here, where the final pass reads them.
+
+    Write tasks run on any node (a cluster's head often runs none): a local OUTPUT that is not shared, or
+    ``memory://`` (each process its own), kept their rows where this driver cannot see them, and the run
+    committed a "complete" dataset without them, exit 0.
+
+    Raises:
+        RequestError: (``--output``) fewer rows visible than written; the staging directory is kept.
+    """
+    visible = out.count_part_rows(parts_dir) - carried
+    if visible < written:
+        raise RequestError("--output", f"the write tasks wrote {written} rows into {parts_dir}, but this process "
+                                       f"can read {max(visible, 0)} of them: {_SHARED_STORAGE_HINT} (memory:// is "
+                                       "private to each process)")
+
+
+def check_output_shared(staging: str) -> None:
+    """Before the stages, on a cluster of several nodes: every node sees the local staging directory (its
+    ``_resume.json``), or the rows its write tasks keep would be lost to the final pass (see
+    :func:`check_parts_visible`, which finds it only after all the inference). A node that does not answer
+    within a minute is not judged; an object store needs no check.
+
+    Raises:
+        RequestError: (``--output``) a node cannot see the staging directory, naming it.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fs, root = fsspec.core.url_to_fs(staging)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    marker = posixpath.join(root, out.RESUME_NAME)
+    sees = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+    refs = {n["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(marker) for n in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=60)
+    blind = sorted(address for address, ref in refs.items() if ref in ready and not ray.get(ref))
+    if blind:
+        raise RequestError("--output", f"{root} is not shared with every node: {len(blind)} of {len(nodes)} "
+                                       f"nodes cannot see it ({', '.join(blind[:3])}); {_SHARED_STORAGE_HINT}")
 
 
 LISTED_FAILURES: Final[int] = 1000

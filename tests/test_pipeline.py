@@ -433,3 +433,39 @@ def test_a_tile_with_one_failed_prompt_counts_once_as_failed(tmp_path: Path) -> 
     listed = failure_list(sink.summary, "failed")
     assert [(f["tile_id"], f["prompt"]) for f in listed] == [("a", "prompt 1"), ("c", "prompt 0"), ("c", "prompt 1")]
     assert "primary" not in listed[0]
+
+
+def test_rows_written_where_this_driver_cannot_read_them_fail_the_run(ray_local, sample_catalog, capsys) -> None:
+    """Write tasks keep their rows on whatever node (here: process) they run in. memory:// is private to each
+    process, as a local folder is to each node of a cluster: the run had committed a "complete" dataset without
+    the rows (rows_run_now 4, rows_written 0, exit 0)."""
+    import uuid
+
+    import fsspec
+
+    root = f"/rsflow-{uuid.uuid4().hex[:8]}/run"
+    code = main(["--log-level", "ERROR", "region", "--stac", str(sample_catalog), "--bbox",
+                 "-75.70,37.650,-75.69,37.655", "--model", "noop", "--no-preview", "--output", f"memory://{root}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --output: the write tasks wrote" in err and "but this process can read 0" in err
+    assert not fsspec.filesystem("memory").exists(f"{root}/{MANIFEST_NAME}")
+
+
+def test_a_local_output_that_a_node_cannot_see_is_refused_before_the_stages(ray_local, tmp_path, monkeypatch) -> None:
+    """On a cluster of several nodes each node is asked whether it sees the run's staging directory (a task
+    pinned to it), before any tile is read. Here the one local node stands in for two."""
+    import ray
+
+    from rsflow import pipeline
+    from rsflow.errors import RequestError
+    from rsflow.output import RESUME_NAME
+
+    node = next(n for n in ray.nodes() if n.get("Alive"))
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
+    (tmp_path / "seen").mkdir()
+    (tmp_path / "seen" / RESUME_NAME).write_text("{}")
+    pipeline.check_output_shared(str(tmp_path / "seen"))  # every node sees it
+    with pytest.raises(RequestError, match=r"^--output: .*/unseen is not shared with every node: 2 of 2 nodes "
+                                           r"cannot see it \(10\.0\.0\.2, "):
+        pipeline.check_output_shared(str(tmp_path / "unseen"))
+    pipeline.check_output_shared("memory://bucket/run")  # an object store: nothing to check

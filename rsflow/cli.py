@@ -7,10 +7,12 @@ naming the flag and the reason, no traceback); 1 anything unexpected (with its t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rsflow.errors import (
@@ -85,8 +87,8 @@ def region_arguments() -> argparse.ArgumentParser:
     aoi = p.add_argument_group("area and time")
     aoi.add_argument(
         "--bbox",
-        help="AOI as minx,miny,maxx,maxy in EPSG:4326 degrees (default: a box on the sample Sentinel-2 scene "
-        f"when neither --bbox nor --intersects is given: {','.join(map(str, DEFAULT_BBOX))})",
+        help="AOI as minx,miny,maxx,maxy in EPSG:4326 degrees (with --stac sample, and neither --bbox nor "
+        f"--intersects: a box on the sample Sentinel-2 scene, {','.join(map(str, DEFAULT_BBOX))})",
     )
     aoi.add_argument("--intersects", help="AOI as a GeoJSON file, GeoJSON text or WKT (EPSG:4326)")
     aoi.add_argument("--datetime", help="STAC datetime or interval, e.g. 2024-06-01/2024-06-30, 2024-06, 2024-01-01/..")
@@ -161,7 +163,8 @@ def region_arguments() -> argparse.ArgumentParser:
                        help="prompts per generate call (default: chosen from the memory free on each model device)")
     tasks = p.add_argument_group("tasks (prompt formats per model family: see README)")
     tasks.add_argument(
-        "--tasks", help="comma-separated: caption, vqa, classify, detect, refer, region-caption (default: caption)"
+        "--tasks", help="comma-separated: caption, vqa, classify, detect, refer, region-caption (default: the tasks "
+        "whose inputs are given, e.g. vqa for --question; caption when none is)"
     )
     tasks.add_argument("--question", action="append", default=[], help="a vqa question (repeatable)")
     tasks.add_argument("--questions", metavar="FILE", help="vqa questions, one a line")
@@ -258,13 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
     return refuse_empty_values(parser)
 
 
+def _is_sample_catalog(stac: str) -> bool:
+    """``--stac sample``, or the sample catalog's ``catalog.json`` by its path (``rsflow sample-catalog``
+    prints it): the catalogs whose scene the default AOI lies on. Against any other catalog a forgotten
+    ``--bbox`` had searched that box in Virginia."""
+    if stac == "sample":
+        return True
+    path = Path(stac).expanduser()
+    try:
+        if "://" in stac or not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        return json.loads(path.read_text()).get("id") == "rsflow-sample"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def implied_tasks(args: argparse.Namespace) -> str:
+    """``--tasks`` when it is not given: the tasks whose inputs are (``--question``/``--questions``: vqa,
+    ``--classes``: classify, ``--detect``, ``--refer``, ``--regions``: region-caption), as a task file's inputs
+    name its tasks; caption when none is. Without it such a flag was ignored (a warning) and the run captioned."""
+    given = {"vqa": args.question or args.questions, "classify": args.classes, "detect": args.detect,
+             "refer": args.refer, "region-caption": args.regions}
+    return ",".join(task for task, value in given.items() if value) or "caption"
+
+
 def _run_region(args: argparse.Namespace) -> int:
     from rsflow.models.spec import spec_from_flags
     from rsflow.pipeline import run_region
     from rsflow.request import DEFAULT_BBOX, parse_request
 
     bbox = args.bbox
-    if bbox is None and args.intersects is None:
+    if bbox is None and args.intersects is None and _is_sample_catalog(args.stac):  # elsewhere an area is required
         bbox = ",".join(map(str, DEFAULT_BBOX))
     if args.resume and args.output and args.output.rstrip("/") != args.resume.rstrip("/"):
         raise RequestError("--resume", f"continues the run in {args.resume}; leave --output out or give the same")
@@ -283,7 +310,7 @@ def _run_region(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         gsd=args.gsd,
         max_nodata=args.max_nodata,
-        tasks=args.tasks if args.tasks is not None else ("caption" if not args.task_file else ()),
+        tasks=args.tasks if args.tasks is not None else (implied_tasks(args) if not args.task_file else ()),
         question=args.question,
         questions=args.questions,
         classes=args.classes,

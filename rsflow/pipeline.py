@@ -668,6 +668,11 @@ def run_region(
     search_seconds = time.perf_counter() - t_search
     logger.info("search: %d items in %.1f s%s", len(items), search_seconds,
                 " (given by the caller)" if items_given else "")
+    if not items and not items_given:  # an empty dataset is still written (a monitor's quiet day), but say why
+        minx, miny, maxx, maxy = request.aoi.bounds
+        logger.warning("the search found no item in %s for the AOI %.4f,%.4f,%.4f,%.4f (lon,lat order), datetime "
+                       "%s, collections %s: the dataset will be empty", request.stac, minx, miny, maxx, maxy,
+                       request.datetime or "any", ",".join(request.collections) or "any")
     profiles = _profiles_for(request, items)
     # Planned on the driver from metadata (proj:* fields, else file headers) before any pixel is read:
     # the tile count for --max-tiles, and (once the cluster's read slots are known) the planning units

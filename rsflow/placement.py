@@ -235,11 +235,16 @@ def plan_cluster(
     shared = not gpus and not waiting and any(_fits(n, model_resources) for n in read_nodes)
     actor_cpus = low * model_cpus if shared else 0.0
     if shared and read_cpus and read_cpus - actor_cpus < 1:
+        fits = int((read_cpus - 1) // max(model_cpus, 1e-9))
+        if fits < 1:  # not even one actor beside a read task: no flag value helps
+            raise RequestError(
+                "--address", f"this cluster has {read_cpus} CPU(s): a model actor on CPU ({model_cpus:g} CPU) and "
+                "the reads need at least one more; run on a machine or cluster with more CPUs, or with a GPU")
         flag = "--model-actors" if model_actors is not None else "--min-model-actors"
         raise RequestError(
             flag,
             f"{low} model actor(s) on CPU would take all {read_cpus} CPUs of this cluster and leave none for "
-            f"reading tiles; use at most {max(1, int((read_cpus - 1) // max(model_cpus, 1e-9)))} here",
+            f"reading tiles; use at most {fits} here",
         )
     all_cpus = int(sum(n.get("CPU", 0) for n in nodes))
     if not gpus and not waiting and all_cpus and low > all_cpus:  # each actor is a process
@@ -247,6 +252,11 @@ def plan_cluster(
         raise RequestError(flag, f"{low} model actors without a GPU on a cluster of {all_cpus} CPUs; use at most "
                                  f"{all_cpus}")
     read_max = read_workers or max(1, int(read_cpus - actor_cpus))
+    if read_workers is None and read_cpus == 0:
+        # e.g. `ray up` or a KubeRay cluster whose CPU workers have not joined yet (the head has no CPU for tasks):
+        # the whole run would keep one read task at a time
+        logger.warning("no CPU for reads in the cluster yet: reads are sized for the nodes up now, 1 read task at a "
+                       "time for the whole run; on a cluster whose CPU nodes are still joining, give --read-workers N")
     if waiting:
         logger.warning("--require-gpu: no GPU in the Ray cluster yet; the %d model actor(s) wait for the autoscaler "
                        "to add GPU nodes (the run starts once one is up)%s", low,

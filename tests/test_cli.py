@@ -24,8 +24,13 @@ BAD = [
     (["--max-cloud", "150"], "--max-cloud"),
     (["--max-cloud", "cloudy"], "--max-cloud"),
     (["--max-items", "0"], "--max-items"),
-    (["--stac", "https://earth-search.aws.element84.com/v1"], "--collections"),
-    (["--stac", "/no/such/catalog.json"], "--stac"),
+    (["--stac", "https://earth-search.aws.element84.com/v1", "--bbox", "0,0,1,1"], "--collections"),
+    (["--stac", "/no/such/catalog.json", "--bbox", "0,0,1,1"], "--stac"),
+    # the sample scene's box is the default AOI of the sample catalog only: another catalog needs an area
+    (["--stac", "https://earth-search.aws.element84.com/v1", "--collections", "sentinel-2-l2a"], "--bbox"),
+    (["--intersects", "CIRCULARSTRING (-75.7 37.64, -75.68 37.66, -75.66 37.64)"], "--intersects"),
+    # a polygon across the antimeridian that is not split there reads as a band around the world
+    (["--intersects", "POLYGON ((177 -20, -179 -20, -179 -15, 177 -15, 177 -20))"], "--intersects"),
     (["--tile-size", "4"], "--tile-size"),
     (["--tile-size", "big"], "--tile-size"),
     (["--tile-size", "64", "--overlap", "64"], "--overlap"),
@@ -405,3 +410,30 @@ def test_a_request_error_raised_in_a_ray_stage_is_one_line_and_exit_2(ray_local,
     assert main(["region", "--model", "noop", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "rsflow region: error: --attn-implementation: flash_attention_2 needs a CUDA device"
+
+
+@pytest.mark.parametrize(
+    ("flags", "tasks"),
+    [
+        ([], "caption"),
+        (["--question", "is there water?"], "vqa"),
+        (["--questions", "q.txt", "--detect", "ship"], "vqa,detect"),
+        (["--classes", "ucmerced", "--refer", "the pier", "--regions", "r.geojson"], "classify,refer,region-caption"),
+    ],
+)
+def test_without_tasks_the_tasks_are_those_whose_inputs_are_given(flags, tasks) -> None:
+    """``--question`` without ``--tasks`` had been ignored (a warning): the run captioned and exited 0."""
+    from rsflow.cli import build_parser, implied_tasks
+
+    args = build_parser().parse_args(["region", *flags])
+    assert implied_tasks(args) == tasks
+
+
+def test_a_search_that_finds_nothing_says_so_in_a_warning(sample_catalog, tmp_path, caplog) -> None:
+    """An AOI, datetime or collection that matches nothing (a lat/lon swapped bbox lands in Antarctica) still
+    writes an empty dataset (a monitor's quiet day), but no longer with an INFO line only."""
+    with caplog.at_level("WARNING", logger="rsflow.pipeline"):
+        code = main(["region", "--stac", str(sample_catalog), "--bbox", "37.640,-75.705,37.670,-75.660",
+                     "--model", "noop", "--no-preview", "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert "the search found no item" in caplog.text and "37.6400,-75.7050,37.6700,-75.6600 (lon,lat order)" in caplog.text

@@ -131,6 +131,9 @@ def test_cpu_model_actors_that_would_starve_the_reads_are_refused():
     with pytest.raises(RequestError, match="^--min-model-actors"):
         plan_cluster(laptop, StagePlacement(min_model_actors=2))
     assert plan_cluster(laptop, StagePlacement(), model_actors=1).read_max == 1
+    # one CPU in all: no value of the flag helps, and the one that failed is not suggested
+    with pytest.raises(RequestError, match=r"^--address: this cluster has 1 CPU\(s\): a model actor on CPU"):
+        plan_cluster([{"CPU": 1.0, "memory": 8e9}], StagePlacement())
     # the no-op model's actors ask for no CPU: the reads get both
     plan = plan_cluster(laptop, StagePlacement(), model_actors=2, model_cpus=0.0)
     assert (plan.min_actors, plan.read_max) == (2, 2)
@@ -217,3 +220,17 @@ def test_require_gpu_is_a_flag_and_a_monitor_key(tmp_path):
     config.write_text(base + "require_gpu: 'yes'\n")
     with pytest.raises(RequestError, match=r"^require_gpu: must be true or false"):
         load_monitor_config(config)
+
+
+def test_a_cluster_with_no_cpu_for_reads_yet_warns_naming_read_workers(caplog: pytest.LogCaptureFixture) -> None:
+    """Right after `ray up` the head (no CPU for tasks) is the whole cluster: the run would keep one read task for
+    its whole length, silently."""
+    head = [{"CPU": 0.0, "memory": 8e9}]
+    with caplog.at_level("WARNING", logger="rsflow.placement"):
+        plan = plan_cluster(head, StagePlacement(require_gpu=True))
+    assert plan.read_max == 1 and "give --read-workers N" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rsflow.placement"):
+        plan_cluster(head, StagePlacement(require_gpu=True), read_workers=8)
+        plan_cluster([{"CPU": 2.0, "memory": 8e9}], StagePlacement(), model_cpus=0.0)
+    assert "--read-workers" not in caplog.text

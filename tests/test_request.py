@@ -164,6 +164,10 @@ def test_a_regions_file_crs_member_is_honoured(tmp_path):
           '"coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}'), r"feature 0: invalid geometry \(Self-int"),
         ("missing-aoi.geojson", "no such file: missing-aoi.geojson"),
         ('{"type": "Point", "coordinates": [1' + "0" * 5000 + ", 0]}", "invalid GeoJSON: Exceeds the limit"),
+        # PostGIS writes curves; shapely raised NotImplementedError (a traceback, exit 1)
+        ("CURVEPOLYGON (CIRCULARSTRING (0 0, 1 1, 2 0, 1 -1, 0 0))", "curved geometries are not supported"),
+        # across the antimeridian without a split: read as a 356-degree band (a --bbox that wide is refused too)
+        ("POLYGON ((177 -20, -179 -20, -179 -15, 177 -15, 177 -20))", r"spans 356\.0 degrees of longitude .*\(RFC 7946"),
     ],
 )
 def test_intersects_errors(value, match):

@@ -184,7 +184,9 @@ def run(cache: Path, work: Path, quick: bool) -> Section:
                          f"{st['scene_px']:,} px scene's runs too) / that over bare")
                 value = f"{st['fixed_seconds']:.2f} s / {st['tiles_per_second']:.0f} / {st['ratio_to_bare']:.2f}x"
                 sec.rows.append((label, value))
-        sec.targets.append(Target("read", f"pipeline / bare tiles/s, {tile_px} px", r["ratio"], ">=", 0.8, "x"))
+        # the scene in the name: a --quick run's smaller scene weighs a run's start-up more (not the same figure)
+        sec.targets.append(Target("read", f"pipeline / bare tiles/s, {tile_px} px tiles, {size_px:,} px scene",
+                                  r["ratio"], ">=", 0.8, "x"))
     return sec
 
 

@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     return refuse_empty_values(parser)
 
 
+def _same_place(output: str) -> str:
+    """An output as ``--resume`` and ``--output`` are compared: a local folder resolved (``o1`` is ``./o1/``),
+    a URI without its trailing slash."""
+    return output.rstrip("/") if "://" in output else str(Path(output).expanduser().resolve())
+
+
 def _is_sample_catalog(stac: str) -> bool:
     """``--stac sample``, or the sample catalog's ``catalog.json`` by its path (``rsflow sample-catalog``
     prints it): the catalogs whose scene the default AOI lies on. Against any other catalog a forgotten
@@ -293,7 +299,7 @@ def _run_region(args: argparse.Namespace) -> int:
     bbox = args.bbox
     if bbox is None and args.intersects is None and _is_sample_catalog(args.stac):  # elsewhere an area is required
         bbox = ",".join(map(str, DEFAULT_BBOX))
-    if args.resume and args.output and args.output.rstrip("/") != args.resume.rstrip("/"):
+    if args.resume and args.output and _same_place(args.output) != _same_place(args.resume):
         raise RequestError("--resume", f"continues the run in {args.resume}; leave --output out or give the same")
     output = args.resume or args.output or f"out/region-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     spec = spec_from_flags(args)

@@ -641,6 +641,13 @@ def run_region(
     prompts = [dataclasses.replace(p, adapter=use.get(p.task)) for p in prompts]
     regions = [(r.region_id, shapely.to_wkb(r.geometry)) for r in inputs.regions]
 
+    # before the search: a --resume that differs from its run, or has nothing to do, says so at once
+    resume = _resume_source(request) if request.resume else None
+    if resume is not None and resume.committed and resume.failed_tiles == 0:
+        logger.warning("--resume: %s is complete with no failed tile: nothing to do", request.output)
+        with fsspec.open(f"{request.output.rstrip('/')}/{out.MANIFEST_NAME}", "r") as fh:
+            return RunResult(output=request.output, manifest=json.load(fh))
+
     t_search = time.perf_counter()
     if items is None:
         found = search_items(
@@ -699,12 +706,6 @@ def run_region(
         item_offsets.append((json.dumps(item), offsets))
     if refused and len(refused) == len(items):  # the request cannot work for any of them: say so first
         raise refused[0]
-
-    resume = _resume_source(request) if request.resume else None
-    if resume is not None and resume.committed and resume.failed_tiles == 0:
-        logger.warning("--resume: %s is complete with no failed tile: nothing to do", request.output)
-        with fsspec.open(f"{request.output.rstrip('/')}/{out.MANIFEST_NAME}", "r") as fh:
-            return RunResult(output=request.output, manifest=json.load(fh))
 
     staging = out.staging_path(request.output, run_id)
     manifest: dict[str, Any] = {
@@ -1108,6 +1109,14 @@ being written (``out.DRIVER_ROWS_PER_FILE``); larger outputs are sorted by Ray D
 _RESUME_KEYS = ("aoi", "collections", "datetime", "max_cloud", "max_items", "max_nodata", "model", "profile",
                 "stac", "tasks", "inputs", "merge_iou", "task_adapters", "tile", "engine")
 """Request keys a ``--resume`` must repeat exactly (the rest, e.g. actors and placement, may change)."""
+_RESUME_FLAGS = {
+    "aoi": "--bbox/--intersects", "collections": "--collections", "datetime": "--datetime",
+    "max_cloud": "--max-cloud", "max_items": "--max-items", "max_nodata": "--max-nodata", "profile": "--profile",
+    "stac": "--stac", "tasks": "--tasks", "merge_iou": "--merge/--merge-iou", "engine": "--engine",
+    "inputs": "the tasks' inputs (--question, --questions, --classes, --detect, --refer, --regions, --task-file)",
+    "task_adapters": "the task file's adapters", "tile": "--tile-size/--overlap/--gsd",
+}
+"""The flags that set each of :data:`_RESUME_KEYS`, as a ``--resume`` refusal names them."""
 _MODEL_FLAG_NAMES = {"adapters": "the task file's adapters"}
 """Model settings that no flag of their own name sets, as a ``--resume`` refusal names them."""
 _RESUME_MODEL_FREE = ("batch_size",)
@@ -1149,6 +1158,7 @@ def _resume_source(request: RegionRequest) -> out.ResumeSource:
             keys = sorted(k for k in {*was, *new} if was.get(k) != new.get(k))
             named = [_MODEL_FLAG_NAMES.get(k, f"--{k.replace('_', '-')}") for k in keys]
             differs[differs.index("model")] = "model (" + ", ".join(named) + ")"
+    differs = [_RESUME_FLAGS.get(k, k) for k in differs]
     if differs:
         raise RequestError(
             "--resume", f"the request differs from the run being resumed in {', '.join(differs)}; repeat its flags"

@@ -437,3 +437,13 @@ def test_a_search_that_finds_nothing_says_so_in_a_warning(sample_catalog, tmp_pa
                      "--model", "noop", "--no-preview", "--output", str(tmp_path / "out")])
     assert code == 0
     assert "the search found no item" in caplog.text and "37.6400,-75.7050,37.6700,-75.6600 (lon,lat order)" in caplog.text
+
+
+def test_resume_and_output_naming_one_folder_two_ways_are_the_same(tmp_path, monkeypatch, capsys) -> None:
+    """``--resume o1 --output ./o1/`` was refused as two folders; another folder still is."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["region", "--resume", "o1", "--output", "./o1/", "--model", "noop"])
+    err = capsys.readouterr().err
+    assert code == 2 and "o1 holds no interrupted run" in err  # got past the comparison
+    code = main(["region", "--resume", "o1", "--output", "o2", "--model", "noop"])
+    assert code == 2 and "--resume: continues the run in o1" in capsys.readouterr().err

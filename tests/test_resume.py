@@ -204,7 +204,7 @@ def test_resume_refuses_a_different_request(ray_local: Any, sample_catalog: Path
     other = [("Other?" if f == FLAGS[3] else f) for f in FLAGS]
     code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *other, "--resume", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "differs from the run being resumed in inputs" in err
+    assert code == 2 and "differs from the run being resumed in the tasks' inputs (--question, " in err
     code = main(["region", "--stac", str(sample_catalog), "--bbox", small, *FLAGS, "--max-new-tokens", "7",
                  "--dtype", "bfloat16", "--resume", str(out)])
     err = capsys.readouterr().err  # the model flags that differ are named, not just "model"
@@ -609,5 +609,5 @@ def test_resume_refuses_another_engine(tmp_path: Path) -> None:
         if accepted:
             assert _resume_source(request).directory == str(staging)
         else:
-            with pytest.raises(RequestError, match="differs from the run being resumed in engine"):
+            with pytest.raises(RequestError, match="differs from the run being resumed in --engine"):
                 _resume_source(request)

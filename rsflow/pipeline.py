@@ -346,6 +346,16 @@ def gpu_wait_expired(exc: BaseException) -> GpuUnavailable | None:
                           "(`ray status`), then run it again")
 
 
+def local_gpu_possible() -> bool:
+    """Whether this machine may have an NVIDIA GPU for a local Ray to find (a device node or ``nvidia-smi``):
+    without either, ``--require-gpu`` on a Ray this process starts is refused before the search; with one, Ray's
+    own count decides later (:func:`refuse_waiting_on_own_ray`)."""
+    import glob
+    import shutil
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"))
+
+
 def on_own_ray(address: str | None) -> bool:
     """Whether this process runs (or, not connected yet, would start) a Ray of its own, which no node can
     join later. Connected: whether this process started the head (``ray.init()`` without a cluster to
@@ -621,6 +631,11 @@ def run_region(
 
     # Model first: its input size is the default tile size, and a bad model fails before search.
     spec: ModelSpec = request.model
+    if request.placement.require_gpu and spec.model != NOOP_MODEL and not local_gpu_possible() \
+            and on_own_ray(address):  # no device on this machine for the Ray this run starts: say so before the search
+        raise RequestError("--require-gpu", "this machine has no GPU, and the local Ray this run starts can never "
+                                            "gain one: run on a cluster with GPU nodes (--address), or leave "
+                                            "--require-gpu out to run the model on CPU")
     if request.engine == "vllm":  # vLLM missing, or a model it cannot load: refused before search
         check_vllm_available()
         check_vllm_spec(spec)

@@ -234,3 +234,21 @@ def test_a_cluster_with_no_cpu_for_reads_yet_warns_naming_read_workers(caplog: p
         plan_cluster(head, StagePlacement(require_gpu=True), read_workers=8)
         plan_cluster([{"CPU": 2.0, "memory": 8e9}], StagePlacement(), model_cpus=0.0)
     assert "--read-workers" not in caplog.text
+
+
+def test_require_gpu_on_a_machine_without_gpus_and_its_own_ray_is_refused_before_the_search(
+        monkeypatch, tmp_path, capsys):
+    """The refusal came after the search and Ray's start, behind a warning that the actors would wait."""
+    from rsflow import pipeline
+    from rsflow.cli import main
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched")
+
+    monkeypatch.setattr(pipeline, "local_gpu_possible", lambda: False)
+    monkeypatch.setattr(pipeline, "on_own_ray", lambda address=None: True)
+    monkeypatch.setattr(pipeline, "search_items", no_search)
+    code = main(["region", "--require-gpu", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("rsflow region: error: --require-gpu: this machine has no GPU")
+    assert not (tmp_path / "out").exists()

@@ -377,9 +377,23 @@ def refuse_waiting_on_own_ray(plan: ClusterPlan, address: str | None) -> None:
         RequestError: (``--require-gpu``) as above.
     """
     if plan.wait_for_gpus and on_own_ray(address):
-        raise RequestError("--require-gpu", "this machine has no GPU, and the local Ray this run starts can never "
-                                            "gain one: run on a cluster with GPU nodes (--address), or leave "
-                                            "--require-gpu out to run the model on CPU")
+        raise RequestError("--require-gpu", _NO_GPU_HERE)
+
+
+_NO_GPU_HERE: Final[str] = ("this machine has no GPU, and the local Ray this run starts can never gain one: run on "
+                            "a cluster with GPU nodes (--address), or leave --require-gpu out to run the model on CPU")
+
+
+def refuse_require_gpu_here(require_gpu: bool, spec: ModelSpec, address: str | None) -> None:
+    """``--require-gpu`` on a machine with no NVIDIA device (:func:`local_gpu_possible`), on a Ray this process
+    starts itself: refused before the search or any data is read (:func:`refuse_waiting_on_own_ray` refuses
+    the rest once Ray's own count is known).
+
+    Raises:
+        RequestError: (``--require-gpu``) as above.
+    """
+    if require_gpu and spec.model != NOOP_MODEL and not local_gpu_possible() and on_own_ray(address):
+        raise RequestError("--require-gpu", _NO_GPU_HERE)
 
 
 def _configured(ds: Any) -> Any:
@@ -631,11 +645,7 @@ def run_region(
 
     # Model first: its input size is the default tile size, and a bad model fails before search.
     spec: ModelSpec = request.model
-    if request.placement.require_gpu and spec.model != NOOP_MODEL and not local_gpu_possible() \
-            and on_own_ray(address):  # no device on this machine for the Ray this run starts: say so before the search
-        raise RequestError("--require-gpu", "this machine has no GPU, and the local Ray this run starts can never "
-                                            "gain one: run on a cluster with GPU nodes (--address), or leave "
-                                            "--require-gpu out to run the model on CPU")
+    refuse_require_gpu_here(request.placement.require_gpu, spec, address)
     if request.engine == "vllm":  # vLLM missing, or a model it cannot load: refused before search
         check_vllm_available()
         check_vllm_spec(spec)

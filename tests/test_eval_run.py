@@ -376,3 +376,17 @@ def test_job_script_is_the_eval_command(tmp_path: Path) -> None:
                           str(tmp_path), "--model", "smoke", "--output", str(tmp_path / "o")],
                          check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("rsflow eval: error: --benchmark: unknown benchmark")
+
+
+def test_require_gpu_without_a_device_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for the region job: on a machine with no NVIDIA device, on a Ray the run starts itself, --require-gpu
+    is one line before the data is read or anything is written (the actors would wait an hour for nothing)."""
+    data, out = tmp_path / "lr", tmp_path / "out"
+    fx.write_rsvqa(data, n=5)
+    monkeypatch.setattr(rsflow.pipeline, "local_gpu_possible", lambda: False)
+    monkeypatch.setattr(rsflow.pipeline, "on_own_ray", lambda address=None: True)
+    monkeypatch.setattr(rsflow.pipeline, "infer_images", _refuse)
+    err = _one_line_error(capsys, _eval("rsvqa-lr", data, out, "--require-gpu"), "--require-gpu")
+    assert "this machine has no GPU" in err and not out.exists()

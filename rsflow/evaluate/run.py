@@ -441,6 +441,9 @@ def run_eval(config: EvalConfig, *, address: str | None = None) -> EvalResult:
     resolve_adapter(spec)
     resolve_model_dir(spec)
     check_image_size(spec)  # before any file is written: a run.json of a run that cannot start blocks the next
+    from rsflow.pipeline import refuse_require_gpu_here
+
+    refuse_require_gpu_here(config.require_gpu, spec, address)
     prompt_format = resolve_prompt_format(spec)
     try:
         check_tasks([bench.task], prompt_format)

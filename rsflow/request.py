@@ -408,15 +408,33 @@ def parse_intersects(value: str | dict[str, Any] | Any) -> BaseGeometry:
     if not (-180 <= minx <= 180 and -180 <= maxx <= 180 and -90 <= miny <= 90 and -90 <= maxy <= 90):
         hint = " (these look like metres; give lon/lat degrees in EPSG:4326)" if max(map(abs, geom.bounds)) > 1000 else ""
         raise RequestError("--intersects", f"coordinates {geom.bounds} are outside lon/lat ranges{hint}")
-    if maxx - minx > 180:  # --bbox refuses such a width too
+    jump = _antimeridian_jump(geom)
+    if jump is not None:
         raise RequestError(
-            "--intersects", f"spans {maxx - minx:.1f} degrees of longitude ({minx:g} to {maxx:g}); a polygon across "
-            "the antimeridian must be split there into a MultiPolygon (RFC 7946 3.1.9), or give --bbox west,south,"
-            "east,north with west > east")
+            "--intersects", f"has an edge from longitude {jump[0]:g} to {jump[1]:g}, which shapely reads as going the "
+            "long way round the world; a geometry across the antimeridian must be split there into a MultiPolygon "
+            "(RFC 7946 3.1.9), or give --bbox west,south,east,north with west > east")
     if not geom.is_valid:
         reason = shapely.is_valid_reason(geom)
         raise RequestError("--intersects", f"invalid geometry ({reason}); fix it, e.g. with shapely.make_valid")
     return geom
+
+
+def _antimeridian_jump(geom: BaseGeometry) -> tuple[float, float] | None:
+    """The first edge of ``geom`` whose ends are more than 180 degrees of longitude apart, or None: a ring drawn
+    across the antimeridian without a split (vertices at 177 then -179), which is read as a band round the
+    world. A geometry split there (parts meeting at +/-180) has no such edge, however wide its bounds."""
+    parts = list(shapely.get_parts(geom))
+    while any(p.geom_type.startswith("Multi") or p.geom_type == "GeometryCollection" for p in parts):
+        parts = [q for p in parts for q in shapely.get_parts(p)]
+    for part in parts:
+        rings = [part.exterior, *part.interiors] if part.geom_type == "Polygon" else [part]
+        for ring in rings:
+            xs = shapely.get_coordinates(ring)[:, 0]
+            steps = np.flatnonzero(np.abs(np.diff(xs)) > 180)
+            if steps.size:
+                return float(xs[steps[0]]), float(xs[steps[0] + 1])
+    return None
 
 
 def search_geometry(aoi: BaseGeometry, max_vertices: int = SEARCH_MAX_VERTICES) -> BaseGeometry:

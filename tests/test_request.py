@@ -167,7 +167,8 @@ def test_a_regions_file_crs_member_is_honoured(tmp_path):
         # PostGIS writes curves; shapely raised NotImplementedError (a traceback, exit 1)
         ("CURVEPOLYGON (CIRCULARSTRING (0 0, 1 1, 2 0, 1 -1, 0 0))", "curved geometries are not supported"),
         # across the antimeridian without a split: read as a 356-degree band (a --bbox that wide is refused too)
-        ("POLYGON ((177 -20, -179 -20, -179 -15, 177 -15, 177 -20))", r"spans 356\.0 degrees of longitude .*\(RFC 7946"),
+        ("POLYGON ((177 -20, -179 -20, -179 -15, 177 -15, 177 -20))",
+         r"has an edge from longitude 177 to -179, .*\(RFC 7946"),
     ],
 )
 def test_intersects_errors(value, match):
@@ -549,3 +550,14 @@ def test_every_yaml_file_rsflow_reads_refuses_a_key_given_twice(tmp_path):
     (profiles / "p.yaml").write_text("name: p\nbands: {red: B04}\nbands: {red: B4}\n")
     with pytest.raises(RequestError, match="key 'bands' appears twice"):
         load_profiles(profiles)
+
+
+def test_an_aoi_split_at_the_antimeridian_is_accepted_however_wide_its_bounds() -> None:
+    """The split MultiPolygon the refusal of an unsplit one asks for spans -180 to 180 in its bounds; it and a
+    polygon wider than 180 degrees that crosses nothing are AOIs (a check on the bounds had refused them)."""
+    split = ('{"type": "MultiPolygon", "coordinates": [[[[177, -20], [180, -20], [180, -15], [177, -15], [177, -20]]],'
+             ' [[[-180, -20], [-179, -20], [-179, -15], [-180, -15], [-180, -20]]]]}')
+    assert parse_intersects(split).bounds == (-180.0, -20.0, 180.0, -15.0)
+    assert parse_intersects("POLYGON ((-100 0, 0 0, 100 0, 100 10, 0 10, -100 10, -100 0))").bounds[2] == 100
+    wide = "GEOMETRYCOLLECTION (MULTIPOLYGON (((177 -20, 180 -20, 180 -15, 177 -20)), ((-180 -20, -179 -20, -180 -15, -180 -20))))"
+    assert parse_intersects(wide).bounds[0] == -180

@@ -1408,7 +1408,21 @@ def test_an_item_dated_in_the_future_does_not_move_the_watermark_past_the_next_s
     assert result.outcome == "nothing-new" and result.items_given_up == ["typo2"]
     assert load_ledger(str(out), "plain").watermark == "2024-05-07T10:00:00Z"
 
-    # a ledger whose watermark is already in the future (written before the check) is set back
+    # a ledger whose watermark is already in the future (an older rsflow's) is set back before the search, and
+    # the next real scene is found (the repair had waited for a run that was never searched in the right window)
+    from rsflow.monitor.ledger import save_ledger
+
+    stuck = load_ledger(str(out), "plain")
+    stuck.watermark = "2204-05-03T10:00:00Z"
+    save_ledger(str(out), stuck)
+    write_items(catalog, [*items, plain_item("new", "2024-05-07T10:00:00Z"), plain_item("later", "2024-05-09T10:00:00Z")])
+    assert run_monitor(config).items_done == ["later"]
+    assert load_ledger(str(out), "plain").watermark == "2024-05-09T10:00:00Z"
+    stuck = load_ledger(str(out), "plain")
+    stuck.watermark = "2204-05-03T10:00:00Z"
+    save_ledger(str(out), stuck)
+    assert run_monitor(config).outcome == "nothing-new"  # nothing to do, but the repair is saved
+    assert load_ledger(str(out), "plain").watermark == "2024-05-09T10:00:00Z"
     ledger = Ledger(monitor="m", watermark="2204-05-03T10:00:00Z")
     ledger.items["s0"] = ItemRecord(id="s0", collection="c", datetime="2024-05-02T10:00:00Z", state="done",
                                     attempts=1, run_id="r")

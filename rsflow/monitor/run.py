@@ -249,6 +249,9 @@ def _run_locked(
     removed = remove_leftovers(root, ledger)
 
     interrupted = _give_up_interrupted(ledger, config.max_attempts)
+    watermark_before = ledger.watermark
+    advance_watermark(ledger, started)  # a watermark in the future (an older rsflow's) comes back before the search
+    repaired = ledger.watermark != watermark_before
     if ledger.backfill:  # the older part of a window whose items were more than one run takes
         start_iso, end_iso = ledger.backfill["start"], ledger.backfill["before"]
     else:
@@ -309,7 +312,7 @@ def _run_locked(
     vanished_failed += refused_failed  # failed without running: both kinds count like a run's failures
     given_up_before = [*interrupted, *vanished_given_up, *refused_given_up]  # given up without running again
     if not pending:
-        if backfill != ledger.backfill or vanished_failed or given_up_before:
+        if backfill != ledger.backfill or vanished_failed or given_up_before or repaired:
             ledger.backfill = backfill
             advance_watermark(ledger, started)  # items given up count as in a processed run: the search moves on
             lock.check()

@@ -601,11 +601,11 @@ def find_resumable(output: str) -> ResumeSource | None:
 
 
 def discard_superseded(output: str, run_id: str) -> list[str]:
-    """After a ``--resume`` of the interrupted run ``run_id`` committed ``output``: delete the staging
-    directories of interrupted runs older than it (no manifest), which ``--resume`` passed over for it
-    (it continues the newest) and can never continue now, and those of resumes killed while carrying
-    rows over (neither ``_resume.json`` nor a manifest: never continued). A complete result left in
-    staging (it has its manifest) and newer directories are kept. Returns the directories deleted."""
+    """After the ``--resume`` run ``run_id`` committed ``output``: delete the staging directories older than it
+    without a manifest: interrupted runs, which ``--resume`` passed over for the one it continued (the
+    newest) and can never continue now, and resumes killed while carrying rows over (no ``_resume.json``:
+    never continued), whether the run resumed was interrupted or committed. A complete result left in staging
+    (it has its manifest) and newer directories are kept. Returns the directories deleted."""
     fs, _, stagings = _stagings(output)
     gone = []
     for path in stagings:

@@ -897,8 +897,7 @@ def run_region(
         if resume is not None and not resume.committed:
             out.discard(resume.directory)  # its rows are in the committed output now
         try:  # tidying after the commit: the run has succeeded whatever happens here
-            for stale in (out.discard_superseded(request.output, out.run_id_of(resume.directory))
-                          if resume is not None and not resume.committed else []):
+            for stale in (out.discard_superseded(request.output, run_id) if resume is not None else []):
                 logger.info("removed %s, an interrupted run this one supersedes", stale)
         except OSError as exc:
             logger.warning("could not remove the superseded staging directories of %s: %s", request.output, exc)

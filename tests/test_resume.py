@@ -571,7 +571,8 @@ def test_a_resume_killed_while_carrying_rows_over_is_not_what_the_next_resume_co
     earlier = tmp_path / ".out.staging-20261127T100000Z-aaaaaa"
     (earlier / PARTS_DIR).mkdir(parents=True)
     empty = {name: None for name in RESULT_SCHEMA.names}
-    rows = [{**empty, "tile_id": t, "kind": "tile", "status": "ok"} for t in ("a", "b")]
+    rows = [{**empty, "tile_id": t, "item_id": "item", "kind": "tile", "status": "ok", "_primary": True, "_hilbert": k,
+             "_read_seconds": 0.0, "_infer_seconds": 0.0} for k, t in enumerate(("a", "b"))]
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), earlier / PARTS_DIR / "raw-00000-x.parquet")
     (earlier / "_resume.json").write_text(json.dumps(
         {"run_id": "20261127T100000Z-aaaaaa", "request": json.loads(json.dumps(request.to_json(), default=str))}))
@@ -587,6 +588,12 @@ def test_a_resume_killed_while_carrying_rows_over_is_not_what_the_next_resume_co
         pipeline.run_region(request, items=[])
     assert len(list(tmp_path.glob(".out.staging-*"))) == 2  # the killed resume's directory is there
     assert find_resumable(str(out)).directory == str(earlier)
+    # the next resume continues the earlier run, and once it commits neither staging directory is left
+    monkeypatch.setattr(pipeline.out, "carry_over", real_carry)
+    monkeypatch.undo()
+    result = pipeline.run_region(request, items=[])
+    assert result.manifest["resumed_from"]["tiles_carried"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_resume_refuses_another_engine(tmp_path: Path) -> None:

@@ -347,13 +347,16 @@ def gpu_wait_expired(exc: BaseException) -> GpuUnavailable | None:
 
 
 def local_gpu_possible() -> bool:
-    """Whether this machine may have an NVIDIA GPU for a local Ray to find (a device node or ``nvidia-smi``):
-    without either, ``--require-gpu`` on a Ray this process starts is refused before the search; with one, Ray's
-    own count decides later (:func:`refuse_waiting_on_own_ray`)."""
-    import glob
-    import shutil
+    """Whether a Ray started here would find a GPU, by Ray's own detection (NVIDIA, AMD, Intel, Apple or MetaX:
+    the accelerator manager that ``ray.init`` uses for the ``GPU`` resource); True where that cannot be asked.
+    Without one, ``--require-gpu`` on a Ray this process starts is refused before the search."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
 
-    return bool(glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"))
+        manager = get_accelerator_manager_for_resource("GPU")
+        return manager is None or int(manager.get_current_node_num_accelerators()) > 0
+    except Exception:  # noqa: BLE001 - a private API: when it cannot answer, Ray's own count decides later
+        return True
 
 
 def on_own_ray(address: str | None) -> bool:
@@ -821,12 +824,15 @@ def run_region(
             with bounded_gpu_wait(ds, plan.wait_for_gpus):
                 ds.write_datasink(parts_sink)
             manifest["rows_run_now"] = int(parts_sink.rows)
-            check_parts_visible(parts_dir, written=parts_sink.rows, carried=carried_rows)
+            n_rows = out.count_part_rows(parts_dir)  # one read of the parts' footers, for the check and the sort
+            check_parts_visible(parts_dir, written=parts_sink.rows, carried=carried_rows, visible=n_rows)
+        else:
+            n_rows = None
         fs_parts, parts_root = fsspec.core.url_to_fs(parts_dir)
         if fs_parts.exists(parts_root) and fs_parts.find(parts_root):
             # The final pass: every finished row (carried over or new), in Hilbert order, as GeoParquet:
             # sorted here when it fits in memory, else by a Ray Data sort into files of ROWS_PER_FILE.
-            n_rows = out.count_part_rows(parts_dir)
+            n_rows = out.count_part_rows(parts_dir) if n_rows is None else n_rows
             if n_rows <= _DRIVER_SORT_ROWS:
                 sink.write_sorted_parts(parts_dir)
             else:
@@ -916,17 +922,23 @@ _SHARED_STORAGE_HINT: Final[str] = ("OUTPUT must be storage that this driver and
                                      "share: a shared filesystem mounted at the same path, or s3://, gs://, az://")
 
 
-def check_parts_visible(parts_dir: str, *, written: int, carried: int) -> None:
+def check_parts_visible(parts_dir: str, *, written: int, carried: int, visible: int) -> None:
     """After the stages: every row the write tasks reported is readable here, where the final pass reads them.
 
     Write tasks run on any node (a cluster's head often runs none): a local OUTPUT that is not shared, or
     ``memory://`` (each process its own), kept their rows where this driver cannot see them, and the run
     committed a "complete" dataset without them, exit 0.
 
+    Args:
+        parts_dir: the staging parts.
+        written: rows the write tasks reported.
+        carried: rows carried over by ``--resume`` before the stages.
+        visible: rows this process reads in the parts now (:func:`rsflow.output.count_part_rows`).
+
     Raises:
         RequestError: (``--output``) fewer rows visible than written; the staging directory is kept.
     """
-    visible = out.count_part_rows(parts_dir) - carried
+    visible -= carried
     if visible < written:
         raise RequestError("--output", f"the write tasks wrote {written} rows into {parts_dir}, but this process "
                                        f"can read {max(visible, 0)} of them: {_SHARED_STORAGE_HINT} (memory:// is "
@@ -956,7 +968,14 @@ def check_output_shared(staging: str) -> None:
     refs = {n["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(marker) for n in nodes}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=60)
-    blind = sorted(address for address, ref in refs.items() if ref in ready and not ray.get(ref))
+    blind = []
+    for address, ref in refs.items():
+        try:
+            if ref in ready and not ray.get(ref):
+                blind.append(address)
+        except ray.exceptions.RayError:  # the node went away (an autoscaler removing an idle one): not judged
+            continue
+    blind.sort()
     if blind:
         raise RequestError("--output", f"{root} is not shared with every node: {len(blind)} of {len(nodes)} "
                                        f"nodes cannot see it ({', '.join(blind[:3])}); {_SHARED_STORAGE_HINT}")

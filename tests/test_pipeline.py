@@ -461,11 +461,12 @@ def test_a_local_output_that_a_node_cannot_see_is_refused_before_the_stages(ray_
     from rsflow.output import RESUME_NAME
 
     node = next(n for n in ray.nodes() if n.get("Alive"))
-    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
+    gone = {**node, "NodeManagerAddress": "10.0.0.9", "NodeID": "ab" * 28}  # removed by the autoscaler meanwhile
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node, "NodeManagerAddress": "10.0.0.2"}, gone])
     (tmp_path / "seen").mkdir()
     (tmp_path / "seen" / RESUME_NAME).write_text("{}")
-    pipeline.check_output_shared(str(tmp_path / "seen"))  # every node sees it
-    with pytest.raises(RequestError, match=r"^--output: .*/unseen is not shared with every node: 2 of 2 nodes "
+    pipeline.check_output_shared(str(tmp_path / "seen"))  # every node sees it; the one gone is not judged
+    with pytest.raises(RequestError, match=r"^--output: .*/unseen is not shared with every node: 2 of 3 nodes "
                                            r"cannot see it \(10\.0\.0\.2, "):
         pipeline.check_output_shared(str(tmp_path / "unseen"))
     pipeline.check_output_shared("memory://bucket/run")  # an object store: nothing to check

@@ -1628,3 +1628,18 @@ def test_the_locks_own_temporaries_are_left_and_a_lock_expiry_without_offset_is_
     lock.acquire()
     assert lock.took_over is not None and lock.took_over.run_id == "r0"
     lock.release()
+
+
+def test_a_format_1_ledger_is_read_and_written_back_as_format_2(tmp_path) -> None:
+    """Format 2 added fields an rsflow that knows format 1 could not read (it failed with a TypeError on the
+    unknown keys): the number moved, so such an rsflow refuses the file naming the upgrade instead."""
+    from rsflow.monitor.ledger import Ledger
+
+    old = {"format": 1, "monitor": "m", "watermark": "2024-05-02T10:00:00Z", "backfill": None,
+           "items": {"s0": {"id": "s0", "collection": "c", "datetime": "2024-05-02T10:00:00Z", "state": "done",
+                            "attempts": 1, "run_id": "r"}},
+           "runs": []}
+    ledger = Ledger.from_json(old)
+    assert ledger.items["s0"].alone is False and ledger.to_json()["format"] == 2
+    with pytest.raises(ValueError, match=r"ledger format 3 is not one of \(1, 2\); upgrade rsflow"):
+        Ledger.from_json({**old, "format": 3})

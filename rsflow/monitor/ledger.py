@@ -29,8 +29,11 @@ from rsflow.monitor import store
 
 logger = logging.getLogger(__name__)
 
-LEDGER_FORMAT = 1
-"""Version of the ledger's JSON layout."""
+LEDGER_FORMAT = 2
+"""Version of the ledger's JSON layout. 2 added ``ItemRecord.alone`` and ``RunRecord.items_partial``: a format 1
+ledger is read (they take their defaults) and written back as 2, which an rsflow that knows only 1 refuses with
+"upgrade rsflow" (it would have failed on the unknown fields)."""
+READABLE_FORMATS = (1, 2)
 ItemState = Literal["done", "failed", "given_up"]
 
 
@@ -132,16 +135,15 @@ class Ledger:
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Ledger:
-        if value.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"ledger format {value.get('format')!r} is not {LEDGER_FORMAT}; upgrade rsflow")
+        if value.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"ledger format {value.get('format')!r} is not one of {READABLE_FORMATS}; upgrade rsflow")
         return cls(
             monitor=value["monitor"],
             watermark=value.get("watermark"),
             backfill=value.get("backfill"),
             items={k: ItemRecord(**v) for k, v in value.get("items", {}).items()},
             runs=[RunRecord(**r) for r in value.get("runs", [])],
-            format=value["format"],
-        )
+        )  # written back in this version's format
 
 
 def ledger_path(root: str) -> str:

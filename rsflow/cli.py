@@ -286,9 +286,11 @@ def implied_tasks(args: argparse.Namespace) -> str:
     """``--tasks`` when it is not given: the tasks whose inputs are (``--question``/``--questions``: vqa,
     ``--classes``: classify, ``--detect``, ``--refer``, ``--regions``: region-caption), as a task file's inputs
     name its tasks; caption when none is. Without it such a flag was ignored (a warning) and the run captioned."""
-    given = {"vqa": args.question or args.questions, "classify": args.classes, "detect": args.detect,
-             "refer": args.refer, "region-caption": args.regions}
-    return ",".join(task for task, value in given.items() if value) or "caption"
+    from rsflow.request import tasks_implied_by
+
+    given = {"questions": args.question or args.questions, "classes": args.classes, "detect": args.detect,
+             "refer": args.refer, "regions": args.regions}
+    return ",".join(tasks_implied_by(key for key, value in given.items() if value)) or "caption"
 
 
 def _run_region(args: argparse.Namespace) -> int:

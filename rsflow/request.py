@@ -18,10 +18,10 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlparse
 
 import numpy as np
@@ -628,11 +628,23 @@ def parse_task_mapping(doc: Any, *, base_dir: Path, source: str) -> dict[str, An
             raise RequestError("--task-file", f"'regions' in {path} must be a GeoJSON file path")
         out["regions"] = str((base_dir / doc["regions"]).resolve())
     if "tasks" not in out:  # the tasks are those whose inputs the file gives
-        implied = {"questions": "vqa", "classes": "classify", "detect": "detect", "refer": "refer",
-                   "regions": "region-caption"}
-        implied |= {task: task for task in out.get("task_adapters", {}) if task == "caption"}
-        out["tasks"] = [task for key, task in implied.items() if key in out]
+        given = {*out, *(["caption"] if "caption" in out.get("task_adapters", {}) else [])}
+        out["tasks"] = tasks_implied_by(given)
     return out
+
+
+TASK_OF_INPUT: Final[dict[str, str]] = {"questions": "vqa", "classes": "classify", "detect": "detect",
+                                         "refer": "refer", "regions": "region-caption", "caption": "caption"}
+"""Which task each input asks for, when the tasks are not named (``--question``/``--questions`` and a task
+file's ``questions``: vqa; ...; ``caption``: a task file's adapter for captions)."""
+
+
+def tasks_implied_by(given: Iterable[str]) -> list[str]:
+    """The tasks the inputs ``given`` (keys of :data:`TASK_OF_INPUT`) ask for, in task order, for a request that
+    names none: a task file's, and the flags' (caption when no input is given, ``rsflow.cli.implied_tasks``)."""
+    given = set(given)
+    return [task for key, task in TASK_OF_INPUT.items() if key in given and key != "caption"] + (
+        ["caption"] if "caption" in given else [])
 
 
 def _check_lengths(values: tuple[str, ...], flag: str) -> None:

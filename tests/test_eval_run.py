@@ -5,6 +5,7 @@ and bad input refused before any inference."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,12 @@ def test_resume_with_other_image_files_refuses_or_infers_them_again(
     assert "(inferred 5, reused 0, failed 0)" in capsys.readouterr().out
     assert {Path(r["image"]).parent for r in _predictions(out)} == {(data / "Images_LR").resolve()}
 
+    # the same pictures written again (a copy without -p: new modification times): nothing is inferred again
+    for image in {Path(r["image"]) for r in _predictions(out)}:
+        image.write_bytes(image.read_bytes())
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert _eval("rsvqa-lr", data, out) == 0
+    assert "(inferred 0, reused 5, failed 0)" in capsys.readouterr().out
     # an image file replaced at the same path: its predictions are made again, the others reused
     replaced = Path(_predictions(out)[0]["image"])
     replaced.write_bytes(replaced.read_bytes() + b"\0")  # a changed file (PNG readers ignore the tail)

@@ -26,6 +26,8 @@ predictions file is written.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import random
@@ -291,18 +293,46 @@ def _reusable(row: Mapping[str, Any] | None, sample: Sample, mid: str) -> bool:
         and row.get("prompt") == sample.prompt
         and row.get("model_id") == mid
         and row.get("image") == sample.image_path
-        and row.get("image_stamp") in (None, image_stamp(sample.image_path))
+        and same_image(row.get("image_stamp"), sample.image_path)
     )
 
 
 def image_stamp(path: str) -> str | None:
-    """``"<size>:<mtime ns>"`` of an image file (None when it cannot be read): an image replaced at the same
-    path (a re-downloaded or re-exported benchmark) has another, and its predictions are made again."""
+    """``"<size>:<mtime ns>:<blake2b>"`` of an image file (None when it cannot be read), recorded with each
+    prediction: an image replaced at the same path (a re-downloaded or re-exported benchmark) is another
+    picture, and its predictions are made again (:func:`same_image`)."""
     try:
         st = Path(path).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}:{_digest(path, st.st_size, st.st_mtime_ns)}"
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def same_image(recorded: str | None, path: str) -> bool:
+    """Whether ``path`` is still the picture a prediction recorded (:func:`image_stamp`): the same size and
+    modification time, or, where only the time differs (a copy without ``-p``, a re-extracted archive), the same
+    content. A prediction written before stamps were recorded (None) is trusted."""
+    if recorded is None:
+        return True
+    try:
+        st = Path(path).stat()
+        size, mtime, *digest = recorded.split(":")
+        if int(size) != st.st_size:
+            return False
+        return int(mtime) == st.st_mtime_ns or digest == [_digest(path, st.st_size, st.st_mtime_ns)]
+    except (OSError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """BLAKE2b (16 bytes) of a file's content, once per (path, size, modification time): several samples share
+    an image."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -388,7 +388,7 @@ _NO_GPU_HERE: Final[str] = ("this machine has no GPU, and the local Ray this run
 
 
 def refuse_require_gpu_here(require_gpu: bool, spec: ModelSpec, address: str | None) -> None:
-    """``--require-gpu`` on a machine with no NVIDIA device (:func:`local_gpu_possible`), on a Ray this process
+    """``--require-gpu`` on a machine where Ray finds no GPU (:func:`local_gpu_possible`), on a Ray this process
     starts itself: refused before the search or any data is read (:func:`refuse_waiting_on_own_ray` refuses
     the rest once Ray's own count is known).
 

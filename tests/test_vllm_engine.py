@@ -49,7 +49,7 @@ def test_engine_vllm_without_vllm_exits_2_with_the_install_line_before_anything_
     searched: list[object] = []
     monkeypatch.setattr("rsflow.pipeline.search_items", lambda *a, **k: searched.append(a))
     missing = str(tmp_path / "no-such-catalog.json")
-    argv = ["region", "--engine", "vllm", "--stac", missing, "--output", str(tmp_path / "out")]
+    argv = ["region", "--engine", "vllm", "--stac", missing, "--bbox", "0,0,1,1", "--output", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     # The engine is checked first: a bad --stac in the same command is not what it complains about.

@@ -365,6 +365,13 @@ def test_a_held_lock_refuses_a_second_run_and_an_expired_one_is_taken_over(root,
         MonitorLock(root, "harbour", "run-2", timedelta(minutes=5), heartbeat=False).acquire()
     assert "\n" not in str(exc.value)
     first.check()
+    # renewals failing: a lock held with seconds left is too close to commit on (the margin: a sixth of expiry)
+    held = read_lock(root)
+    store.write_json_atomic(lock_module.lock_path(root),
+                            {**held.to_json(), "expires": (datetime.now(UTC) + timedelta(seconds=20)).isoformat()})
+    with pytest.raises(LockLost, match=r"expires in (19|20) s \(renewals failing, or lock.max_hold reached\)"):
+        first.check()
+    store.write_json_atomic(lock_module.lock_path(root), held.to_json())
 
     # run-1 is killed: its lock is no longer renewed and expires
     stale = read_lock(root)

@@ -82,6 +82,17 @@ class LockInfo:
     acquired: str
     expires: str
 
+    def remaining(self, now: datetime) -> timedelta:
+        """Time left before the lock expires at ``now`` (aware; naive ``expires`` read as UTC); none when
+        unreadable."""
+        try:
+            expires = datetime.fromisoformat(self.expires)
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            return expires - now
+        except (ValueError, TypeError):
+            return timedelta(0)
+
     def expired(self, now: datetime) -> bool:
         """Whether the lock has expired at ``now`` (aware). An ``expires`` without a UTC offset (a lock
         written by hand or by another tool) is UTC, as every time here is: compared as it was, a naive
@@ -243,7 +254,13 @@ class MonitorLock:
     # -- while held ---------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise :class:`LockLost` unless this run still holds an unexpired lock."""
+        """Raise :class:`LockLost` unless this run still holds the lock with a sixth of ``expiry`` (at most a
+        minute) left.
+
+        The heartbeat renews every third of ``expiry``, so a held lock has at least two thirds left while the
+        renewals land. Less than the margin (renewals failing, or ``max_hold`` reached) is too close: a run
+        that took the lock over once it expired could read the ledger before this run's commit lands, and both
+        would process the same items."""
         current = read_lock(self.root)
         now = datetime.now(UTC)
         if self._lost or current is None or current.run_id != self.run_id or current.expired(now):
@@ -251,6 +268,11 @@ class MonitorLock:
             raise LockLost(
                 f"run {self.run_id} no longer holds the lock of monitor {self.monitor!r} (now: {holder})"
             )
+        left = current.remaining(now)
+        if left < min(self.expiry / 6, timedelta(minutes=1)):
+            raise LockLost(f"run {self.run_id}'s lock of monitor {self.monitor!r} expires in "
+                           f"{left.total_seconds():.0f} s (renewals failing, or lock.max_hold reached): too close "
+                           "to commit safely")
 
     def renew(self) -> None:
         """Push the expiry forward (the heartbeat calls this)."""

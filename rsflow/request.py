@@ -643,8 +643,7 @@ def tasks_implied_by(given: Iterable[str]) -> list[str]:
     """The tasks the inputs ``given`` (keys of :data:`TASK_OF_INPUT`) ask for, in task order, for a request that
     names none: a task file's, and the flags' (caption when no input is given, ``rsflow.cli.implied_tasks``)."""
     given = set(given)
-    return [task for key, task in TASK_OF_INPUT.items() if key in given and key != "caption"] + (
-        ["caption"] if "caption" in given else [])
+    return [task for key, task in TASK_OF_INPUT.items() if key in given]
 
 
 def _check_lengths(values: tuple[str, ...], flag: str) -> None:

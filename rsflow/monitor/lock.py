@@ -97,13 +97,7 @@ class LockInfo:
         """Whether the lock has expired at ``now`` (aware). An ``expires`` without a UTC offset (a lock
         written by hand or by another tool) is UTC, as every time here is: compared as it was, a naive
         time raised TypeError in :meth:`MonitorLock.acquire`. An unreadable one has expired."""
-        try:
-            expires = datetime.fromisoformat(self.expires)
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=UTC)
-            return expires <= now
-        except (ValueError, TypeError):
-            return True
+        return self.remaining(now) <= timedelta(0)
 
     def to_json(self) -> dict[str, Any]:
         return {
